@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,9 @@ def run_notes_stage(
 ) -> dict:
     """Run the whole notes stage; every output appears atomically or not at all."""
     noteevents = Path(noteevents)
-    with atomic_path(Path(discharge_out).with_suffix(".staging.parquet")) as staging:
+    Path(discharge_out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work:
+        staging = Path(work) / "kept.parquet"
         counts, subjects = filter_discharge(noteevents, staging, policy)
         held = heldout_subjects(subjects, split)
         held_array = pa.array(sorted(held), pa.int64())
@@ -181,7 +184,6 @@ def run_notes_stage(
             pq.write_table(train, tmp_train, compression="zstd")
             pq.write_table(heldout, tmp_held, compression="zstd")
             tmp_ids.write_text("".join(f"{i}\n" for i in sorted(heldout.column("ROW_ID").to_pylist())))
-        staging.unlink()
     if counts["near_miss_category"]:
         log.warning("%d rows have a CATEGORY equal to %r except for case or spaces; they were NOT kept",
                     counts["near_miss_category"], DISCHARGE_CATEGORY)

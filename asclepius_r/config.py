@@ -1,0 +1,117 @@
+"""The workflow config: JSON-schema validation with defaults, and typed views of each section.
+
+Snakemake's common.smk calls `resolve()` before any job runs; the stage code (and the demo's
+archive builder) use the same functions, so a setting means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
+TRAINING_STAGES = ("pretrain", "finetune")
+
+
+class ConfigError(ValueError):
+    """A config value that is missing or wrong; the message names the key."""
+
+
+def _with_defaults(validator_class):
+    """A validator that fills in each property's `default` before checking it."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def fill_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": fill_defaults})
+
+
+def _key(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def resolve(config: dict, require_data: bool = True) -> dict:
+    """Validate `config` in place against the schema (filling defaults); raise ConfigError by key."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors:
+            if error.validator == "additionalProperties":
+                extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+                lines.append(f"config key {_key(error)}: unknown key(s) {', '.join(extra)}")
+            else:
+                lines.append(f"config key {_key(error)}: {error.message}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    if require_data:
+        unset = [] if config["noteevents"] else ["noteevents (path to NOTEEVENTS.csv or .csv.gz)"]
+        unset += [f"models.{size}.base (LLaMA-{size} folder in HF format, or 'tiny')"
+                  for size, model in config["models"].items() if not model.get("base")]
+        if unset:
+            raise ConfigError(
+                "config.yaml is the paper run and needs real inputs; set:\n  " + "\n  ".join(unset)
+                + "\n(edit config.yaml or pass --config noteevents=PATH). To try the workflow without "
+                "MIMIC data, run `make demo`: it needs no data."
+            )
+    return config
+
+
+def load(path: str | Path, require_data: bool = True) -> dict:
+    return resolve(yaml.safe_load(Path(path).read_text()) or {}, require_data)
+
+
+def note_policy(config: dict):
+    from .notes import NotePolicy
+
+    section = config["notes"]
+    exclude = frozenset()
+    if section["exclude_row_ids"]:
+        path = Path(section["exclude_row_ids"])
+        try:
+            exclude = frozenset(int(line) for line in path.read_text().split())
+        except ValueError as err:
+            raise ConfigError(f"config key notes.exclude_row_ids: {path} must hold one integer ROW_ID per line ({err})") from None
+    return NotePolicy(drop_iserror=section["drop_iserror"], keep_addenda=section["keep_addenda"],
+                      drop_duplicate_text=section["drop_duplicate_text"],
+                      coarse_placeholders=section["coarse_placeholders"], exclude_row_ids=exclude)
+
+
+def split_policy(config: dict):
+    from .notes import SplitPolicy
+
+    return SplitPolicy(heldout_notes=config["notes"]["heldout_notes"], seed=config["seed"])
+
+
+def generation_settings(config: dict):
+    from .instructions import GenerationSettings
+    from .tasks import DEFAULT_SEED_QUESTIONS
+
+    section = config["instructions"]
+    return GenerationSettings(seed=config["seed"], wave_size=section["wave_size"],
+                              near_duplicate_rouge=section["near_duplicate_rouge"],
+                              seed_questions=section["seed_questions"] or DEFAULT_SEED_QUESTIONS)
+
+
+def llm_settings(config: dict):
+    from .llm import LLMSettings
+
+    return LLMSettings.from_config(config["llm"])
+
+
+def training_settings(config: dict, stage: str, size: str) -> dict:
+    """The stage's settings with the size's overrides applied; unknown keys name their place."""
+    merged = {**config[stage], **config["models"][size].get(stage, {})}
+    allowed = set(yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["training"]["properties"])
+    unknown = sorted(set(merged) - allowed)
+    if unknown:
+        raise ConfigError(f"config key models.{size}.{stage}: unknown key(s) {', '.join(unknown)}")
+    return {"seed": config["seed"], **merged}

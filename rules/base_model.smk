@@ -1,0 +1,17 @@
+# Stage 3: the base model. Paper: a LLaMA folder from config. Demo: a tiny LLaMA made here.
+
+
+rule build_tiny_llama:
+    input:
+        notes="results/notes/discharge.parquet",
+    output:
+        directory("results/base_models/{size}"),
+    log:
+        "logs/base_model/{size}.log",
+    params:
+        spec=config["tiny_model"],
+        seed=config["seed"],
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/build_tiny_llama.py"

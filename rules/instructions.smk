@@ -1,0 +1,40 @@
+# Stage 2: one LLM-generated question and answer per note -> mimiciii_discharge.csv.
+
+
+def replayed_archive(wildcards):
+    """In replay mode the archive is an input: a changed archive reruns generation."""
+    llm = config["llm"]
+    return [llm["archive"]] if llm["backend"] == "replay" else []
+
+
+rule generate_instructions:
+    input:
+        notes="results/notes/{split}.parquet",
+        archive=replayed_archive,
+    output:
+        records="results/instructions/{split}.jsonl",
+        stats="results/instructions/{split}.stats.json",
+    log:
+        "logs/instructions/{split}.log",
+    params:
+        instructions=config["instructions"],
+        llm=config["llm"],
+        seed=config["seed"],
+    conda:
+        "../envs/llm.yaml"
+    script:
+        "../scripts/generate_instructions.py"
+
+
+rule write_dataset:
+    input:
+        notes="results/notes/discharge.parquet",
+        records="results/instructions/discharge.jsonl",
+    output:
+        "results/mimiciii_discharge.csv",
+    log:
+        "logs/instructions/write_dataset.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/write_dataset.py"

@@ -1,0 +1,31 @@
+# Stage 1: NOTEEVENTS.csv -> discharge summaries for training + held-out notes for evaluation.
+
+
+rule synthesize_demo_noteevents:
+    output:
+        "results/demo/NOTEEVENTS.csv",
+    log:
+        "logs/notes/synthesize_demo_noteevents.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/synthesize_demo_noteevents.py"
+
+
+rule filter_notes:
+    input:
+        noteevents=config["noteevents"],
+    output:
+        train="results/notes/discharge.parquet",
+        heldout="results/notes/heldout.parquet",
+        heldout_ids="results/notes/heldout_row_ids.txt",
+        stats="results/notes/stats.json",
+    log:
+        "logs/notes/filter_notes.log",
+    params:
+        notes=config["notes"],
+        seed=config["seed"],
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/filter_notes.py"

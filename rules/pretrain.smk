@@ -1,0 +1,23 @@
+# Stage 4: causal-LM pretraining on the notes -> Asclepius-R-{size}-Pretrained-Only.
+
+
+rule pretrain:
+    input:
+        data="results/notes/discharge.parquet",
+        base=base_model_dir,
+    output:
+        model=directory("results/models/Asclepius-R-{size}-Pretrained-Only"),
+        metrics="results/metrics/pretrain-{size}.jsonl",
+    log:
+        "logs/pretrain/{size}.log",
+    params:
+        settings=training_params("pretrain"),
+        launch=config["launch"],
+        checkpoints="results/checkpoints/pretrain-{size}",
+    threads: config["launch"]["threads"]
+    resources:
+        gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,17 @@
+"""Rule answer_heldout: one model's answers to the held-out questions, with ROUGE-L."""
+from asclepius_r.logs import setup_logging
+
+setup_logging(snakemake.log[0])
+
+from asclepius_r.evaluate import answer_heldout
+
+options = snakemake.params.evaluate
+answer_heldout(
+    snakemake.input.model,
+    snakemake.input.notes,
+    snakemake.input.records,
+    snakemake.output[0],
+    max_new_tokens=options["max_new_tokens"],
+    batch_size=options["batch_size"],
+    max_prompt_tokens=options["max_prompt_tokens"],
+)

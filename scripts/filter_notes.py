@@ -1,0 +1,18 @@
+"""Rule filter_notes: NOTEEVENTS.csv -> discharge and held-out notes."""
+from asclepius_r.logs import setup_logging
+
+setup_logging(snakemake.log[0])
+
+from asclepius_r import config
+from asclepius_r.notes import run_notes_stage
+
+settings = {"notes": snakemake.params.notes, "seed": snakemake.params.seed}
+run_notes_stage(
+    snakemake.input.noteevents,
+    discharge_out=snakemake.output.train,
+    heldout_out=snakemake.output.heldout,
+    heldout_ids_out=snakemake.output.heldout_ids,
+    stats_out=snakemake.output.stats,
+    policy=config.note_policy(settings),
+    split=config.split_policy(settings),
+)
