@@ -1,13 +1,10 @@
 # Config validation (first, before any job), cross-stage paths and the target list.
-import os
+# Scripts import the package through scripts/asclepius_r (a link to ../asclepius_r), since
+# Snakemake puts the script's folder on sys.path; that also holds inside conda envs.
 import re
 import sys
 
 sys.path.insert(0, workflow.basedir)
-# Jobs (scripts and `python -m` commands) import the package from this checkout.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
-)
 
 from asclepius_r import config as workflow_config
 
@@ -27,6 +24,12 @@ wildcard_constraints:
 def base_model_dir(wildcards):
     base = config["models"][wildcards.size]["base"]
     return f"results/base_models/{wildcards.size}" if base == "tiny" else base
+
+
+def replayed_archive(wildcards):
+    """In replay mode the archive is an input: a changed archive reruns generation."""
+    llm = config["llm"]
+    return [llm["archive"]] if llm["backend"] == "replay" else []
 
 
 def pretrained_dir(size):

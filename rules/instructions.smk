@@ -1,12 +1,6 @@
 # Stage 2: one LLM-generated question and answer per note -> mimiciii_discharge.csv.
 
 
-def replayed_archive(wildcards):
-    """In replay mode the archive is an input: a changed archive reruns generation."""
-    llm = config["llm"]
-    return [llm["archive"]] if llm["backend"] == "replay" else []
-
-
 rule generate_instructions:
     input:
         notes="results/notes/{split}.parquet",

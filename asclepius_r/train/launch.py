@@ -64,7 +64,9 @@ def launch(module: str, run: TrainRun, gpus: int, accelerate_config: str | None 
     run_file = Path(run.checkpoint_dir) / "run.json"
     run_file.write_text(json.dumps(asdict(run), indent=2) + "\n")
     available = torch.cuda.device_count()
-    env = dict(os.environ)
+    # The children import this package from where it is, also inside a conda env.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     if available and gpus > 0:
         with claim_gpus(gpus, available) as devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))

@@ -1,0 +1,41 @@
+"""Shared fixtures: a scratch copy of the workflow, real Snakemake runs and the demo run once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+_NOT_WORKFLOW = shutil.ignore_patterns(".git", ".venv", "results", "logs", "release", ".snakemake",
+                                       "__pycache__", ".pytest_cache", ".hypothesis", "bench", "tests", "*.tar.gz")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A fresh, independent checkout-like copy of the workflow (code, configs, demo data)."""
+    shutil.copytree(REPO, dest, ignore=_NOT_WORKFLOW, dirs_exist_ok=True)
+    return dest
+
+
+def run_snakemake(workdir: Path, *args: str, demo: bool = True, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real snakemake CLI in `workdir`; on failure show its output and the failed logs."""
+    command = SNAKEMAKE + (["--configfile", "demo/config.yaml"] if demo else []) + [
+        "--cores", "2", "--resources", "gpu=1", "--show-failed-logs", *args]
+    env = {**os.environ, "PYTHONPATH": str(workdir)}
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The whole demo DAG, run once per session in a scratch copy; returns its folder."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("demo") / "workflow")
+    run_snakemake(workdir)
+    return workdir

@@ -1,0 +1,77 @@
+"""Config validation: defaults filled in, every error names its key, the paper config says
+what to set, and both shipped configs are valid."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from asclepius_r import config as workflow_config
+from tests.conftest import REPO, copy_workflow, run_snakemake
+
+DEMO = yaml.safe_load((REPO / "demo/config.yaml").read_text())
+PAPER = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def merged(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def test_demo_config_is_valid_and_gets_defaults():
+    config = workflow_config.resolve(merged(PAPER, DEMO))
+    assert config["notes"]["drop_iserror"] is True
+    assert config["models"]["7B"]["base"] == "tiny"
+
+
+def test_paper_config_says_what_to_set_and_that_the_demo_needs_no_data():
+    with pytest.raises(workflow_config.ConfigError) as error:
+        workflow_config.resolve(copy.deepcopy(PAPER))
+    message = str(error.value)
+    assert "noteevents" in message and "models.7B.base" in message and "models.13B.base" in message
+    assert "make demo" in message
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"llm": {"backend": "chatgpt"}}, "llm.backend"),
+    ({"notes": {"heldout_notes": -1}}, "notes.heldout_notes"),
+    ({"notes": {"drop_iseror": True}}, "drop_iseror"),
+    ({"pretrain": {"learning_rate": "fast"}}, "pretrain.learning_rate"),
+    ({"models": {"7B": {"base": "tiny", "gpu": 8}}}, "models.7B"),
+    ({"unknown_section": 1}, "unknown_section"),
+])
+def test_errors_name_the_key(override, key):
+    with pytest.raises(workflow_config.ConfigError, match=key.replace(".", r"\.")):
+        workflow_config.resolve(merged(merged(PAPER, DEMO), override))
+
+
+def test_missing_required_key_is_named():
+    config = merged(PAPER, DEMO)
+    del config["models"]
+    with pytest.raises(workflow_config.ConfigError, match="'models' is a required property"):
+        workflow_config.resolve(config)
+
+
+def test_per_size_override_with_a_wrong_key_is_named():
+    config = workflow_config.resolve(merged(merged(PAPER, DEMO), {"models": {"13B": {"finetune": {"lr": 1}}}}))
+    with pytest.raises(workflow_config.ConfigError, match=r"models\.13B\.finetune: unknown key\(s\) lr"):
+        workflow_config.training_settings(config, "finetune", "13B")
+
+
+def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    result = run_snakemake(workdir, "-n", "--config", "seed=not-a-number", check=False)
+    assert result.returncode != 0
+    assert "config key seed" in result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_snakemake_with_the_paper_config_asks_for_data(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    result = run_snakemake(workdir, "-n", demo=False, check=False)
+    assert result.returncode != 0
+    assert "noteevents" in result.stderr + result.stdout and "make demo" in result.stderr + result.stdout
