@@ -8,6 +8,7 @@ the archive keys, are the same however many requests are in flight.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 import re
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from .files import atomic_path, write_json, write_jsonl
+from .files import atomic_path, read_jsonl, write_json, write_jsonl
 from .llm import ChatRequest, LLMClient
 from .prompts import render_answer_prompt, render_question_prompt
-from .rouge import rouge_l
+from .rouge import rouge_l, tokens
 from .tasks import DEFAULT_SEED_QUESTIONS, draw_task, load_seed_questions
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ DATASET_COLUMNS = ["note", "question", "answer", "task"]
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """The `instructions` section of the config, plus the workflow seed."""
+
     seed: int = 42
     wave_size: int = 256
     seeds_per_prompt: int = 3
@@ -62,7 +66,52 @@ def answer_request(note: dict, task: str, question: str, client: LLMClient) -> C
                        meta={"row_id": note["row_id"], "phase": "answer", "task": task})
 
 
-def _rejection(note: dict, question: str, answer: str, pool: list[str], settings: GenerationSettings) -> str | None:
+class NearDuplicateIndex:
+    """Earlier questions of one task, indexed so that a new question is compared (by ROUGE-L)
+    only with those it could possibly exceed the threshold with: the all-pairs scan of
+    self-instruct is quadratic, about 10^10 word comparisons for 57k notes.
+
+    ROUGE-L F = 2 L / (n + m) > t forces the LCS L above t n / (2 - t), where n is the new
+    question's length; an LCS is a shared multiset of words, so the two questions must share at
+    least one of any n - L + 1 of the new question's words. Probing the rarest ones finds every
+    candidate, so the filter is exact, not approximate.
+    """
+
+    def __init__(self, threshold: float, questions: list[str] = ()):
+        self.threshold = threshold
+        self.questions: list[str] = []
+        self.postings: dict[str, list[int]] = defaultdict(list)
+        for question in questions:
+            self.add(question)
+
+    @staticmethod
+    def _words(question: str) -> set[str]:
+        """Words numbered by occurrence ('the#1', 'the#2'), so set overlap is multiset overlap."""
+        seen: Counter = Counter()
+        out = set()
+        for word in tokens(question):
+            seen[word] += 1
+            out.add(f"{word}#{seen[word]}")
+        return out
+
+    def is_near_duplicate(self, question: str) -> bool:
+        words = self._words(question)
+        if not words:
+            return False
+        min_lcs = int(self.threshold * len(words) / (2 - self.threshold)) + 1
+        if min_lcs > len(words):
+            return False
+        rarest = sorted(words, key=lambda w: len(self.postings.get(w, ())))[: len(words) - min_lcs + 1]
+        candidates = {i for word in rarest for i in self.postings.get(word, ())}
+        return any(rouge_l(question, self.questions[i]) > self.threshold for i in sorted(candidates))
+
+    def add(self, question: str) -> None:
+        for word in self._words(question):
+            self.postings[word].append(len(self.questions))
+        self.questions.append(question)
+
+
+def _rejection(note: dict, question: str, answer: str, earlier: NearDuplicateIndex | None) -> str | None:
     if not question:
         return "empty_question"
     if not answer.strip():
@@ -71,9 +120,7 @@ def _rejection(note: dict, question: str, answer: str, pool: list[str], settings
         return "model_mention"
     if answer.rstrip().endswith("?"):
         return "answer_is_question"
-    if settings.near_duplicate_rouge is not None and any(
-        rouge_l(question, earlier) > settings.near_duplicate_rouge for earlier in pool
-    ):
+    if earlier is not None and earlier.is_near_duplicate(question):
         return "near_duplicate"
     return None
 
@@ -81,51 +128,56 @@ def _rejection(note: dict, question: str, answer: str, pool: list[str], settings
 def generate(notes: list[dict], client: LLMClient, settings: GenerationSettings) -> tuple[list[dict], dict]:
     """Return one record per note (accepted or with the reason it was not) and the counts."""
     seeds = load_seed_questions(settings.seed_questions)
-    pools: dict[str, list[str]] = defaultdict(list)
+    pools: dict[str, list[str]] = defaultdict(list)  # grows only between waves: prompts stay fixed
+    earlier = ({task: NearDuplicateIndex(settings.near_duplicate_rouge, seeds[task]) for task in seeds}
+               if settings.near_duplicate_rouge is not None else {})
     records: list[dict] = []
     counts: Counter = Counter()
     notes = sorted(notes, key=lambda n: n["row_id"])
-    for start in range(0, len(notes), settings.wave_size):
-        wave = notes[start:start + settings.wave_size]
-        tasks, q_requests = [], []
-        for note in wave:
-            task = draw_task(note["row_id"], settings.seed)
-            rng = random.Random(f"{settings.seed}:{note['row_id']}")
-            examples = rng.sample(seeds[task], settings.seeds_per_prompt)
-            pool = pools[task]
-            examples += rng.sample(pool, min(settings.pool_per_prompt, len(pool)))
-            tasks.append(task)
-            q_requests.append(question_request(note, task, examples, client))
-        q_results = client.run(q_requests, desc=f"questions {start + 1}-{start + len(wave)}")
-        questions = [clean_question(r.text) if r.ok else None for r in q_results]
-        a_index = [i for i, q in enumerate(questions) if q]
-        a_results = client.run([answer_request(wave[i], tasks[i], questions[i], client) for i in a_index],
-                               desc=f"answers {start + 1}-{start + len(wave)}")
-        answers = dict(zip(a_index, a_results))
-        accepted: list[tuple[str, str]] = []
-        for i, note in enumerate(wave):
-            record = {"row_id": note["row_id"], "task": tasks[i], "question": questions[i], "answer": None,
-                      "question_key": q_requests[i].key}
-            if not q_results[i].ok:
-                record["status"] = "failed_question"
-            elif not questions[i]:
-                record["status"] = "rejected_empty_question"
-            elif not answers[i].ok:
-                record["status"] = "failed_answer"
-            else:
-                record["answer"] = answers[i].text.strip()
-                record["answer_key"] = answers[i].key
-                reason = _rejection(note, questions[i], record["answer"], pools[tasks[i]], settings)
-                record["status"] = f"rejected_{reason}" if reason else "ok"
-                if not reason:
-                    accepted.append((tasks[i], questions[i]))
-            counts[record["status"]] += 1
-            records.append(record)
-        for task, question in accepted:  # pools change only between waves
-            pools[task].append(question)
+    with client.progress(2 * len(notes), "instructions") as bar:
+        for start in range(0, len(notes), settings.wave_size):
+            wave = notes[start:start + settings.wave_size]
+            tasks, q_requests = [], []
+            for note in wave:
+                task = draw_task(note["row_id"], settings.seed)
+                rng = random.Random(f"{settings.seed}:{note['row_id']}")
+                examples = rng.sample(seeds[task], settings.seeds_per_prompt)
+                pool = pools[task]
+                examples += rng.sample(pool, min(settings.pool_per_prompt, len(pool)))
+                tasks.append(task)
+                q_requests.append(question_request(note, task, examples, client))
+            q_results = client.run(q_requests)
+            questions = [clean_question(r.text or "") if r.ok else None for r in q_results]
+            a_index = [i for i, q in enumerate(questions) if q]
+            bar.total -= len(wave) - len(a_index)  # no answer is asked for a missing question
+            a_results = client.run([answer_request(wave[i], tasks[i], questions[i], client) for i in a_index])
+            answers = dict(zip(a_index, a_results))
+            accepted: list[tuple[str, str]] = []
+            for i, note in enumerate(wave):
+                record = {"row_id": note["row_id"], "task": tasks[i], "question": questions[i], "answer": None,
+                          "question_key": q_requests[i].key}
+                if not q_results[i].ok:
+                    record["status"] = "failed_question"
+                elif not questions[i]:
+                    record["status"] = "rejected_empty_question"
+                elif not answers[i].ok:
+                    record["status"] = "failed_answer"
+                else:
+                    record["answer"] = (answers[i].text or "").strip()
+                    record["answer_key"] = answers[i].key
+                    reason = _rejection(note, questions[i], record["answer"], earlier.get(tasks[i]))
+                    record["status"] = f"rejected_{reason}" if reason else "ok"
+                    if not reason:
+                        accepted.append((tasks[i], questions[i]))
+                        if earlier:  # later notes of this wave are compared with it too (note order)
+                            earlier[tasks[i]].add(questions[i])
+                counts[record["status"]] += 1
+                records.append(record)
+            for task, question in accepted:
+                pools[task].append(question)
     stats = {"notes": len(notes), "outcomes": dict(sorted(counts.items())),
              "per_task": dict(sorted(Counter(r["task"] for r in records if r["status"] == "ok").items())),
-             "client": dict(sorted(client.stats.items())), "cost_usd": round(client.cost_usd, 4)}
+             "llm": client.stats}
     return records, stats
 
 
@@ -135,13 +187,15 @@ def run_instruction_stage(notes_path, records_out, stats_out, client: LLMClient,
     records, stats = generate(read_notes(notes_path), client, settings)
     write_jsonl(records_out, records)
     write_json(stats_out, stats)
-    log.info("instructions: %s", stats["outcomes"])
+    llm = stats["llm"]
+    log.info("instructions: %s; requests %d (archived %d, sent %d, failed %d), %d+%d tokens, $%.4f",
+             stats["outcomes"], llm["requests"], llm["archived"], llm["sent_ok"], llm["failed"],
+             llm["usage"]["prompt_tokens"], llm["usage"]["completion_tokens"], llm["cost_usd"])
     return stats
 
 
 def write_dataset(notes_path, records_path, csv_out) -> int:
     """`mimiciii_discharge.csv`: note, question, answer, task for every accepted record."""
-    from .files import read_jsonl
     from .notes import read_notes
 
     text = {n["row_id"]: n["text"] for n in read_notes(notes_path)}
@@ -151,3 +205,40 @@ def write_dataset(notes_path, records_path, csv_out) -> int:
     with atomic_path(csv_out) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
     return len(frame)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """`override` laid over `base`, section by section, as Snakemake merges --configfile."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The stage without Snakemake: `python -m asclepius_r.instructions --config config.yaml ...`."""
+    from . import config as workflow_config
+    from .logs import setup_logging
+
+    parser = argparse.ArgumentParser(description="Generate one question and answer per note, then the dataset CSV.")
+    parser.add_argument("--config", action="append", required=True,
+                        help="config file; repeat to lay one over another (like snakemake --configfile)")
+    parser.add_argument("--notes", required=True, help="notes Parquet from the notes stage")
+    parser.add_argument("--records", required=True, help="output: one JSON record per note")
+    parser.add_argument("--stats", required=True, help="output: counts, usage, cost and failures (JSON)")
+    parser.add_argument("--dataset", help="also write mimiciii_discharge.csv here")
+    parser.add_argument("--log", help="log file (default: stderr)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    config = {}
+    for path in args.config:
+        config = _merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    config = workflow_config.resolve(config, require_data=False)
+    client = LLMClient(workflow_config.llm_settings(config))
+    run_instruction_stage(args.notes, args.records, args.stats, client, workflow_config.generation_settings(config))
+    if args.dataset:
+        write_dataset(args.notes, args.records, args.dataset)
+
+
+if __name__ == "__main__":
+    main()

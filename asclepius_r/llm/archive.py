@@ -2,8 +2,12 @@
 
 The key of a request is the SHA-256 of its canonical JSON (model, messages, sampling
 parameters), so the same prompt is never sent twice and replay re-derives outputs exactly.
-Each record is flushed and fsynced under an exclusive lock; a torn last line from a killed
-process is ignored on load and overwritten cleanly by the next append.
+Each record is flushed and fsynced under an exclusive lock (two stages may append at once); a
+torn last line from a killed process is ignored on load and cut off by the next append.
+
+Record statuses: `ok` (a usable response, reused forever), `failed` (attempts ran out; a live
+rerun tries again, replay reproduces the failure) and `retry` (a billed response that was not
+usable, e.g. finish_reason `length`; kept for audit and accounting, never reused).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class ChatRequest:
                 "temperature": self.temperature, "max_tokens": self.max_tokens}
 
     def describe(self) -> str:
+        """Names the request by key and provenance only: safe to log (no note text)."""
         where = ", ".join(f"{k}={v}" for k, v in sorted(self.meta.items()))
         return f"request {self.key[:12]} ({where or 'no metadata'})"
 
@@ -46,12 +51,12 @@ class ChatRequest:
 @dataclass
 class ChatResult:
     key: str
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" or "retry" (see the module docstring)
     text: str | None = None
     finish_reason: str | None = None
     usage: dict = field(default_factory=dict)
     error: str | None = None
-    provider: dict = field(default_factory=dict)  # model, deployment, api_version, system_fingerprint
+    provider: dict = field(default_factory=dict)  # model, deployment, api_version, system_fingerprint, id, batch
     attempts: int = 0
     started: float = 0.0
     finished: float = 0.0
@@ -60,74 +65,107 @@ class ChatResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @classmethod
+    def from_record(cls, result: dict) -> "ChatResult":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in result.items() if k in known})
+
+
+def append_line(path: Path, line: bytes) -> None:
+    """Append one complete line durably: exclusive lock, torn-tail repair, write, flush, fsync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as out:
+        fcntl.flock(out, fcntl.LOCK_EX)
+        try:
+            _heal_torn_tail(out)
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+        finally:
+            fcntl.flock(out, fcntl.LOCK_UN)
+
+
+def _heal_torn_tail(out) -> None:
+    """Cut off a partial last line left by a killed writer, so the file stays valid JSONL."""
+    size = out.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    end = size
+    with open(out.name, "rb") as check:
+        check.seek(size - 1)
+        if check.read(1) == b"\n":
+            return
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            check.seek(start)
+            newline = check.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+    log.warning("%s: dropping a torn last line (%d bytes)", out.name, size - end)
+    os.ftruncate(out.fileno(), end)
+
+
+def read_records(path: Path):
+    """Yield the JSON records of a JSONL journal, skipping a torn last line; other damage is an error."""
+    with open(path, "rb") as lines:
+        previous: tuple[int, bytes] | None = None
+        for number, raw in enumerate(lines, start=1):
+            if previous is not None:
+                yield _parse(path, *previous)
+            previous = (number, raw)
+        if previous is not None:
+            number, raw = previous
+            if raw.endswith(b"\n"):
+                yield _parse(path, number, raw)
+            else:  # every record is written with its newline: without one, the write was cut short
+                log.warning("%s: ignoring a torn last line (%d bytes)", path, len(raw))
+
+
+def _parse(path: Path, number: int, raw: bytes) -> dict | None:
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}:{number}: not valid JSON; the archive is damaged") from None
+
 
 class Archive:
-    """The JSONL archive at `path`: last record per key wins; only 'ok' records are reused."""
+    """The JSONL archive at `path` (in memory only when None): the last final record per key wins.
+
+    Only results are kept in memory, not the requests (which hold whole notes), so a
+    57k-note archive loads in little memory.
+    """
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
-        self.records: dict[str, dict] = {}
+        self.results: dict[str, dict] = {}
+        self.billed_retries = 0
         if self.path and self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        with open(self.path, "rb") as lines:
-            raw_lines = lines.read().split(b"\n")
-        for number, raw in enumerate(raw_lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError:
-                if number == len(raw_lines):  # a torn final write from a killed run
-                    log.warning("%s: ignoring a torn last line (%d bytes)", self.path, len(raw))
+            for record in read_records(self.path):
+                if record is None:
                     continue
-                raise ValueError(f"{self.path}:{number}: not valid JSON; the archive is damaged") from None
-            self.records[record["key"]] = record
+                if record["result"]["status"] == "retry":
+                    self.billed_retries += 1
+                else:
+                    self.results[record["key"]] = record["result"]
 
-    def get(self, request: ChatRequest) -> ChatResult | None:
-        record = self.records.get(request.key)
-        if record is None or record["result"]["status"] != "ok":
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def get(self, request: ChatRequest, include_failed: bool = False) -> ChatResult | None:
+        """The archived outcome: successes always; recorded failures only when asked (replay)."""
+        result = self.results.get(request.key)
+        if result is None or (result["status"] != "ok" and not include_failed):
             return None
-        return ChatResult(**record["result"])
-
-    def failed_attempts(self, request: ChatRequest) -> int:
-        record = self.records.get(request.key)
-        return record["result"]["attempts"] if record and record["result"]["status"] != "ok" else 0
+        return ChatResult.from_record(result)
 
     def append(self, request: ChatRequest, result: ChatResult) -> None:
         record = {"key": request.key, "request": request.identity(), "meta": request.meta,
                   "result": asdict(result), "archived": time.time()}
-        self.records[request.key] = record
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-        with open(self.path, "ab") as out:
-            fcntl.flock(out, fcntl.LOCK_EX)
-            try:
-                self._heal_torn_tail(out)
-                out.write(line)
-                out.flush()
-                os.fsync(out.fileno())
-            finally:
-                fcntl.flock(out, fcntl.LOCK_UN)
-
-    @staticmethod
-    def _heal_torn_tail(out) -> None:
-        """Cut off a partial last line left by a killed writer, so the file stays valid JSONL."""
-        size = out.seek(0, os.SEEK_END)
-        end = size
-        with open(out.name, "rb") as check:
-            while end > 0:
-                start = max(0, end - (1 << 16))
-                check.seek(start)
-                chunk = check.read(end - start)
-                newline = chunk.rfind(b"\n")
-                if newline >= 0:
-                    end = start + newline + 1
-                    break
-                end = start
-        if end != size:
-            log.warning("%s: dropping a torn last line (%d bytes)", out.name, size - end)
-            os.ftruncate(out.fileno(), end)
+        if result.status != "retry":
+            self.results[request.key] = record["result"]
+        if self.path is not None:
+            append_line(self.path, (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))

@@ -1,19 +1,22 @@
 """The asynchronous LLM client: archive first, then pacing, retries, accounting and a budget.
 
 `LLMClient.run(requests)` returns one ChatResult per request, in order. Archived successes are
-reused and never sent again; everything sent is archived (fsynced) before it is used. Requests
-go out concurrently under request-per-minute and token-per-minute limits; failures are retried
-with jittered backoff (honouring Retry-After) and, when attempts run out, recorded as failed.
+reused and never sent again; everything sent is archived (fsynced) before it is used. Online,
+requests go out concurrently, paced to the request-per-minute and token-per-minute limits;
+failures are retried with jittered backoff (honouring Retry-After) and, when attempts run out,
+recorded as failed, never dropped. `llm.mode: batch` sends the same requests through the Batch
+API instead (see batch.py). Logs name requests by key and ROW_ID only, never by their text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
@@ -22,6 +25,13 @@ from .backends import FatalError, ReplayMissError, RetryableError, make_backend
 from .guard import check_endpoint
 
 log = logging.getLogger(__name__)
+# The SDK's HTTP layer logs every request at INFO: 100k lines a run that add only URLs.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
+
+# Every way a request can need another attempt or end as failed; zero counts are reported too.
+RETRY_KINDS = ("rate_limited", "server_error", "timeout", "connection", "malformed", "http_408", "http_409",
+               "finish_length", "finish_content_filter", "batch_error", "batch_missing")
+FAILURE_KINDS = RETRY_KINDS + ("content_filter_prompt", "http_400", "http_401", "http_403", "http_404")
 
 
 @dataclass
@@ -29,6 +39,7 @@ class LLMSettings:
     """The `llm` section of the config (see the schema for each key's meaning)."""
 
     backend: str = "replay"
+    mode: str = "online"
     model: str = "gpt-4o-mini"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -49,11 +60,27 @@ class LLMSettings:
     retry_finish_reasons: list[str] = field(default_factory=lambda: ["length", "content_filter"])
     prices_per_million: dict = field(default_factory=dict)  # model -> {"input": $, "output": $}
     budget_usd: float | None = None
+    batch_discount: float = 0.5
+    batch_poll_s: float = 60.0
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 190_000_000
+    batch_delete_files: bool = True
 
     @classmethod
     def from_config(cls, section: dict) -> "LLMSettings":
         known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def check(self) -> None:
+        """Settings that only make sense together; the message names the config keys."""
+        if self.backend == "azure":
+            missing = [k for k in ("azure_endpoint", "azure_deployment", "api_version") if not getattr(self, k)]
+            if missing:
+                raise ValueError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
+        if self.backend == "replay" and not self.archive:
+            raise ValueError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
+        if self.mode == "batch" and self.backend == "replay":
+            raise ValueError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
 
 
 class BudgetExceededError(RuntimeError):
@@ -61,47 +88,58 @@ class BudgetExceededError(RuntimeError):
 
 
 def estimate_tokens(request: ChatRequest) -> int:
-    """A cheap upper-ish estimate before sending: ~4 characters per token plus the output cap."""
+    """An upper-ish estimate before sending: ~4 characters per token plus the output cap."""
     chars = sum(len(content) for _, content in request.messages)
     return chars // 4 + 8 * len(request.messages) + request.max_tokens
 
 
+class Pacer:
+    """A generic cell rate limiter (GCRA) for `limit` units per minute.
+
+    Each admission moves a virtual clock forward by its cost in time, so the long-run rate is
+    exactly the limit while `burst_s` seconds' worth may go at once. Unlike a one-minute
+    sliding window, it never bursts a full minute's quota and then idles, which both wastes the
+    limit and trips providers that enforce it over short intervals.
+    """
+
+    def __init__(self, limit_per_minute: float, burst_s: float):
+        self.interval = 60.0 / limit_per_minute
+        self.burst_s = burst_s
+        self.clock = 0.0
+
+    def delay(self, now: float) -> float:
+        return self.clock - self.burst_s - now
+
+    def take(self, now: float, cost: float) -> None:
+        self.clock = max(self.clock, now) + cost * self.interval
+
+    def refund(self, cost: float) -> None:
+        self.clock -= cost * self.interval
+
+
 class RateLimiter:
-    """Sliding one-minute windows over requests and tokens; corrected by reported usage."""
+    """Requests and tokens per minute, server pauses (Retry-After, exhausted x-ratelimit windows)."""
 
-    def __init__(self, rpm: float, tpm: float):
-        self.rpm, self.tpm = rpm, tpm
-        self.events: list[tuple[float, int]] = []  # (time, tokens)
-        self.lock = asyncio.Lock()
+    def __init__(self, rpm: float, tpm: float, burst_s: float = 0.5):
+        self.requests = Pacer(rpm, burst_s)
+        self.tokens = Pacer(tpm, burst_s)
         self.paused_until = 0.0
+        self.lock = asyncio.Lock()
 
-    def _prune(self, now: float) -> None:
-        while self.events and self.events[0][0] <= now - 60:
-            self.events.pop(0)
-
-    async def acquire(self, tokens: int) -> int:
-        async with self.lock:
+    async def acquire(self, tokens: int) -> None:
+        async with self.lock:  # FIFO: the first waiter goes first
             while True:
                 now = time.monotonic()
-                self._prune(now)
-                used = sum(t for _, t in self.events)
-                waits = [self.paused_until - now]
-                if len(self.events) >= self.rpm:
-                    waits.append(self.events[0][0] + 60 - now)
-                if self.events and used + tokens > self.tpm:
-                    waits.append(self.events[0][0] + 60 - now)
-                wait = max(waits)
+                wait = max(self.paused_until - now, self.requests.delay(now), self.tokens.delay(now))
                 if wait <= 0:
-                    self.events.append((now, tokens))
-                    return len(self.events) - 1
-                await asyncio.sleep(min(wait, 5.0))
+                    self.requests.take(now, 1)
+                    self.tokens.take(now, tokens)
+                    return
+                await asyncio.sleep(wait)
 
     def correct(self, estimated: int, actual: int) -> None:
-        """Replace an estimate by the usage the server reported (most recent matching entry)."""
-        for i in range(len(self.events) - 1, -1, -1):
-            if self.events[i][1] == estimated:
-                self.events[i] = (self.events[i][0], actual)
-                return
+        """Replace a token estimate by the usage the server reported."""
+        self.tokens.refund(estimated - actual)
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
@@ -112,7 +150,7 @@ class RateLimiter:
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             reset = headers.get(f"x-ratelimit-reset-{kind}")
             if remaining is not None and reset and _as_float(remaining) == 0:
-                self.pause(_parse_duration(reset))
+                self.pause(parse_duration(reset))
 
 
 def _as_float(value) -> float | None:
@@ -122,8 +160,8 @@ def _as_float(value) -> float | None:
         return None
 
 
-def _parse_duration(value: str) -> float:
-    """OpenAI reset headers look like '1s', '6m0s', '250ms'."""
+def parse_duration(value: str) -> float:
+    """OpenAI reset headers look like '1s', '6m0s', '250ms' or a bare number of seconds."""
     value, total, number = str(value).strip(), 0.0, ""
     units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     i = 0
@@ -141,63 +179,119 @@ def _parse_duration(value: str) -> float:
 
 
 class LLMClient:
+    """Runs requests through the archive and a backend; counts usage, cost and every failure kind."""
+
     def __init__(self, settings: LLMSettings, backend=None, archive: Archive | None = None):
+        settings.check()
         self.settings = settings
         check_endpoint(settings)
         self.backend = backend or make_backend(settings)
         self.archive = archive or Archive(settings.archive)
-        self.stats: Counter = Counter()
+        self.counts: Counter = Counter()
         self.cost_usd = 0.0
+        self.bar: tqdm | None = None
+        self._reserved_usd = 0.0
+        self._budget_hit = False
 
-    def price(self, usage: dict) -> float:
+    # -- accounting ------------------------------------------------------------------------
+    def price(self, usage: dict, batch: bool = False) -> float:
         table = self.settings.prices_per_million.get(self.settings.model)
         if not table or not usage:
             return 0.0
-        return (usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]) / 1e6
+        cost = (usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]) / 1e6
+        return cost * (self.settings.batch_discount if batch else 1.0)
 
-    def _worst_case_cost(self, request: ChatRequest) -> float:
+    def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
         estimate = estimate_tokens(request)
-        return self.price({"prompt_tokens": estimate - request.max_tokens, "completion_tokens": request.max_tokens})
+        return self.price({"prompt_tokens": estimate - request.max_tokens, "completion_tokens": request.max_tokens},
+                          batch)
 
+    def reserve(self, worst: float) -> bool:
+        """Set aside the worst-case cost of one attempt; False (and stop) if the budget would be crossed."""
+        budget = self.settings.budget_usd
+        if self._budget_hit or (budget is not None and self.cost_usd + self._reserved_usd + worst > budget):
+            self._budget_hit = True
+            return False
+        self._reserved_usd += worst
+        return True
+
+    def release(self, worst: float) -> None:
+        self._reserved_usd -= worst
+
+    def account(self, result: ChatResult, batch: bool = False) -> None:
+        """Count the usage and cost of one billed response (usable or not)."""
+        self.cost_usd += self.price(result.usage, batch)
+        self.counts["prompt_tokens"] += result.usage.get("prompt_tokens", 0)
+        self.counts["completion_tokens"] += result.usage.get("completion_tokens", 0)
+        self.counts["billed_responses"] += 1
+
+    def redact(self, text: str) -> str:
+        return self.backend.redact(text) if hasattr(self.backend, "redact") else text
+
+    @property
+    def stats(self) -> dict:
+        """Everything counted so far, with every known failure kind listed (zeros included)."""
+        counts = self.counts
+        return {
+            "mode": self.settings.mode,
+            "requests": counts["requests"], "archived": counts["archived"], "sent_ok": counts["sent_ok"],
+            "failed": counts["failed"], "attempts": counts["attempts"],
+            "retries": {k: counts[f"retry_{k}"] for k in sorted({*RETRY_KINDS, *_seen(counts, "retry_")})},
+            "failures": {k: counts[f"failed_{k}"] for k in sorted({*FAILURE_KINDS, *_seen(counts, "failed_")})},
+            "usage": {"prompt_tokens": counts["prompt_tokens"], "completion_tokens": counts["completion_tokens"],
+                      "billed_responses": counts["billed_responses"]},
+            "cost_usd": round(self.cost_usd, 6),
+        }
+
+    # -- progress --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def progress(self, total: int, desc: str):
+        """One progress bar (rate and ETA) over several `run` calls, e.g. a whole stage."""
+        with tqdm(total=total, desc=desc, unit="req", mininterval=2, dynamic_ncols=True) as bar:
+            self.bar = bar
+            try:
+                yield bar
+            finally:
+                self.bar = None
+
+    def _advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(failed=self.counts["failed"], usd=f"{self.cost_usd:.2f}", refresh=False)
+
+    # -- running ---------------------------------------------------------------------------
     def run(self, requests: list[ChatRequest], desc: str = "LLM requests") -> list[ChatResult]:
-        return asyncio.run(self.run_async(requests, desc))
+        if self.bar is None:
+            with self.progress(len(requests), desc):
+                return asyncio.run(self.run_async(requests))
+        return asyncio.run(self.run_async(requests))
 
-    async def run_async(self, requests: list[ChatRequest], desc: str = "LLM requests") -> list[ChatResult]:
+    async def run_async(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        replay = self.settings.backend == "replay"
         results: list[ChatResult | None] = [None] * len(requests)
-        pending = []
+        pending: dict[str, list[int]] = {}  # one send per distinct request, however often it appears
         for i, request in enumerate(requests):
-            cached = self.archive.get(request)
+            self.counts["requests"] += 1
+            cached = self.archive.get(request, include_failed=replay)
             if cached is not None:
                 results[i] = cached
-                self.stats["archived"] += 1
+                self.counts["archived"] += 1
+                self._advance()
             else:
-                pending.append(i)
-        if not pending:
-            return results
-        limiter = RateLimiter(self.settings.requests_per_minute, self.settings.tokens_per_minute)
-        semaphore = asyncio.Semaphore(self.settings.max_concurrency)
-        reserved = {"usd": 0.0}
-        stop = asyncio.Event()
-        with tqdm(total=len(pending), desc=desc, unit="req", disable=None, mininterval=2) as bar:
-            async def one(i: int) -> None:
-                async with semaphore:
-                    if stop.is_set():
-                        return
-                    worst = self._worst_case_cost(requests[i])
-                    budget = self.settings.budget_usd
-                    if budget is not None and self.cost_usd + reserved["usd"] + worst > budget:
-                        stop.set()
-                        return
-                    reserved["usd"] += worst
-                    try:
-                        results[i] = await self._send_with_retries(requests[i], limiter)
-                    finally:
-                        reserved["usd"] -= worst
-                    bar.update(1)
-                    bar.set_postfix(failed=self.stats["failed"], usd=f"{self.cost_usd:.2f}")
+                pending.setdefault(request.key, []).append(i)
+        if pending:
+            unique = [requests[positions[0]] for positions in pending.values()]
+            if self.settings.mode == "batch":
+                from .batch import BatchRunner
 
-            await asyncio.gather(*(one(i) for i in pending))
-        if stop.is_set():
+                done = await BatchRunner(self).run(unique)
+            else:
+                done = await self._run_online(unique)
+            for request, result in zip(unique, done):
+                for i in pending[request.key]:
+                    results[i] = result
+                self._advance(len(pending[request.key]))
+        if self._budget_hit:
             raise BudgetExceededError(
                 f"llm.budget_usd = {self.settings.budget_usd} would be crossed: stopped after spending "
                 f"${self.cost_usd:.2f}; everything received is archived, so raising the budget and "
@@ -205,52 +299,81 @@ class LLMClient:
             )
         return results
 
-    async def _send_with_retries(self, request: ChatRequest, limiter: RateLimiter) -> ChatResult:
+    async def _run_online(self, requests: list[ChatRequest]) -> list[ChatResult | None]:
+        limiter = RateLimiter(self.settings.requests_per_minute, self.settings.tokens_per_minute)
+        semaphore = asyncio.Semaphore(self.settings.max_concurrency)
+
+        async def one(request: ChatRequest) -> ChatResult | None:
+            async with semaphore:
+                return await self._send_with_retries(request, limiter)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def _send_with_retries(self, request: ChatRequest, limiter: RateLimiter) -> ChatResult | None:
+        """Send until a usable answer or `max_attempts`; None if the budget stopped it unsent."""
         settings = self.settings
         attempts, last_kind, last_error = 0, "", ""
         started = time.time()
         while attempts < settings.max_attempts:
+            worst = self.worst_case_cost(request)
+            if not self.reserve(worst):
+                return None
             attempts += 1
             estimate = estimate_tokens(request)
-            await limiter.acquire(estimate)
             try:
+                await limiter.acquire(estimate)
+                self.counts["attempts"] += 1
                 result, headers = await self.backend.send(request)
             except ReplayMissError:
                 raise
             except RetryableError as err:
-                self.stats[f"retry_{err.kind}"] += 1
+                self.counts[f"retry_{err.kind}"] += 1
                 last_kind, last_error = err.kind, str(err)
+                limiter.observe_headers(err.headers)
                 if err.retry_after:
                     limiter.pause(err.retry_after)
-                await asyncio.sleep(self._backoff(attempts, err.retry_after))
+                await asyncio.sleep(self.backoff(attempts, err.retry_after))
                 continue
             except FatalError as err:
                 last_kind, last_error = err.kind, str(err)
                 break
+            finally:
+                self.release(worst)
             limiter.observe_headers(headers)
             if result.usage:
                 limiter.correct(estimate, result.usage.get("total_tokens", estimate))
-            self.cost_usd += self.price(result.usage)
-            self.stats["prompt_tokens"] += result.usage.get("prompt_tokens", 0)
-            self.stats["completion_tokens"] += result.usage.get("completion_tokens", 0)
-            if result.finish_reason in settings.retry_finish_reasons:
-                self.stats[f"retry_finish_{result.finish_reason}"] += 1
-                last_kind, last_error = f"finish_{result.finish_reason}", f"finish_reason={result.finish_reason}"
-                await asyncio.sleep(self._backoff(attempts, None))
-                continue
             result.attempts, result.started = attempts, started
-            self.archive.append(request, result)
-            self.stats["sent_ok"] += 1
-            return result
-        failed = ChatResult(key=request.key, status="failed", error=f"{last_kind}: {last_error}"[:500],
+            if self.settle(request, result):
+                return result
+            last_kind, last_error = f"finish_{result.finish_reason}", f"finish_reason={result.finish_reason}"
+            await asyncio.sleep(self.backoff(attempts, None))
+        return self.record_failure(request, last_kind, last_error, attempts, started)
+
+    def settle(self, request: ChatRequest, result: ChatResult, batch: bool = False) -> bool:
+        """Account and archive a billed response; True if usable, False if it needs another attempt."""
+        self.account(result, batch)
+        if result.finish_reason in self.settings.retry_finish_reasons:
+            self.counts[f"retry_finish_{result.finish_reason}"] += 1
+            self.archive.append(request, replace(result, status="retry"))  # billed, so kept for audit
+            return False
+        self.archive.append(request, result)
+        self.counts["sent_ok"] += 1
+        return True
+
+    def record_failure(self, request: ChatRequest, kind: str, error: str, attempts: int, started: float) -> ChatResult:
+        failed = ChatResult(key=request.key, status="failed", error=self.redact(f"{kind}: {error}")[:500],
                             attempts=attempts, started=started, finished=time.time())
         self.archive.append(request, failed)
-        self.stats["failed"] += 1
-        self.stats[f"failed_{last_kind}"] += 1
-        log.warning("%s failed after %d attempt(s): %s", request.describe(), attempts, last_kind)
+        self.counts["failed"] += 1
+        self.counts[f"failed_{kind}"] += 1
+        log.warning("%s failed after %d attempt(s): %s", request.describe(), attempts, kind)
         return failed
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
         base = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
         delay = random.uniform(0.5 * base, base)  # jitter spreads retries from many requests
         return max(delay, retry_after or 0.0)
+
+
+def _seen(counts: Counter, prefix: str) -> set[str]:
+    return {k[len(prefix):] for k in counts if k.startswith(prefix)}
