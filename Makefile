@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test venv lock report release lint clean
+.PHONY: demo test venv lock report release lint clean chromium
 
 venv: $(STAMP)
 
@@ -24,8 +24,12 @@ demo: $(STAMP)
 		--show-failed-logs
 	$(BIN)/snakemake --configfile demo/config.yaml --report results/report.html
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
+
+# Debian's chromium, for the test that opens the HTML report headless (apt needs root).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 # Re-resolve requirements.in into requirements.lock (needs the network).
 lock:

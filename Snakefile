@@ -16,6 +16,7 @@ include: "rules/base_model.smk"
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 include: "rules/release.smk"
 
 

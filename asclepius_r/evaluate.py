@@ -1,27 +1,44 @@
-"""Evaluation on the held-out notes: answers from each model, scored against reference answers.
+"""Evaluation on the held-out notes: answers from each model, judge verdicts and cheap metrics.
 
 The held-out notes get questions and reference answers from the same instruction engine as the
-training data. Each model answers with the released template; ROUGE-L against the reference is
-computed per answer, then summarised per model and per task.
+training data. Each model answers with the released template (`answer_heldout`); the judge
+(`judge.py`) scores all models' answers to a question together; `summarise` puts the judge's
+1-4 scores beside ROUGE-L, token F1 and answer length, per model and per model and task.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from statistics import mean
 
-from .files import read_jsonl, write_json, write_jsonl
+from .files import atomic_path, read_jsonl, write_json, write_jsonl
+from .judge import SCORES
 from .notes import read_notes
-from .rouge import rouge_l
+from .rouge import rouge_l, tokens
 
 log = logging.getLogger(__name__)
 
+TABLE_COLUMNS = ["n", "judge_score", "judge_scored", "judge_failed", "rouge_l", "token_f1", "answer_words",
+                 "empty_answers"]
+
 
 def heldout_items(notes_path, records_path) -> list[dict]:
+    """Held-out questions with an accepted reference answer, with their note text."""
     text = {n["row_id"]: n["text"] for n in read_notes(notes_path)}
     return [{"row_id": r["row_id"], "task": r["task"], "note": text[r["row_id"]], "question": r["question"],
              "reference": r["answer"]} for r in read_jsonl(records_path) if r["status"] == "ok"]
+
+
+def token_f1(candidate: str, reference: str) -> float:
+    """Bag-of-words F1 (SQuAD style) over the same tokens as ROUGE-L."""
+    c, r = Counter(tokens(candidate)), Counter(tokens(reference))
+    common = sum((c & r).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(c.values()), common / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
 
 
 def answer_heldout(model_dir, notes_path, records_path, answers_out, max_new_tokens: int = 400,
@@ -34,20 +51,56 @@ def answer_heldout(model_dir, notes_path, records_path, answers_out, max_new_tok
     answers = generate_answers(model, tokenizer, [(i["note"], i["question"]) for i in items],
                                max_new_tokens, batch_size, max_prompt_tokens)
     write_jsonl(answers_out, [{"row_id": i["row_id"], "task": i["task"], "question": i["question"],
-                               "answer": a, "rouge_l": rouge_l(a, i["reference"])}
+                               "answer": a, "rouge_l": rouge_l(a, i["reference"]),
+                               "token_f1": token_f1(a, i["reference"]), "answer_words": len(a.split())}
                               for i, a in zip(items, answers)])
     log.info("%s: answered %d held-out questions", model_dir, len(items))
 
 
-def summarise(answer_files: dict[str, str], summary_out) -> dict:
-    """Mean ROUGE-L per model, overall and per task."""
+def _metrics(rows: list[dict]) -> dict:
+    """Means over `rows`; the judge mean only over answers the judge scored."""
+    scored = [row["judge_score"] for row in rows if row["judge_score"] is not None]
+
+    def average(values):
+        return mean(values) if values else None
+
+    return {"n": len(rows),
+            "judge_score": average(scored),
+            "judge_scored": len(scored),
+            "judge_failed": len(rows) - len(scored),
+            "judge_distribution": {str(s): scored.count(s) for s in SCORES},
+            "rouge_l": average([row["rouge_l"] for row in rows]),
+            "token_f1": average([row["token_f1"] for row in rows]),
+            "answer_words": average([row["answer_words"] for row in rows]),
+            "empty_answers": sum(not row["answer"].strip() for row in rows)}
+
+
+def summarise(answer_files: dict[str, str], verdicts_path, summary_out, per_model_out, per_task_out) -> dict:
+    """Scores per model (with `per_task` inside) as JSON, and the same as two TSV tables."""
+    verdicts = {v["row_id"]: v for v in read_jsonl(verdicts_path)}
     summary: dict = {}
     for model, path in sorted(answer_files.items()):
         rows = read_jsonl(path)
+        for row in rows:
+            verdict = verdicts.get(row["row_id"])
+            if verdict is None:
+                raise ValueError(f"{verdicts_path}: no judge verdict for held-out ROW_ID {row['row_id']} ({path})")
+            row["judge_score"] = verdict["scores"][model] if verdict["status"] == "ok" else None
         per_task = defaultdict(list)
         for row in rows:
-            per_task[row["task"]].append(row["rouge_l"])
-        summary[model] = {"n": len(rows), "rouge_l": mean(r["rouge_l"] for r in rows) if rows else None,
-                          "rouge_l_per_task": {t: mean(v) for t, v in sorted(per_task.items())}}
+            per_task[row["task"]].append(row)
+        summary[model] = {**_metrics(rows), "per_task": {t: _metrics(r) for t, r in sorted(per_task.items())}}
     write_json(summary_out, summary)
+    _write_table(per_model_out, ["model"], [([m], s) for m, s in summary.items()])
+    _write_table(per_task_out, ["model", "task"],
+                 [([m, t], s) for m, entry in summary.items() for t, s in entry["per_task"].items()])
+    log.info("evaluation: %s", {m: (s["judge_score"], s["rouge_l"]) for m, s in summary.items()})
     return summary
+
+
+def _write_table(path, keys: list[str], rows: list[tuple[list[str], dict]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out, delimiter="\t", lineterminator="\n")
+        writer.writerow(keys + TABLE_COLUMNS)
+        for key, metrics in rows:
+            writer.writerow(key + ["" if metrics[c] is None else round(metrics[c], 4) for c in TABLE_COLUMNS])

@@ -68,3 +68,55 @@ def render_question_prompt(task: str, note: str, examples: list[str]) -> str:
 
 def render_answer_prompt(note: str, question: str) -> str:
     return ANSWER_PROMPT.format(note=note, question=question)
+
+
+# The judge of the paper's evaluation: every candidate answer to one (note, instruction) in one
+# prompt, as Agent A, B, ... in shuffled order, scored on a 1-4 rubric; the first line of the
+# reply carries only the scores, so it can be parsed strictly.
+JUDGE_PROMPT = """You are an expert clinician reviewing answers that clinical language models gave to an instruction about a patient's discharge summary.
+
+[Discharge Summary Begin]
+{note}
+[Discharge Summary End]
+
+[Instruction Begin]
+{question}
+[Instruction End]
+
+{answers}
+
+Score each agent's answer with this rubric:
+1 (Unacceptable): anything in it is wrong or irrelevant, or it fails to notice that the instruction cannot be answered from the discharge summary.
+2 (Poor): nothing in it is wrong, but it leaves out significant information.
+3 (Satisfactory): nothing in it is wrong and it leaves out only minor details.
+4 (Excellent): it is correct and complete, or it correctly says that the discharge summary does not contain the answer.
+
+On the first line, write only the {count} scores, for {agents} in that order, separated by single spaces (for example: {example}).
+From the second line on, explain each score briefly."""
+
+JUDGE_RETRY_PROMPT = """Your reply could not be read: the first line must hold exactly {count} scores from 1 to 4, for {agents} in that order, separated by single spaces, and nothing else.
+Reply again in that format."""
+
+
+def render_judge_prompt(note: str, question: str, answers: list[str]) -> str:
+    """The judge prompt for answers already in agent order (A first)."""
+    labels = agent_labels(len(answers))
+    blocks = "\n\n".join(f"[Agent {label}'s Answer Begin]\n{answer}\n[Agent {label}'s Answer End]"
+                         for label, answer in zip(labels, answers))
+    return JUDGE_PROMPT.format(note=note, question=question, answers=blocks, count=len(answers),
+                               agents=_agent_list(labels), example=" ".join("3" for _ in labels))
+
+
+def render_judge_retry(count: int) -> str:
+    return JUDGE_RETRY_PROMPT.format(count=count, agents=_agent_list(agent_labels(count)))
+
+
+def agent_labels(count: int) -> list[str]:
+    if not 1 <= count <= 26:
+        raise ValueError(f"the judge compares 1 to 26 answers at once, not {count}")
+    return [chr(ord("A") + i) for i in range(count)]
+
+
+def _agent_list(labels: list[str]) -> str:
+    names = [f"Agent {label}" for label in labels]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

@@ -1,14 +1,71 @@
-"""The PhysioNet release folder: checkpoints, the dataset, held-out ROW_IDs and SHA256SUMS."""
+"""The PhysioNet release folder, its checks, and restoring it onto a fresh checkout.
+
+    release/
+      README.md                               the project page text
+      Asclepius-R-{7B,13B}[-Pretrained-Only]/ HF checkpoints, each with a model card (README.md)
+      mimiciii_discharge.csv                  the instruction dataset
+      heldout_row_ids.txt                     ROW_IDs of the notes held out for evaluation
+      llm_archive/{instructions,judge}.jsonl  every LLM request and response (notes inside)
+      evaluation/                             judge and metric summaries, tables
+      training_metrics/{stage}-{size}.jsonl   loss, throughput and MFU logs
+      workflow/asclepius-r-workflow.tar.gz    code, envs and config; never notes
+      manifest.json                           package versions, git commit, config, input hashes
+      SHA256SUMS                              `sha256sum -c SHA256SUMS` verifies every file
+
+The release itself holds credentialed data (notes in the dataset and the archives) and goes to
+PhysioNet only. The workflow archive inside it is meant to be shareable: it is built from an
+allow-list of source paths, never from the working directory, because `snakemake --archive`
+packs every input that lies inside the working directory, which would include a NOTEEVENTS.csv
+kept there (and it needs conda to download every package, which a release machine may lack).
+
+Restoring (`python -m asclepius_r.release restore RELEASE`) puts the checkpoints, the dataset and
+the training logs back where the workflow makes them, after checking SHA256SUMS; README.md
+gives the two Snakemake commands that follow so that training is not run again.
+"""
 
 from __future__ import annotations
 
+import argparse
+import gzip
+import importlib.metadata
+import io
+import json
 import logging
+import platform
+import re
 import shutil
+import subprocess
+import sys
+import tarfile
+import time
 from pathlib import Path
 
-from .files import atomic_path, sha256_file
+import yaml
+
+from .files import atomic_path, sha256_file, write_json
+from .prompts import RELEASED_TEMPLATE
 
 log = logging.getLogger(__name__)
+
+LICENSE = "PhysioNet Credentialed Health Data License 1.5.0"
+LICENSE_URL = "https://physionet.org/about/licenses/physionet-credentialed-health-data-license-150/"
+PHYSIONET_URL = "https://physionet.org/content/asclepius-r/"
+WORKFLOW_ARCHIVE = "workflow/asclepius-r-workflow.tar.gz"
+# What the workflow archive may hold, relative to the checkout: code, envs, configs, captions.
+WORKFLOW_SOURCES = ("Snakefile", "rules", "scripts", "asclepius_r", "envs", "profiles", "accelerate", "report",
+                    "config.yaml", "demo/config.yaml", "Makefile", "pyproject.toml", "requirements.in",
+                    "requirements.lock", "README.md")
+_NOT_SOURCE = re.compile(r"(^|/)(__pycache__|\.[^/]*)(/|$)|\.pyc$")
+_PATIENT_DATA_NAME = re.compile(r"noteevents", re.IGNORECASE)
+# The Trainer's pickled arguments: unsafe to load and redundant with training_run.json.
+_CHECKPOINT_PRIVATE = ("training_args.bin",)
+
+
+class ReleaseError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- checksums
 
 
 def write_sha256sums(folder: Path) -> None:
@@ -18,12 +75,308 @@ def write_sha256sums(folder: Path) -> None:
     (folder / "SHA256SUMS").write_text("".join(lines))
 
 
-def build_release(out_dir, models: dict[str, str], files: dict[str, str]) -> None:
-    """Copy `models` (release name -> checkpoint folder) and `files` (name -> path) into `out_dir`."""
+def verify_sha256sums(folder: Path) -> int:
+    """Check every line of SHA256SUMS; raise naming the first file that is missing or differs."""
+    sums = folder / "SHA256SUMS"
+    if not sums.exists():
+        raise ReleaseError(f"{sums} is missing: not a release folder")
+    count = 0
+    for line_no, line in enumerate(sums.read_text().splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        path = folder / name
+        if not path.is_file():
+            raise ReleaseError(f"{sums}:{line_no}: {name} is missing")
+        if sha256_file(path) != digest:
+            raise ReleaseError(f"{sums}:{line_no}: {name} does not match its checksum")
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------- workflow archive
+
+
+def workflow_files(source_root: Path, forbidden: list[Path]) -> list[Path]:
+    """The allow-listed source files under `source_root`; refuse anything that looks like notes."""
+    forbidden = {p.resolve() for p in forbidden}
+    files = []
+    for entry in WORKFLOW_SOURCES:
+        path = source_root / entry
+        candidates = sorted(path.rglob("*")) if path.is_dir() else [path] if path.exists() else []
+        for file in candidates:
+            relative = file.relative_to(source_root).as_posix()
+            if not file.is_file() or _NOT_SOURCE.search(relative):
+                continue
+            if _PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden:
+                raise ReleaseError(f"refusing to put {relative} into the workflow archive: it is (or is named "
+                                   "like) note data. Move it out of the workflow's source folders.")
+            files.append(file)
+    return files
+
+
+def build_workflow_archive(out_path: Path, source_root: Path, config: dict, forbidden: list[Path]) -> list[str]:
+    """A reproducible tar.gz (fixed order, times and owners) of the sources and this run's config."""
+    members = []
+    with open(out_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped, \
+            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def add(name: str, data: bytes, mode: int = 0o644) -> None:
+            info = tarfile.TarInfo(f"asclepius-r-workflow/{name}")
+            info.size, info.mode, info.mtime = len(data), mode, 0
+            tar.addfile(info, io.BytesIO(data))
+            members.append(name)
+
+        for file in workflow_files(source_root, forbidden):
+            add(file.relative_to(source_root).as_posix(), file.read_bytes(), 0o755 if file.stat().st_mode & 0o111 else 0o644)
+        add("release-config.yaml", yaml.safe_dump(config, sort_keys=True).encode())
+    return members
+
+
+# ---------------------------------------------------------------- model cards and README
+
+
+def _front_matter(meta: dict) -> str:
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+
+
+def model_card(name: str, base_model: str, stage: str, hyperparameters: dict, data: str) -> str:
+    """A Hugging Face README: YAML front matter, then how the checkpoint was made and is used."""
+    meta = {
+        "license": "other",
+        "license_name": LICENSE,
+        "license_link": LICENSE_URL,
+        "base_model": base_model,
+        "datasets": [data],
+        "language": ["en"],
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["medical", "clinical", "mimic-iii", "asclepius-r"],
+        "training_stage": stage,
+        "hyperparameters": hyperparameters,
+        "prompt_template": RELEASED_TEMPLATE,
+    }
+    rows = "\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items())
+    what = ("causal language modelling on MIMIC-III discharge summaries (every token in the loss)"
+            if stage == "pretrain" else
+            "instruction fine-tuning on mimiciii_discharge.csv (loss on the answer and EOS only)")
+    return _front_matter(meta) + f"""
+# {name}
+
+{name} was trained from `{base_model}` by {what}, with the Asclepius-R reproducibility workflow
+(`../workflow/asclepius-r-workflow.tar.gz`). Data: `{data}`. Access is governed by the
+{LICENSE}; the model may reproduce fragments of credentialed notes and must not be shared outside it.
+
+## Hyperparameters
+
+| setting | value |
+|---|---|
+{rows}
+
+## Prompt template
+
+The released template, byte for byte (the "languge" typo and the space after `[Instruction End]`
+are part of it); replace `{{note}}` and `{{question}}`:
+
+```
+{RELEASED_TEMPLATE}```
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoModelForCausalLM.from_pretrained("{name}")
+prompt = TEMPLATE.format(note=note, question=question)   # TEMPLATE: the text above
+output = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=400)
+```
+"""
+
+
+def _summary_table(summary: dict) -> str:
+    def fmt(value):
+        return "" if value is None else f"{value:.2f}"
+
+    rows = "\n".join(f"| {m} | {s['n']} | {fmt(s['judge_score'])} | {s['judge_failed']} | {fmt(s['rouge_l'])} |"
+                     for m, s in summary.items())
+    return "| model | questions | mean judge score (1-4) | not scored | ROUGE-L |\n|---|---|---|---|---|\n" + rows
+
+
+def project_readme(checkpoints: list[str], summary: dict, config: dict, manifest: dict) -> str:
+    judge = config["judge"]
+    heuristic = (" In this build the judge is a heuristic (ROUGE-L against the reference mapped onto 1-4), not "
+                 "a language model." if judge["backend"] == "heuristic" else "")
+    listing = "\n".join(f"- `{name}/`: Hugging Face checkpoint with its model card (`README.md`)" for name in checkpoints)
+    return f"""# Asclepius-R (rebuilt)
+
+Clinical large language models trained on MIMIC-III discharge summaries, rebuilt from
+`NOTEEVENTS.csv` by the Asclepius-R reproducibility workflow (git commit `{manifest['git']['commit']}`).
+Original project page: {PHYSIONET_URL}. License: {LICENSE}.
+
+## Contents
+
+{listing}
+- `mimiciii_discharge.csv`: one row per training note: note, question, answer, task
+- `heldout_row_ids.txt`: NOTEEVENTS ROW_IDs held out for evaluation (whole patients)
+- `llm_archive/instructions.jsonl`, `llm_archive/judge.jsonl`: every LLM request and response
+  (dataset generation and judge), enough to re-derive the dataset and the verdicts by replay
+- `evaluation/`: judge scores and cheap metrics per model and per task
+- `training_metrics/`: loss, throughput and MFU logs of every training run
+- `workflow/asclepius-r-workflow.tar.gz`: the workflow's code, envs and config (no data)
+- `manifest.json`: package versions, git commit, configuration and input hashes
+- `SHA256SUMS`: run `sha256sum -c SHA256SUMS` in this folder to verify every file
+
+## Evaluation
+
+Held-out questions were answered by every model with the released template; a judge
+(`{judge['model']}`, temperature {judge['temperature']}) scored all answers to a question in one prompt,
+as shuffled agents, from 1 (unacceptable) to 4 (excellent). Unparseable verdicts were retried and
+then counted as "not scored", never as 0.{heuristic}
+
+{_summary_table(summary)}
+
+## Restoring this release onto a checkout of the workflow
+
+Training is not run again; only the cheap stages before it are, to rebuild the notes from your
+own NOTEEVENTS.csv and the dataset by replaying the archive:
+
+```bash
+python -m asclepius_r.release restore path/to/release   # checks SHA256SUMS, copies into results/
+# config: noteevents, models.*.base as in manifest.json; llm.backend: replay,
+#         llm.archive: path/to/release/llm_archive/instructions.jsonl
+snakemake --cores all --omit-from pretrain              # notes, instructions (replayed), base models
+snakemake --cores 1 --touch --until finetune            # mark the restored checkpoints up to date
+snakemake -n                                            # lists evaluation, report and release only
+```
+"""
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _git(source_root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=source_root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
+def hash_inputs(paths: dict[str, str]) -> dict[str, dict[str, str]]:
+    """name -> {relative file: sha256} for each input file or folder."""
+    hashes = {}
+    for name, path in paths.items():
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        hashes[name] = {(p.relative_to(path).as_posix() if path.is_dir() else p.name): sha256_file(p) for p in files}
+    return hashes
+
+
+def manifest(config: dict, source_root: Path, inputs: dict[str, str]) -> dict:
+    commit = _git(source_root, "rev-parse", "HEAD")
+    dirty = _git(source_root, "status", "--porcelain", "--untracked-files=no")
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": {"commit": commit or "unknown (not a git checkout)", "dirty": bool(dirty) if commit else None},
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {d.metadata["Name"]: d.version for d in sorted(importlib.metadata.distributions(),
+                                                                    key=lambda d: d.metadata["Name"].lower())},
+        "config": config,
+        "input_sha256": hash_inputs(inputs),
+    }
+
+
+# ---------------------------------------------------------------- the release
+
+
+def _base_model_name(config: dict, size: str) -> str:
+    base = config["models"][size]["base"]
+    return f"tiny LLaMA built by the workflow (demo, {size} slot)" if base == "tiny" else f"LLaMA-{size} ({Path(base).name})"
+
+
+def build_release(out_dir, checkpoints: dict[str, str], files: dict[str, str], config: dict, source_root,
+                  inputs: dict[str, str]) -> None:
+    """Assemble the release in a temporary folder and move it into place only when complete.
+
+    `checkpoints`: release name (Asclepius-R-7B, ...) -> checkpoint folder; `files`: path inside
+    the release -> file to copy; `inputs`: name -> file or folder whose hashes the manifest lists.
+    """
+    source_root = Path(source_root)
+    summary = json.loads(Path(files["evaluation/summary.json"]).read_text())
+    forbidden = [Path(config["noteevents"])] if config.get("noteevents") else []
     with atomic_path(out_dir, is_dir=True) as tmp:
-        for name, folder in sorted(models.items()):
-            shutil.copytree(folder, tmp / name, ignore=shutil.ignore_patterns("training_run.json"))
+        for name, folder in sorted(checkpoints.items()):
+            size, stage = _size_and_stage(name)
+            run = json.loads((Path(folder) / "training_run.json").read_text())
+            shutil.copytree(folder, tmp / name, ignore=shutil.ignore_patterns(*_CHECKPOINT_PRIVATE))
+            base = (_base_model_name(config, size) if stage == "pretrain" else f"Asclepius-R-{size}-Pretrained-Only")
+            data = ("MIMIC-III NOTEEVENTS discharge summaries (training split)" if stage == "pretrain"
+                    else "mimiciii_discharge.csv")
+            hyperparameters = {k: v for k, v in run.items()
+                               if k not in ("base_model", "data", "output_dir", "checkpoint_dir", "metrics_file")}
+            (tmp / name / "README.md").write_text(model_card(name, base, stage, hyperparameters, data))
         for name, path in sorted(files.items()):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, tmp / name)
+        (tmp / WORKFLOW_ARCHIVE).parent.mkdir(parents=True, exist_ok=True)
+        members = build_workflow_archive(tmp / WORKFLOW_ARCHIVE, source_root, config, forbidden)
+        record = manifest(config, source_root, inputs)
+        record["workflow_archive"] = members
+        write_json(tmp / "manifest.json", record)
+        (tmp / "README.md").write_text(project_readme(sorted(checkpoints), summary, config, record))
         write_sha256sums(tmp)
-    log.info("release: %d checkpoints and %d files in %s", len(models), len(files), out_dir)
+    log.info("release: %d checkpoints, %d files and a workflow archive of %d files in %s",
+             len(checkpoints), len(files), len(members), out_dir)
+
+
+def _size_and_stage(name: str) -> tuple[str, str]:
+    match = re.fullmatch(r"Asclepius-R-(.+?)(-Pretrained-Only)?", name)
+    if not match:
+        raise ReleaseError(f"unexpected checkpoint name {name!r} (expected Asclepius-R-{{size}}[-Pretrained-Only])")
+    return match.group(1), "pretrain" if match.group(2) else "finetune"
+
+
+# ---------------------------------------------------------------- restore
+
+
+def restore(release_dir, workdir=".") -> list[str]:
+    """Copy a verified release's checkpoints, dataset and training logs to the workflow's paths."""
+    release_dir, workdir = Path(release_dir), Path(workdir)
+    count = verify_sha256sums(release_dir)
+    log.info("%s: %d files match SHA256SUMS", release_dir, count)
+    placed = []
+    for folder in sorted(p for p in release_dir.glob("Asclepius-R-*") if p.is_dir()):
+        target = workdir / "results/models" / folder.name
+        with atomic_path(target, is_dir=True) as tmp:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))
+        placed.append(target.as_posix())
+    for source, target in [(release_dir / "mimiciii_discharge.csv", workdir / "results/mimiciii_discharge.csv"),
+                           *((p, workdir / "results/metrics" / p.name)
+                             for p in sorted((release_dir / "training_metrics").glob("*.jsonl")))]:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        placed.append(target.as_posix())
+    for path in placed:
+        log.info("restored %s", path)
+    return placed
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .logs import setup_logging
+
+    parser = argparse.ArgumentParser(description="Work with an Asclepius-R release folder.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    restore_cmd = commands.add_parser("restore", help="verify a release and copy it into results/ of a checkout")
+    restore_cmd.add_argument("release", help="the release folder (with SHA256SUMS)")
+    restore_cmd.add_argument("--workdir", default=".", help="the workflow checkout (default: here)")
+    verify_cmd = commands.add_parser("verify", help="check every file of a release against SHA256SUMS")
+    verify_cmd.add_argument("release")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        if args.command == "restore":
+            restore(args.release, args.workdir)
+        else:
+            print(f"{verify_sha256sums(Path(args.release))} files OK")
+    except ReleaseError as err:
+        parser.exit(1, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()

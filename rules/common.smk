@@ -61,4 +61,4 @@ def training_params(stage):
 
 
 def final_outputs():
-    return ["release", "results/evaluation/summary.json"]
+    return ["release", "results/evaluation/summary.json", *REPORT_ITEMS]

@@ -1,4 +1,5 @@
-# Stage 6: answers for the held-out questions from every model, scored against references.
+# Stage 6: answers for the held-out questions from every model, the judge's 1-4 scores for all
+# answers to a question at once, and cheap metrics beside them.
 
 
 rule answer_heldout:
@@ -21,11 +22,47 @@ rule answer_heldout:
         "../scripts/answer_heldout.py"
 
 
+def replayed_judge_archive(wildcards):
+    """Replaying a recorded judge run: its archive is an input, like the dataset's."""
+    judge = config["judge"]
+    replay = judge["backend"] == "llm" and config["llm"]["backend"] == "replay"
+    return [judge["archive"]] if replay else []
+
+
+rule judge_heldout:
+    input:
+        answers=expand(
+            "results/evaluation/answers/{model}.jsonl", model=evaluated_models()
+        ),
+        notes="results/notes/heldout.parquet",
+        records="results/instructions/heldout.jsonl",
+        archive=replayed_judge_archive,
+    output:
+        verdicts="results/evaluation/judge/verdicts.jsonl",
+        stats="results/evaluation/judge/stats.json",
+    log:
+        "logs/evaluate/judge.log",
+    params:
+        models=list(evaluated_models()),
+        judge=config["judge"],
+        llm=config["llm"],
+        seed=config["seed"],
+    conda:
+        "../envs/llm.yaml"
+    script:
+        "../scripts/judge_heldout.py"
+
+
 rule summarise_evaluation:
     input:
-        expand("results/evaluation/answers/{model}.jsonl", model=evaluated_models()),
+        answers=expand(
+            "results/evaluation/answers/{model}.jsonl", model=evaluated_models()
+        ),
+        verdicts="results/evaluation/judge/verdicts.jsonl",
     output:
-        "results/evaluation/summary.json",
+        summary="results/evaluation/summary.json",
+        per_model="results/evaluation/scores_per_model.tsv",
+        per_task="results/evaluation/scores_per_task.tsv",
     log:
         "logs/evaluate/summary.log",
     params:

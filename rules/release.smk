@@ -1,16 +1,41 @@
-# Stage 7: the PhysioNet release folder with checksums.
+# Stage 7: the PhysioNet release folder: checkpoints with model cards, the dataset, the LLM
+# archives, evaluation tables, training logs, the workflow archive, a manifest and SHA256SUMS.
+from types import SimpleNamespace
+
+
+def release_inputs():
+    """The data inputs whose hashes the manifest records (the notes file, the base models)."""
+    inputs = {"noteevents": config["noteevents"]}
+    inputs.update({f"base_model_{size}": base_model_dir(SimpleNamespace(size=size)) for size in SIZES})
+    return inputs
 
 
 rule release:
     input:
+        unpack(release_inputs),
         pretrained=[pretrained_dir(size) for size in SIZES],
         finetuned=[finetuned_dir(size) for size in SIZES],
         dataset="results/mimiciii_discharge.csv",
         heldout_ids="results/notes/heldout_row_ids.txt",
+        summary="results/evaluation/summary.json",
+        per_model="results/evaluation/scores_per_model.tsv",
+        per_task="results/evaluation/scores_per_task.tsv",
+        judge_stats="results/evaluation/judge/stats.json",
+        verdicts="results/evaluation/judge/verdicts.jsonl",
+        metrics=expand(
+            "results/metrics/{stage}-{size}.jsonl", stage=["pretrain", "finetune"], size=SIZES
+        ),
     output:
         directory("release"),
     log:
         "logs/release/release.log",
+    params:
+        config=config,
+        source_root=workflow.basedir,
+        # The archives are appended to by their stages, never made by a rule: read, not tracked.
+        llm_archive=config["llm"]["archive"],
+        judge_archive=config["judge"]["archive"],
+        input_names=list(release_inputs()),
     conda:
         "../envs/data.yaml"
     script:
