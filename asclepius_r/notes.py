@@ -3,6 +3,8 @@
 Policies follow the 2023 method by default (keep addenda, exact category match) and fix what it
 lacked (drop ISERROR rows and exact-duplicate texts). Memory stays bounded: kept rows stream
 into a temporary Parquet file, and only ROW_IDs, SUBJECT_IDs and text digests stay in memory.
+Every dropped row is counted under one reason in stats.json; near misses of the category
+('discharge summary ', say) are never kept silently but warned about with their counts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from .files import atomic_path, write_json
 from .noteevents import DISCHARGE_CATEGORY, NoteEventsError, iter_batches
@@ -27,6 +28,11 @@ from .noteevents import DISCHARGE_CATEGORY, NoteEventsError, iter_batches
 log = logging.getLogger(__name__)
 
 KEPT_COLUMNS = ("ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR", "TEXT")
+# Why rows are dropped, in the order the checks apply: a row counts under the first that fits.
+DROP_REASONS = ("other_category", "iserror", "addendum", "excluded", "duplicate_text")
+OUTPUT_ROW_GROUP = 2048  # notes per Parquet row group of the outputs (about 20 MB of text)
+# Dictionary-encoding long, unique texts only costs time.
+OUTPUT_PARQUET = {"compression": "zstd", "use_dictionary": ["HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR"]}
 NOTE_SCHEMA = pa.schema(
     [("ROW_ID", pa.int64()), ("SUBJECT_ID", pa.int64()), ("HADM_ID", pa.string()),
      ("CHARTDATE", pa.string()), ("DESCRIPTION", pa.string()), ("ISERROR", pa.string()),
@@ -47,6 +53,8 @@ class NotePolicy:
 
 @dataclass(frozen=True)
 class SplitPolicy:
+    """How many notes the evaluation holds out (whole patients), and the seed of the choice."""
+
     heldout_notes: int
     seed: int = 42
 
@@ -80,79 +88,103 @@ def _near_category(categories: pa.Array) -> pa.Array:
                    pc.not_equal(categories, DISCHARGE_CATEGORY))
 
 
-def _to_int(array: pa.Array, name: str, path: Path) -> np.ndarray:
+def _to_int(array: pa.Array, name: str, path: Path, first_row: int) -> np.ndarray:
+    """The column as int64; a value that is not an integer names its data row (1 = first after the header)."""
     try:
         return pc.cast(array, pa.int64()).to_numpy()
-    except pa.ArrowInvalid as err:
-        bad = next(v for v in array.to_pylist() if not v.strip().lstrip("-").isdigit())
-        raise NoteEventsError(f"{path}: {name} {bad!r} is not an integer") from err
+    except pa.ArrowInvalid:
+        for offset, value in enumerate(array.to_pylist()):
+            try:
+                int(value)
+            except ValueError:
+                raise NoteEventsError(f"{path}: data row {first_row + offset}: {name} {value[:20]!r} "
+                                      f"is not an integer") from None
+        raise
 
 
-def filter_discharge(noteevents: Path, staging: Path, policy: NotePolicy) -> tuple[Counter, np.ndarray]:
-    """Stream NOTEEVENTS into `staging` (Parquet), keeping discharge summaries per `policy`.
+class _Filter:
+    """The per-batch policy filter; counts every row it drops under the first reason that applies."""
 
-    Returns the per-reason counts and the kept rows' SUBJECT_IDs (in file order).
-    """
-    counts: Counter = Counter()
-    row_ids: list[np.ndarray] = []
-    subjects: list[np.ndarray] = []
-    seen_text: set[bytes] = set()
-    exclude = pa.array(sorted(policy.exclude_row_ids), pa.int64())
-    with pq.ParquetWriter(staging, NOTE_SCHEMA, compression="zstd") as writer, \
-            tqdm(desc="NOTEEVENTS rows", unit=" rows", mininterval=5, disable=None) as bar:
+    def __init__(self, path: Path, policy: NotePolicy):
+        self.path, self.policy = path, policy
+        self.counts = Counter({reason: 0 for reason in DROP_REASONS})
+        self.near_miss: Counter[str] = Counter()
+        self.rows_read = 0
+        self.row_ids: list[np.ndarray] = []
+        self.seen_text: set[bytes] = set()
+        self.exclude = pa.array(sorted(policy.exclude_row_ids), pa.int64())
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        first_row = self.rows_read + 1
+        self.rows_read += batch.num_rows
+        ids = _to_int(batch.column("ROW_ID"), "ROW_ID", self.path, first_row)
+        self.row_ids.append(ids)
+        category = batch.column("CATEGORY")
+        near = _near_category(category)
+        if pc.any(near).as_py():
+            for spelling in pc.value_counts(category.filter(near)).to_pylist():
+                self.near_miss[spelling["values"]] += spelling["counts"]
+        keep = pc.equal(category, DISCHARGE_CATEGORY)
+        policy = self.policy
+        for reason, applies, mask in (
+            ("iserror", policy.drop_iserror, lambda: pc.equal(batch.column("ISERROR"), "1")),
+            ("addendum", not policy.keep_addenda, lambda: pc.equal(batch.column("DESCRIPTION"), "Addendum")),
+            ("excluded", len(self.exclude) > 0, lambda: pc.is_in(pa.array(ids), self.exclude)),
+        ):
+            if applies:
+                hit = pc.and_(keep, mask())
+                self.counts[reason] += pc.sum(hit).as_py() or 0
+                keep = pc.and_(keep, pc.invert(hit))
+        self.counts["other_category"] += batch.num_rows - pc.sum(pc.equal(category, DISCHARGE_CATEGORY)).as_py()
+        kept = batch.filter(keep)
+        texts = kept.column("TEXT").to_pylist()
+        if policy.drop_duplicate_text and texts:
+            # Digests, not texts, stay in memory; the first of identical texts (in file order) is kept.
+            first_seen = []
+            for text in texts:
+                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                first_seen.append(digest not in self.seen_text)
+                self.seen_text.add(digest)
+            self.counts["duplicate_text"] += first_seen.count(False)
+            kept = kept.filter(pa.array(first_seen, pa.bool_()))
+            texts = [t for t, first in zip(texts, first_seen) if first]
+        if policy.coarse_placeholders:
+            texts = [coarsen_placeholders(t) for t in texts]
+        return pa.record_batch(
+            [pa.array(_to_int(kept.column("ROW_ID"), "ROW_ID", self.path, first_row)),
+             pa.array(_to_int(kept.column("SUBJECT_ID"), "SUBJECT_ID", self.path, first_row)),
+             kept.column("HADM_ID"), kept.column("CHARTDATE"), kept.column("DESCRIPTION"),
+             kept.column("ISERROR"), pa.array(texts, pa.string())],
+            schema=NOTE_SCHEMA,
+        )
+
+    def check_unique_row_ids(self) -> None:
+        all_ids = np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64)
+        values, counts = np.unique(all_ids, return_counts=True)
+        if (counts > 1).any():
+            duplicate = int(values[counts > 1][0])
+            rows = ", ".join(str(i + 1) for i in np.flatnonzero(all_ids == duplicate)[:5])
+            raise NoteEventsError(f"{self.path}: duplicate ROW_ID {duplicate} (data rows {rows}); "
+                                  f"ROW_ID is the primary key of NOTEEVENTS")
+
+
+def filter_discharge(noteevents: Path, staging: Path, policy: NotePolicy) -> _Filter:
+    """Stream NOTEEVENTS into `staging` (Parquet), keeping discharge summaries per `policy`."""
+    keep = _Filter(noteevents, policy)
+    with pq.ParquetWriter(staging, NOTE_SCHEMA, compression="none", use_dictionary=False) as writer:
         for batch in iter_batches(noteevents, columns=KEPT_COLUMNS + ("CATEGORY",)):
-            counts["rows_read"] += batch.num_rows
-            bar.update(batch.num_rows)
-            ids = _to_int(batch.column("ROW_ID"), "ROW_ID", noteevents)
-            row_ids.append(ids)
-            category = batch.column("CATEGORY")
-            counts["near_miss_category"] += pc.sum(_near_category(category)).as_py() or 0
-            keep = pc.equal(category, DISCHARGE_CATEGORY)
-            counts["dropped_other_category"] += batch.num_rows - pc.sum(keep).as_py()
-            for reason, mask in (
-                ("dropped_iserror", pc.equal(batch.column("ISERROR"), "1") if policy.drop_iserror else None),
-                ("dropped_addendum", pc.equal(batch.column("DESCRIPTION"), "Addendum") if not policy.keep_addenda else None),
-                ("dropped_excluded", pc.is_in(pa.array(ids), exclude) if len(exclude) else None),
-            ):
-                if mask is not None:
-                    hit = pc.and_(keep, mask)
-                    counts[reason] += pc.sum(hit).as_py() or 0
-                    keep = pc.and_(keep, pc.invert(hit))
-            kept = batch.filter(keep)
-            if kept.num_rows == 0:
-                continue
-            texts = kept.column("TEXT").to_pylist()
-            if policy.drop_duplicate_text:
-                unique = []
-                for text in texts:
-                    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-                    unique.append(digest not in seen_text)
-                    seen_text.add(digest)
-                counts["dropped_duplicate_text"] += unique.count(False)
-                kept = kept.filter(pa.array(unique))
-                texts = [t for t, u in zip(texts, unique) if u]
-            if policy.coarse_placeholders:
-                texts = [coarsen_placeholders(t) for t in texts]
-            subject_ids = _to_int(kept.column("SUBJECT_ID"), "SUBJECT_ID", noteevents)
-            subjects.append(subject_ids)
-            writer.write_table(pa.table(
-                [pa.array(_to_int(kept.column("ROW_ID"), "ROW_ID", noteevents)), pa.array(subject_ids),
-                 kept.column("HADM_ID"), kept.column("CHARTDATE"), kept.column("DESCRIPTION"),
-                 kept.column("ISERROR"), pa.array(texts, pa.string())],
-                schema=NOTE_SCHEMA,
-            ))
-    if counts["rows_read"] == 0:
-        raise NoteEventsError(f"{noteevents}: header only, no note rows")
-    all_ids = np.concatenate(row_ids)
-    unique_ids, first = np.unique(all_ids, return_counts=True)
-    if (first > 1).any():
-        dup = int(unique_ids[first > 1][0])
-        raise NoteEventsError(f"{noteevents}: duplicate ROW_ID {dup} (ROW_ID is the primary key)")
-    return counts, (np.concatenate(subjects) if subjects else np.empty(0, np.int64))
+            kept = keep(batch)
+            if kept.num_rows:
+                writer.write_batch(kept)
+    keep.check_unique_row_ids()
+    return keep
 
 
 def heldout_subjects(subjects: np.ndarray, policy: SplitPolicy) -> set[int]:
-    """Choose whole patients, in a seeded hash order, until `heldout_notes` notes are held out."""
+    """Choose whole patients, in a seeded hash order, until `heldout_notes` notes are held out.
+
+    The choice depends only on the set of kept notes per patient, not on the file's row order.
+    """
     notes_per_subject = Counter(subjects.tolist())
     order = sorted(notes_per_subject, key=lambda s: hashlib.sha256(f"{policy.seed}:{s}".encode()).digest())
     chosen, held = set(), 0
@@ -167,38 +199,65 @@ def heldout_subjects(subjects: np.ndarray, policy: SplitPolicy) -> set[int]:
 def run_notes_stage(
     noteevents: str | Path, discharge_out: str | Path, heldout_out: str | Path,
     heldout_ids_out: str | Path, stats_out: str | Path, policy: NotePolicy, split: SplitPolicy,
+    threads: int | None = None,
 ) -> dict:
-    """Run the whole notes stage; every output appears atomically or not at all."""
+    """Run the whole notes stage; every output appears atomically or not at all.
+
+    Two streaming passes: NOTEEVENTS -> a staging Parquet file of kept notes, then staging ->
+    training and held-out files once the held-out patients are known. Memory holds only one
+    batch, the ROW_IDs and the kept texts' digests.
+    """
     noteevents = Path(noteevents)
+    if threads:
+        pa.set_cpu_count(threads)
     Path(discharge_out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work:
         staging = Path(work) / "kept.parquet"
-        counts, subjects = filter_discharge(noteevents, staging, policy)
+        kept = filter_discharge(noteevents, staging, policy)
+        subjects = pq.read_table(staging, columns=["SUBJECT_ID"]).column("SUBJECT_ID").to_numpy()
+        if len(subjects) == 0:
+            raise NoteEventsError(f"{noteevents}: no note is kept ({kept.rows_read} rows read; dropped: "
+                                  f"{_reasons(kept.counts)}); check the file and the `notes` policies")
         held = heldout_subjects(subjects, split)
+        n_held = int(np.isin(subjects, list(held)).sum())
+        if n_held == len(subjects):
+            raise NoteEventsError(f"config key notes.heldout_notes ({split.heldout_notes}) holds out all "
+                                  f"{len(subjects)} kept notes of {noteevents}; none would be left for training")
         held_array = pa.array(sorted(held), pa.int64())
-        table = pq.read_table(staging)
-        is_held = pc.is_in(table.column("SUBJECT_ID"), held_array)
-        heldout, train = table.filter(is_held), table.filter(pc.invert(is_held))
+        heldout_ids = []
         with atomic_path(discharge_out) as tmp_train, atomic_path(heldout_out) as tmp_held, \
-                atomic_path(heldout_ids_out) as tmp_ids:
-            pq.write_table(train, tmp_train, compression="zstd")
-            pq.write_table(heldout, tmp_held, compression="zstd")
-            tmp_ids.write_text("".join(f"{i}\n" for i in sorted(heldout.column("ROW_ID").to_pylist())))
-    if counts["near_miss_category"]:
-        log.warning("%d rows have a CATEGORY equal to %r except for case or spaces; they were NOT kept",
-                    counts["near_miss_category"], DISCHARGE_CATEGORY)
+                atomic_path(heldout_ids_out) as tmp_ids, \
+                pq.ParquetWriter(tmp_train, NOTE_SCHEMA, **OUTPUT_PARQUET) as train_writer, \
+                pq.ParquetWriter(tmp_held, NOTE_SCHEMA, **OUTPUT_PARQUET) as heldout_writer:
+            for batch in pq.ParquetFile(staging).iter_batches(batch_size=OUTPUT_ROW_GROUP):
+                is_held = pc.is_in(batch.column("SUBJECT_ID"), held_array)
+                train_writer.write_batch(batch.filter(pc.invert(is_held)))
+                heldout = batch.filter(is_held)
+                heldout_writer.write_batch(heldout)
+                heldout_ids.extend(heldout.column("ROW_ID").to_pylist())
+            tmp_ids.write_text("".join(f"{i}\n" for i in sorted(heldout_ids)))
+    if kept.near_miss:
+        log.warning("%d rows have a CATEGORY equal to %r except for case or spaces and were NOT kept: %s",
+                    sum(kept.near_miss.values()), DISCHARGE_CATEGORY,
+                    ", ".join(f"{value!r} x {n}" for value, n in kept.near_miss.most_common()))
     stats = {
-        "rows_read": counts["rows_read"],
-        "kept_train": train.num_rows,
-        "kept_heldout": heldout.num_rows,
+        "rows_read": kept.rows_read,
+        "kept": len(subjects),
+        "kept_train": len(subjects) - n_held,
+        "kept_heldout": n_held,
         "heldout_subjects": len(held),
-        "dropped": {k.removeprefix("dropped_"): counts[k] for k in sorted(counts) if k.startswith("dropped_")},
-        "near_miss_category": counts["near_miss_category"],
+        "dropped": {reason: kept.counts[reason] for reason in DROP_REASONS},
+        "near_miss_category": sum(kept.near_miss.values()),
+        "near_miss_category_values": dict(kept.near_miss.most_common()),
     }
     write_json(stats_out, stats)
-    log.info("notes: read %d rows, kept %d for training and %d held out",
-             stats["rows_read"], stats["kept_train"], stats["kept_heldout"])
+    log.info("notes: read %d rows, kept %d for training and %d held out (%d patients); dropped: %s",
+             stats["rows_read"], stats["kept_train"], stats["kept_heldout"], len(held), _reasons(kept.counts))
     return stats
+
+
+def _reasons(counts: Counter) -> str:
+    return ", ".join(f"{reason} {counts[reason]}" for reason in DROP_REASONS)
 
 
 def read_notes(path: str | Path) -> list[dict]:

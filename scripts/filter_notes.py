@@ -15,4 +15,5 @@ run_notes_stage(
     stats_out=snakemake.output.stats,
     policy=config.note_policy(settings),
     split=config.split_policy(settings),
+    threads=snakemake.threads,
 )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -151,36 +153,110 @@ def demo_rows(notes: list[DemoNote], seed: int = 7) -> list[str]:
     return body + special
 
 
-def scaled_rows(notes: list[DemoNote], n_rows: int, seed: int = 7):
-    """`n_rows` rows in the real category mix; discharge texts are the demo notes, varied."""
-    rng = random.Random(seed)
-    categories, weights = zip(*CATEGORY_MIX.items())
-    for row_id in range(1, n_rows + 1):
-        category = rng.choices(categories, weights)[0]
-        if category != "Discharge summary":
-            yield _other_row(rng, row_id, category)
-            continue
-        note = rng.choice(notes)
-        # Distinct texts at scale: repeat sections a varying number of times, as long notes do.
-        text = note.text + "".join(f"\n\nInterval note {k}: [**{_date(rng)}**] {rng.choice(_FINDINGS)}."
-                                   for k in range(rng.randint(0, 6)))
-        yield _row(row_id, rng.randint(1, 99999), rng.randint(100000, 199999), _date(rng), "", "",
-                   category, "Addendum" if note.amends else "Report", None, "", text)
+# Mean TEXT length in characters per CATEGORY. The reference gives only the totals (about 3.9 GB
+# over 2,083,180 rows) and that discharge summaries run to thousands of words; these means are
+# estimates that add up to that total, with ECG the shortest and physician notes and discharge
+# summaries the longest. Lengths are log-normal around them.
+MEAN_TEXT_CHARS = {
+    "Nursing/other": 1_000, "Radiology": 1_550, "Nursing": 2_200, "ECG": 230, "Physician ": 6_000,
+    "Discharge summary": 9_500, "Echo": 2_200, "Respiratory ": 1_400, "Nutrition": 2_700,
+    "General": 1_900, "Rehab Services": 3_400, "Social Work": 2_300, "Case Management ": 1_400,
+    "Pharmacy": 3_800, "Consult": 6_500,
+}
+LENGTH_SIGMA = 0.6
+ADDENDUM_MEAN_CHARS = 1_500
+ADDENDUM_FRACTION = 0.075  # MIMIC-III: 4,475 of 59,652 discharge summaries are addenda
+ISERROR_FRACTION = 0.0005  # a few hundred flagged rows in the real file
+DUPLICATE_TEXT_FRACTION = 0.003  # discharge rows that repeat an earlier discharge text exactly
+ROWS_PER_SUBJECT = 45  # 2,083,180 rows over about 46,000 patients
 
 
-def write_noteevents(out: str | Path, rows, gzip_output: bool = False, max_bytes: int | None = None) -> int:
+class ScaledNotes:
+    """An endless, seeded stream of rows in the real category mix and length distributions.
+
+    Discharge summaries start from a demo note and grow with extra sections drawn from the demo
+    notes' lines (so each text is distinct and keeps MIMIC's section layout, placeholders, quotes
+    and unicode); other categories start from their own template and grow the same way.
+    """
+
+    def __init__(self, notes: list[DemoNote], seed: int = 7, n_subjects: int = 100_000):
+        self.rng = random.Random(seed)
+        self.notes = notes
+        self.n_subjects = max(10, n_subjects)
+        self.lines = [line for note in notes for line in note.text.splitlines() if line.strip()]
+        self.mean_line = sum(len(line) + 1 for line in self.lines) / len(self.lines)
+        self.categories, self.weights = zip(*CATEGORY_MIX.items())
+        self.recent_discharge: list[str] = []
+
+    def _length(self, mean: float) -> int:
+        return int(self.rng.lognormvariate(math.log(mean) - LENGTH_SIGMA**2 / 2, LENGTH_SIGMA))
+
+    def _grow(self, text: str, target: int) -> str:
+        """Append a dated section of random demo lines until `text` is about `target` long."""
+        rng = self.rng
+        k = max(1, round((target - len(text)) / self.mean_line))
+        section = "\n".join(rng.choices(self.lines, k=k))
+        return f"{text}\n\n{rng.choice(_SECTIONS)} [**{_date(rng)}**]:\n{section}"
+
+    def _discharge(self, row_id: int) -> str:
+        rng = self.rng
+        if self.recent_discharge and rng.random() < DUPLICATE_TEXT_FRACTION:
+            text, description = rng.choice(self.recent_discharge)
+        else:
+            description = "Addendum" if rng.random() < ADDENDUM_FRACTION else "Report"
+            mean = ADDENDUM_MEAN_CHARS if description == "Addendum" else MEAN_TEXT_CHARS["Discharge summary"]
+            start = "Addendum:" if description == "Addendum" else rng.choice(self.notes).text
+            text = self._grow(start, self._length(mean))
+            self.recent_discharge = (self.recent_discharge + [(text, description)])[-100:]
+        return _row(row_id, rng.randint(1, self.n_subjects), rng.randint(100000, 199999), _date(rng), "", "",
+                    "Discharge summary", description, None, "1" if rng.random() < ISERROR_FRACTION else "",
+                    text)
+
+    def _other(self, row_id: int, category: str) -> str:
+        rng = self.rng
+        text = _OTHER_TEXT[category].format(
+            date=_date(rng), time=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}", n=rng.randint(100, 9999),
+            finding=rng.choice(_FINDINGS), impression=rng.choice(_IMPRESSIONS), rate=rng.randint(55, 120),
+            ef=rng.randint(20, 65), quote=rng.choice(_QUOTES), age=rng.randint(25, 89),
+            mode=rng.choice(["CPAP+PS 5/5", "AC 500x14", "2L NC"]))
+        target = self._length(MEAN_TEXT_CHARS[category])
+        if target > len(text) + self.mean_line:
+            text = self._grow(text, target)
+        date = _date(rng)
+        charttime = f"{date} {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:00"
+        return _row(row_id, rng.randint(1, self.n_subjects), rng.randint(100000, 199999) if rng.random() > 0.1 else None,
+                    date, charttime, charttime, category, "Report", rng.randint(14000, 21000),
+                    "1" if rng.random() < ISERROR_FRACTION else "", text)
+
+    def __iter__(self):
+        for row_id in itertools.count(1):
+            category = self.rng.choices(self.categories, self.weights)[0]
+            yield self._discharge(row_id) if category == "Discharge summary" else self._other(row_id, category)
+
+
+_SECTIONS = ["Interval History", "Hospital Course, continued", "Pertinent Results", "Addendum to Plan",
+             "Medications on Transfer", "Physical Exam on Discharge"]
+
+
+def write_noteevents(out: str | Path, rows, gzip_output: bool = False, max_rows: int | None = None,
+                     max_bytes: int | None = None) -> tuple[int, int]:
+    """Write the header and `rows` (stopping after `max_rows` or once `max_bytes` are written).
+
+    Returns (rows, bytes) written, bytes counted before compression.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open if gzip_output else open
-    written = 0
-    with opener(out, "wt", encoding="utf-8", newline="") as csv_file:
-        csv_file.write(",".join(f'"{c}"' for c in COLUMNS) + "\n")
-        for row in rows:
-            csv_file.write(row)
-            written += len(row.encode("utf-8"))
-            if max_bytes and written >= max_bytes:
+    header = (",".join(f'"{c}"' for c in COLUMNS) + "\n").encode()
+    n_rows, n_bytes = 0, len(header)
+    with (gzip.open(out, "wb", compresslevel=6) if gzip_output else open(out, "wb")) as csv_file:
+        csv_file.write(header)
+        for row in itertools.islice(rows, max_rows):
+            data = row.encode("utf-8")
+            csv_file.write(data)
+            n_rows, n_bytes = n_rows + 1, n_bytes + len(data)
+            if max_bytes and n_bytes >= max_bytes:
                 break
-    return written
+    return n_rows, n_bytes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,18 +264,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--rows", type=int, help="rows to write, in the real category mix")
-    size.add_argument("--gb", type=float, help="approximate size to write, in GB")
+    size.add_argument("--gb", type=float, help="approximate size to write, in GB (10^9 bytes, uncompressed)")
     parser.add_argument("--gzip", action="store_true", help="write NOTEEVENTS.csv.gz")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     notes = load_demo_notes()
-    if args.rows:
-        rows = scaled_rows(notes, args.rows, args.seed)
-    elif args.gb:
-        rows = scaled_rows(notes, 10**12, args.seed)
+    if args.rows or args.gb:
+        # Mean row is about 1.9 kB, so this keeps patients' note counts near MIMIC's at any size.
+        expected_rows = args.rows or int(args.gb * 1e9 / 1900)
+        rows = iter(ScaledNotes(notes, args.seed, n_subjects=expected_rows // ROWS_PER_SUBJECT))
     else:
-        rows = demo_rows(notes, args.seed)
-    write_noteevents(args.out, rows, args.gzip, int(args.gb * 1e9) if args.gb else None)
+        rows = iter(demo_rows(notes, args.seed))
+    n_rows, n_bytes = write_noteevents(args.out, rows, args.gzip, max_rows=args.rows,
+                                       max_bytes=int(args.gb * 1e9) if args.gb else None)
+    print(f"{args.out}: {n_rows} rows, {n_bytes / 1e6:.1f} MB uncompressed")
 
 
 if __name__ == "__main__":
