@@ -137,7 +137,7 @@ class _CheckedStream:
 
 
 def iter_batches(
-    path: str | os.PathLike, columns: tuple[str, ...] = COLUMNS, block_size: int = BLOCK_SIZE
+    path: str | os.PathLike, columns: tuple[str, ...] = COLUMNS, block_size: int | None = None
 ) -> Iterator[pa.RecordBatch]:
     """Stream the file as record batches of string columns, in any column order.
 
@@ -154,7 +154,7 @@ def iter_batches(
         try:
             reader = pacsv.open_csv(
                 stream,
-                read_options=pacsv.ReadOptions(block_size=block_size, use_threads=True),
+                read_options=pacsv.ReadOptions(block_size=block_size or BLOCK_SIZE, use_threads=True),
                 parse_options=pacsv.ParseOptions(newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(
                     column_types={name: pa.string() for name in header},

@@ -20,13 +20,13 @@ NUMERIC = {"ROW_ID", "SUBJECT_ID", "HADM_ID", "CGID"}
 OUTPUTS = ("discharge.parquet", "heldout.parquet", "heldout_row_ids.txt", "stats.json")
 
 
-def note(row_id: int, text: str = "", subject: int | None = None, category: str = "Discharge summary",
+def note(row_id: int, text: str | None = None, subject: int | None = None, category: str = "Discharge summary",
          description: str = "Report", iserror: str = "", **other: str) -> dict:
     """One NOTEEVENTS row as a dict; the text defaults to something unique per ROW_ID."""
     return {"ROW_ID": str(row_id), "SUBJECT_ID": str(subject if subject is not None else row_id),
             "HADM_ID": "100001", "CHARTDATE": "2150-01-01", "CHARTTIME": "", "STORETIME": "",
             "CATEGORY": category, "DESCRIPTION": description, "CGID": "", "ISERROR": iserror,
-            "TEXT": text or f"Admission Date: [**2150-1-1**]\nnote {row_id}, \"quoted\"\n", **other}
+            "TEXT": text if text is not None else f"Admission Date: [**2150-1-1**]\nnote {row_id}, \"quoted\"\n", **other}
 
 
 def csv_bytes(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> bytes:
