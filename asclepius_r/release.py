@@ -56,7 +56,11 @@ WORKFLOW_SOURCES = ("Snakefile", "rules", "scripts", "asclepius_r", "envs", "pro
                     "config.yaml", "demo/config.yaml", "Makefile", "pyproject.toml", "requirements.in",
                     "requirements.lock", "README.md")
 _NOT_SOURCE = re.compile(r"(^|/)(__pycache__|\.[^/]*)(/|$)|\.pyc$")
-_PATIENT_DATA_NAME = re.compile(r"noteevents", re.IGNORECASE)
+_PATIENT_DATA_NAME = re.compile(r"noteevents[^/]*\.(csv|gz|zip|bz2|xz|parquet|feather|tsv|txt|jsonl?)$", re.IGNORECASE)
+# Signs of note text in a file: a filled-in de-identification placeholder (a date, or a name
+# or hospital with its number, closed by "**]"), or the NOTEEVENTS header. Written so that
+# this pattern does not match its own source.
+_NOTE_TEXT = re.compile(rb"\[\*\*[^\]\n]{0,80}\d\s*\*\*\]|ROW_ID,\s*SUBJECT_ID")
 # The Trainer's pickled arguments: unsafe to load and redundant with training_run.json.
 _CHECKPOINT_PRIVATE = ("training_args.bin",)
 
@@ -106,9 +110,10 @@ def workflow_files(source_root: Path, forbidden: list[Path]) -> list[Path]:
             relative = file.relative_to(source_root).as_posix()
             if not file.is_file() or _NOT_SOURCE.search(relative):
                 continue
-            if _PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden:
-                raise ReleaseError(f"refusing to put {relative} into the workflow archive: it is (or is named "
-                                   "like) note data. Move it out of the workflow's source folders.")
+            if (_PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden
+                    or _NOTE_TEXT.search(file.read_bytes())):
+                raise ReleaseError(f"refusing to put {relative} into the workflow archive: it is, is named like "
+                                   "or contains note data. Move it out of the workflow's source folders.")
             files.append(file)
     return files
 

@@ -88,7 +88,7 @@ def dataset_statistics(notes_stats, instruction_stats: dict[str, str], out_html)
 def training_curves(stage: str, metric_files: dict[str, str], out_png) -> None:
     """Loss, throughput (tokens/s) and MFU against the optimizer step, one line per model size."""
     panels = [("loss", "training loss"), ("tokens_per_s", "tokens / s"), ("mfu", "MFU")]
-    figure, axes = plt.subplots(1, len(panels), figsize=(12, 3.5))
+    figure, axes = plt.subplots(1, len(panels), figsize=(12, 3.5), layout="constrained")
     for size, path in sorted(metric_files.items()):
         records = read_jsonl(path)
         for ax, (key, _) in zip(axes, panels):

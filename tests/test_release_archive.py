@@ -1,0 +1,70 @@
+"""The workflow archive: code, envs and config from an allow-list, never NOTEEVENTS or note text,
+even when NOTEEVENTS.csv (and results/) sit inside the working directory."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from asclepius_r.files import sha256_file
+from asclepius_r.release import ReleaseError, build_workflow_archive
+from tests.conftest import copy_workflow
+
+MARKER = "Zebrafish-Syndrome-Marker"
+NOTE = f"Admission Date:  [**2151-7-16**]\nSeen at [**Hospital 1234**] for {MARKER}.\n"
+NOTEEVENTS = f'ROW_ID,SUBJECT_ID,HADM_ID,CHARTDATE,CHARTTIME,STORETIME,CATEGORY,DESCRIPTION,CGID,ISERROR,TEXT\n' \
+             f'1,2,3,2151-7-20,,,Discharge summary,Report,,,"{NOTE}"\n'
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A workflow checkout with patient data lying where users put it: in the working directory."""
+    root = copy_workflow(tmp_path / "workflow")
+    (root / "NOTEEVENTS.csv").write_text(NOTEEVENTS)
+    (root / "results/notes").mkdir(parents=True)
+    (root / "results/notes/discharge.parquet").write_text(NOTE)
+    (root / "results/mimiciii_discharge.csv").write_text(f"note,question,answer,task\n\"{NOTE}\",q,a,t\n")
+    return root
+
+
+def archive_members(path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_archive_holds_code_envs_and_config_but_no_data(checkout, tmp_path):
+    config = {"noteevents": str(checkout / "NOTEEVENTS.csv"), "seed": 42}
+    out = tmp_path / "workflow.tar.gz"
+    build_workflow_archive(out, checkout, config, forbidden=[checkout / "NOTEEVENTS.csv"])
+    members = archive_members(out)
+    names = {name.removeprefix("asclepius-r-workflow/") for name in members}
+    assert {"Snakefile", "config.yaml", "demo/config.yaml", "rules/common.smk", "rules/release.smk",
+            "scripts/release.py", "asclepius_r/release.py", "envs/train.yaml", "requirements.lock",
+            "release-config.yaml"} <= names
+    assert not [n for n in names if n.startswith(("results/", "release/", "logs/", ".snakemake/", "demo/responses",
+                                                  "demo/discharge_summaries")) or "NOTEEVENTS" in n]
+    assert not [n for n, data in members.items() if MARKER.encode() in data], "note text leaked into the archive"
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_archive_is_byte_reproducible(checkout, tmp_path):
+    for name in ("a.tar.gz", "b.tar.gz"):
+        build_workflow_archive(tmp_path / name, checkout, {"seed": 42}, forbidden=[])
+    assert sha256_file(tmp_path / "a.tar.gz") == sha256_file(tmp_path / "b.tar.gz")
+
+
+@pytest.mark.parametrize("planted", ["rules/NOTEEVENTS.csv", "scripts/noteevents.csv.gz", "asclepius_r/data/cohort.txt",
+                                     "envs/extra.yaml"])
+def test_note_data_inside_source_folders_is_refused(checkout, tmp_path, planted):
+    (checkout / planted).write_text(NOTEEVENTS if planted.endswith(("csv", "gz")) else NOTE)
+    out = tmp_path / "workflow.tar.gz"
+    with pytest.raises(ReleaseError, match=planted.replace(".", r"\.")):
+        build_workflow_archive(out, checkout, {"seed": 42}, forbidden=[])
+
+
+def test_the_configured_notes_file_is_refused_whatever_its_name(checkout, tmp_path):
+    renamed = checkout / "report" / "extra_caption.rst"
+    renamed.write_text("plain words only\n")
+    with pytest.raises(ReleaseError, match="extra_caption.rst"):
+        build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[renamed])
