@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 
-def release_inputs():
+def release_inputs(wildcards=None):
     """The data inputs whose hashes the manifest records (the notes file, the base models)."""
     inputs = {"noteevents": config["noteevents"]}
     inputs.update({f"base_model_{size}": base_model_dir(SimpleNamespace(size=size)) for size in SIZES})
