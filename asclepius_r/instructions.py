@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.config:
         config = _merge(config, yaml.safe_load(Path(path).read_text()) or {})
     config = workflow_config.resolve(config, require_data=False)
-    client = LLMClient(workflow_config.llm_settings(config))
-    run_instruction_stage(args.notes, args.records, args.stats, client, workflow_config.generation_settings(config))
+    with LLMClient(workflow_config.llm_settings(config)) as client:
+        run_instruction_stage(args.notes, args.records, args.stats, client, workflow_config.generation_settings(config))
     if args.dataset:
         write_dataset(args.notes, args.records, args.dataset)
 

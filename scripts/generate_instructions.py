@@ -8,10 +8,11 @@ from asclepius_r.instructions import run_instruction_stage
 from asclepius_r.llm import LLMClient
 
 settings = {k: snakemake.params[k] for k in ("instructions", "llm", "seed")}
-run_instruction_stage(
-    snakemake.input.notes,
-    records_out=snakemake.output.records,
-    stats_out=snakemake.output.stats,
-    client=LLMClient(config.llm_settings(settings)),
-    settings=config.generation_settings(settings),
-)
+with LLMClient(config.llm_settings(settings)) as client:
+    run_instruction_stage(
+        snakemake.input.notes,
+        records_out=snakemake.output.records,
+        stats_out=snakemake.output.stats,
+        client=client,
+        settings=config.generation_settings(settings),
+    )

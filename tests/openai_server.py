@@ -25,8 +25,8 @@ Faults (`add_fault(kind, ...)`), each applied to chat requests whose prompt cont
   content_filter  finish_reason "content_filter" and no content
 Faults apply to the requests inside batches too (as per-line errors or finish reasons).
 
-`hold(after=n)` keeps every chat request after the first n waiting (never answered until
-`release()`), to stop a client at a known point; `rpm_limit` makes the server enforce a
+`hold(after=n)` keeps every chat request after the first n waiting until `release()` (or
+`release(drop=True)`: never answered), to stop a client at a known point; `rpm_limit` makes the server enforce a
 request-per-minute limit itself, with x-ratelimit headers, as providers do.
 """
 
@@ -38,6 +38,7 @@ import hashlib
 import json
 import random
 import re
+import socket
 import threading
 import time
 import uuid
@@ -103,6 +104,12 @@ class LoggedRequest:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "_HTTPServer"
+
+    def setup(self):
+        super().setup()
+        # headers and body go out as two writes: without this, Nagle's algorithm and delayed
+        # ACKs add ~40 ms to every response
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format, *args):  # the request log replaces stderr chatter
         pass
@@ -215,7 +222,7 @@ class OpenAIServer:
         self._window: deque[float] = deque()
         self._stopping = threading.Event()
         self._release = threading.Event()
-        self._abandon = False
+        self._drop_held = False
         self._hold_after: int | None = None
         self._chat_count = 0
         self._httpd: _HTTPServer | None = None
@@ -229,7 +236,7 @@ class OpenAIServer:
 
     def stop(self) -> None:
         self._stopping.set()
-        self.abandon_held()
+        self.release(drop=True)
         if self._httpd:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -261,21 +268,18 @@ class OpenAIServer:
         return fault
 
     def hold(self, after: int) -> None:
-        """Answer the first `after` chat requests; keep every later one waiting."""
+        """Answer the first `after` chat requests; keep every later one waiting until `release`."""
         with self._lock:
             self._hold_after = after
+            self._drop_held = False
             self._release.clear()
-            self._abandon = False
 
-    def release(self) -> None:
-        """Let held requests (and later ones) through."""
+    def release(self, drop: bool = False) -> None:
+        """Stop holding; requests held so far are answered, or dropped unanswered when `drop`
+        (their client is gone). Later requests pass."""
         with self._lock:
             self._hold_after = None
-        self._release.set()
-
-    def abandon_held(self) -> None:
-        """Drop held requests without an answer (their client is gone)."""
-        self._abandon = True
+            self._drop_held = drop
         self._release.set()
 
     def held(self) -> int:
@@ -350,7 +354,7 @@ class OpenAIServer:
             held = self._hold_after is not None and self._chat_count > self._hold_after
         if held:
             self._release.wait()
-            if self._abandon:
+            if self._drop_held:
                 raise _Abandon()
 
     def _chat(self, body: dict, entry: LoggedRequest) -> tuple[int, dict, object]:

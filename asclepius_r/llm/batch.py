@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 
+def warn_provider_storage(settings) -> None:
+    """Said once per client, before anything is uploaded."""
+    log.warning(
+        "llm.mode is 'batch': each batch input file holds the prompts, i.e. the notes, and is stored on the "
+        "provider's side (files API) until deleted. This run deletes input and output files after collecting "
+        "them%s; check that the endpoint's data-retention terms cover stored files.",
+        "" if settings.batch_delete_files else " only if llm.batch_delete_files is true (it is false)")
+
+
 class BatchJournal:
     """Submitted and collected batches, appended durably like the archive."""
 
@@ -62,8 +71,6 @@ class BatchJournal:
 class BatchRunner:
     """Runs one list of requests through batches, with the client's archive, accounting and budget."""
 
-    _warned = False
-
     def __init__(self, client):
         self.client = client
         self.settings = client.settings
@@ -71,17 +78,7 @@ class BatchRunner:
         self.api = client.backend.client
         self.journal = BatchJournal(client.archive.path)
 
-    def _warn_once(self) -> None:
-        if not BatchRunner._warned:
-            BatchRunner._warned = True
-            log.warning(
-                "llm.mode is 'batch': each batch input file holds the prompts, i.e. the notes, and is stored "
-                "on the provider's side (files API) until deleted. This run deletes input and output files "
-                "after collecting them%s; check that the endpoint's data-retention terms cover stored files.",
-                "" if self.settings.batch_delete_files else " only if llm.batch_delete_files is true (it is false)")
-
     async def run(self, requests: list[ChatRequest]) -> list:
-        self._warn_once()
         todo = {r.key: r for r in requests}
         attempts = dict.fromkeys(todo, 0)
         last_error: dict[str, tuple[str, str]] = {}

@@ -96,33 +96,41 @@ def estimate_tokens(request: ChatRequest) -> int:
 class Pacer:
     """A generic cell rate limiter (GCRA) for `limit` units per minute.
 
-    Each admission moves a virtual clock forward by its cost in time, so the long-run rate is
-    exactly the limit while `burst_s` seconds' worth may go at once. Unlike a one-minute
-    sliding window, it never bursts a full minute's quota and then idles, which both wastes the
-    limit and trips providers that enforce it over short intervals.
+    Each admission moves a virtual clock forward by its cost in time and the next one waits
+    for that clock, so the long-run rate is exactly the limit. Unlike a one-minute sliding
+    window it never sends a whole minute's quota at once and then idles, which trips providers
+    that enforce the limit over short windows (Azure: 1-10 s) and then costs Retry-After pauses.
+    A sender woken late by a busy event loop may catch up by at most `catch_up_s`, so small
+    delays are not lost from the rate while bursts stay that small.
     """
 
-    def __init__(self, limit_per_minute: float, burst_s: float):
+    def __init__(self, limit_per_minute: float, catch_up_s: float = 0.1):
         self.interval = 60.0 / limit_per_minute
-        self.burst_s = burst_s
-        self.clock = 0.0
+        self.catch_up_s = catch_up_s
+        self.clock: float | None = None
 
     def delay(self, now: float) -> float:
-        return self.clock - self.burst_s - now
+        return 0.0 if self.clock is None else self.clock - now
 
     def take(self, now: float, cost: float) -> None:
-        self.clock = max(self.clock, now) + cost * self.interval
+        start = now if self.clock is None else max(self.clock, now - self.catch_up_s)
+        self.clock = start + cost * self.interval
 
     def refund(self, cost: float) -> None:
-        self.clock -= cost * self.interval
+        if self.clock is not None:
+            self.clock -= cost * self.interval
 
 
 class RateLimiter:
     """Requests and tokens per minute, server pauses (Retry-After, exhausted x-ratelimit windows)."""
 
-    def __init__(self, rpm: float, tpm: float, burst_s: float = 0.5):
-        self.requests = Pacer(rpm, burst_s)
-        self.tokens = Pacer(tpm, burst_s)
+    # Aim this far under the configured limits, so that timing jitter and catch-up never
+    # cross them: one 429 costs a Retry-After pause of every request, far more than 2%.
+    HEADROOM = 0.98
+
+    def __init__(self, rpm: float, tpm: float):
+        self.requests = Pacer(rpm * self.HEADROOM)
+        self.tokens = Pacer(tpm * self.HEADROOM)
         self.paused_until = 0.0
         self.lock = asyncio.Lock()
 
@@ -187,11 +195,32 @@ class LLMClient:
         check_endpoint(settings)
         self.backend = backend or make_backend(settings)
         self.archive = archive or Archive(settings.archive)
+        if settings.mode == "batch":
+            from .batch import warn_provider_storage
+
+            warn_provider_storage(settings)
         self.counts: Counter = Counter()
         self.cost_usd = 0.0
         self.bar: tqdm | None = None
         self._reserved_usd = 0.0
         self._budget_hit = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._limiter: RateLimiter | None = None
+
+    def close(self) -> None:
+        """Close the SDK's connections inside the loop they belong to, then the loop."""
+        if self._loop is not None:
+            aclose = getattr(getattr(self.backend, "client", None), "close", None)
+            if aclose is not None:
+                self._loop.run_until_complete(aclose())
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> "LLMClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- accounting ------------------------------------------------------------------------
     def price(self, usage: dict, batch: bool = False) -> float:
@@ -261,10 +290,14 @@ class LLMClient:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, requests: list[ChatRequest], desc: str = "LLM requests") -> list[ChatResult]:
+        """Run synchronously; every call uses the client's one event loop, to which the SDK's
+        connection pool is bound (a fresh loop per call would strand it on a closed one)."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
         if self.bar is None:
             with self.progress(len(requests), desc):
-                return asyncio.run(self.run_async(requests))
-        return asyncio.run(self.run_async(requests))
+                return self._loop.run_until_complete(self.run_async(requests))
+        return self._loop.run_until_complete(self.run_async(requests))
 
     async def run_async(self, requests: list[ChatRequest]) -> list[ChatResult]:
         replay = self.settings.backend == "replay"
@@ -300,7 +333,9 @@ class LLMClient:
         return results
 
     async def _run_online(self, requests: list[ChatRequest]) -> list[ChatResult | None]:
-        limiter = RateLimiter(self.settings.requests_per_minute, self.settings.tokens_per_minute)
+        if self._limiter is None:  # one for the client's life: pacing carries over from run to run
+            self._limiter = RateLimiter(self.settings.requests_per_minute, self.settings.tokens_per_minute)
+        limiter = self._limiter
         semaphore = asyncio.Semaphore(self.settings.max_concurrency)
 
         async def one(request: ChatRequest) -> ChatResult | None:

@@ -1,0 +1,158 @@
+"""The instruction engine against the local server: prompts independent of concurrency, pools
+grown only between waves, post-filters, the exact near-duplicate index, stage stats with every
+failure kind, no secrets or note text in logs, and replay re-deriving the CSV byte for byte."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from asclepius_r.files import read_jsonl
+from asclepius_r.instructions import (GenerationSettings, NearDuplicateIndex, generate, run_instruction_stage,
+                                      write_dataset)
+from asclepius_r.llm import LLMClient, LLMSettings
+from asclepius_r.logs import setup_logging
+from asclepius_r.rouge import rouge_l
+from tests.llm_fixtures import API_KEY, live_settings, server  # noqa: F401 (fixture)
+from tests.openai_server import default_responder, prompt_text
+
+CONDITIONS = ("community-acquired pneumonia", "atrial fibrillation", "cellulitis of the left leg",
+              "diabetic ketoacidosis", "small bowel obstruction")
+
+
+def synthetic_notes(n: int, first_row_id: int = 70000) -> list[dict]:
+    """Made-up discharge summaries (no patient data)."""
+    return [{"row_id": first_row_id + i, "subject_id": 9000 + i,
+             "text": f"Admission Date: [**2150-1-{1 + i % 28}**]\nSynthetic patient {i} was admitted with "
+                     f"{CONDITIONS[i % len(CONDITIONS)]} and treated on the ward. Discharged home in stable condition."}
+            for i in range(n)]
+
+
+def write_notes(path, notes: list[dict]) -> None:
+    pq.write_table(pa.table({"ROW_ID": [n["row_id"] for n in notes], "SUBJECT_ID": [n["subject_id"] for n in notes],
+                             "TEXT": [n["text"] for n in notes]}), path)
+
+
+def question_examples(prompt: str) -> list[str]:
+    block = prompt.split("[Example Questions Begin]\n")[1].split("\n[Example Questions End]")[0]
+    return [line[2:] for line in block.splitlines()]
+
+
+def test_prompts_do_not_depend_on_requests_in_flight_and_pools_grow_only_between_waves(server, tmp_path):
+    notes = synthetic_notes(24)
+    settings = GenerationSettings(seed=42, wave_size=6)
+    runs = {}
+    for concurrency in (1, 12):
+        archive = tmp_path / f"archive-{concurrency}.jsonl"
+        records, _ = generate(notes, LLMClient(live_settings(server, archive, max_concurrency=concurrency)), settings)
+        runs[concurrency] = (records, sorted(line["key"] for line in read_jsonl(archive)))
+    assert runs[1] == runs[12]
+
+    records = runs[1][0]
+    generated_by_wave = [{r["question"] for r in records[w:w + 6]} for w in range(0, 24, 6)]
+    prompts = {line["meta"]["row_id"]: line["request"]["messages"][0][1]
+               for line in read_jsonl(tmp_path / "archive-1.jsonl") if line["meta"]["phase"] == "question"}
+    from_pool = 0
+    for position, note in enumerate(notes):
+        wave = position // 6
+        examples = question_examples(prompts[note["row_id"]])
+        generated = [q for q in examples if q.startswith("Which finding")]
+        earlier = set().union(*generated_by_wave[:wave])
+        assert set(generated) <= earlier  # only questions of earlier waves, never of this one
+        assert 3 <= len(examples) <= 5
+        from_pool += len(generated)
+    assert from_pool > 0
+    assert all(r["status"] == "ok" and r["task"] for r in records)
+
+
+def test_post_filters_reject_model_talk_and_answers_that_ask_back(server, tmp_path):
+    def responder(body):
+        prompt = prompt_text(body)
+        if "[Example Questions Begin]" not in prompt:
+            if "Synthetic patient 1 " in prompt:
+                return "As an AI language model, I cannot give medical advice."
+            if "Synthetic patient 2 " in prompt:
+                return "Could you clarify which admission you mean?"
+        return default_responder(body)
+
+    server.responder = responder
+    records, stats = generate(synthetic_notes(4), LLMClient(live_settings(server, tmp_path / "a.jsonl")),
+                              GenerationSettings(wave_size=4))
+    assert [r["status"] for r in records] == ["ok", "rejected_model_mention", "rejected_answer_is_question", "ok"]
+    assert stats["outcomes"] == {"ok": 2, "rejected_answer_is_question": 1, "rejected_model_mention": 1}
+
+
+def test_near_duplicate_index_finds_exactly_what_the_all_pairs_scan_finds():
+    rng = random.Random(7)
+    words = "list the medications doses given at discharge and why each was changed for this patient".split()
+    questions = [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(200)]
+    index = NearDuplicateIndex(0.7)
+    for i, question in enumerate(questions):
+        brute_force = any(rouge_l(question, earlier) > 0.7 for earlier in questions[:i])
+        assert index.is_near_duplicate(question) == brute_force, question
+        index.add(question)
+
+
+def test_near_duplicate_filter_in_the_engine(server, tmp_path):
+    server.responder = lambda body: ("Which medications were started during the admission?"
+                                     if "[Example Questions Begin]" in prompt_text(body) else "Aspirin was started.")
+    records, _ = generate(synthetic_notes(16), LLMClient(live_settings(server, tmp_path / "a.jsonl")),
+                          GenerationSettings(wave_size=16, near_duplicate_rouge=0.7))
+    statuses = {}
+    for record in records:
+        statuses.setdefault(record["task"], []).append(record["status"])
+    # within one wave, the first of each task is kept and every later identical question dropped
+    assert all(s[0] == "ok" and set(s[1:]) <= {"rejected_near_duplicate"} for s in statuses.values())
+    assert sum(s.count("ok") for s in statuses.values()) == len(statuses) < 16
+
+
+def test_stage_stats_count_failures_and_logs_hold_neither_key_nor_note(server, tmp_path):
+    server.add_fault("rate_limit", times=3, retry_after=0.01)
+    server.add_fault("server_error", times=None, match="Synthetic patient 3 ")
+    server.add_fault("http_error", status=400, echo_request=True, times=1, match="Synthetic patient 5 ")
+    server.add_fault("length", times=2)
+    notes = synthetic_notes(8)
+    write_notes(tmp_path / "notes.parquet", notes)
+    log_file = tmp_path / "stage.log"
+    setup_logging(str(log_file))
+    try:
+        stats = run_instruction_stage(tmp_path / "notes.parquet", tmp_path / "records.jsonl", tmp_path / "stats.json",
+                                      LLMClient(live_settings(server, tmp_path / "a.jsonl")), GenerationSettings(wave_size=4))
+    finally:
+        setup_logging()
+    assert stats == json.loads((tmp_path / "stats.json").read_text())
+    assert stats["outcomes"] == {"failed_question": 2, "ok": 6}
+    llm = stats["llm"]
+    assert llm["retries"]["rate_limited"] == 3 and llm["retries"]["finish_length"] == 2
+    assert llm["failures"]["server_error"] == 1 and llm["failures"]["http_400"] == 1
+    assert llm["usage"]["prompt_tokens"] > 0 and llm["cost_usd"] > 0
+    text = log_file.read_text()
+    assert "row_id=70003" in text and "instructions:" in text
+    outputs = text + (tmp_path / "stats.json").read_text() + (tmp_path / "records.jsonl").read_text()
+    assert API_KEY not in outputs + (tmp_path / "a.jsonl").read_text()
+    assert not any(note["text"].splitlines()[1][:40] in text for note in notes)
+
+
+def test_replay_re_derives_the_dataset_byte_for_byte(server, tmp_path):
+    notes = synthetic_notes(20)
+    write_notes(tmp_path / "notes.parquet", notes)
+    server.add_fault("server_error", times=None, match="Synthetic patient 4 ")  # a failure replay must repeat
+    server.add_fault("length", times=2)
+    archive = tmp_path / "archive.jsonl"
+    settings = GenerationSettings(wave_size=8)
+    run_instruction_stage(tmp_path / "notes.parquet", tmp_path / "live.jsonl", tmp_path / "live.json",
+                          LLMClient(live_settings(server, archive)), settings)
+    write_dataset(tmp_path / "notes.parquet", tmp_path / "live.jsonl", tmp_path / "live.csv")
+    sent = len(server.requests)
+
+    replay = LLMClient(LLMSettings(backend="replay", archive=str(archive)))
+    stats = run_instruction_stage(tmp_path / "notes.parquet", tmp_path / "replay.jsonl", tmp_path / "replay.json",
+                                  replay, settings)
+    write_dataset(tmp_path / "notes.parquet", tmp_path / "replay.jsonl", tmp_path / "replay.csv")
+    assert (tmp_path / "replay.csv").read_bytes() == (tmp_path / "live.csv").read_bytes()
+    assert read_jsonl(tmp_path / "replay.jsonl") == read_jsonl(tmp_path / "live.jsonl")
+    assert len(server.requests) == sent and stats["llm"]["archived"] == stats["llm"]["requests"]
+    assert stats["outcomes"]["failed_question"] == 1 and b"\r\n" not in (tmp_path / "live.csv").read_bytes()

@@ -1,0 +1,93 @@
+"""Batch API mode against the local server's /v1/files and /v1/batches: same answers and archive
+as online, faults retried in a further batch, half the price, provider files deleted, and a
+crashed run's batch resumed instead of paid for again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+
+from asclepius_r.llm import Archive, LLMClient
+from asclepius_r.llm.batch import BatchJournal
+from tests.llm_fixtures import live_settings, requests, server  # noqa: F401 (fixture)
+
+
+def _batches_created(server) -> int:
+    return sum(1 for r in server.requests if r.method == "POST" and r.path == "/batches")
+
+
+def test_batch_answers_equal_online_answers_at_half_the_price_and_share_the_archive(server, tmp_path, caplog):
+    batch_archive = tmp_path / "batch.jsonl"
+    with caplog.at_level(logging.WARNING):
+        batch_client = LLMClient(live_settings(server, batch_archive, mode="batch"))
+        batched = batch_client.run(requests(10))
+    assert "stored on the provider's side" in caplog.text
+    assert server.chat_requests() == [] and _batches_created(server) == 1
+    assert all(r.ok and r.provider["batch"].startswith("batch_") for r in batched)
+    assert server.files == {}  # input and output files deleted once collected
+
+    online_client = LLMClient(live_settings(server, tmp_path / "online.jsonl"))
+    online = online_client.run(requests(10))
+    assert [r.text for r in batched] == [r.text for r in online]
+    assert batch_client.cost_usd == pytest.approx(online_client.cost_usd * 0.5)
+
+    reuse = LLMClient(live_settings(server, batch_archive))  # online mode, batch-made archive
+    reuse.run(requests(10))
+    assert reuse.stats["archived"] == 10 and len(server.chat_requests()) == 10
+
+
+def test_unusable_batch_lines_go_into_a_further_batch_and_are_counted(server, tmp_path):
+    server.add_fault("server_error", times=2)
+    server.add_fault("length", times=1)
+    server.add_fault("content_filter", times=1)
+    client = LLMClient(live_settings(server, tmp_path / "a.jsonl", mode="batch"))
+    results = client.run(requests(8))
+    assert all(r.ok for r in results) and _batches_created(server) == 2
+    retries = {k: v for k, v in client.stats["retries"].items() if v}
+    assert retries == {"batch_error": 2, "finish_length": 1, "finish_content_filter": 1}
+    assert max(server.delivered().values()) == 1 and len(server.delivered()) == 8
+
+
+def test_batch_lines_failing_every_attempt_are_recorded_as_failed(server, tmp_path):
+    server.add_fault("server_error", times=None, match="synthetic note 1:")
+    client = LLMClient(live_settings(server, tmp_path / "a.jsonl", mode="batch", max_attempts=2))
+    results = client.run(requests(3))
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert client.stats["failures"]["batch_error"] == 1 and _batches_created(server) == 2
+
+
+def test_a_crashed_run_resumes_its_batch_instead_of_submitting_again(server, tmp_path):
+    archive = tmp_path / "a.jsonl"
+    server.batch_delay_s = 1.0
+    first = LLMClient(live_settings(server, archive, mode="batch"))
+
+    async def crash_while_waiting():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(first.run_async(requests(5)), timeout=0.3)
+
+    asyncio.run(crash_while_waiting())
+    assert _batches_created(server) == 1 and len(BatchJournal(archive).open) == 1
+    assert len(Archive(archive)) == 0
+
+    resumed = LLMClient(live_settings(server, archive, mode="batch"))
+    results = resumed.run(requests(5))
+    assert all(r.ok for r in results) and _batches_created(server) == 1
+    assert BatchJournal(archive).open == {}
+    events = [json.loads(line)["event"] for line in (tmp_path / "a.jsonl.batches.jsonl").read_text().splitlines()]
+    assert events == ["submitted", "collected"]
+
+
+def test_azure_batch_lines_name_the_deployment(server, tmp_path):
+    endpoint = f"{server.endpoint}/openai/deployments/gpt-4o-mini-batch"
+    settings = live_settings(server, tmp_path / "a.jsonl", mode="batch", backend="azure", base_url=None,
+                             azure_endpoint=server.endpoint, azure_deployment="gpt-4o-mini-batch",
+                             api_version="2024-10-21", approved_endpoints=[endpoint], batch_delete_files=False)
+    assert all(r.ok for r in LLMClient(settings).run(requests(2)))
+    uploads = [f["content"] for f in server.files.values() if f["info"]["purpose"] == "batch"]
+    lines = [json.loads(line) for line in uploads[0].splitlines()]
+    assert {(line["url"], line["body"]["model"]) for line in lines} == {("/chat/completions", "gpt-4o-mini-batch")}
+    batch = next(iter(server.batches.values()))["public"]
+    assert batch["endpoint"] == "/chat/completions"
