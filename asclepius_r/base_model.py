@@ -56,13 +56,17 @@ def save_tokenizer_folder(folder: Path, sentencepiece_model: bytes) -> None:
 
 
 def build_tiny_llama(notes_path: str | Path, out_dir: str | Path, spec: TinyLlamaSpec) -> None:
-    """Train the tokenizer on the notes and save a random-init LLaMA in HF format."""
+    """Train the tokenizer on the notes file and save a random-init LLaMA in HF format."""
+    from .notes import read_notes
+
+    build_tiny_llama_from_texts([n["text"] for n in read_notes(notes_path)], out_dir, spec)
+
+
+def build_tiny_llama_from_texts(texts: list[str], out_dir: str | Path, spec: TinyLlamaSpec) -> None:
+    """Train the tokenizer on `texts` and save a random-init LLaMA in HF format."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .notes import read_notes
-
-    texts = [n["text"] for n in read_notes(notes_path)]
     config = LlamaConfig(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,

@@ -3,25 +3,22 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-import shutil
-
 from asclepius_r.train.launch import launch
 from asclepius_r.train.run import TrainRun
 
-checkpoints = snakemake.params.checkpoints
 run = TrainRun(
     base_model=snakemake.input.base,
     data=snakemake.input.data,
     output_dir=snakemake.output.model,
-    checkpoint_dir=checkpoints,
-    metrics_file=f"{checkpoints}/metrics.jsonl",
+    checkpoint_dir=snakemake.params.checkpoints,
+    metrics_file=snakemake.output.metrics,
     **snakemake.params.settings,
 )
 launch(
-    f"asclepius_r.train.{snakemake.rule}",
+    snakemake.rule,
     run,
     gpus=snakemake.resources.gpu,
     accelerate_config=snakemake.params.launch["accelerate_config"],
     cpu_processes=snakemake.params.launch["cpu_processes"],
+    threads=snakemake.threads,
 )
-shutil.copyfile(run.metrics_file, snakemake.output.metrics)

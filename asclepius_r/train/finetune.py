@@ -2,9 +2,13 @@
 
 Each example is the released template filled with the note and question, then the answer and
 EOS; only the answer and EOS count in the loss. Too-long examples lose the end of the note, not
-the answer (2023 lost the answer). Examples are packed without padding: a pack is a flat
-sequence whose position_ids restart at 0 for each example, so examples never attend to each
-other, and every position is a real token.
+the answer (2023 lost the answer); the count is logged and kept in the model's
+training_run.json. Examples are packed without padding (first-fit decreasing): a pack is one
+flat row of at most `max_length` tokens whose position_ids restart at 0 for each example, so
+examples never attend to each other and every position is a real token. A pack takes the place
+of a padded row of 2023: each device trains one pack per micro-batch and accumulates
+`per_device_batch_size x gradient_accumulation_steps` of them per optimizer step, so a step
+holds at least as many examples as 2023's and no pack's attention is wider than `max_length`.
 
     python -m asclepius_r.train.finetune RUN.json      (under `accelerate launch` on GPUs)
 """
@@ -54,7 +58,11 @@ def encode_example(tokenizer, note: str, question: str, answer: str, max_length:
 
 
 def encode_dataset(csv_path: str, tokenizer, max_length: int) -> tuple[list[Example], dict]:
+    """Examples of every row; counts of rows, truncated notes and dropped (answer alone too long) rows."""
     frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    missing = {"note", "question", "answer"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
     examples, counts = [], {"rows": len(frame), "truncated_note": 0, "dropped_answer_too_long": 0}
     for row in frame.itertuples(index=False):
         example, truncated = encode_example(tokenizer, row.note, row.question, row.answer, max_length)
@@ -63,7 +71,13 @@ def encode_dataset(csv_path: str, tokenizer, max_length: int) -> tuple[list[Exam
             counts["dropped_answer_too_long"] += 1
             continue
         examples.append(example)
+    if counts["truncated_note"] or counts["dropped_answer_too_long"]:
+        log.warning("fine-tuning data: %d of %d notes truncated to keep the answer within max_length=%d; "
+                    "%d rows dropped because the question and answer alone exceed it",
+                    counts["truncated_note"], counts["rows"], max_length, counts["dropped_answer_too_long"])
     log.info("fine-tuning data: %s", counts)
+    if not examples:
+        raise ValueError(f"{csv_path}: no row fits max_length={max_length} even with its note removed")
     return examples, counts
 
 
@@ -86,7 +100,8 @@ def pack_examples(examples: list[Example], capacity: int, seed: int) -> list[lis
 
 
 def collate_packed(packs: list[list[Example]]) -> dict[str, torch.Tensor]:
-    """One flat row per pack (the Trainer's per-device batch is one pack); no attention mask."""
+    """One flat row per pack (the Trainer's per-device batch is one pack); no attention mask,
+    so the model derives the per-example causal mask from the restarting position_ids."""
     assert len(packs) == 1, "fine-tuning packs are batched one per device"
     ids, labels, positions = [], [], []
     for example in packs[0]:
@@ -98,6 +113,8 @@ def collate_packed(packs: list[list[Example]]) -> dict[str, torch.Tensor]:
 
 
 class PackDataset(torch.utils.data.Dataset):
+    """Packs as dataset items (a list of examples each)."""
+
     def __init__(self, packs):
         self.packs = packs
 
@@ -111,15 +128,16 @@ class PackDataset(torch.utils.data.Dataset):
 def main(run_file: str) -> None:
     run = TrainRun.from_json(run_file)
     model, tokenizer = load_model_and_tokenizer(run)
-    examples, _ = encode_dataset(run.data, tokenizer, run.max_length)
-    # A pack holds as many tokens as 2023's per-device batch could (batch x max_length).
-    capacity = run.per_device_batch_size * run.max_length
-    packs = pack_examples(examples, capacity, run.seed)
-    used = sum(len(e.input_ids) for e in examples)
-    log.info("fine-tuning: %d examples in %d packs, %.1f%% of pack capacity used",
-             len(examples), len(packs), 100 * used / max(1, capacity * len(packs)))
+    examples, counts = encode_dataset(run.data, tokenizer, run.max_length)
+    packs = pack_examples(examples, run.max_length, run.seed)
+    tokens = sum(len(e.input_ids) for e in examples)
+    counts.update(examples=len(examples), packs=len(packs), tokens=tokens,
+                  pack_fill=tokens / max(1, run.max_length * len(packs)))
+    log.info("fine-tuning: %d examples (%d tokens) in %d packs of at most %d tokens, %.1f%% full",
+             len(examples), tokens, len(packs), run.max_length, 100 * counts["pack_fill"])
+    run.gradient_accumulation_steps *= run.per_device_batch_size
     run.per_device_batch_size = 1
-    train_and_save(run, model, tokenizer, PackDataset(packs), collate_packed)
+    train_and_save(run, model, tokenizer, PackDataset(packs), collate_packed, data_summary=counts)
 
 
 if __name__ == "__main__":

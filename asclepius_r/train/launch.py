@@ -1,12 +1,21 @@
-"""Start a training module on the GPUs a rule was given, or on one CPU process without GPUs.
+"""Start a training stage on the GPUs a rule was given, or on CPU processes without GPUs.
 
 With CUDA, the job claims `gpus` devices through per-GPU lock files (Snakemake never sets
 CUDA_VISIBLE_DEVICES, so two GPU jobs on one machine would otherwise share GPU 0) and runs
-`accelerate launch --num_processes <gpus>` with the repository's accelerate config.
+`accelerate launch --num_processes <gpus>` with the repository's accelerate config. Locks are
+named by the physical device (the entries of an inherited CUDA_VISIBLE_DEVICES, e.g. from
+SLURM, or the index), so jobs that see different devices never block each other. Without
+CUDA it runs one process, or `cpu_processes` gloo processes (torchrun).
+
+Before starting, the checkpoint folder is checked against the run's fingerprint (settings
+and input files): a rerun after a crash resumes, a run with anything changed starts afresh.
+
+    python -m asclepius_r.train.launch {pretrain,finetune} RUN.json [--gpus N] [--cpu-processes N]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -19,68 +28,123 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..logs import setup_logging
+from .checkpoints import file_identity, prepare_checkpoint_dir
 from .run import TrainRun
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR = Path(os.environ.get("ASCLEPIUS_GPU_LOCK_DIR", Path(tempfile.gettempdir()) / "asclepius-gpu-locks"))
+STAGES = ("pretrain", "finetune")
+
+
+def gpu_lock_dir() -> Path:
+    return Path(os.environ.get("ASCLEPIUS_GPU_LOCK_DIR", Path(tempfile.gettempdir()) / "asclepius-gpu-locks"))
+
+
+def visible_devices(count: int) -> list[str]:
+    """Names of the devices this process can use: the inherited CUDA_VISIBLE_DEVICES, or 0..count-1."""
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited:
+        return [d.strip() for d in inherited.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
 
 
 @contextlib.contextmanager
-def claim_gpus(count: int, total: int, poll_s: float = 5.0):
-    """Hold exclusive locks on `count` of the machine's `total` GPUs; yield their indices."""
-    LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    if count > total:
-        raise RuntimeError(f"the rule asks for {count} GPUs but this machine has {total}")
+def claim_gpus(count: int, devices: list[str], poll_s: float = 5.0):
+    """Hold exclusive locks on `count` of `devices`; yield the claimed device names.
+
+    flock locks vanish with their process, so a killed job never leaves a GPU claimed.
+    """
+    if count > len(devices):
+        raise RuntimeError(f"the rule asks for {count} GPUs but this machine shows {len(devices)}")
+    lock_dir = gpu_lock_dir()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waited = False
     while True:
         held = []
-        for index in range(total):
-            handle = open(LOCK_DIR / f"gpu{index}.lock", "w")
+        for device in devices:
+            handle = open(lock_dir / f"gpu-{device}.lock", "w")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                held.append((index, handle))
+                held.append((device, handle))
             except BlockingIOError:
                 handle.close()
             if len(held) == count:
                 break
         if len(held) == count:
             try:
-                yield [index for index, _ in held]
+                yield [device for device, _ in held]
             finally:
                 for _, handle in held:
                     handle.close()
             return
+        # Release partial claims, so two waiting jobs cannot deadlock each holding half.
         for _, handle in held:
             handle.close()
+        if not waited:
+            log.info("waiting for %d free GPU(s) among %s (locks in %s)", count, devices, lock_dir)
+            waited = True
         time.sleep(poll_s)
 
 
-def launch(module: str, run: TrainRun, gpus: int, accelerate_config: str | None = None,
-           cpu_processes: int = 1) -> None:
-    """Run `python -m module RUN.json` for `run`, distributed over `gpus` devices if CUDA is present."""
+def run_fingerprint(stage: str, run: TrainRun) -> dict:
+    """What the checkpoints depend on: settings and input files, but not where outputs go."""
+    settings = {k: v for k, v in asdict(run).items() if k not in ("output_dir", "checkpoint_dir", "metrics_file")}
+    return {"stage": stage, "settings": settings,
+            "data": file_identity(run.data), "base_model": file_identity(run.base_model)}
+
+
+def launch(stage: str, run: TrainRun, gpus: int, accelerate_config: str | None = None,
+           cpu_processes: int = 1, threads: int | None = None) -> None:
+    """Run the stage's module for `run`, over `gpus` devices if CUDA is present, else on CPU."""
     import torch
 
-    Path(run.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    if stage not in STAGES:
+        raise ValueError(f"unknown training stage {stage!r} (expected one of {STAGES})")
+    prepare_checkpoint_dir(run.checkpoint_dir, run_fingerprint(stage, run))
     run_file = Path(run.checkpoint_dir) / "run.json"
     run_file.write_text(json.dumps(asdict(run), indent=2) + "\n")
+    module = f"asclepius_r.train.{stage}"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    env = dict(os.environ)
     available = torch.cuda.device_count()
-    # The children import this package from where it is, also inside a conda env.
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     if available and gpus > 0:
-        with claim_gpus(gpus, available) as devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
+        with claim_gpus(gpus, visible_devices(available)) as devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+            command = accelerate + ["--num_processes", str(gpus)]
             if accelerate_config:
                 command += ["--config_file", accelerate_config]
             command += ["-m", module, str(run_file)]
             log.info("GPUs %s: %s", env["CUDA_VISIBLE_DEVICES"], " ".join(command))
             subprocess.run(command, env=env, check=True)
         return
+    if threads:
+        env["OMP_NUM_THREADS"] = str(max(1, threads // cpu_processes))
     if cpu_processes > 1:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes",
+        # `accelerate launch --cpu --num_processes N` starts a single process in accelerate 1.15
+        # (its simple launcher only fans out through mpirun); torchrun starts N, and accelerate
+        # turns its RANK/WORLD_SIZE variables into a gloo process group.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(cpu_processes), "-m", module, str(run_file)]
     else:
         command = [sys.executable, "-m", module, str(run_file)]
     log.info("no GPU: %s", " ".join(command))
     subprocess.run(command, env=env, check=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("run_file", help="a TrainRun as JSON")
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--accelerate-config")
+    parser.add_argument("--cpu-processes", type=int, default=1)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    launch(args.stage, TrainRun.from_json(args.run_file), args.gpus, args.accelerate_config,
+           args.cpu_processes, args.threads)
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main()

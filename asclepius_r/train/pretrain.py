@@ -24,8 +24,8 @@ from .run import TrainRun, load_model_and_tokenizer, train_and_save
 log = logging.getLogger(__name__)
 
 
-def pack_notes(texts: list[str], tokenizer, max_length: int, seed: int) -> np.ndarray:
-    """Token blocks of shape (n_blocks, max_length); the incomplete tail is dropped."""
+def pack_notes(texts: list[str], tokenizer, max_length: int, seed: int) -> tuple[np.ndarray, dict]:
+    """Token blocks of shape (n_blocks, max_length) and their counts; the incomplete tail is dropped."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     encoded = tokenizer([texts[i] for i in order], add_special_tokens=False)["input_ids"]
@@ -34,12 +34,15 @@ def pack_notes(texts: list[str], tokenizer, max_length: int, seed: int) -> np.nd
     n_blocks = len(stream) // max_length
     if n_blocks == 0:
         raise ValueError(f"the notes hold {len(stream)} tokens, fewer than one block of max_length={max_length}")
-    log.info("pretraining data: %d notes, %d tokens, %d blocks of %d (%d tail tokens dropped)",
-             len(texts), len(stream), n_blocks, max_length, len(stream) - n_blocks * max_length)
-    return stream[: n_blocks * max_length].reshape(n_blocks, max_length)
+    counts = {"notes": len(texts), "tokens": len(stream), "blocks": n_blocks,
+              "tail_tokens_dropped": len(stream) - n_blocks * max_length}
+    log.info("pretraining data: %s (blocks of %d tokens)", counts, max_length)
+    return stream[: n_blocks * max_length].reshape(n_blocks, max_length), counts
 
 
 class BlockDataset(torch.utils.data.Dataset):
+    """Blocks as causal-LM examples: every token is a label (the model shifts them)."""
+
     def __init__(self, blocks: np.ndarray):
         self.blocks = blocks
 
@@ -54,8 +57,8 @@ class BlockDataset(torch.utils.data.Dataset):
 def main(run_file: str) -> None:
     run = TrainRun.from_json(run_file)
     model, tokenizer = load_model_and_tokenizer(run)
-    blocks = pack_notes([n["text"] for n in read_notes(run.data)], tokenizer, run.max_length, run.seed)
-    train_and_save(run, model, tokenizer, BlockDataset(blocks), collator=default_data_collator)
+    blocks, counts = pack_notes([n["text"] for n in read_notes(run.data)], tokenizer, run.max_length, run.seed)
+    train_and_save(run, model, tokenizer, BlockDataset(blocks), default_data_collator, data_summary=counts)
 
 
 if __name__ == "__main__":

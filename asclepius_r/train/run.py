@@ -1,24 +1,29 @@
-"""What both training stages share: the run settings, the Trainer, resume and the final save.
+"""What both training stages share: the run settings, the Trainer, metrics, resume and the final save.
 
-Intermediate checkpoints live in `checkpoint_dir`, outside the rule's declared output, so a
-rerun after a crash resumes from the last one; the declared `output_dir` is written last and
-atomically (rename), with safetensors weights and the base model's `tokenizer.model`.
+Intermediate checkpoints live in `checkpoint_dir`, outside the rule's declared output, and a
+run resumes from the newest complete one (see `checkpoints`). The Trainer always saves at its
+last step; the declared outputs are made from that checkpoint last and atomically: first the
+metrics file, then the model folder (safetensors in `save_dtype`, tokenizer, `tokenizer.model`,
+`training_run.json`). Under FSDP the checkpoint holds per-rank shards (SHARDED_STATE_DICT, so
+no rank gathers the whole model) and rank 0 merges them on CPU.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from ..base_model import copy_tokenizer_model
-from ..files import atomic_path
+from ..files import atomic_path, read_jsonl
+from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
+from .throughput import FlopModel, Window, batch_counts
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +50,12 @@ class TrainRun:
     bf16: bool = True
     tf32: bool = True
     gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
     save_steps: int = 200
     save_total_limit: int = 2
     logging_steps: int = 10
     save_dtype: str = "bfloat16"
     peak_tflops_per_device: float = 989.0
-    fsdp: str = ""
-    fsdp_config: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainRun":
@@ -61,9 +65,23 @@ class TrainRun:
             raise ValueError(f"{path}: unknown training setting(s) {sorted(unknown)}")
         return cls(**values)
 
+    @property
+    def running_metrics(self) -> Path:
+        """The metrics log while training (kept across a resume), copied to `metrics_file` at the end."""
+        return Path(self.checkpoint_dir) / "metrics.jsonl"
+
+
+def fsdp_checkpoints_activations() -> bool:
+    """`accelerate launch` with an FSDP config exports its settings as FSDP_* variables."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true")
+
 
 def training_arguments(run: TrainRun) -> TrainingArguments:
     cuda = torch.cuda.is_available()
+    # FSDP's own activation checkpointing replaces the Trainer's (both at once is an error and a
+    # redundant all-gather); on CPU it only costs time.
+    checkpoint_activations = run.gradient_checkpointing and cuda and not fsdp_checkpoints_activations()
     return TrainingArguments(
         output_dir=run.checkpoint_dir,
         per_device_train_batch_size=run.per_device_batch_size,
@@ -76,7 +94,7 @@ def training_arguments(run: TrainRun) -> TrainingArguments:
         weight_decay=run.weight_decay,
         bf16=run.bf16 and cuda,
         tf32=run.tf32 and cuda,
-        gradient_checkpointing=run.gradient_checkpointing and cuda,
+        activation_checkpointing=checkpoint_activations,
         save_strategy="steps",
         save_steps=run.save_steps,
         save_total_limit=run.save_total_limit,
@@ -87,80 +105,88 @@ def training_arguments(run: TrainRun) -> TrainingArguments:
         use_cpu=not cuda,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-        fsdp=run.fsdp or "",
-        fsdp_config=run.fsdp_config or None,
         disable_tqdm=False,
     )
 
 
 def load_model_and_tokenizer(run: TrainRun):
     tokenizer = AutoTokenizer.from_pretrained(run.base_model, padding_side="right")
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.bos_token_id:
+        raise ValueError(f"{run.base_model}: the pad token is BOS (the 2023 defect); fix its tokenizer_config.json")
     # fp32 master weights; bf16 autocast does the fast math on GPUs.
-    model = AutoModelForCausalLM.from_pretrained(run.base_model, dtype=torch.float32)
-    model.config.use_cache = False
+    model = AutoModelForCausalLM.from_pretrained(run.base_model, dtype=torch.float32,
+                                                 attn_implementation=run.attn_implementation)
+    model.config.use_cache = False  # with a KV cache, packed examples would attend to each other
     return model, tokenizer
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12*L*d*S for attention scores and values."""
-    config = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+class MeasuredTrainer(Trainer):
+    """A Trainer that counts real tokens and useful FLOPs and appends one metrics record per log.
+
+    Every process counts its own micro-batches; at each log (which all processes reach) the
+    counts are summed over processes, so tokens/s is global and MFU divides by the world size.
+    """
+
+    def __init__(self, *args, run: TrainRun, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run = run
+        self.flop_model = FlopModel.of(self.model)
+        self.window_counts = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        self.window_start = time.perf_counter()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.window_counts += batch_counts(inputs).to(self.window_counts.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            real, positions, pairs = self.accelerator.reduce(self.window_counts, reduction="sum").tolist()
+            window = Window(real, positions, pairs, now - self.window_start, self.accelerator.num_processes)
+            record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logs["loss"],
+                      "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                      "real_tokens": int(real), **window.record(self.flop_model, self.run.peak_tflops_per_device)}
+            logs = {**logs, "tokens_per_s": round(record["tokens_per_s"], 1), "mfu": round(record["mfu"], 4)}
+            if self.is_world_process_zero():
+                with open(self.run.running_metrics, "a") as out:
+                    out.write(json.dumps(record) + "\n")
+            self.window_counts.zero_()
+            self.window_start = now
+        super().log(logs, start_time)
 
 
-class MetricsCallback(TrainerCallback):
-    """Appends loss, learning rate, tokens/s, real-token fraction and MFU to a JSONL file."""
-
-    def __init__(self, path: str, flops_token: float, peak_tflops: float, positions_per_token: float = 1.0):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.flops_token, self.peak = flops_token, peak_tflops
-        self.last_time, self.last_tokens = None, 0
-        self.positions_per_token = positions_per_token
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        record = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
-                  "learning_rate": logs.get("learning_rate"), "tokens_seen": tokens}
-        if self.last_time is not None and now > self.last_time:
-            rate = (tokens - self.last_tokens) / (now - self.last_time)
-            devices = max(1, args.world_size)
-            record["tokens_per_s"] = rate
-            record["mfu"] = rate * self.flops_token / (self.peak * 1e12 * devices)
-        record["real_token_fraction"] = 1.0 / self.positions_per_token
-        self.last_time, self.last_tokens = now, tokens
-        with open(self.path, "a") as out:
-            out.write(json.dumps(record) + "\n")
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """After a resume, drop records of steps that are about to be trained again."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r["step"] <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def train_and_save(run: TrainRun, model, tokenizer, dataset, collator, positions_per_token: float = 1.0) -> None:
-    """Train (resuming from the newest checkpoint if one exists), then save the output atomically."""
-    Path(run.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+def train_and_save(run: TrainRun, model, tokenizer, dataset, collator, data_summary: dict) -> None:
+    """Train (resuming from the newest complete checkpoint), then write the declared outputs."""
+    checkpoint_dir = Path(run.checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     args = training_arguments(run)
-    seq_len = run.max_length
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      processing_class=tokenizer,
-                      callbacks=[MetricsCallback(run.metrics_file, flops_per_token(model, seq_len),
-                                                 run.peak_tflops_per_device, positions_per_token)])
-    last = get_last_checkpoint(run.checkpoint_dir) if Path(run.checkpoint_dir).exists() else None
-    if last:
-        log.info("resuming from %s", last)
-    else:
-        Path(run.metrics_file).unlink(missing_ok=True)
-    trainer.train(resume_from_checkpoint=last)
+    trainer = MeasuredTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                              processing_class=tokenizer, callbacks=[KeepTokenizerModel(run.base_model)], run=run)
+    resume = last_complete_checkpoint(checkpoint_dir)
     if trainer.is_world_process_zero():
-        with atomic_path(run.output_dir, is_dir=True) as tmp:
-            trainer.save_model(str(tmp))
-            model_dtype = getattr(torch, run.save_dtype)
-            if model_dtype != torch.float32:
-                reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model_dtype)
-                for stale in tmp.glob("model*.safetensors*"):
-                    stale.unlink()
-                reloaded.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            copy_tokenizer_model(run.base_model, tmp)
-            (tmp / "training_run.json").write_text(json.dumps(asdict(run), indent=2) + "\n")
+        if resume:
+            step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+            log.info("resuming from %s (step %d)", resume, step)
+            keep_metrics_up_to(run.running_metrics, step)
+        else:
+            run.running_metrics.unlink(missing_ok=True)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        final = last_complete_checkpoint(checkpoint_dir)  # the Trainer saves at its last step
+        summary = {"settings": asdict(run), "data": data_summary, "global_step": trainer.state.global_step,
+                   "resumed_from": resume.name if resume else None, "world_size": trainer.accelerator.num_processes}
+        with atomic_path(run.metrics_file) as tmp:
+            shutil.copyfile(run.running_metrics, tmp)
+        export_checkpoint(final, run.base_model, run.output_dir, run.save_dtype,
+                          extra_files={"training_run.json": summary})
+        shutil.rmtree(checkpoint_dir)
     trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,144 @@
+"""Training data and accounting: packed fine-tuning, truncation, pretraining blocks, FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from asclepius_r.prompts import render_released
+from asclepius_r.train.finetune import IGNORE_INDEX, Example, collate_packed, encode_dataset, encode_example, pack_examples
+from asclepius_r.train.pretrain import pack_notes
+from asclepius_r.train.run import TrainRun, load_model_and_tokenizer
+from asclepius_r.train.throughput import FlopModel, batch_counts
+
+from .train_support import build_fixture_data, demo_texts
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_fixture_data(tmp_path_factory.mktemp("train-data"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data):
+    return AutoTokenizer.from_pretrained(data["model"], padding_side="right")
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_logits_equal_separate_runs(data, tokenizer, attn_implementation):
+    # Loaded as training loads it (no KV cache: with one, the packed examples would mix).
+    run = TrainRun(base_model=str(data["model"]), data="", output_dir="", checkpoint_dir="", metrics_file="",
+                   attn_implementation=attn_implementation)
+    model = load_model_and_tokenizer(run)[0].eval()
+    texts = demo_texts()[:3]
+    examples = [encode_example(tokenizer, text[:100 * (i + 1)], "List the medications.", "None.", 1024)[0]
+                for i, text in enumerate(texts)]
+    assert len({len(e.input_ids) for e in examples}) == 3, "examples of different lengths"
+    batch = collate_packed([examples])
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        separate = torch.cat([model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples])
+    assert packed.shape == separate.shape
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-4)
+    # Without the restarting positions the second example would see the first: the test can fail.
+    with torch.no_grad():
+        leaky = model(input_ids=batch["input_ids"]).logits[0]
+    assert not torch.allclose(leaky, separate, atol=1e-3)
+
+
+def test_loss_only_on_answer_and_eos(tokenizer):
+    answer = "Aspirin and metoprolol."
+    example, truncated = encode_example(tokenizer, "Short note.", "List the medications.", answer, 512)
+    assert not truncated
+    prompt = tokenizer(render_released("Short note.", "List the medications."))["input_ids"]
+    assert example.input_ids[: len(prompt)] == prompt and example.input_ids[0] == tokenizer.bos_token_id
+    assert all(label == IGNORE_INDEX for label in example.labels[: len(prompt)])
+    trained = [t for t in example.labels if t != IGNORE_INDEX]
+    assert trained[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(trained[:-1]).strip() == answer
+
+
+def test_long_note_is_truncated_answer_kept_and_counted(tmp_path, tokenizer):
+    long_note = " ".join(demo_texts())
+    answer = "The patient went home on aspirin."
+    rows = [{"note": long_note, "question": "What medication?", "answer": answer},
+            {"note": "Brief note.", "question": "What medication?", "answer": answer},
+            {"note": "Brief note.", "question": "What medication?", "answer": "word " * 400}]
+    csv = tmp_path / "sft.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    examples, counts = encode_dataset(str(csv), tokenizer, 512)
+    assert counts == {"rows": 3, "truncated_note": 1, "dropped_answer_too_long": 1}
+    assert len(examples) == 2
+    for example in examples:
+        assert len(example.input_ids) <= 512
+        trained = [t for t in example.labels if t != IGNORE_INDEX]
+        assert tokenizer.decode(trained[:-1]).strip() == answer
+    shown = tokenizer.decode(examples[0].input_ids)
+    assert "[Discharge Summary End]" in shown and "[Instruction End]" in shown
+
+
+def test_first_fit_decreasing_packs_every_example_once():
+    sizes = [700, 300, 1000, 24, 500, 512, 1024, 1, 400, 600]
+    examples = [Example([i] * n, [i] * n) for i, n in enumerate(sizes)]
+    packs = pack_examples(examples, 1024, seed=1)
+    assert sorted(e.input_ids[0] for pack in packs for e in pack) == list(range(len(sizes)))
+    assert all(sum(len(e.input_ids) for e in pack) <= 1024 for pack in packs)
+    assert len(packs) == -(-sum(sizes) // 1024)  # these sizes fit in the minimum number of packs
+    assert pack_examples(examples, 1024, seed=1) == packs, "the pack order is seeded"
+
+
+def test_packs_have_no_padding_and_no_pad_bos(data, tokenizer):
+    examples = [encode_example(tokenizer, t[:400], "Summarize.", "Stable.", 1024)[0] for t in demo_texts()[:4]]
+    batch = collate_packed([examples])
+    assert "attention_mask" not in batch
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    bos = (batch["input_ids"][0] == tokenizer.bos_token_id).nonzero().flatten().tolist()
+    assert bos == starts and len(starts) == 4, "BOS opens each example and is never padding"
+    assert tokenizer.pad_token_id is None or tokenizer.pad_token_id != tokenizer.bos_token_id
+    real, positions, _ = batch_counts(batch).tolist()
+    assert real == positions == batch["input_ids"].numel()
+
+
+def test_pad_token_bos_is_refused(data, tmp_path):
+    broken = tmp_path / "pad-is-bos"
+    tokenizer = AutoTokenizer.from_pretrained(data["model"])
+    tokenizer.pad_token = tokenizer.bos_token
+    tokenizer.save_pretrained(broken)
+    AutoModelForCausalLM.from_pretrained(data["model"]).save_pretrained(broken)
+    run = TrainRun(base_model=str(broken), data="", output_dir="", checkpoint_dir="", metrics_file="")
+    with pytest.raises(ValueError, match="pad token is BOS"):
+        load_model_and_tokenizer(run)
+
+
+def test_pretraining_blocks_frame_each_note_once(tokenizer):
+    texts = demo_texts()[:6]
+    blocks, counts = pack_notes(texts, tokenizer, 128, seed=3)
+    stream = blocks.flatten().tolist()
+    assert blocks.shape[1] == 128 and counts["blocks"] == len(blocks)
+    assert stream.count(tokenizer.bos_token_id) >= 5 and "11" not in "".join(
+        "1" if t == tokenizer.bos_token_id else "." for t in stream), "never two BOS in a row"
+    assert counts["tokens"] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts)
+    again, _ = pack_notes(texts, tokenizer, 128, seed=3)
+    other, _ = pack_notes(texts, tokenizer, 128, seed=4)
+    assert (again == blocks).all() and not (other == blocks).all()
+
+
+@pytest.mark.parametrize("layers,hidden,ffn,expected", [(32, 4096, 11008, 42.9e9), (40, 5120, 13824, 82.2e9)])
+def test_flops_per_token_match_llama_anchors(layers, hidden, ffn, expected):
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 128, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert FlopModel.of(model).flops_per_token(2048) == pytest.approx(expected, rel=2e-3)
+
+
+def test_batch_counts_real_tokens_and_attention_of_padded_and_packed_batches():
+    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    assert batch_counts(padded).tolist() == [8, 10, 3 ** 2 + 5 ** 2]
+    packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}
+    assert batch_counts(packed).tolist() == [6, 6, 2 * 3 ** 2]

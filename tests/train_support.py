@@ -1,0 +1,71 @@
+"""Shared set-up of the training tests: a tiny LLaMA, notes and a fine-tuning CSV, all synthetic.
+
+The texts are the project's hand-written demo discharge summaries (no patient data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.train.run import TrainRun
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_NOTES = sorted((REPO / "demo" / "discharge_summaries").glob("*.txt"))
+
+
+def demo_texts() -> list[str]:
+    return [p.read_text() for p in DEMO_NOTES]
+
+
+def build_fixture_data(root: Path) -> dict[str, Path]:
+    """A tiny model, a notes parquet and a fine-tuning CSV under `root`."""
+    texts = demo_texts()
+    model = root / "tiny"
+    build_tiny_llama_from_texts(texts, model, TinyLlamaSpec(vocab_size=1000, hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=2, num_attention_heads=2))
+    notes = root / "notes.parquet"
+    pq.write_table(pa.table({"ROW_ID": list(range(len(texts))), "SUBJECT_ID": list(range(len(texts))),
+                             "TEXT": texts}), notes)
+    rows = [{"note": text, "question": "Summarize the hospital course in one sentence.",
+             "answer": text.strip().splitlines()[-1][:200] or "Not stated.", "task": "Summarization"}
+            for text in texts]
+    sft = root / "sft.csv"
+    pd.DataFrame(rows).to_csv(sft, index=False)
+    return {"model": model, "notes": notes, "sft": sft}
+
+
+def write_run(root: Path, stage: str, data: dict[str, Path], **settings) -> Path:
+    """A TrainRun file for `stage` on the fixture data, with CPU-sized defaults."""
+    defaults = dict(max_length=512, per_device_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
+                    warmup_ratio=0.0, logging_steps=1, save_steps=1000, save_dtype="float32", peak_tflops_per_device=1.0)
+    run = TrainRun(base_model=str(data["model"]), data=str(data["notes" if stage == "pretrain" else "sft"]),
+                   output_dir=str(root / "out" / stage), checkpoint_dir=str(root / "checkpoints" / stage),
+                   metrics_file=str(root / "metrics" / f"{stage}.jsonl"), **{**defaults, **settings})
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{stage}-run.json"
+    path.write_text(json.dumps(asdict(run)))
+    return path
+
+
+def launch_command(stage: str, run_file: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "asclepius_r.train.launch", stage, str(run_file), *extra]
+
+
+def launch_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_launch(stage: str, run_file: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(launch_command(stage, run_file, *extra), env=launch_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result
