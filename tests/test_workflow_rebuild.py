@@ -3,12 +3,13 @@ outdates exactly its stage and what follows, and an unchanged rerun outdates not
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from snakemake.api import SnakemakeApi
-from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 
 pytestmark = pytest.mark.slow
 
@@ -20,22 +21,37 @@ FINETUNE_AND_AFTER = {
 }
 
 
+PLAN = """
+import json, os, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+
+workdir, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
+updated = []
+with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+    workflow = api.workflow(
+        resource_settings=ResourceSettings(cores=1),
+        config_settings=ConfigSettings(configfiles=[workdir / "demo/config.yaml"], config=overrides),
+        snakefile=workdir / "Snakefile",
+        workdir=workdir,
+    )
+    workflow.dag(DAGSettings()).execute_workflow(executor="dryrun", updated_files=updated)
+print(json.dumps([os.path.relpath(os.path.join(workdir, f), workdir) for f in updated]))
+"""
+
+
 def planned_outputs(workdir: Path, config: dict | None = None) -> set[str]:
-    """The files a run would (re)make, from a dry run through the Snakemake API."""
-    updated: list[str] = []
-    cwd = os.getcwd()
-    try:
-        with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
-            workflow = api.workflow(
-                resource_settings=ResourceSettings(cores=1),
-                config_settings=ConfigSettings(configfiles=[workdir / "demo/config.yaml"], config=config or {}),
-                snakefile=workdir / "Snakefile",
-                workdir=workdir,
-            )
-            workflow.dag(DAGSettings()).execute_workflow(executor="dryrun", updated_files=updated)
-    finally:
-        os.chdir(cwd)
-    return {os.path.relpath(os.path.join(workdir, f), workdir) for f in updated}
+    """The files a run would (re)make, from a dry run through the Snakemake API.
+
+    It runs in a child process so that the workflow imports the package of `workdir`, not the
+    copy this test process has already imported.
+    """
+    result = subprocess.run([sys.executable, "-c", PLAN, str(workdir), json.dumps(config or {})],
+                            cwd=workdir, env={**os.environ, "PYTHONPATH": str(workdir)},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def test_unchanged_rerun_outdates_nothing(demo_run):
