@@ -78,7 +78,9 @@ class BatchRunner:
         self.api = client.backend.client
         self.journal = BatchJournal(client.archive.path)
 
-    async def run(self, requests: list[ChatRequest]) -> list:
+    async def run(self, requests: list[ChatRequest], weights: dict[str, int]) -> list:
+        """One result per request (None if the budget left it unsent); `weights` advance the bar."""
+        self.weights = weights
         todo = {r.key: r for r in requests}
         attempts = dict.fromkeys(todo, 0)
         last_error: dict[str, tuple[str, str]] = {}
@@ -106,6 +108,7 @@ class BatchRunner:
             for key in [k for k in todo if attempts[k] >= self.settings.max_attempts]:
                 kind, error = last_error.get(key, ("batch_missing", "not returned by the batch"))
                 results[key] = self.client.record_failure(todo.pop(key), kind, error, attempts[key], time.time())
+                self.client._advance(self.weights[key])
         return [results.get(r.key) for r in requests]
 
     def _line(self, request: ChatRequest) -> bytes:
@@ -189,6 +192,7 @@ class BatchRunner:
         if self.client.settle(request, result, batch=True):
             results[key] = result
             del todo[key]
+            self.client._advance(self.weights[key])
         else:
             last_error[key] = (f"finish_{result.finish_reason}", f"finish_reason={result.finish_reason}")
         return key

@@ -314,16 +314,16 @@ class LLMClient:
                 pending.setdefault(request.key, []).append(i)
         if pending:
             unique = [requests[positions[0]] for positions in pending.values()]
+            weights = {key: len(positions) for key, positions in pending.items()}  # for the progress bar
             if self.settings.mode == "batch":
                 from .batch import BatchRunner
 
-                done = await BatchRunner(self).run(unique)
+                done = await BatchRunner(self).run(unique, weights)
             else:
-                done = await self._run_online(unique)
+                done = await self._run_online(unique, weights)
             for request, result in zip(unique, done):
                 for i in pending[request.key]:
                     results[i] = result
-                self._advance(len(pending[request.key]))
         if self._budget_hit:
             raise BudgetExceededError(
                 f"llm.budget_usd = {self.settings.budget_usd} would be crossed: stopped after spending "
@@ -332,7 +332,7 @@ class LLMClient:
             )
         return results
 
-    async def _run_online(self, requests: list[ChatRequest]) -> list[ChatResult | None]:
+    async def _run_online(self, requests: list[ChatRequest], weights: dict[str, int]) -> list[ChatResult | None]:
         if self._limiter is None:  # one for the client's life: pacing carries over from run to run
             self._limiter = RateLimiter(self.settings.requests_per_minute, self.settings.tokens_per_minute)
         limiter = self._limiter
@@ -340,7 +340,9 @@ class LLMClient:
 
         async def one(request: ChatRequest) -> ChatResult | None:
             async with semaphore:
-                return await self._send_with_retries(request, limiter)
+                result = await self._send_with_retries(request, limiter)
+            self._advance(weights[request.key])
+            return result
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
