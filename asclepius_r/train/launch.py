@@ -10,7 +10,7 @@ CUDA it runs one process, or `cpu_processes` gloo processes (torchrun).
 Before starting, the checkpoint folder is checked against the run's fingerprint (settings
 and input files): a rerun after a crash resumes, a run with anything changed starts afresh.
 
-    python -m asclepius_r.train.launch {pretrain,finetune} RUN.json [--gpus N] [--cpu-processes N]
+    python -m asclepius_r.train.launch {pretrain,finetune} RUN.json [--gpus N] [--cpu-processes N] [--prepare-only]
 """
 
 from __future__ import annotations
@@ -94,16 +94,22 @@ def run_fingerprint(stage: str, run: TrainRun) -> dict:
             "data": file_identity(run.data), "base_model": file_identity(run.base_model)}
 
 
-def launch(stage: str, run: TrainRun, gpus: int, accelerate_config: str | None = None,
-           cpu_processes: int = 1, threads: int | None = None) -> None:
-    """Run the stage's module for `run`, over `gpus` devices if CUDA is present, else on CPU."""
-    import torch
-
+def prepare_run(stage: str, run: TrainRun) -> Path:
+    """Keep or clear the checkpoint folder for this run and write the run file the ranks read."""
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r} (expected one of {STAGES})")
     prepare_checkpoint_dir(run.checkpoint_dir, run_fingerprint(stage, run))
     run_file = Path(run.checkpoint_dir) / "run.json"
     run_file.write_text(json.dumps(asdict(run), indent=2) + "\n")
+    return run_file
+
+
+def launch(stage: str, run: TrainRun, gpus: int, accelerate_config: str | None = None,
+           cpu_processes: int = 1, threads: int | None = None) -> None:
+    """Run the stage's module for `run`, over `gpus` devices if CUDA is present, else on CPU."""
+    import torch
+
+    run_file = prepare_run(stage, run)
     module = f"asclepius_r.train.{stage}"
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ)
@@ -140,7 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerate-config")
     parser.add_argument("--cpu-processes", type=int, default=1)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only check the checkpoints and write the run file (multi-node launches)")
     args = parser.parse_args(argv)
+    if args.prepare_only:
+        print(prepare_run(args.stage, TrainRun.from_json(args.run_file)))
+        return
     launch(args.stage, TrainRun.from_json(args.run_file), args.gpus, args.accelerate_config,
            args.cpu_processes, args.threads)
 

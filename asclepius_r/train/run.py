@@ -104,6 +104,7 @@ def training_arguments(run: TrainRun) -> TrainingArguments:
         report_to=[],
         use_cpu=not cuda,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LLaMA weight is used; the search costs a graph walk
         remove_unused_columns=False,
         disable_tqdm=False,
     )
