@@ -31,6 +31,7 @@ import importlib.metadata
 import io
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -108,7 +109,16 @@ def workflow_files(source_root: Path, forbidden: list[Path]) -> list[Path]:
         candidates = sorted(path.rglob("*")) if path.is_dir() else [path] if path.exists() else []
         for file in candidates:
             relative = file.relative_to(source_root).as_posix()
-            if not file.is_file() or _NOT_SOURCE.search(relative):
+            if _NOT_SOURCE.search(relative):
+                continue
+            if file.is_symlink():
+                # Kept as links (scripts/asclepius_r -> ../asclepius_r); never followed out of the checkout.
+                if not file.resolve().is_relative_to(source_root.resolve()):
+                    raise ReleaseError(f"refusing to put {relative} into the workflow archive: it links outside "
+                                       f"the checkout, to {file.resolve()}")
+                files.append(file)
+                continue
+            if not file.is_file():
                 continue
             if (_PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden
                     or _NOTE_TEXT.search(file.read_bytes())):
@@ -123,14 +133,20 @@ def build_workflow_archive(out_path: Path, source_root: Path, config: dict, forb
     members = []
     with open(out_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        def add(name: str, data: bytes, mode: int = 0o644) -> None:
+        def add(name: str, data: bytes = b"", mode: int = 0o644, link: str | None = None) -> None:
             info = tarfile.TarInfo(f"asclepius-r-workflow/{name}")
             info.size, info.mode, info.mtime = len(data), mode, 0
+            if link is not None:
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, link, 0o777
             tar.addfile(info, io.BytesIO(data))
             members.append(name)
 
         for file in workflow_files(source_root, forbidden):
-            add(file.relative_to(source_root).as_posix(), file.read_bytes(), 0o755 if file.stat().st_mode & 0o111 else 0o644)
+            name = file.relative_to(source_root).as_posix()
+            if file.is_symlink():
+                add(name, link=os.readlink(file))
+            else:
+                add(name, file.read_bytes(), 0o755 if file.stat().st_mode & 0o111 else 0o644)
         add("release-config.yaml", yaml.safe_dump(config, sort_keys=True).encode())
     return members
 

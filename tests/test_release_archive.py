@@ -46,6 +46,17 @@ def test_archive_holds_code_envs_and_config_but_no_data(checkout, tmp_path):
                                                   "demo/discharge_summaries")) or "NOTEEVENTS" in n]
     assert not [n for n, data in members.items() if MARKER.encode() in data], "note text leaked into the archive"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    with tarfile.open(out) as tar:
+        links = {m.name: m.linkname for m in tar.getmembers() if m.issym()}
+    if (checkout / "scripts/asclepius_r").is_symlink():
+        assert links == {"asclepius-r-workflow/scripts/asclepius_r": "../asclepius_r"}, "links stay links"
+
+
+def test_links_out_of_the_checkout_are_refused(checkout, tmp_path):
+    (tmp_path / "elsewhere.csv").write_text("plain\n")
+    (checkout / "envs" / "linked.yaml").symlink_to(tmp_path / "elsewhere.csv")
+    with pytest.raises(ReleaseError, match="links outside"):
+        build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[])
 
 
 def test_archive_is_byte_reproducible(checkout, tmp_path):

@@ -30,6 +30,8 @@ EXPECTED_TABLES = {"results/report/dataset.html", "results/report/evaluation.htm
 PROBE = """<script>
 window.addEventListener("load", async () => {
   const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+  // React mounts the app after the load event; a view set before that is lost.
+  for (let i = 0; i < 200 && !document.querySelector("#app").children.length; i++) await sleep(50);
   const checks = [];
   for (const [path, result] of Object.entries(results)) {
     if (!result.mime_type.startsWith("image/")) continue;
@@ -79,7 +81,9 @@ def test_plots_render_in_headless_chromium(report, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: run `make chromium` (Debian package chromium)")
     probed = tmp_path / "report-probe.html"
-    probed.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
+    # The last </body>: the embedded JavaScript libraries contain the string too.
+    page, _, end = report.read_text().rpartition("</body>")
+    probed.write_text(page + PROBE + "</body>" + end)
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=60000", "--dump-dom",
