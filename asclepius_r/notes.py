@@ -16,6 +16,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .files import atomic_path, write_json
-from .noteevents import DISCHARGE_CATEGORY, NoteEventsError, iter_batches
+from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEventsError, scan
 
 log = logging.getLogger(__name__)
 
@@ -81,80 +82,84 @@ def coarsen_placeholders(text: str) -> str:
     return _PLACEHOLDER.sub(lambda m: coarsen_placeholder(m.group(1)), text)
 
 
-def _near_category(categories: pa.Array) -> pa.Array:
+def _is_near_miss(category: str) -> bool:
     """'Discharge summary' up to case or surrounding spaces, but not exactly it."""
-    folded = pc.utf8_lower(pc.utf8_trim_whitespace(categories))
-    return pc.and_(pc.equal(folded, DISCHARGE_CATEGORY.lower()),
-                   pc.not_equal(categories, DISCHARGE_CATEGORY))
+    return category != DISCHARGE_CATEGORY and category.strip().lower() == DISCHARGE_CATEGORY.lower()
 
 
-def _to_int(array: pa.Array, name: str, path: Path, first_row: int) -> np.ndarray:
-    """The column as int64; a value that is not an integer names its data row (1 = first after the header)."""
-    try:
-        return pc.cast(array, pa.int64()).to_numpy()
-    except pa.ArrowInvalid:
-        for offset, value in enumerate(array.to_pylist()):
-            try:
-                int(value)
-            except ValueError:
-                raise NoteEventsError(f"{path}: data row {first_row + offset}: {name} {value[:20]!r} "
-                                      f"is not an integer") from None
-        raise
+def _to_int(array: pa.ChunkedArray) -> pa.Array:
+    return pc.cast(array, pa.int64()).combine_chunks()  # the scanner has checked ROW_IDs; SUBJECT_IDs fail here
+
+
+def _utf8_views(strings: pa.StringArray) -> Iterator[memoryview]:
+    """Each value's bytes as a view into the array's buffer (no copies, no Python strings)."""
+    offsets = np.frombuffer(strings.buffers()[1], np.int32, len(strings) + 1, strings.offset * 4)
+    data = memoryview(strings.buffers()[2])
+    for begin, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        yield data[begin:end]
 
 
 class _Filter:
-    """The per-batch policy filter; counts every row it drops under the first reason that applies."""
+    """The policy filter over the scanner's chunks; counts every row it drops under the first reason that applies."""
 
     def __init__(self, path: Path, policy: NotePolicy):
         self.path, self.policy = path, policy
         self.counts = Counter({reason: 0 for reason in DROP_REASONS})
-        self.near_miss: Counter[str] = Counter()
+        self.categories: Counter[str] = Counter()
         self.rows_read = 0
         self.row_ids: list[np.ndarray] = []
         self.seen_text: set[bytes] = set()
         self.exclude = pa.array(sorted(policy.exclude_row_ids), pa.int64())
 
-    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        first_row = self.rows_read + 1
-        self.rows_read += batch.num_rows
-        ids = _to_int(batch.column("ROW_ID"), "ROW_ID", self.path, first_row)
-        self.row_ids.append(ids)
-        category = batch.column("CATEGORY")
-        near = _near_category(category)
-        if pc.any(near).as_py():
-            for spelling in pc.value_counts(category.filter(near)).to_pylist():
-                self.near_miss[spelling["values"]] += spelling["counts"]
-        keep = pc.equal(category, DISCHARGE_CATEGORY)
+    @property
+    def near_miss(self) -> Counter:
+        return Counter({value: n for value, n in self.categories.items() if _is_near_miss(value)})
+
+    def __call__(self, chunk: Chunk) -> pa.RecordBatch | None:
+        if chunk.bad_row_id:
+            row, value = chunk.bad_row_id
+            raise NoteEventsError(f"{self.path}: data row {self.rows_read + row + 1}: ROW_ID {value!r} "
+                                  f"is not an integer")
+        self.rows_read += chunk.rows
+        self.row_ids.append(chunk.row_ids)
+        self.categories.update(chunk.categories)
+        kept = chunk.selected
+        self.counts["other_category"] += chunk.rows - (kept.num_rows if kept else 0)
+        if kept is None:
+            return None
         policy = self.policy
+        keep = pa.array(np.ones(kept.num_rows, bool))
         for reason, applies, mask in (
-            ("iserror", policy.drop_iserror, lambda: pc.equal(batch.column("ISERROR"), "1")),
-            ("addendum", not policy.keep_addenda, lambda: pc.equal(batch.column("DESCRIPTION"), "Addendum")),
-            ("excluded", len(self.exclude) > 0, lambda: pc.is_in(pa.array(ids), self.exclude)),
+            ("iserror", policy.drop_iserror, lambda: pc.equal(kept.column("ISERROR"), "1")),
+            ("addendum", not policy.keep_addenda, lambda: pc.equal(kept.column("DESCRIPTION"), "Addendum")),
+            ("excluded", len(self.exclude) > 0, lambda: pc.is_in(_to_int(kept.column("ROW_ID")), self.exclude)),
         ):
             if applies:
                 hit = pc.and_(keep, mask())
                 self.counts[reason] += pc.sum(hit).as_py() or 0
                 keep = pc.and_(keep, pc.invert(hit))
-        self.counts["other_category"] += batch.num_rows - pc.sum(pc.equal(category, DISCHARGE_CATEGORY)).as_py()
-        kept = batch.filter(keep)
-        texts = kept.column("TEXT").to_pylist()
-        if policy.drop_duplicate_text and texts:
-            # Digests, not texts, stay in memory; the first of identical texts (in file order) is kept.
+        kept = kept.filter(keep).combine_chunks()
+        if policy.drop_duplicate_text and kept.num_rows:
+            # Digests of the texts' bytes, read in place; the first of identical texts (in file order) is kept.
             first_seen = []
-            for text in texts:
-                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            for text in _utf8_views(kept.column("TEXT").chunk(0)):
+                digest = hashlib.blake2b(text, digest_size=16).digest()
                 first_seen.append(digest not in self.seen_text)
                 self.seen_text.add(digest)
             self.counts["duplicate_text"] += first_seen.count(False)
             kept = kept.filter(pa.array(first_seen, pa.bool_()))
-            texts = [t for t, first in zip(texts, first_seen) if first]
+        texts = kept.column("TEXT").combine_chunks()
         if policy.coarse_placeholders:
-            texts = [coarsen_placeholders(t) for t in texts]
+            texts = pa.array([coarsen_placeholders(t) for t in texts.to_pylist()], pa.string())
+        try:
+            subjects = _to_int(kept.column("SUBJECT_ID"))
+        except pa.ArrowInvalid:
+            raise NoteEventsError(f"{self.path}: a SUBJECT_ID of a discharge summary near data row "
+                                  f"{self.rows_read} is not an integer") from None
         return pa.record_batch(
-            [pa.array(_to_int(kept.column("ROW_ID"), "ROW_ID", self.path, first_row)),
-             pa.array(_to_int(kept.column("SUBJECT_ID"), "SUBJECT_ID", self.path, first_row)),
-             kept.column("HADM_ID"), kept.column("CHARTDATE"), kept.column("DESCRIPTION"),
-             kept.column("ISERROR"), pa.array(texts, pa.string())],
+            [_to_int(kept.column("ROW_ID")), subjects,
+             *(kept.column(name).combine_chunks() for name in ("HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR")),
+             texts],
             schema=NOTE_SCHEMA,
         )
 
@@ -171,11 +176,18 @@ class _Filter:
 def filter_discharge(noteevents: Path, staging: Path, policy: NotePolicy) -> _Filter:
     """Stream NOTEEVENTS into `staging` (Parquet), keeping discharge summaries per `policy`."""
     keep = _Filter(noteevents, policy)
+    pending: list[pa.RecordBatch] = []
     with pq.ParquetWriter(staging, NOTE_SCHEMA, compression="none", use_dictionary=False) as writer:
-        for batch in iter_batches(noteevents, columns=KEPT_COLUMNS + ("CATEGORY",)):
-            kept = keep(batch)
-            if kept.num_rows:
-                writer.write_batch(kept)
+        # Row groups of OUTPUT_ROW_GROUP notes, so that the split can read them back one at a time.
+        for chunk in scan(noteevents, DISCHARGE_CATEGORY, columns=KEPT_COLUMNS):
+            kept = keep(chunk)
+            if kept is not None and kept.num_rows:
+                pending.append(kept)
+            if sum(batch.num_rows for batch in pending) >= OUTPUT_ROW_GROUP:
+                writer.write_table(pa.Table.from_batches(pending))
+                pending = []
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending))
     keep.check_unique_row_ids()
     return keep
 
@@ -229,11 +241,13 @@ def run_notes_stage(
                 atomic_path(heldout_ids_out) as tmp_ids, \
                 pq.ParquetWriter(tmp_train, NOTE_SCHEMA, **OUTPUT_PARQUET) as train_writer, \
                 pq.ParquetWriter(tmp_held, NOTE_SCHEMA, **OUTPUT_PARQUET) as heldout_writer:
-            for batch in pq.ParquetFile(staging).iter_batches(batch_size=OUTPUT_ROW_GROUP):
+            staged = pq.ParquetFile(staging)
+            for row_group in range(staged.num_row_groups):  # one at a time: memory stays flat
+                batch = staged.read_row_group(row_group)
                 is_held = pc.is_in(batch.column("SUBJECT_ID"), held_array)
-                train_writer.write_batch(batch.filter(pc.invert(is_held)))
+                train_writer.write_table(batch.filter(pc.invert(is_held)))
                 heldout = batch.filter(is_held)
-                heldout_writer.write_batch(heldout)
+                heldout_writer.write_table(heldout)
                 heldout_ids.extend(heldout.column("ROW_ID").to_pylist())
             tmp_ids.write_text("".join(f"{i}\n" for i in sorted(heldout_ids)))
     if kept.near_miss:
@@ -249,6 +263,7 @@ def run_notes_stage(
         "dropped": {reason: kept.counts[reason] for reason in DROP_REASONS},
         "near_miss_category": sum(kept.near_miss.values()),
         "near_miss_category_values": dict(kept.near_miss.most_common()),
+        "rows_per_category": dict(kept.categories.most_common()),
     }
     write_json(stats_out, stats)
     log.info("notes: read %d rows, kept %d for training and %d held out (%d patients); dropped: %s",

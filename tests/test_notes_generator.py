@@ -72,8 +72,8 @@ def test_same_seed_same_file():
 
 
 def test_scaled_file_passes_the_stage_as_the_oracle_says(tmp_path, monkeypatch):
-    """Small Arrow blocks, so that rows and quoted newlines straddle many block boundaries."""
-    monkeypatch.setattr(noteevents, "BLOCK_SIZE", 256 << 10)
+    """Small reads, so that records (some longer than one read) straddle many read boundaries."""
+    monkeypatch.setattr(noteevents, "READ_SIZE", 64 << 10)
     path = tmp_path / "NOTEEVENTS.csv"
     main([str(path), "--rows", "3000", "--seed", "11"])
     policy = NotePolicy(keep_addenda=False, exclude_row_ids=frozenset(range(0, 3000, 10)))

@@ -4,7 +4,9 @@ The demo file holds the project's hand-written discharge summaries (demo/dischar
 `NN-slug.txt`, addenda `NN-addendum-to-MM.txt`) plus what the real file has around them: other
 note categories with their exact spellings (trailing spaces included), an ISERROR row, an
 exact-duplicate text, a near-miss category, embedded newlines and quotes, and MIMIC
-de-identification placeholders. `--rows N` or `--gb X` scales the same mix to any size.
+de-identification placeholders. `--rows N` or `--gb X` writes a file of any size instead
+(ScaledNotes): the real category mix, log-normal note lengths per category, addenda, ISERROR
+rows and duplicate texts in realistic shares; the benchmark and the tests use it.
 
     python -m asclepius_r.demo.noteevents OUT.csv [--rows N | --gb X] [--gzip]
 """
