@@ -62,8 +62,9 @@ _PATIENT_DATA_NAME = re.compile(r"noteevents[^/]*\.(csv|gz|zip|bz2|xz|parquet|fe
 # or hospital with its number, closed by "**]"), or the NOTEEVENTS header. Written so that
 # this pattern does not match its own source.
 _NOTE_TEXT = re.compile(rb"\[\*\*[^\]\n]{0,80}\d\s*\*\*\]|ROW_ID,\s*SUBJECT_ID")
-# The Trainer's pickled arguments: unsafe to load and redundant with training_run.json.
-_CHECKPOINT_PRIVATE = ("training_args.bin",)
+# The Trainer's pickled arguments (unsafe to load, redundant with training_run.json) and
+# Snakemake's marker in directory outputs.
+_CHECKPOINT_PRIVATE = ("training_args.bin", ".snakemake_timestamp")
 
 
 class ReleaseError(RuntimeError):
@@ -342,8 +343,15 @@ def build_release(out_dir, checkpoints: dict[str, str], files: dict[str, str], c
         write_json(tmp / "manifest.json", record)
         (tmp / "README.md").write_text(project_readme(sorted(checkpoints), summary, config, record))
         write_sha256sums(tmp)
+        _make_readable(tmp)
     log.info("release: %d checkpoints, %d files and a workflow archive of %d files in %s",
              len(checkpoints), len(files), len(members), out_dir)
+
+
+def _make_readable(folder: Path) -> None:
+    """Plain permissions for the upload: staged files and folders are created owner-only."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _size_and_stage(name: str) -> tuple[str, str]:

@@ -33,6 +33,7 @@ def test_release_has_the_physionet_layout(demo_run):
     release = demo_run / "release"
     for name in CHECKPOINTS:
         assert (release / name / "config.json").exists() and list((release / name).glob("*.safetensors"))
+        assert not (release / name / ".snakemake_timestamp").exists()
         assert not (release / name / "training_args.bin").exists(), "no pickles in the release"
     for name in ("README.md", "mimiciii_discharge.csv", "heldout_row_ids.txt", "llm_archive/instructions.jsonl",
                  "llm_archive/judge.jsonl", "evaluation/summary.json", "evaluation/scores_per_task.tsv",
@@ -40,6 +41,7 @@ def test_release_has_the_physionet_layout(demo_run):
         assert (release / name).is_file(), name
     assert (release / "heldout_row_ids.txt").read_bytes() == (demo_run / "results/notes/heldout_row_ids.txt").read_bytes()
     assert "sha256sum -c SHA256SUMS" in (release / "README.md").read_text()
+    assert all(p.stat().st_mode & 0o004 for p in release.rglob("*")), "everything readable for the upload"
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
