@@ -27,6 +27,12 @@ demo: $(STAMP)
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
+# The paper run (config.yaml): its release folder, then its HTML report.
+release: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) release
+report: $(STAMP)
+	$(BIN)/snakemake --report results/report.html
+
 # Debian's chromium, for the test that opens the HTML report headless (apt needs root).
 chromium:
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }

@@ -22,13 +22,6 @@ rule answer_heldout:
         "../scripts/answer_heldout.py"
 
 
-def replayed_judge_archive(wildcards):
-    """Replaying a recorded judge run: its archive is an input, like the dataset's."""
-    judge = config["judge"]
-    replay = judge["backend"] == "llm" and config["llm"]["backend"] == "replay"
-    return [judge["archive"]] if replay else []
-
-
 rule judge_heldout:
     input:
         answers=expand(
@@ -36,7 +29,12 @@ rule judge_heldout:
         ),
         notes="results/notes/heldout.parquet",
         records="results/instructions/heldout.jsonl",
-        archive=replayed_judge_archive,
+        # Replaying a recorded judge run: its archive is an input, like the dataset's.
+        archive=lambda wildcards: (
+            [config["judge"]["archive"]]
+            if config["judge"]["backend"] == "llm" and config["llm"]["backend"] == "replay"
+            else []
+        ),
     output:
         verdicts="results/evaluation/judge/verdicts.jsonl",
         stats="results/evaluation/judge/stats.json",

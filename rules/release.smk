@@ -2,17 +2,21 @@
 # archives, evaluation tables, training logs, the workflow archive, a manifest and SHA256SUMS.
 from types import SimpleNamespace
 
-
-def release_inputs(wildcards=None):
-    """The data inputs whose hashes the manifest records (the notes file, the base models)."""
-    inputs = {"noteevents": config["noteevents"]}
-    inputs.update({f"base_model_{size}": base_model_dir(SimpleNamespace(size=size)) for size in SIZES})
-    return inputs
+# The data inputs whose hashes the manifest records: the notes file and the base models.
+DATA_INPUTS = ["noteevents", *(f"base_model_{size}" for size in SIZES)]
 
 
 rule release:
     input:
-        unpack(release_inputs),
+        unpack(
+            lambda wildcards: {
+                "noteevents": config["noteevents"],
+                **{
+                    f"base_model_{size}": base_model_dir(SimpleNamespace(size=size))
+                    for size in SIZES
+                },
+            }
+        ),
         pretrained=[pretrained_dir(size) for size in SIZES],
         finetuned=[finetuned_dir(size) for size in SIZES],
         dataset="results/mimiciii_discharge.csv",
@@ -35,7 +39,7 @@ rule release:
         # The archives are appended to by their stages, never made by a rule: read, not tracked.
         llm_archive=config["llm"]["archive"],
         judge_archive=config["judge"]["archive"],
-        input_names=list(release_inputs()),
+        input_names=DATA_INPUTS,
     conda:
         "../envs/data.yaml"
     script:
