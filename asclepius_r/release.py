@@ -43,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import training_settings
 from .files import atomic_path, sha256_file, write_json
 from .prompts import RELEASED_TEMPLATE
 
@@ -325,13 +326,11 @@ def build_release(out_dir, checkpoints: dict[str, str], files: dict[str, str], c
     with atomic_path(out_dir, is_dir=True) as tmp:
         for name, folder in sorted(checkpoints.items()):
             size, stage = _size_and_stage(name)
-            run = json.loads((Path(folder) / "training_run.json").read_text())
             shutil.copytree(folder, tmp / name, ignore=shutil.ignore_patterns(*_CHECKPOINT_PRIVATE))
             base = (_base_model_name(config, size) if stage == "pretrain" else f"Asclepius-R-{size}-Pretrained-Only")
             data = ("MIMIC-III NOTEEVENTS discharge summaries (training split)" if stage == "pretrain"
                     else "mimiciii_discharge.csv")
-            hyperparameters = {k: v for k, v in run.items()
-                               if k not in ("base_model", "data", "output_dir", "checkpoint_dir", "metrics_file")}
+            hyperparameters = training_settings(config, stage, size)
             (tmp / name / "README.md").write_text(model_card(name, base, stage, hyperparameters, data))
         for name, path in sorted(files.items()):
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
