@@ -128,6 +128,8 @@ def judge_llm_settings(config: dict) -> LLMSettings:
     """The llm section (endpoint, approvals, limits, budget) with the judge's own model and archive."""
     section = config["judge"]
     overrides = {key: section[key] for key in ("model", "temperature", "max_tokens", "archive")}
+    # A bigger judge model usually sits behind its own deployment or server; the guard checks it too.
+    overrides.update({key: section[key] for key in ("azure_deployment", "base_url") if section[key]})
     if section["backend"] == "heuristic":
         overrides["backend"] = "replay"  # nothing may leave the process: the guard has nothing to allow
     return LLMSettings.from_config({**config["llm"], **overrides})

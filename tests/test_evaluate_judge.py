@@ -161,3 +161,18 @@ def test_demo_heuristic_judge_is_deterministic_and_offline(tmp_path):
     assert all("not a language model" in reply for reply in replies), "the archive says the verdicts are heuristic"
     assert judge(ITEMS, answers, judge_client(config, references), JudgeSettings(seed=42)) == verdicts
     assert [rubric_score(a, "a b c d e f g h i j") for a in ("a b c d e f g h i j", "a b c", "a", "")] == [4, 3, 2, 1]
+
+
+def test_judge_endpoint_of_its_own_must_be_approved_too(tmp_path):
+    config = workflow_config.load("demo/config.yaml", require_data=False)
+    with OpenAIServer() as llm_server, OpenAIServer() as judge_server:
+        config["llm"].update(backend="openai", base_url=llm_server.url, api_key_env="JUDGE_TEST_KEY",
+                             approved_endpoints=[llm_server.url])
+        config["judge"].update(backend="llm", base_url=judge_server.url, archive=str(tmp_path / "judge.jsonl"))
+        with pytest.raises(UnapprovedEndpointError, match=str(judge_server.port)):
+            judge_client(config, {})
+        config["llm"]["approved_endpoints"].append(judge_server.url)
+        client = judge_client(config, {})
+        verdicts = judge(ITEMS[:1], ANSWERS, client, JudgeSettings())
+        assert judge_server.chat_requests() and not llm_server.chat_requests()
+    assert verdicts[0]["status"] == "parse_failed", "the test server's default reply is no score line"
