@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
 def setup_logging(log_file: str | None = None, level: int = logging.INFO) -> None:
-    """Send log records (and, for Snakemake scripts, stderr) to `log_file` or the console."""
+    """Send log records to `log_file` (or the console).
+
+    With a file, the process's own stdout and stderr descriptors point there too, so that
+    output of child processes (training under accelerate/torchrun), C libraries and progress
+    bars lands in the rule's log instead of Snakemake's terminal.
+    """
     if log_file:
-        stream = open(log_file, "a", buffering=1, encoding="utf-8")
-        sys.stderr = stream
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(log_file, "a", encoding="utf-8") as target:
+            os.dup2(target.fileno(), 1)
+            os.dup2(target.fileno(), 2)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
