@@ -13,7 +13,6 @@ PHI guard (notes only to approved endpoints) and the rate limits all apply as fo
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import re
@@ -88,11 +87,6 @@ def judge_request(case: _Case, answers: dict[str, dict[int, str]], settings: LLM
 def judge(items: list[dict], answers: dict[str, dict[int, str]], client: LLMClient,
           settings: JudgeSettings) -> list[dict]:
     """One verdict per item, in order: `ok` with a score per model, `parse_failed` or `llm_failed`."""
-    return asyncio.run(_judge(items, answers, client, settings))
-
-
-async def _judge(items, answers, client, settings) -> list[dict]:
-    # All attempts share one event loop: the network backends keep connections bound to it.
     models = sorted(answers)
     agent_labels(len(models))  # fail before any request if there are too many candidates
     cases = [_Case(item, agent_order(models, item["row_id"], settings.seed)) for item in items]
@@ -102,7 +96,7 @@ async def _judge(items, answers, client, settings) -> list[dict]:
         if not pending:
             break
         log.info("judge, attempt %d: %d question(s)", attempt, len(pending))
-        results = await client.run_async([judge_request(case, answers, client.settings) for case in pending])
+        results = client.run([judge_request(case, answers, client.settings) for case in pending], desc="judge")
         for case, result in zip(pending, results):
             if not result.ok:
                 case.verdict = {"status": "llm_failed", "error": result.error}

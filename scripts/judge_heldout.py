@@ -8,11 +8,12 @@ from asclepius_r.judge import JudgeSettings, judge_client, run_judge_stage
 
 config = {k: snakemake.params[k] for k in ("judge", "llm", "seed")}
 items = heldout_items(snakemake.input.notes, snakemake.input.records)
-run_judge_stage(
-    items,
-    dict(zip(snakemake.params.models, snakemake.input.answers)),
-    snakemake.output.verdicts,
-    snakemake.output.stats,
-    client=judge_client(config, {i["row_id"]: i["reference"] for i in items}),
-    settings=JudgeSettings(seed=config["seed"], max_parse_attempts=config["judge"]["max_parse_attempts"]),
-)
+with judge_client(config, {i["row_id"]: i["reference"] for i in items}) as client:
+    run_judge_stage(
+        items,
+        dict(zip(snakemake.params.models, snakemake.input.answers)),
+        snakemake.output.verdicts,
+        snakemake.output.stats,
+        client=client,
+        settings=JudgeSettings(seed=config["seed"], max_parse_attempts=config["judge"]["max_parse_attempts"]),
+    )
