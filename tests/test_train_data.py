@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from asclepius_r.base_model import copy_tokenizer_model
 from asclepius_r.prompts import render_released
 from asclepius_r.train.finetune import IGNORE_INDEX, Example, collate_packed, encode_dataset, encode_example, pack_examples
 from asclepius_r.train.pretrain import pack_notes
@@ -109,6 +110,7 @@ def test_pad_token_bos_is_refused(data, tmp_path):
     tokenizer.pad_token = tokenizer.bos_token
     tokenizer.save_pretrained(broken)
     AutoModelForCausalLM.from_pretrained(data["model"]).save_pretrained(broken)
+    copy_tokenizer_model(data["model"], broken)
     run = TrainRun(base_model=str(broken), data="", output_dir="", checkpoint_dir="", metrics_file="")
     with pytest.raises(ValueError, match="pad token is BOS"):
         load_model_and_tokenizer(run)
@@ -142,3 +144,11 @@ def test_batch_counts_real_tokens_and_attention_of_padded_and_packed_batches():
     assert batch_counts(padded).tolist() == [8, 10, 3 ** 2 + 5 ** 2]
     packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}
     assert batch_counts(packed).tolist() == [6, 6, 2 * 3 ** 2]
+
+
+def test_a_base_model_folder_without_tokenizer_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    run = TrainRun(base_model=str(tmp_path), data="unused", output_dir="unused", checkpoint_dir="unused",
+                   metrics_file="unused")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        load_model_and_tokenizer(run)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
+from ..base_model import check_base_model
 from ..files import atomic_path, read_jsonl
 from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
 from .throughput import FlopModel, Window, batch_counts
@@ -111,6 +112,7 @@ def training_arguments(run: TrainRun) -> TrainingArguments:
 
 
 def load_model_and_tokenizer(run: TrainRun):
+    check_base_model(run.base_model)
     tokenizer = AutoTokenizer.from_pretrained(run.base_model, padding_side="right")
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.bos_token_id:
         raise ValueError(f"{run.base_model}: the pad token is BOS (the 2023 defect); fix its tokenizer_config.json")
