@@ -1,15 +1,15 @@
 """The MIMIC-III NOTEEVENTS.csv format: its columns and a strict, streaming batch reader.
 
 The real file has 2,083,180 rows (about 3.9 GB) and only 3% of them are discharge summaries,
-so tokenising every note (what pandas or Arrow's CSV reader do) is wasted work. The scanner
-reads record-aligned chunks and, with vectorised numpy over the quote positions, finds each
-record's end, its field separators, its CATEGORY and its ROW_ID; Arrow then parses only the
-selected records, every value as a string so that TEXT survives byte for byte. Every record is
-still checked: UTF-8, NUL bytes, field count, quoting, a file that ends inside quotes.
+so tokenising every note (what pandas or Arrow's CSV reader do) is wasted work. The file is
+memory-mapped (or, gzipped, decompressed in a reader thread) in large windows that worker
+threads scan in parallel with a compiled single-pass state machine (record_scanner): it finds
+each record, its CATEGORY and its ROW_ID, and unquotes the selected records' columns straight
+into Arrow string arrays, so that TEXT survives byte for byte. Every record is still checked:
+UTF-8, NUL bytes, field count, quoting, a file that ends inside quotes.
 
 When anything is wrong, a second, slow pass with Python's strict `csv` module finds the first
-bad line and its ROW_ID for the error message, which never quotes note text (Arrow's own
-messages do, so they are never passed on).
+bad line and its ROW_ID for the error message, which never quotes note text.
 """
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ import csv
 import difflib
 import gzip
 import logging
+import mmap
 import os
 import zlib
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 from tqdm import tqdm
+
+from . import record_scanner
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,16 @@ COLUMNS = (
 )
 DISCHARGE_CATEGORY = "Discharge summary"
 GZIP_MAGIC = b"\x1f\x8b"
-QUOTE, COMMA, NEWLINE, CR = b'",\n\r'
-READ_SIZE = 8 << 20  # bytes per read; chunks in flight stay a few times this
+READ_SIZE = 64 << 20  # bytes per window (a stretch of the file for one worker); memory holds a few
 # A record longer than this cannot be a note: the file has a quote that never closes.
 MAX_RECORD_BYTES = 64 << 20
-CATEGORY_WIDTH = 32  # longest CATEGORY compared in the vectorised pass (quotes included)
-ROW_ID_DIGITS = 18
+RECORDS_PER_CALL = 1 << 18  # output capacity of one compiled scanner call (a 64 MB window holds ~35,000)
+MAX_CATEGORIES_PER_CALL = 256  # distinct raw CATEGORY values per call (MIMIC-III has 15)
+SPAN_OVERLAP = 1 << 20  # how far a window reaches past its stretch, for the last record's end
+# A parallel worker starts where PROBE_RECORDS records in a row parse, within PROBE_BYTES.
+PROBE_RECORDS = 3
+PROBE_BYTES = 4 << 20
+PROBE_STEP = 16 << 10
 # The strict pass's longest field; real notes stay far below, so longer means a quote never closed.
 MAX_FIELD_BYTES = 16 << 20
 
@@ -115,36 +121,18 @@ class Chunk:
     row_ids: np.ndarray  # ROW_ID of every record, in file order
     bad_row_id: tuple[int, str] | None  # (record index, raw value) of the first non-integer ROW_ID
     categories: Counter  # CATEGORY value -> records
-    selected: pa.Table  # the records whose CATEGORY is exactly the one asked for, all columns as strings
+    selected: pa.Table | None  # the records whose CATEGORY is exactly the one asked for, all columns as strings
 
 
 class _Layout:
-    """Where the fields the scanner needs sit in a record, and how selected rows are parsed."""
+    """Where the fields the scanner needs sit in a record, and which ones are extracted."""
 
-    def __init__(self, header_line: bytes, header: list[str], category: str, columns: tuple[str, ...]):
-        self.header_line = header_line if header_line.endswith(b"\n") else header_line + b"\n"
+    def __init__(self, header: list[str], category: str, columns: tuple[str, ...]):
         self.n_columns = len(header)
         self.row_id = header.index("ROW_ID")
         self.category = header.index("CATEGORY")
         self.wanted = category
-        self.convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in header},
-                                            include_columns=list(columns), strings_can_be_null=False,
-                                            quoted_strings_can_be_null=False)
-
-
-def _field_bounds(starts, ends, separators, first_separator, column: int, n_columns: int):
-    """Start and end (exclusive) of one column's field in every record."""
-    begin = starts if column == 0 else separators[first_separator + column - 1] + 1
-    end = ends if column == n_columns - 1 else separators[first_separator + column]
-    return begin, end
-
-
-def _gather(data: np.ndarray, begin: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:
-    """Each field's first `width` bytes as a row of a matrix, zero-padded."""
-    offsets = np.arange(width)
-    matrix = data[np.minimum(begin[:, None] + offsets, len(data) - 1)]
-    matrix[offsets >= length[:, None]] = 0
-    return matrix
+        self.columns = {name: header.index(name) for name in columns}  # output name -> field index
 
 
 def _unquote(raw: bytes) -> str:
@@ -152,120 +140,234 @@ def _unquote(raw: bytes) -> str:
     return text[1:-1].replace('""', '"') if len(text) >= 2 and text[0] == text[-1] == '"' else text
 
 
-def _scan(buffer: bytearray, size: int, quotes: np.ndarray, layout: _Layout) -> Chunk:
-    """Find the records and fields of `buffer[:size]` (record-aligned) without tokenising the notes.
+class _ScanOutputs:
+    """The compiled scanner's per-record output arrays, reused from call to call."""
 
-    Quotes delimit the long quoted fields; only the short stretches outside quotes can hold
-    record ends (newlines) and field separators (commas), so only those are searched. Arrow then
-    parses just the selected records. Raises _Malformed for anything a strict CSV reader rejects.
+    def __init__(self, records: int = RECORDS_PER_CALL, categories: int = MAX_CATEGORIES_PER_CALL):
+        self.row_ids = np.empty(records, np.int64)
+        self.starts = np.empty(records, np.int64)
+        self.ends = np.empty(records, np.int64)
+        self.category_ids = np.empty(records, np.int32)
+        self.category_spans = np.empty((categories, 2), np.int64)
+
+    def scan(self, data: np.ndarray, words: np.ndarray, begin: int, stop: int, layout: _Layout):
+        """One call of the compiled scanner: (status, consumed, records, distinct categories)."""
+        return record_scanner.scan_records(data, words, begin, stop, layout.n_columns, layout.row_id,
+                                           layout.category, self.row_ids, self.starts, self.ends,
+                                           self.category_ids, self.category_spans)
+
+
+def _words(data: np.ndarray) -> np.ndarray:
+    return data[: len(data) // 8 * 8].view(np.uint64)
+
+
+class _Span:
+    """The records of one stretch of the file, gathered block by block, then turned into a Chunk."""
+
+    def __init__(self, layout: _Layout):
+        self.layout = layout
+        self.rows = 0
+        self.row_ids: list[np.ndarray] = []
+        self.categories: Counter = Counter()
+        self.selected: list[pa.Table] = []
+        self.bad_row_id: tuple[int, str] | None = None
+
+    def scan(self, data: np.ndarray, begin: int, stop: int, out: _ScanOutputs) -> int:
+        """Scan data[begin:] (begin is a record boundary) up to the first record boundary at or
+        after `stop`; returns where it stopped (a partial record at the end is left). Raises
+        _Malformed for anything a strict CSV reader rejects."""
+        words, layout = _words(data), self.layout
+        status, position = record_scanner.FULL, begin
+        while status == record_scanner.FULL:
+            status, position, n, n_categories = out.scan(data, words, position, stop, layout)
+            if status in record_scanner.PROBLEMS:
+                raise _Malformed(record_scanner.PROBLEMS[status])
+            ids, starts, ends, category_ids = out.row_ids[:n], out.starts[:n], out.ends[:n], out.category_ids[:n]
+            values = [_unquote(data[start:start + length].tobytes())
+                      for start, length in out.category_spans[:n_categories].tolist()]
+            for value, count in zip(values, np.bincount(category_ids, minlength=n_categories).tolist()):
+                self.categories[value] += count
+            wanted = np.isin(category_ids, [k for k, value in enumerate(values) if value == layout.wanted])
+            if wanted.any():
+                self.selected.append(self._extract(data, words, starts[wanted], ends[wanted]))
+            bad = np.flatnonzero(ids < 0)
+            if self.bad_row_id is None and len(bad):
+                record = data[starts[bad[0]]:ends[bad[0]]].tobytes().decode("utf-8")
+                self.bad_row_id = (self.rows + int(bad[0]), next(csv.reader([record]))[layout.row_id][:20])
+            self.row_ids.append(ids.copy())
+            self.rows += n
+        return position
+
+    def _extract(self, data: np.ndarray, words: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.Table:
+        """The wanted columns of the given records, unquoted, as Arrow strings (compiled, straight
+        into the arrays' buffers; the scanner has checked the records and their UTF-8)."""
+        layout = self.layout
+        offsets = np.empty((len(layout.columns), len(starts) + 1), np.int32)
+        values = np.empty(int((ends - starts).sum()), np.uint8)
+        bases = record_scanner.extract_fields(data, words, starts, ends, layout.n_columns,
+                                              np.array(list(layout.columns.values()), np.int64), offsets, values)
+        return pa.table({name: pa.Array.from_buffers(pa.string(), len(starts), [
+            None, pa.py_buffer(offsets[c]), pa.py_buffer(values[bases[c]:bases[c + 1]])])
+            for c, name in enumerate(layout.columns)})
+
+    def chunk(self) -> Chunk:
+        table = pa.concat_tables(self.selected) if self.selected else None
+        row_ids = np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64)
+        return Chunk(self.rows, row_ids, self.bad_row_id, self.categories, table)
+
+
+class _MappedFile:
+    """Windows of a plain file, memory-mapped: no copy, the scanner reads the page cache in place.
+
+    Each window is unmapped once nothing refers to it, so memory holds only the windows in use.
     """
-    data = np.frombuffer(buffer, np.uint8, count=size)
-    if buffer.find(b"\0", 0, size) >= 0:
-        raise _Malformed("NUL byte")
-    try:  # UTF-8 check of the whole stretch, zero-copy, by Arrow's validator
-        pa.Array.from_buffers(pa.large_string(), 1, [None, pa.py_buffer(np.array([0, size], np.int64)),
-                                                     pa.py_buffer(buffer)]).validate(full=True)
-    except pa.ArrowInvalid:
-        raise _Malformed("invalid UTF-8") from None
-    closing = quotes[1::2]
-    after = data[np.minimum(closing + 1, len(data) - 1)]
-    if not np.isin(after, (COMMA, NEWLINE, CR, QUOTE)).all():
-        raise _Malformed("text after a closing quote")
-    outside_begin = np.concatenate(([0], closing + 1))
-    outside_length = np.concatenate((quotes[0::2], [len(data)])) - outside_begin
-    positions = np.repeat(outside_begin - np.concatenate(([0], np.cumsum(outside_length)[:-1])), outside_length)
-    positions += np.arange(len(positions))
-    outside = data[positions]
-    newlines, separators = positions[outside == NEWLINE], positions[outside == COMMA]
-    starts, ends = np.concatenate(([0], newlines[:-1] + 1)), newlines
-    ends = ends - (data[np.maximum(ends - 1, 0)] == CR)
-    nonblank = ends > starts  # Arrow and csv skip blank lines too
-    starts, ends, newlines = starts[nonblank], ends[nonblank], newlines[nonblank]
-    first_separator = np.searchsorted(separators, starts)
-    if (np.searchsorted(separators, ends) - first_separator != layout.n_columns - 1).any():
-        raise _Malformed("wrong number of fields")
 
-    begin, end = _field_bounds(starts, ends, separators, first_separator, layout.category, layout.n_columns)
-    length = end - begin
-    matrix = np.ascontiguousarray(_gather(data, begin, length, CATEGORY_WIDTH))
-    keys = matrix.view(np.dtype((np.void, CATEGORY_WIDTH))).ravel()
-    distinct, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
-    categories, selected = Counter(), np.zeros(len(starts), bool)
-    for key, (row, n) in enumerate(zip(first, counts)):
-        # Values longer than the matrix (rare, never the wanted one) are counted one by one below.
-        if length[row] <= CATEGORY_WIDTH:
-            value = _unquote(buffer[begin[row]:end[row]])
-            categories[value] += int(n)
-            if value == layout.wanted:
-                selected |= inverse.ravel() == key
-    for row in np.flatnonzero(length > CATEGORY_WIDTH):
-        categories[_unquote(buffer[begin[row]:end[row]])] += 1
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.size = os.fstat(raw.fileno()).st_size
 
-    begin, end = _field_bounds(starts, ends, separators, first_separator, layout.row_id, layout.n_columns)
-    quoted = (data[begin] == QUOTE) & (end - begin >= 2)
-    begin, end = begin + quoted, end - quoted
-    length = end - begin
-    digits = _gather(data, begin, length, ROW_ID_DIGITS).astype(np.int64) - ord("0")
-    in_field = np.arange(ROW_ID_DIGITS) < length[:, None]
-    valid = ((digits >= 0) & (digits <= 9) | ~in_field).all(axis=1) & (length >= 1) & (length <= ROW_ID_DIGITS)
-    powers = 10 ** np.clip(length[:, None] - 1 - np.arange(ROW_ID_DIGITS), 0, ROW_ID_DIGITS - 1)
-    row_ids = np.where(in_field & valid[:, None], digits * powers, 0).sum(axis=1)
-    bad = np.flatnonzero(~valid)
-    bad_row_id = (int(bad[0]), buffer[begin[bad[0]]:end[bad[0]]][:20].decode("utf-8")) if len(bad) else None
-
-    rows = [buffer[s:e + 1] for s, e in zip(starts[selected].tolist(), newlines[selected].tolist())]
-    table = pacsv.read_csv(pa.py_buffer(layout.header_line + b"".join(rows)),
-                           parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                           convert_options=layout.convert) if rows else None
-    return Chunk(len(starts), row_ids, bad_row_id, categories, table)
+    def window(self, offset: int, size: int) -> tuple[np.ndarray, int, bool]:
+        """(bytes, index of `offset` in them, whether they reach the end of the file)."""
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        end = min(offset + size, self.size)
+        if end <= offset:
+            return np.empty(0, np.uint8), 0, True
+        # ACCESS_COPY (private, never written) gives a writable array: the scanner's one compiled signature.
+        mapped = mmap.mmap(self.raw.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        return np.frombuffer(mapped, np.uint8), offset - aligned, end == self.size
 
 
-def _record_aligned(raw: BinaryIO, path: Path, progress: tqdm) -> Iterator[tuple[bytearray, int, np.ndarray]]:
-    """The file's bytes after the header, as (buffer, end, quote positions) stretches whose
-    `buffer[:end]` starts and ends at record boundaries.
+class _Stream:
+    """Windows of a stream (gzip), in file order: the partial record left over plus fresh reads;
+    a reader thread decompresses the next read while the current window is scanned."""
 
-    A newline ends a record when an even number of quotes precede it, so the last record
-    boundary is the last newline in a stretch outside quotes (found from the quote positions,
-    which the scanner then reuses); the rest is carried into the next read. A file that ends
-    inside quotes (truncated, or an unterminated quote) raises _Malformed.
-    """
-    carry, carry_quotes = bytearray(), np.empty(0, np.int64)
-    while True:
-        buffer = bytearray(len(carry) + READ_SIZE)
-        buffer[:len(carry)] = carry
+    def __init__(self, raw: BinaryIO, path: Path):
+        self.raw, self.path = raw, path
+        self.buffer, self.buffer_offset = bytearray(), 0
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="noteevents-read")
+        self.next_read = self.reader.submit(self._read)
+
+    def _read(self) -> bytes:
         try:
-            n_read = raw.readinto(memoryview(buffer)[len(carry):])
+            return self.raw.read(READ_SIZE)
         except (OSError, EOFError, zlib.error) as err:
-            raise NoteEventsError(f"{path}: the compressed stream is truncated or corrupt ({err})") from None
-        progress.update(n_read)
-        if not n_read:
-            break
-        size = len(carry) + n_read
-        new = np.frombuffer(buffer, np.uint8, count=n_read, offset=len(carry))
-        quotes = np.concatenate((carry_quotes, np.flatnonzero(new == QUOTE) + len(carry)))
-        # Stretches outside quotes, last first: after the last quote (if the count is even),
-        # then between each closing quote and the next opening one.
-        begins = np.concatenate(([0], quotes[1::2] + 1))
-        ends = np.concatenate((quotes[0::2], [size]))[: len(begins)]
-        cut = -1
-        for begin, end in zip(begins[::-1].tolist(), ends[::-1].tolist()):
-            cut = buffer.rfind(b"\n", begin, end)
-            if cut >= 0:
-                break
-        if cut < 0:
-            if size > MAX_RECORD_BYTES:
+            raise NoteEventsError(f"{self.path}: the compressed stream is truncated or corrupt ({err})") from None
+
+    def window(self, offset: int, size: int) -> tuple[np.ndarray, int, bool]:
+        pieces = [memoryview(self.buffer)[offset - self.buffer_offset:]]
+        available, at_end = len(pieces[0]), False
+        while available < size and not at_end:
+            data = self.next_read.result()
+            at_end = not data
+            if data:
+                self.next_read = self.reader.submit(self._read)
+            pieces.append(data)
+            available += len(data)
+        self.buffer, self.buffer_offset = bytearray().join(pieces), offset
+        return np.frombuffer(self.buffer, np.uint8), 0, at_end
+
+    def close(self) -> None:
+        self.reader.shutdown(cancel_futures=True)
+
+
+def _scan_span(source: _MappedFile | _Stream, start: int, stop: int, layout: _Layout,
+               out: _ScanOutputs) -> tuple[Chunk, int, bool]:
+    """The records from `start` (a record boundary) up to the first record boundary at or after
+    `stop`: (chunk, that boundary, whether it is the end of the file).
+
+    Windows reach a little past `stop` for the last record; one that holds no complete record
+    grows (a long record) up to MAX_RECORD_BYTES, past which a quote never closes. At the end of
+    the file the last record needs no newline, but one still inside quotes there is an
+    unterminated quote (or a truncated file).
+    """
+    span, offset, reach = _Span(layout), start, SPAN_OVERLAP
+    while offset < stop:
+        data, begin, at_end = source.window(offset, stop - offset + reach)
+        consumed = span.scan(data, begin, begin + stop - offset, out)
+        offset += consumed - begin
+        if at_end and offset < stop:  # the rest of the file is the last record, without its newline
+            last = data[consumed:].tobytes()
+            if last.strip():
+                last += b"\n"
+                if span.scan(np.frombuffer(bytearray(last), np.uint8), 0, len(last), out) < len(last):
+                    raise _Malformed("unterminated quote")
+            return span.chunk(), offset + len(data) - consumed, True
+        if consumed == begin:
+            if reach >= MAX_RECORD_BYTES:
                 raise _Malformed("a record longer than any note")
-            carry, carry_quotes = buffer[:size], quotes
-            continue
-        end = cut + 1
-        split = np.searchsorted(quotes, end)
-        yield buffer, end, quotes[:split]
-        carry, carry_quotes = buffer[end:size], quotes[split:] - end
-    if len(carry_quotes) % 2:
-        raise _Malformed("unterminated quote")
-    if carry.strip():
-        carry += b"\n"
-        yield carry, len(carry), carry_quotes
+            reach *= 4
+    return span.chunk(), offset, False
+
+
+def _guess_record_start(source: _MappedFile, offset: int, layout: _Layout) -> int | None:
+    """The first line start at or after `offset` from which PROBE_RECORDS records parse with
+    integer ROW_IDs: almost surely a record boundary (the caller checks)."""
+    data, begin, _ = source.window(offset - 1, PROBE_BYTES)
+    words, out = _words(data), _ScanOutputs(PROBE_RECORDS, PROBE_RECORDS)
+    for piece in range(begin, len(data), PROBE_STEP):  # newlines piece by piece: the first fits, mostly
+        for newline in (piece + np.flatnonzero(data[piece:piece + PROBE_STEP] == ord("\n"))).tolist():
+            status, _, n, _ = out.scan(data, words, newline + 1, len(data), layout)
+            if status == record_scanner.FULL and n == PROBE_RECORDS and (out.row_ids >= 0).all():
+                return offset + newline - begin
+    return None
+
+
+def _guessed_span(source: _MappedFile, offset: int, stop: int, layout: _Layout) -> tuple:
+    """(start, chunk, end) of the stretch from a guessed record start at or after `offset` to
+    `stop`; the chunk is the _Malformed error instead if scanning failed, which is real only if
+    the guess was right."""
+    start = _guess_record_start(source, offset, layout)
+    if start is None:
+        return None, None, None
+    try:
+        chunk, end, _ = _scan_span(source, start, stop, layout, _ScanOutputs())
+        return start, chunk, end
+    except _Malformed as error:
+        return start, error, None
+
+
+def _mapped_chunks(source: _MappedFile, offset: int, layout: _Layout,
+                   pool: ThreadPoolExecutor, workers: int) -> Iterator[tuple[Chunk, int]]:
+    """A plain file in READ_SIZE stretches, scanned by parallel workers; yields (chunk, bytes
+    scanned) in file order.
+
+    A stretch does not know where its first record starts until the one before it is scanned,
+    so each worker starts at a guessed record boundary. The guess is kept only if the stretch
+    before ends exactly there; otherwise the stretch is scanned again from the true boundary.
+    """
+    stops = list(range(offset + READ_SIZE, source.size, READ_SIZE)) + [source.size]
+    nominal = [offset] + stops[:-1]
+    first = pool.submit(lambda: (offset, *_scan_span(source, offset, stops[0], layout, _ScanOutputs())[:2]))
+    pending = deque([first] + [pool.submit(_guessed_span, source, nominal[k], stops[k], layout)
+                               for k in range(1, min(workers + 1, len(stops)))])
+    out, expected = _ScanOutputs(), offset
+    for k, stop in enumerate(stops):
+        start, chunk, end = pending.popleft().result()
+        if k + len(pending) + 1 < len(stops):
+            later = k + len(pending) + 1
+            pending.append(pool.submit(_guessed_span, source, nominal[later], stops[later], layout))
+        if start != expected:
+            chunk, end, _ = _scan_span(source, expected, stop, layout, out)
+        elif isinstance(chunk, _Malformed):
+            raise chunk
+        yield chunk, end - expected
+        expected = end
+
+
+def _stream_chunks(source: _Stream, offset: int, layout: _Layout,
+                   pool: ThreadPoolExecutor) -> Iterator[tuple[Chunk, int]]:
+    """A stream in READ_SIZE stretches, each scanned (in a worker) while the caller works on the
+    one before; yields (chunk, bytes scanned) in file order."""
+    out = _ScanOutputs()
+    ahead = pool.submit(_scan_span, source, offset, offset + READ_SIZE, layout, out)
+    while True:
+        chunk, end, finished = ahead.result()
+        if not finished:
+            ahead = pool.submit(_scan_span, source, end, end + READ_SIZE, layout, out)
+        yield chunk, end - offset
+        if finished:
+            return
+        offset = end
 
 
 def scan(path: str | os.PathLike, category: str = DISCHARGE_CATEGORY,
@@ -273,35 +375,38 @@ def scan(path: str | os.PathLike, category: str = DISCHARGE_CATEGORY,
     """Stream the file in record-aligned chunks: every record counted and checked, and the rows
     of `category` (exact match) parsed into string columns by Arrow.
 
-    Raises NoteEventsError naming the file and the first bad line (and its ROW_ID where it can
-    be read) for anything that is not a well-formed NOTEEVENTS file, including a header-only file.
+    Scanning runs in worker threads (the compiled scanner and Arrow release the GIL), ahead of
+    the caller's work on the chunks it has. Raises NoteEventsError naming the file and the first
+    bad line (and its ROW_ID where it can be read) for anything that is not a well-formed
+    NOTEEVENTS file, including a header-only file.
     """
     path = Path(path)
     header = read_header(path)
-    rows = 0
-    workers = max(1, pa.cpu_count())
-    with open_bytes(path) as raw, ThreadPoolExecutor(workers) as pool, \
+    rows, workers = 0, max(1, pa.cpu_count())
+    with open_bytes(path) as raw, ThreadPoolExecutor(workers, thread_name_prefix="noteevents-scan") as pool, \
             tqdm(desc=f"reading {path.name}", unit="B", unit_scale=True, mininterval=5, disable=None,
                  total=None if isinstance(raw, gzip.GzipFile) else path.stat().st_size) as progress:
-        layout = _Layout(raw.readline(), header, category, columns)
-        pending: deque[Future] = deque()
+        header_line = raw.readline()
+        progress.update(len(header_line))
+        layout = _Layout(header, category, columns)
+        if isinstance(raw, gzip.GzipFile):
+            source = _Stream(raw, path)
+            chunks = _stream_chunks(source, len(header_line), layout, pool)
+        else:
+            source = _MappedFile(raw)
+            chunks = _mapped_chunks(source, len(header_line), layout, pool, workers)
         try:
-            # Chunks are scanned in parallel (numpy and Arrow release the GIL) and yielded in order.
-            for buffer, size, quotes in _record_aligned(raw, path, progress):
-                pending.append(pool.submit(_scan, buffer, size, quotes, layout))
-                if len(pending) > workers:
-                    chunk = pending.popleft().result()
-                    rows += chunk.rows
-                    yield chunk
-            while pending:
-                chunk = pending.popleft().result()
+            for chunk, scanned in chunks:
+                progress.update(scanned)
                 rows += chunk.rows
                 yield chunk
-        except (pa.ArrowInvalid, _Malformed):
-            for future in pending:
-                future.cancel()
-            # `from None`: Arrow's own message would quote the row's text.
+        except _Malformed:
             raise NoteEventsError(f"{path}: {locate_problem(path)}") from None
+        finally:
+            chunks.close()
+            pool.shutdown(cancel_futures=True)
+            if isinstance(source, _Stream):
+                source.close()
     if rows == 0:
         raise NoteEventsError(f"{path}: header only, no note rows after line 1")
 
