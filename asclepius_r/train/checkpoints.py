@@ -21,7 +21,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -94,29 +93,42 @@ class KeepTokenizerModel(TrainerCallback):
             copy_tokenizer_model(self.base_model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
+def load_sharded_weights(model, sharded_dir: Path) -> None:
+    """Fill `model` in place from FSDP SHARDED_STATE_DICT shards (a torch.distributed.checkpoint folder).
+
+    Runs in this process alone (no_dist): accelerate's `merge_fsdp_weights` ends in a barrier,
+    so rank 0 calling it by itself pairs that barrier with the other ranks' final one and the job
+    fails after writing its output. The default planner refuses a checkpoint that lacks any of
+    the model's weights, where `from_pretrained` would only warn and keep random ones.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({"model": model.state_dict()}, checkpoint_id=sharded_dir, no_dist=True)  # accelerate saves {"model": ...}
+
+
 def export_checkpoint(checkpoint: str | Path, base_model: str | Path, out_dir: str | Path,
                       dtype: str = "bfloat16", extra_files: dict[str, dict] | None = None) -> None:
     """Write `out_dir` atomically: safetensors weights in `dtype`, config, tokenizer, tokenizer.model."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = Path(checkpoint)
-    with tempfile.TemporaryDirectory(prefix="merge-", dir=checkpoint.parent) as scratch:
-        weights = checkpoint
-        if (checkpoint / _FSDP_MODEL_DIR).is_dir():
-            from accelerate.utils import merge_fsdp_weights
-
-            log.info("merging FSDP shards of %s", checkpoint)
-            merge_fsdp_weights(str(checkpoint / _FSDP_MODEL_DIR), scratch, safe_serialization=True)
-            AutoConfig.from_pretrained(base_model).save_pretrained(scratch)
-            weights = Path(scratch)
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, dtype))
-        with atomic_path(out_dir, is_dir=True) as tmp:
-            model.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
-            copy_tokenizer_model(base_model, tmp)
-            for name, content in (extra_files or {}).items():
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+    sharded = checkpoint / _FSDP_MODEL_DIR
+    if sharded.is_dir():
+        log.info("merging FSDP shards of %s", checkpoint)
+        # The base model gives the architecture and the non-persistent buffers (rotary
+        # frequencies); every saved weight is then overwritten from the shards, in fp32 as trained.
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        load_sharded_weights(model, sharded)
+        model = model.to(getattr(torch, dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype))
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
+        copy_tokenizer_model(base_model, tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     log.info("model written to %s (%s, %d parameters)", out_dir, dtype, model.num_parameters())
 
 

@@ -1,0 +1,117 @@
+"""Run a training stage under FSDP on CPU processes (gloo), and report what the job really did.
+
+accelerate 1.15 never turns a CPU job into FSDP: `AcceleratorState.__init__` promotes the
+distributed type to FSDP only from MULTI_GPU/MLU/SDAA/MUSA/NPU/XPU/HPU/NEURON, and a CPU process
+group is MULTI_CPU, so an FSDP config (or ACCELERATE_USE_FSDP, or TrainingArguments.fsdp) is
+silently dropped and the Trainer runs DDP. torch's FSDP2 (`fully_shard`) itself works on CPU with
+gloo. This entry lifts exactly that gate: it starts the gloo group as accelerate does for CPU
+(MULTI_CPU, device cpu) and then relabels the process group MULTI_GPU, so that the Accelerator
+the Trainer builds takes the FSDP plugin from the FSDP_* variables of `accelerate launch`.
+Everything else (sharding, sharded checkpoints, resume, the merge) is the real code path.
+
+    accelerate launch --config_file CPU_FSDP.yaml tests/fsdp_cpu_entry.py MODULE RUN.json PROBE_DIR [CRASH_AFTER_STEP]
+
+Each rank writes PROBE_DIR/rank-<r>.json: the distributed type, whether the Trainer saw FSDP,
+the parameter types and shard shapes, whether decoder layers are checkpoint-wrapped, and the
+files of every checkpoint just after it was saved. At the end of training rank 0 also writes
+PROBE_DIR/gathered.pt, the full parameters all-gathered from the shards (the reference for the
+merged model). With CRASH_AFTER_STEP, every rank dies (os._exit) right after that step's
+checkpoint is on disk, as a job killed between checkpoints would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.tensor import DTensor
+from transformers import Trainer, TrainerCallback
+
+CRASH_EXIT_CODE = 17
+
+
+class Probe(TrainerCallback):
+    """Records, per rank, what the Trainer actually trains and saves."""
+
+    def __init__(self, trainer: Trainer, probe_dir: Path, crash_after_step: int | None):
+        self.trainer = trainer
+        self.probe_dir = probe_dir
+        self.crash_after_step = crash_after_step
+        self.rank = dist.get_rank()
+        self.record = {"rank": self.rank, "world_size": dist.get_world_size(), "saves": {}}
+
+    def write(self) -> None:
+        (self.probe_dir / f"rank-{self.rank}.json").write_text(json.dumps(self.record, indent=1))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        wrapped = self.trainer.model_wrapped
+        self.record.update(
+            distributed_type=str(self.trainer.accelerator.distributed_type),
+            is_fsdp_enabled=self.trainer.is_fsdp_enabled,
+            fsdp_version=self.trainer.accelerator.state.fsdp_plugin.fsdp_version,
+            state_dict_type=str(self.trainer.accelerator.state.fsdp_plugin.state_dict_type),
+            wrapped_class=type(wrapped).__name__,
+            checkpoint_wrapped_layers=sum(isinstance(m, CheckpointWrapper) for m in wrapped.modules()),
+            parameters={name: {"dtensor": isinstance(p, DTensor), "local_shape": list(
+                (p.to_local() if isinstance(p, DTensor) else p).shape), "shape": list(p.shape)}
+                        for name, p in wrapped.named_parameters()},
+        )
+        self.write()
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        dist.barrier()  # every rank has returned from the (collective) save
+        self.record["saves"][checkpoint.name] = sorted(str(p.relative_to(checkpoint))
+                                                       for p in checkpoint.rglob("*") if p.is_file())
+        self.write()
+        if state.global_step == self.crash_after_step:
+            dist.barrier()
+            os._exit(CRASH_EXIT_CODE)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        gathered = {name: p.full_tensor() if isinstance(p, DTensor) else p.detach()
+                    for name, p in self.trainer.model_wrapped.named_parameters()}  # collective
+        if self.rank == 0:
+            torch.save({name: t.detach().clone() for name, t in gathered.items()}, self.probe_dir / "gathered.pt")
+
+
+def lift_cpu_fsdp_gate() -> None:
+    """Relabel accelerate's CPU process group MULTI_GPU whenever it is (re)initialised.
+
+    TrainingArguments resets and rebuilds the process state, so the relabelling follows every
+    PartialState initialisation; the group, its gloo backend and the cpu device stay as built.
+    """
+    initialise = PartialState.__init__
+
+    def initialise_then_relabel(state, *args, **kwargs):
+        initialise(state, *args, **kwargs)
+        if state.distributed_type == DistributedType.MULTI_CPU:
+            state.distributed_type = DistributedType.MULTI_GPU
+
+    PartialState.__init__ = initialise_then_relabel
+
+
+def main(module: str, run_file: str, probe_dir: str, crash_after_step: str | None = None) -> None:
+    lift_cpu_fsdp_gate()
+    crash = int(crash_after_step) if crash_after_step else None
+    original_train = Trainer.train
+
+    def train_with_probe(trainer, *args, **kwargs):
+        trainer.add_callback(Probe(trainer, Path(probe_dir), crash))
+        return original_train(trainer, *args, **kwargs)
+
+    Trainer.train = train_with_probe
+    sys.argv = [module, run_file]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
