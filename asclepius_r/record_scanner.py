@@ -4,7 +4,8 @@ NOTEEVENTS.csv is 97% notes the stage drops, so the one thing every byte must go
 state machine (numba, no GIL): it follows CSV quoting, checks UTF-8 and the field count, rejects
 NUL bytes, and records per record its ROW_ID, its byte span and its CATEGORY (as an index into a
 small table of the distinct raw values). Inside quoted fields, which hold almost all bytes, it
-skips eight bytes at a time while a word holds no quote, NUL or non-ASCII byte.
+skips eight bytes at a time while a word holds no quote, NUL or non-ASCII byte. extract_fields
+then unquotes the wanted fields of the selected records straight into Arrow string buffers.
 
 It only says *that* a block is malformed (a status code); the caller's slow strict pass then finds
 the line and ROW_ID for the error message. A quote inside an unquoted field is an ordinary
@@ -50,7 +51,7 @@ def _compiled(function):
     """numba's nogil compilation, cached on disk next to this module or in the user's cache folder.
 
     An install where neither is writable (a read-only image with no home) compiles once per
-    process instead, about a second.
+    process instead (5-7 s on the 2-core development machine).
     """
     try:
         return njit(nogil=True, cache=True)(function)
