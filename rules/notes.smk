@@ -12,7 +12,8 @@ rule synthesize_demo_noteevents:
         "../scripts/synthesize_demo_noteevents.py"
 
 
-# Streams the file in Arrow batches: memory stays under 1 GB at any input size (bench/notes_filter.py).
+# A compiled single pass over the file (asclepius_r/record_scanner.py): memory stays under 1 GB at any
+# input size (bench/notes_filter.py).
 rule filter_notes:
     input:
         noteevents=config["noteevents"],
