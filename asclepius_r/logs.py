@@ -17,9 +17,10 @@ def setup_logging(log_file: str | None = None, level: int = logging.INFO) -> Non
     if log_file:
         sys.stdout.flush()
         sys.stderr.flush()
-        with open(log_file, "a", encoding="utf-8") as target:
-            os.dup2(target.fileno(), 1)
-            os.dup2(target.fileno(), 2)
+        target = open(log_file, "a", buffering=1, encoding="utf-8")
+        os.dup2(target.fileno(), 1)
+        os.dup2(target.fileno(), 2)
+        sys.stderr = target  # also when something (a test runner) had replaced sys.stderr
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
