@@ -53,16 +53,21 @@ def resolve(config: dict, require_data: bool = True) -> dict:
                 lines.append(f"config key {_key(error)}: {error.message}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     if require_data:
-        unset = [] if config["noteevents"] else ["noteevents (path to NOTEEVENTS.csv or .csv.gz)"]
-        unset += [f"models.{size}.base (LLaMA-{size} folder in HF format, or 'tiny')"
-                  for size, model in config["models"].items() if not model.get("base")]
-        if unset:
-            raise ConfigError(
-                "config.yaml is the paper run and needs real inputs; set:\n  " + "\n  ".join(unset)
-                + "\n(edit config.yaml or pass --config noteevents=PATH). To try the workflow without "
-                "MIMIC data, run `make demo`: it needs no data."
-            )
+        check_data_paths(config)
     return config
+
+
+def check_data_paths(config: dict) -> None:
+    """Raise, saying what to set, if the notes file or a base model is not configured."""
+    unset = [] if config["noteevents"] else ["noteevents (path to NOTEEVENTS.csv or .csv.gz)"]
+    unset += [f"models.{size}.base (LLaMA-{size} folder in HF format, or 'tiny')"
+              for size, model in config["models"].items() if not model.get("base")]
+    if unset:
+        raise ConfigError(
+            "config.yaml is the paper run and needs real inputs; set:\n  " + "\n  ".join(unset)
+            + "\n(edit config.yaml or pass --config noteevents=PATH). To try the workflow without "
+            "MIMIC data, run `make demo`: it needs no data."
+        )
 
 
 def load(path: str | Path, require_data: bool = True) -> dict:

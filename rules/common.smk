@@ -3,13 +3,14 @@
 # Snakemake puts the script's folder on sys.path; that also holds inside conda envs.
 import re
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, workflow.basedir)
 
 from asclepius_r import config as workflow_config
 
 try:
-    workflow_config.resolve(config)
+    workflow_config.resolve(config, require_data=False)
 except workflow_config.ConfigError as error:
     raise WorkflowError(str(error)) from None
 
@@ -21,8 +22,24 @@ wildcard_constraints:
     split="discharge|heldout",
 
 
+def data_path(key):
+    """The configured data path; unset data stops the DAG (dry runs too), saying what to set.
+
+    Checked here rather than at parse time so that `snakemake --lint` works on config.yaml.
+    """
+    try:
+        workflow_config.check_data_paths(config)
+    except workflow_config.ConfigError as error:
+        raise WorkflowError(str(error)) from None
+    return key(config)
+
+
+def noteevents_path(wildcards):
+    return data_path(lambda c: c["noteevents"])
+
+
 def base_model_dir(wildcards):
-    base = config["models"][wildcards.size]["base"]
+    base = data_path(lambda c: c["models"][wildcards.size]["base"])
     return f"results/base_models/{wildcards.size}" if base == "tiny" else base
 
 
@@ -41,17 +58,28 @@ def finetuned_dir(size):
 
 
 def evaluated_models():
-    """Model name -> checkpoint folder for every model the evaluation compares."""
-    models = {}
-    for size in SIZES:
-        base = config["models"][size]["base"]
-        models[f"LLaMA-{size}"] = (
-            f"results/base_models/{size}" if base == "tiny" else base
+    """Names of every model the evaluation compares: base, pretrained-only and Asclepius-R per
+    size, then the configured extra models."""
+    names = [
+        name
+        for size in SIZES
+        for name in (
+            f"LLaMA-{size}",
+            f"Asclepius-R-{size}-Pretrained-Only",
+            f"Asclepius-R-{size}",
         )
-        models[f"Asclepius-R-{size}-Pretrained-Only"] = pretrained_dir(size)
-        models[f"Asclepius-R-{size}"] = finetuned_dir(size)
-    models.update(config["evaluate"]["extra_models"])
-    return models
+    ]
+    return names + list(config["evaluate"]["extra_models"])
+
+
+def evaluated_model_dir(wildcards):
+    """The checkpoint folder of one evaluated model."""
+    name = wildcards.model
+    if name in config["evaluate"]["extra_models"]:
+        return config["evaluate"]["extra_models"][name]
+    if name.startswith("LLaMA-"):
+        return base_model_dir(SimpleNamespace(size=name.removeprefix("LLaMA-")))
+    return f"results/models/{name}"
 
 
 def training_params(stage):

@@ -4,7 +4,7 @@
 
 rule answer_heldout:
     input:
-        model=lambda wildcards: evaluated_models()[wildcards.model],
+        model=evaluated_model_dir,
         notes="results/notes/heldout.parquet",
         records="results/instructions/heldout.jsonl",
     output:
@@ -41,7 +41,7 @@ rule judge_heldout:
     log:
         "logs/evaluate/judge.log",
     params:
-        models=list(evaluated_models()),
+        models=evaluated_models(),
         judge=config["judge"],
         llm=config["llm"],
         seed=config["seed"],
@@ -64,7 +64,7 @@ rule summarise_evaluation:
     log:
         "logs/evaluate/summary.log",
     params:
-        models=list(evaluated_models()),
+        models=evaluated_models(),
     conda:
         "../envs/data.yaml"
     script:

@@ -16,7 +16,7 @@ rule synthesize_demo_noteevents:
 # input size (bench/notes_filter.py).
 rule filter_notes:
     input:
-        noteevents=config["noteevents"],
+        noteevents=noteevents_path,
         exclude_row_ids=config["notes"]["exclude_row_ids"] or [],
     output:
         train="results/notes/discharge.parquet",

@@ -1,7 +1,5 @@
 # Stage 7: the PhysioNet release folder: checkpoints with model cards, the dataset, the LLM
 # archives, evaluation tables, training logs, the workflow archive, a manifest and SHA256SUMS.
-from types import SimpleNamespace
-
 # The data inputs whose hashes the manifest records: the notes file and the base models.
 DATA_INPUTS = ["noteevents", *(f"base_model_{size}" for size in SIZES)]
 
@@ -10,7 +8,7 @@ rule release:
     input:
         unpack(
             lambda wildcards: {
-                "noteevents": config["noteevents"],
+                "noteevents": noteevents_path(wildcards),
                 **{
                     f"base_model_{size}": base_model_dir(SimpleNamespace(size=size))
                     for size in SIZES
