@@ -13,7 +13,6 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
-TRAINING_STAGES = ("pretrain", "finetune")
 
 
 class ConfigError(ValueError):
