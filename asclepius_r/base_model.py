@@ -95,4 +95,6 @@ def copy_tokenizer_model(base: str | Path, out: str | Path) -> None:
     """Every checkpoint keeps the base model's original SentencePiece file (transformers 5 drops it)."""
     source = Path(base) / "tokenizer.model"
     if source.exists():
-        shutil.copy2(source, Path(out) / "tokenizer.model")
+        # Atomic, so a job killed mid-copy never leaves a truncated file in a checkpoint.
+        with atomic_path(Path(out) / "tokenizer.model") as tmp:
+            shutil.copy2(source, tmp)
