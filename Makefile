@@ -16,7 +16,7 @@ $(STAMP): requirements.lock pyproject.toml
 	# The package is used in place (like an editable install, without build tools).
 	$(BIN)/python -c 'import site, sys; open(site.getsitepackages()[0] + "/asclepius_r.pth", "w").write(sys.argv[1] + "\n")' $(CURDIR)
 	$(BIN)/python -m pip check
-	# Compile the notes scanner's kernels once, at install time, not in the first run.
+	# Compile the notes scanner (C, with the system compiler) once, at install time, not in the first run.
 	$(BIN)/python -m asclepius_r.record_scanner
 	touch $@
 

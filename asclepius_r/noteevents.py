@@ -17,9 +17,11 @@ from __future__ import annotations
 import csv
 import difflib
 import gzip
+import hashlib
 import logging
 import mmap
 import os
+import tempfile
 import zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -121,7 +123,9 @@ class Chunk:
     row_ids: np.ndarray  # ROW_ID of every record, in file order
     bad_row_id: tuple[int, str] | None  # (record index, raw value) of the first non-integer ROW_ID
     categories: Counter  # CATEGORY value -> records
-    selected: pa.Table | None  # the records whose CATEGORY is exactly the one asked for, all columns as strings
+    selected: pa.Table | None  # the records whose CATEGORY is exactly the one asked for: their columns but TEXT, as strings
+    text_digests: list[bytes]  # SHA-1 of each selected record's TEXT, for exact-duplicate detection
+    spans: np.ndarray  # (selected, 2): where each selected record lies, for NoteEvents.texts
 
 
 class _Layout:
@@ -131,8 +135,9 @@ class _Layout:
         self.n_columns = len(header)
         self.row_id = header.index("ROW_ID")
         self.category = header.index("CATEGORY")
+        self.text = header.index("TEXT")
         self.wanted = category
-        self.columns = {name: header.index(name) for name in columns}  # output name -> field index
+        self.columns = {name: header.index(name) for name in columns if name != "TEXT"}  # output name -> field index
 
 
 def _unquote(raw: bytes) -> str:
@@ -140,46 +145,59 @@ def _unquote(raw: bytes) -> str:
     return text[1:-1].replace('""', '"') if len(text) >= 2 and text[0] == text[-1] == '"' else text
 
 
-class _ScanOutputs:
-    """The compiled scanner's per-record output arrays, reused from call to call."""
-
-    def __init__(self, records: int = RECORDS_PER_CALL, categories: int = MAX_CATEGORIES_PER_CALL):
-        self.row_ids = np.empty(records, np.int64)
-        self.starts = np.empty(records, np.int64)
-        self.ends = np.empty(records, np.int64)
-        self.category_ids = np.empty(records, np.int32)
-        self.category_spans = np.empty((categories, 2), np.int64)
-
-    def scan(self, data: np.ndarray, words: np.ndarray, begin: int, stop: int, layout: _Layout):
-        """One call of the compiled scanner: (status, consumed, records, distinct categories)."""
-        return record_scanner.scan_records(data, words, begin, stop, layout.n_columns, layout.row_id,
-                                           layout.category, self.row_ids, self.starts, self.ends,
-                                           self.category_ids, self.category_spans)
+def _strings(offsets: np.ndarray, values: np.ndarray) -> pa.StringArray:
+    """An Arrow string array over the scanner's buffers (no copy)."""
+    return pa.Array.from_buffers(pa.string(), len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
 
 
-def _words(data: np.ndarray) -> np.ndarray:
-    return data[: len(data) // 8 * 8].view(np.uint64)
+class _RecordsInPlace:
+    """Selected records of a plain file stay where they are: their spans are offsets in the file."""
+
+    @staticmethod
+    def keep(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: int) -> np.ndarray:
+        return np.stack([starts + base, ends + base], axis=1)
+
+
+class _StagedRecords:
+    """Selected records of a stream (gzip, which cannot be read again cheaply) are copied, raw, into a
+    temporary file as they pass: a few percent of the bytes. Their spans are offsets in that file."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.size = file, 0
+
+    def keep(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: int) -> np.ndarray:
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            self.file.write(data[start:end])
+        lengths = ends - starts
+        spans = np.empty((len(starts), 2), np.int64)
+        spans[:, 1] = self.size + np.cumsum(lengths)
+        spans[:, 0] = spans[:, 1] - lengths
+        self.size = int(spans[-1, 1]) if len(spans) else self.size
+        return spans
 
 
 class _Span:
     """The records of one stretch of the file, gathered block by block, then turned into a Chunk."""
 
-    def __init__(self, layout: _Layout):
-        self.layout = layout
+    def __init__(self, layout: _Layout, records: _RecordsInPlace | _StagedRecords):
+        self.layout, self.records = layout, records
         self.rows = 0
         self.row_ids: list[np.ndarray] = []
         self.categories: Counter = Counter()
         self.selected: list[pa.Table] = []
+        self.digests: list[bytes] = []
+        self.spans: list[np.ndarray] = []
         self.bad_row_id: tuple[int, str] | None = None
 
-    def scan(self, data: np.ndarray, begin: int, stop: int, out: _ScanOutputs) -> int:
-        """Scan data[begin:] (begin is a record boundary) up to the first record boundary at or
-        after `stop`; returns where it stopped (a partial record at the end is left). Raises
-        _Malformed for anything a strict CSV reader rejects."""
-        words, layout = _words(data), self.layout
+    def scan(self, data: np.ndarray, begin: int, stop: int, out: record_scanner.ScanOutputs, base: int) -> int:
+        """Scan data[begin:] (begin is a record boundary; data[0] is at offset `base` of the file)
+        up to the first record boundary at or after `stop`; returns where it stopped (a partial
+        record at the end is left). Raises _Malformed for anything a strict CSV reader rejects."""
+        layout = self.layout
         status, position = record_scanner.FULL, begin
         while status == record_scanner.FULL:
-            status, position, n, n_categories = out.scan(data, words, position, stop, layout)
+            status, position, n, n_categories = record_scanner.scan_records(
+                data, position, stop, layout.n_columns, layout.row_id, layout.category, out)
             if status in record_scanner.PROBLEMS:
                 raise _Malformed(record_scanner.PROBLEMS[status])
             ids, starts, ends, category_ids = out.row_ids[:n], out.starts[:n], out.ends[:n], out.category_ids[:n]
@@ -189,7 +207,7 @@ class _Span:
                 self.categories[value] += count
             wanted = np.isin(category_ids, [k for k, value in enumerate(values) if value == layout.wanted])
             if wanted.any():
-                self.selected.append(self._extract(data, words, starts[wanted], ends[wanted]))
+                self._select(data, starts[wanted], ends[wanted], base)
             bad = np.flatnonzero(ids < 0)
             if self.bad_row_id is None and len(bad):
                 record = data[starts[bad[0]]:ends[bad[0]]].tobytes().decode("utf-8")
@@ -198,28 +216,27 @@ class _Span:
             self.rows += n
         return position
 
-    def _extract(self, data: np.ndarray, words: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.Table:
-        """The wanted columns of the given records, unquoted, as Arrow strings (compiled, straight
-        into the arrays' buffers; the scanner has checked the records and their UTF-8)."""
+    def _select(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: int) -> None:
+        """Keep the asked columns of the given records (unquoted by the scanner, as Arrow strings),
+        their TEXT's digest and where they lie; TEXT itself is read again only for the notes kept."""
         layout = self.layout
-        offsets = np.empty((len(layout.columns), len(starts) + 1), np.int32)
-        values = np.empty(int((ends - starts).sum()), np.uint8)
-        bases = record_scanner.extract_fields(data, words, starts, ends, layout.n_columns,
-                                              np.array(list(layout.columns.values()), np.int64), offsets, values)
-        return pa.table({name: pa.Array.from_buffers(pa.string(), len(starts), [
-            None, pa.py_buffer(offsets[c]), pa.py_buffer(values[bases[c]:bases[c + 1]])])
-            for c, name in enumerate(layout.columns)})
+        *columns, (text_offsets, text) = record_scanner.extract_fields(
+            data, starts, ends, layout.n_columns, [*layout.columns.values(), layout.text])
+        self.selected.append(pa.table({name: _strings(*column) for name, column in zip(layout.columns, columns)}))
+        # SHA-1 (the fastest hashlib digest here; it releases the GIL) is ample against accidental collisions.
+        self.digests.extend(hashlib.sha1(text[begin:end], usedforsecurity=False).digest()
+                            for begin, end in zip(text_offsets[:-1].tolist(), text_offsets[1:].tolist()))
+        self.spans.append(self.records.keep(data, starts, ends, base))
 
     def chunk(self) -> Chunk:
-        table = pa.concat_tables(self.selected) if self.selected else None
-        row_ids = np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64)
-        return Chunk(self.rows, row_ids, self.bad_row_id, self.categories, table)
+        return Chunk(self.rows, np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64),
+                     self.bad_row_id, self.categories, pa.concat_tables(self.selected) if self.selected else None,
+                     self.digests, np.concatenate(self.spans) if self.spans else np.empty((0, 2), np.int64))
 
 
 class _MappedFile:
-    """Windows of a plain file, memory-mapped: no copy, the scanner reads the page cache in place.
-
-    Each window is unmapped once nothing refers to it, so memory holds only the windows in use.
+    """Windows of a plain file, memory-mapped read-only: no copy, the scanner reads the page cache
+    in place. Each window is unmapped once nothing refers to it, so memory holds only the windows in use.
     """
 
     def __init__(self, raw: BinaryIO):
@@ -232,8 +249,7 @@ class _MappedFile:
         end = min(offset + size, self.size)
         if end <= offset:
             return np.empty(0, np.uint8), 0, True
-        # ACCESS_COPY (private, never written) gives a writable array: the scanner's one compiled signature.
-        mapped = mmap.mmap(self.raw.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        mapped = mmap.mmap(self.raw.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_READ)
         return np.frombuffer(mapped, np.uint8), offset - aligned, end == self.size
 
 
@@ -270,8 +286,12 @@ class _Stream:
         self.reader.shutdown(cancel_futures=True)
 
 
+def _new_outputs() -> record_scanner.ScanOutputs:
+    return record_scanner.ScanOutputs(RECORDS_PER_CALL, MAX_CATEGORIES_PER_CALL)
+
+
 def _scan_span(source: _MappedFile | _Stream, start: int, stop: int, layout: _Layout,
-               out: _ScanOutputs) -> tuple[Chunk, int, bool]:
+               records: _RecordsInPlace | _StagedRecords, out: record_scanner.ScanOutputs) -> tuple[Chunk, int, bool]:
     """The records from `start` (a record boundary) up to the first record boundary at or after
     `stop`: (chunk, that boundary, whether it is the end of the file).
 
@@ -280,16 +300,16 @@ def _scan_span(source: _MappedFile | _Stream, start: int, stop: int, layout: _La
     the file the last record needs no newline, but one still inside quotes there is an
     unterminated quote (or a truncated file).
     """
-    span, offset, reach = _Span(layout), start, SPAN_OVERLAP
+    span, offset, reach = _Span(layout, records), start, SPAN_OVERLAP
     while offset < stop:
         data, begin, at_end = source.window(offset, stop - offset + reach)
-        consumed = span.scan(data, begin, begin + stop - offset, out)
+        consumed = span.scan(data, begin, begin + stop - offset, out, base=offset - begin)
         offset += consumed - begin
         if at_end and offset < stop:  # the rest of the file is the last record, without its newline
             last = data[consumed:].tobytes()
             if last.strip():
                 last += b"\n"
-                if span.scan(np.frombuffer(bytearray(last), np.uint8), 0, len(last), out) < len(last):
+                if span.scan(np.frombuffer(last, np.uint8), 0, len(last), out, base=offset) < len(last):
                     raise _Malformed("unterminated quote")
             return span.chunk(), offset + len(data) - consumed, True
         if consumed == begin:
@@ -303,10 +323,11 @@ def _guess_record_start(source: _MappedFile, offset: int, layout: _Layout) -> in
     """The first line start at or after `offset` from which PROBE_RECORDS records parse with
     integer ROW_IDs: almost surely a record boundary (the caller checks)."""
     data, begin, _ = source.window(offset - 1, PROBE_BYTES)
-    words, out = _words(data), _ScanOutputs(PROBE_RECORDS, PROBE_RECORDS)
+    out = record_scanner.ScanOutputs(PROBE_RECORDS, PROBE_RECORDS)
     for piece in range(begin, len(data), PROBE_STEP):  # newlines piece by piece: the first fits, mostly
         for newline in (piece + np.flatnonzero(data[piece:piece + PROBE_STEP] == ord("\n"))).tolist():
-            status, _, n, _ = out.scan(data, words, newline + 1, len(data), layout)
+            status, _, n, _ = record_scanner.scan_records(data, newline + 1, len(data), layout.n_columns,
+                                                          layout.row_id, layout.category, out)
             if status == record_scanner.FULL and n == PROBE_RECORDS and (out.row_ids >= 0).all():
                 return offset + newline - begin
     return None
@@ -320,7 +341,7 @@ def _guessed_span(source: _MappedFile, offset: int, stop: int, layout: _Layout) 
     if start is None:
         return None, None, None
     try:
-        chunk, end, _ = _scan_span(source, start, stop, layout, _ScanOutputs())
+        chunk, end, _ = _scan_span(source, start, stop, layout, _RecordsInPlace(), _new_outputs())
         return start, chunk, end
     except _Malformed as error:
         return start, error, None
@@ -337,78 +358,120 @@ def _mapped_chunks(source: _MappedFile, offset: int, layout: _Layout,
     """
     stops = list(range(offset + READ_SIZE, source.size, READ_SIZE)) + [source.size]
     nominal = [offset] + stops[:-1]
-    first = pool.submit(lambda: (offset, *_scan_span(source, offset, stops[0], layout, _ScanOutputs())[:2]))
+    first = pool.submit(lambda: (offset, *_scan_span(source, offset, stops[0], layout, _RecordsInPlace(),
+                                                     _new_outputs())[:2]))
     pending = deque([first] + [pool.submit(_guessed_span, source, nominal[k], stops[k], layout)
                                for k in range(1, min(workers + 1, len(stops)))])
-    out, expected = _ScanOutputs(), offset
+    out, expected = _new_outputs(), offset
     for k, stop in enumerate(stops):
         start, chunk, end = pending.popleft().result()
         if k + len(pending) + 1 < len(stops):
             later = k + len(pending) + 1
             pending.append(pool.submit(_guessed_span, source, nominal[later], stops[later], layout))
         if start != expected:
-            chunk, end, _ = _scan_span(source, expected, stop, layout, out)
+            chunk, end, _ = _scan_span(source, expected, stop, layout, _RecordsInPlace(), out)
         elif isinstance(chunk, _Malformed):
             raise chunk
         yield chunk, end - expected
         expected = end
 
 
-def _stream_chunks(source: _Stream, offset: int, layout: _Layout,
+def _stream_chunks(source: _Stream, offset: int, layout: _Layout, records: _StagedRecords,
                    pool: ThreadPoolExecutor) -> Iterator[tuple[Chunk, int]]:
     """A stream in READ_SIZE stretches, each scanned (in a worker) while the caller works on the
     one before; yields (chunk, bytes scanned) in file order."""
-    out = _ScanOutputs()
-    ahead = pool.submit(_scan_span, source, offset, offset + READ_SIZE, layout, out)
+    out = _new_outputs()
+    ahead = pool.submit(_scan_span, source, offset, offset + READ_SIZE, layout, records, out)
     while True:
         chunk, end, finished = ahead.result()
         if not finished:
-            ahead = pool.submit(_scan_span, source, end, end + READ_SIZE, layout, out)
+            ahead = pool.submit(_scan_span, source, end, end + READ_SIZE, layout, records, out)
         yield chunk, end - offset
         if finished:
             return
         offset = end
 
 
-def scan(path: str | os.PathLike, category: str = DISCHARGE_CATEGORY,
-         columns: tuple[str, ...] = COLUMNS) -> Iterator[Chunk]:
-    """Stream the file in record-aligned chunks: every record counted and checked, and the rows
-    of `category` (exact match) parsed into string columns by Arrow.
+class NoteEvents:
+    """A NOTEEVENTS file (plain or gzip), opened for one streaming scan of its records, then for
+    reading the TEXT of the records the scan selected.
 
-    Scanning runs in worker threads (the compiled scanner and Arrow release the GIL), ahead of
-    the caller's work on the chunks it has. Raises NoteEventsError naming the file and the first
-    bad line (and its ROW_ID where it can be read) for anything that is not a well-formed
-    NOTEEVENTS file, including a header-only file.
+    The scan checks every record and returns the selected ones without their TEXT (the bulk of the
+    bytes) but with where they lie, so a caller that must see the whole file before it can decide
+    where each note goes (the held-out split) reads the texts afterwards, only for the notes it keeps:
+    from the file itself when it is plain (still in the page cache), or from a temporary copy of the
+    selected records made during the scan when it is a stream (in `staging_dir`).
     """
-    path = Path(path)
-    header = read_header(path)
-    rows, workers = 0, max(1, pa.cpu_count())
-    with open_bytes(path) as raw, ThreadPoolExecutor(workers, thread_name_prefix="noteevents-scan") as pool, \
-            tqdm(desc=f"reading {path.name}", unit="B", unit_scale=True, mininterval=5, disable=None,
-                 total=None if isinstance(raw, gzip.GzipFile) else path.stat().st_size) as progress:
-        header_line = raw.readline()
-        progress.update(len(header_line))
-        layout = _Layout(header, category, columns)
-        if isinstance(raw, gzip.GzipFile):
-            source = _Stream(raw, path)
-            chunks = _stream_chunks(source, len(header_line), layout, pool)
-        else:
-            source = _MappedFile(raw)
-            chunks = _mapped_chunks(source, len(header_line), layout, pool, workers)
-        try:
-            for chunk, scanned in chunks:
-                progress.update(scanned)
-                rows += chunk.rows
-                yield chunk
-        except _Malformed:
-            raise NoteEventsError(f"{path}: {locate_problem(path)}") from None
-        finally:
-            chunks.close()
-            pool.shutdown(cancel_futures=True)
-            if isinstance(source, _Stream):
-                source.close()
-    if rows == 0:
-        raise NoteEventsError(f"{path}: header only, no note rows after line 1")
+
+    def __init__(self, path: str | os.PathLike, staging_dir: str | os.PathLike | None = None):
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        self._raw = open_bytes(self.path)
+        self._staging = tempfile.TemporaryFile(dir=staging_dir) if isinstance(self._raw, gzip.GzipFile) else None
+        self._layout: _Layout | None = None
+        self._records: _MappedFile | None = None
+
+    def __enter__(self) -> NoteEvents:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._raw.close()
+        if self._staging:
+            self._staging.close()
+
+    def scan(self, category: str = DISCHARGE_CATEGORY, columns: tuple[str, ...] = COLUMNS) -> Iterator[Chunk]:
+        """Stream the file in record-aligned chunks: every record counted and checked, and the rows
+        of `category` (exact match) parsed into string columns (all of `columns` but TEXT).
+
+        Scanning runs in worker threads (the compiled scanner and Arrow release the GIL), ahead of
+        the caller's work on the chunks it has. Raises NoteEventsError naming the file and the first
+        bad line (and its ROW_ID where it can be read) for anything that is not a well-formed
+        NOTEEVENTS file, including a header-only file.
+        """
+        path, raw, rows, workers = self.path, self._raw, 0, max(1, pa.cpu_count())
+        with ThreadPoolExecutor(workers, thread_name_prefix="noteevents-scan") as pool, \
+                tqdm(desc=f"reading {path.name}", unit="B", unit_scale=True, mininterval=5, disable=None,
+                     total=None if self._staging else path.stat().st_size) as progress:
+            header_line = raw.readline()
+            progress.update(len(header_line))
+            self._layout = _Layout(self.header, category, columns)
+            if self._staging:
+                source = _Stream(raw, path)
+                chunks = _stream_chunks(source, len(header_line), self._layout, _StagedRecords(self._staging), pool)
+            else:
+                source = _MappedFile(raw)
+                chunks = _mapped_chunks(source, len(header_line), self._layout, pool, workers)
+            try:
+                for chunk, scanned in chunks:
+                    progress.update(scanned)
+                    rows += chunk.rows
+                    yield chunk
+            except _Malformed:
+                raise NoteEventsError(f"{path}: {locate_problem(path)}") from None
+            finally:
+                chunks.close()
+                pool.shutdown(cancel_futures=True)
+                if isinstance(source, _Stream):
+                    source.close()
+        if rows == 0:
+            raise NoteEventsError(f"{path}: header only, no note rows after line 1")
+        if self._staging:
+            self._staging.flush()
+        self._records = _MappedFile(self._staging or raw)
+
+    def texts(self, spans: np.ndarray) -> pa.StringArray:
+        """The TEXT of selected records, given their spans (from the scan's chunks, in file order)."""
+        if self._records is None:
+            raise RuntimeError("NoteEvents.texts() needs a finished scan()")
+        if len(spans) == 0:
+            return pa.array([], pa.string())
+        # The file's last record may lack its newline; its span counts one.
+        first, last = int(spans[0, 0]), min(int(spans[:, 1].max()), self._records.size)
+        data, begin, _ = self._records.window(first, last - first)
+        (offsets, values), = record_scanner.extract_fields(
+            data, spans[:, 0] - first + begin, np.minimum(spans[:, 1], last) - first + begin,
+            self._layout.n_columns, [self._layout.text])
+        return _strings(offsets, values)
 
 
 class _Lines:

@@ -15,10 +15,11 @@ import hashlib
 import logging
 import re
 import tempfile
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .files import atomic_path, write_json
-from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEventsError, scan
+from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +90,22 @@ def _is_near_miss(category: str) -> bool:
     return category != DISCHARGE_CATEGORY and category.strip().lower() == DISCHARGE_CATEGORY.lower()
 
 
+# pa.array and pa.scalar would do for these two, but they import pandas to check their input's
+# type: half a second, a fifth of the stage on a 2 GB file.
+def _int64_array(values: np.ndarray) -> pa.Array:
+    """numpy int64 -> Arrow, without a copy."""
+    values = np.ascontiguousarray(values, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def _string_scalar(value: str) -> pa.Scalar:
+    data = value.encode()
+    return pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, len(data)], np.int32)),
+                                                  pa.py_buffer(data)])[0]
+
+
 def _to_int(array: pa.ChunkedArray) -> pa.Array:
     return pc.cast(array, pa.int64()).combine_chunks()  # the scanner has checked ROW_IDs; SUBJECT_IDs fail here
-
-
-def _utf8_views(strings: pa.StringArray) -> Iterator[memoryview]:
-    """Each value's bytes as a view into the array's buffer (no copies, no Python strings)."""
-    offsets = np.frombuffer(strings.buffers()[1], np.int32, len(strings) + 1, strings.offset * 4)
-    data = memoryview(strings.buffers()[2])
-    for begin, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-        yield data[begin:end]
 
 
 class _Filter:
@@ -111,14 +118,14 @@ class _Filter:
         self.rows_read = 0
         self.row_ids: list[np.ndarray] = []
         self.seen_text: set[bytes] = set()
-        # From numpy, not lists: pa.array of a list imports pandas (half a second).
-        self.exclude = pa.array(np.array(sorted(policy.exclude_row_ids), np.int64))
+        self.exclude = _int64_array(np.array(sorted(policy.exclude_row_ids), np.int64))
 
     @property
     def near_miss(self) -> Counter:
         return Counter({value: n for value, n in self.categories.items() if _is_near_miss(value)})
 
-    def __call__(self, chunk: Chunk) -> pa.RecordBatch | None:
+    def __call__(self, chunk: Chunk) -> tuple[pa.Table, np.ndarray] | None:
+        """The chunk's kept notes (all columns but TEXT, ROW_ID and SUBJECT_ID as integers) and where their records lie."""
         if chunk.bad_row_id:
             row, value = chunk.bad_row_id
             raise NoteEventsError(f"{self.path}: data row {self.rows_read + row + 1}: ROW_ID {value!r} "
@@ -126,47 +133,38 @@ class _Filter:
         self.rows_read += chunk.rows
         self.row_ids.append(chunk.row_ids)
         self.categories.update(chunk.categories)
-        kept = chunk.selected
-        self.counts["other_category"] += chunk.rows - (kept.num_rows if kept else 0)
-        if kept is None:
+        selected = chunk.selected
+        self.counts["other_category"] += chunk.rows - (selected.num_rows if selected else 0)
+        if selected is None:
             return None
         policy = self.policy
-        keep = pa.array(np.ones(kept.num_rows, bool))
+        keep = np.ones(selected.num_rows, bool)
         for reason, applies, mask in (
-            ("iserror", policy.drop_iserror, lambda: pc.equal(kept.column("ISERROR"), "1")),
-            ("addendum", not policy.keep_addenda, lambda: pc.equal(kept.column("DESCRIPTION"), "Addendum")),
-            ("excluded", len(self.exclude) > 0, lambda: pc.is_in(_to_int(kept.column("ROW_ID")), self.exclude)),
+            ("iserror", policy.drop_iserror, lambda: pc.equal(selected.column("ISERROR"), _string_scalar("1"))),
+            ("addendum", not policy.keep_addenda, lambda: pc.equal(selected.column("DESCRIPTION"), _string_scalar("Addendum"))),
+            ("excluded", len(self.exclude) > 0, lambda: pc.is_in(_to_int(selected.column("ROW_ID")), self.exclude)),
         ):
             if applies:
-                hit = pc.and_(keep, mask())
-                self.counts[reason] += pc.sum(hit).as_py() or 0
-                keep = pc.and_(keep, pc.invert(hit))
-        kept = (kept if pc.all(keep).as_py() else kept.filter(keep)).combine_chunks()
-        if policy.drop_duplicate_text and kept.num_rows:
-            # Digests of the texts' bytes, read in place; the first of identical texts (in file order) is kept.
-            # SHA-1 (the fastest hashlib digest here, 1.5 GB/s) is ample against accidental collisions.
-            first_seen = np.empty(kept.num_rows, bool)
-            for row, text in enumerate(_utf8_views(kept.column("TEXT").chunk(0))):
-                digest = hashlib.sha1(text, usedforsecurity=False).digest()
-                first_seen[row] = digest not in self.seen_text
+                hit = keep & np.asarray(mask())
+                self.counts[reason] += int(hit.sum())
+                keep &= ~hit
+        if policy.drop_duplicate_text:  # the first of identical texts (in file order) is kept
+            for row in np.flatnonzero(keep).tolist():
+                digest = chunk.text_digests[row]
+                if digest in self.seen_text:
+                    keep[row] = False
+                    self.counts["duplicate_text"] += 1
                 self.seen_text.add(digest)
-            self.counts["duplicate_text"] += int((~first_seen).sum())
-            if not first_seen.all():
-                kept = kept.filter(pa.array(first_seen))
-        texts = kept.column("TEXT").combine_chunks()
-        if policy.coarse_placeholders:
-            texts = pa.array([coarsen_placeholders(t) for t in texts.to_pylist()], pa.string())
+        kept = selected.take(_int64_array(np.flatnonzero(keep)))
         try:
             subjects = _to_int(kept.column("SUBJECT_ID"))
         except pa.ArrowInvalid:
             raise NoteEventsError(f"{self.path}: a SUBJECT_ID of a discharge summary near data row "
                                   f"{self.rows_read} is not an integer") from None
-        return pa.record_batch(
-            [_to_int(kept.column("ROW_ID")), subjects,
-             *(kept.column(name).combine_chunks() for name in ("HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR")),
-             texts],
-            schema=NOTE_SCHEMA,
-        )
+        table = pa.table([_to_int(kept.column("ROW_ID")), subjects,
+                          *(kept.column(name).combine_chunks() for name in NOTE_SCHEMA.names[2:-1])],
+                         schema=NOTE_SCHEMA.remove(NOTE_SCHEMA.get_field_index("TEXT")))
+        return table, chunk.spans[keep]
 
     def check_unique_row_ids(self) -> None:
         all_ids = np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64)
@@ -178,27 +176,52 @@ class _Filter:
                                   f"ROW_ID is the primary key of NOTEEVENTS")
 
 
-def filter_discharge(noteevents: Path, staging: Path, policy: NotePolicy) -> tuple[_Filter, np.ndarray]:
-    """Stream NOTEEVENTS into `staging` (an Arrow IPC file: written and read back at memory
-    speed, unlike Parquet), keeping discharge summaries per `policy`. Returns the filter (its
-    counts) and the SUBJECT_ID of every kept note."""
-    keep = _Filter(noteevents, policy)
-    pending: list[pa.RecordBatch] = []
-    subjects: list[np.ndarray] = []
-    with pa.OSFile(str(staging), "wb") as sink, pa.ipc.new_file(sink, NOTE_SCHEMA) as writer:
-        # Batches of OUTPUT_ROW_GROUP notes: the split reads them back one at a time, one output row group each.
-        for chunk in scan(noteevents, DISCHARGE_CATEGORY, columns=KEPT_COLUMNS):
-            kept = keep(chunk)
-            if kept is not None and kept.num_rows:
-                pending.append(kept)
-                subjects.append(kept.column("SUBJECT_ID").to_numpy())
-            if sum(batch.num_rows for batch in pending) >= OUTPUT_ROW_GROUP:
-                writer.write_table(pa.Table.from_batches(pending).combine_chunks())
-                pending = []
-        if pending:
-            writer.write_table(pa.Table.from_batches(pending).combine_chunks())
+def filter_discharge(source: NoteEvents, policy: NotePolicy) -> tuple[_Filter, pa.Table, np.ndarray]:
+    """Scan NOTEEVENTS once, keeping discharge summaries per `policy`. Returns the filter (its
+    counts), the kept notes without their TEXT, in file order, and where their records lie."""
+    keep = _Filter(source.path, policy)
+    tables, spans = [], []
+    for chunk in source.scan(DISCHARGE_CATEGORY, columns=KEPT_COLUMNS):
+        kept = keep(chunk)
+        if kept is not None:
+            tables.append(kept[0])
+            spans.append(kept[1])
     keep.check_unique_row_ids()
-    return keep, np.concatenate(subjects) if subjects else np.empty(0, np.int64)
+    if not tables:
+        return keep, pa.table({}), np.empty((0, 2), np.int64)
+    return keep, pa.concat_tables(tables).combine_chunks(), np.concatenate(spans)
+
+
+def _prefetched(pool: ThreadPoolExecutor, function: Callable, items: list, depth: int) -> Iterator:
+    """function(item) for each item, in order, computed in `pool` at most `depth` items ahead."""
+    ahead = deque(pool.submit(function, item) for item in items[:depth])
+    for k in range(len(items)):
+        result = ahead.popleft().result()
+        if k + depth < len(items):
+            ahead.append(pool.submit(function, items[k + depth]))
+        yield result
+
+
+def write_notes(source: NoteEvents, notes: pa.Table, spans: np.ndarray, outputs: list[tuple[pq.ParquetWriter, np.ndarray]],
+                policy: NotePolicy) -> None:
+    """Write the notes chosen by each (writer, row indices) pair, TEXT read back from `source`.
+
+    Worker threads read the texts of the next row groups while this thread compresses and writes
+    the current one (both outside the GIL); memory holds a few row groups.
+    """
+    def with_text(job: tuple[pq.ParquetWriter, np.ndarray]) -> tuple[pq.ParquetWriter, pa.Table]:
+        writer, rows = job
+        texts = source.texts(spans[rows])
+        if policy.coarse_placeholders:
+            texts = pa.array([coarsen_placeholders(t) for t in texts.to_pylist()], pa.string())
+        return writer, notes.take(_int64_array(rows)).append_column(NOTE_SCHEMA.field("TEXT"), texts)
+
+    jobs = [(writer, rows[k:k + OUTPUT_ROW_GROUP]) for writer, rows in outputs
+            for k in range(0, len(rows), OUTPUT_ROW_GROUP)]
+    workers = max(1, pa.cpu_count())
+    with ThreadPoolExecutor(workers, thread_name_prefix="notes-text") as pool:
+        for writer, table in _prefetched(pool, with_text, jobs, depth=workers + 1):
+            writer.write_table(table)
 
 
 def heldout_subjects(subjects: np.ndarray, policy: SplitPolicy) -> set[int]:
@@ -241,41 +264,35 @@ def run_notes_stage(
 ) -> dict:
     """Run the whole notes stage; every output appears atomically or not at all.
 
-    Two streaming passes: NOTEEVENTS -> a staging file of kept notes, then staging ->
-    training and held-out files once the held-out patients are known. Memory holds only one
-    batch, the ROW_IDs and the kept texts' digests.
+    One pass over NOTEEVENTS finds and filters the discharge summaries, holding everything about
+    them but their text; once the held-out patients are known, the kept notes' texts are read
+    back from where they lie (see NoteEvents) into the training and held-out files.
     """
     noteevents = Path(noteevents)
     if threads:
         pa.set_cpu_count(threads)
     Path(discharge_out).parent.mkdir(parents=True, exist_ok=True)
-    with _cyclic_gc_paused(), tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work:
-        staging = Path(work) / "kept.arrow"
-        kept, subjects = filter_discharge(noteevents, staging, policy)
-        if len(subjects) == 0:
+    with _cyclic_gc_paused(), tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work, \
+            NoteEvents(noteevents, staging_dir=work) as source:
+        kept, notes, spans = filter_discharge(source, policy)
+        if notes.num_rows == 0:
             raise NoteEventsError(f"{noteevents}: no note is kept ({kept.rows_read} rows read; dropped: "
                                   f"{_reasons(kept.counts)}); check the file and the `notes` policies")
+        subjects = notes.column("SUBJECT_ID").to_numpy()
         held = heldout_subjects(subjects, split)
-        n_held = int(np.isin(subjects, list(held)).sum())
+        is_held = np.isin(subjects, np.array(sorted(held), np.int64))
+        n_held = int(is_held.sum())
         if n_held == len(subjects):
             raise NoteEventsError(f"config key notes.heldout_notes ({split.heldout_notes}) holds out all "
                                   f"{len(subjects)} kept notes of {noteevents}; none would be left for training")
-        held_array = pa.array(np.array(sorted(held), np.int64))
-        heldout_ids = []
         with atomic_path(discharge_out) as tmp_train, atomic_path(heldout_out) as tmp_held, \
                 atomic_path(heldout_ids_out) as tmp_ids, \
                 pq.ParquetWriter(tmp_train, NOTE_SCHEMA, **OUTPUT_PARQUET) as train_writer, \
-                pq.ParquetWriter(tmp_held, NOTE_SCHEMA, **OUTPUT_PARQUET) as heldout_writer, \
-                pa.OSFile(str(staging)) as source:
-            staged = pa.ipc.open_file(source)
-            for index in range(staged.num_record_batches):  # one at a time (read, not mapped): memory stays flat
-                batch = pa.Table.from_batches([staged.get_batch(index)])
-                is_held = pc.is_in(batch.column("SUBJECT_ID"), held_array)
-                train_writer.write_table(batch.filter(pc.invert(is_held)))
-                heldout = batch.filter(is_held)
-                heldout_writer.write_table(heldout)
-                heldout_ids.extend(heldout.column("ROW_ID").to_pylist())
-            tmp_ids.write_text("".join(f"{i}\n" for i in sorted(heldout_ids)))
+                pq.ParquetWriter(tmp_held, NOTE_SCHEMA, **OUTPUT_PARQUET) as heldout_writer:
+            write_notes(source, notes, spans, [(heldout_writer, np.flatnonzero(is_held)),
+                                               (train_writer, np.flatnonzero(~is_held))], policy)
+            heldout_ids = np.sort(notes.column("ROW_ID").to_numpy()[is_held])
+            tmp_ids.write_text("".join(f"{i}\n" for i in heldout_ids.tolist()))
     if kept.near_miss:
         log.warning("%d rows have a CATEGORY equal to %r except for case or spaces and were NOT kept: %s",
                     sum(kept.near_miss.values()), DISCHARGE_CATEGORY,

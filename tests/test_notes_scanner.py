@@ -1,6 +1,7 @@
 """The compiled record scanner: its UTF-8 check agrees with Python's decoder, quoting follows the
-csv module, parallel stretches that start at a wrong guess are scanned again, and the stage still
-runs where numba cannot cache (a read-only install)."""
+csv module, parallel stretches that start at a wrong guess are scanned again, the library is
+built where it can be (a read-only install uses the user's cache), and the stage never imports
+pandas (half a second)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _scan(data: bytes) -> tuple[int, int]:
     """(status, records) of the compiled scanner over `data`, a two-column file body."""
-    array = np.frombuffer(bytearray(data), np.uint8)
-    out = noteevents._ScanOutputs(8, 8)
-    status, _, records, _ = record_scanner.scan_records(
-        array, array[: len(array) // 8 * 8].view(np.uint64), 0, len(array), 2, 0, 1,
-        out.row_ids, out.starts, out.ends, out.category_ids, out.category_spans)
+    status, _, records, _ = record_scanner.scan_records(np.frombuffer(data, np.uint8), 0, len(data), 2, 0, 1,
+                                                        record_scanner.ScanOutputs(8, 8))
     return status, records
 
 
@@ -40,8 +38,8 @@ def _scan(data: bytes) -> tuple[int, int]:
 @example(b"\xe2\x82")  # truncated before the closing quote
 @example("é°F🫀".encode())
 def test_utf8_check_agrees_with_python(text):
-    # The text sits in a quoted field at every offset modulo 8, so the word-at-a-time path sees it too.
-    for pad in range(8):
+    # The text sits in a quoted field at every offset modulo 32, so the 32-bytes-at-a-time path sees it too.
+    for pad in range(40):
         status, records = _scan(b'1,"' + b"x" * pad + text + b'"\n')
         try:
             text.decode("utf-8")
@@ -80,17 +78,38 @@ def test_stretches_starting_inside_a_note_are_scanned_again(tmp_path, monkeypatc
     assert result["stats"]["rows_read"] == len(rows)
 
 
-def test_without_a_writable_numba_cache_the_stage_compiles_in_memory(tmp_path):
-    """A read-only install: numba finds no cache folder it can write, yet the stage runs."""
-    not_a_folder = tmp_path / "file"
-    not_a_folder.write_text("")
+def _stage_in_subprocess(tmp_path: Path, env: dict, prelude: str = "") -> subprocess.CompletedProcess:
     path = write_noteevents(tmp_path / "n.csv", [note(1), note(2)])
-    code = ("import sys; from pathlib import Path; from asclepius_r.notes import NotePolicy, SplitPolicy, "
+    code = (f"{prelude}; import sys; from pathlib import Path; from asclepius_r.notes import NotePolicy, SplitPolicy, "
             "run_notes_stage; out = Path(sys.argv[2]); print(run_notes_stage(sys.argv[1], out / 'd.parquet', "
             "out / 'h.parquet', out / 'i.txt', out / 's.json', NotePolicy(), SplitPolicy(0))['kept'])")
-    env = {"PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(not_a_folder / "cache"),
-           "NUMBA_CACHE_LOCATOR_CLASSES": "UserProvidedCacheLocator", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")], env=env,
-                            capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")],
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True)
+
+
+def test_a_read_only_install_builds_the_scanner_in_the_user_cache(tmp_path):
+    """The package folder cannot be written (simulated by a library name no folder holds yet, and
+    a package folder made read-only for the build); the library goes to $XDG_CACHE_HOME."""
+    prelude = ("from asclepius_r import record_scanner as r; r._build_folders = lambda f=r._build_folders: "
+               "[Path('/proc/asclepius-read-only')] + f()[1:]; from pathlib import Path")
+    result = _stage_in_subprocess(tmp_path, {"XDG_CACHE_HOME": str(tmp_path / "cache")}, prelude)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["2"]
+    assert [p.name for p in (tmp_path / "cache/asclepius_r").iterdir()] == [record_scanner._library_name()]
+
+
+def test_without_a_c_compiler_the_error_says_what_to_install(tmp_path):
+    prelude = "from asclepius_r import record_scanner as r; r._library_name = lambda: 'never-built.so'"
+    result = _stage_in_subprocess(tmp_path, {"CC": "no-such-cc", "XDG_CACHE_HOME": str(tmp_path / "cache")}, prelude)
+    assert result.returncode != 0
+    assert "needs a C compiler: 'no-such-cc' was not found" in result.stderr
+    assert "apt install gcc" in result.stderr
+    assert not list((REPO / "asclepius_r/_build").glob("never-built*"))
+
+
+def test_the_stage_never_imports_pandas(tmp_path):
+    """pyarrow imports pandas behind pa.array or pa.scalar: half a second of a 2 GB run."""
+    prelude = "import sys; sys.modules['pandas'] = None"  # any import of pandas fails
+    result = _stage_in_subprocess(tmp_path, {}, prelude)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["2"]
