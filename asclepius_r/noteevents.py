@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import difflib
 import gzip
-import hashlib
 import logging
 import mmap
 import os
@@ -124,7 +123,7 @@ class Chunk:
     bad_row_id: tuple[int, str] | None  # (record index, raw value) of the first non-integer ROW_ID
     categories: Counter  # CATEGORY value -> records
     selected: pa.Table | None  # the records whose CATEGORY is exactly the one asked for: their columns but TEXT, as strings
-    text_digests: list[bytes]  # SHA-1 of each selected record's TEXT, for exact-duplicate detection
+    text_hashes: np.ndarray  # a 64-bit hash of each selected record's TEXT, to find duplicate texts
     spans: np.ndarray  # (selected, 2): where each selected record lies, for NoteEvents.texts
 
 
@@ -185,7 +184,7 @@ class _Span:
         self.row_ids: list[np.ndarray] = []
         self.categories: Counter = Counter()
         self.selected: list[pa.Table] = []
-        self.digests: list[bytes] = []
+        self.hashes: list[np.ndarray] = []
         self.spans: list[np.ndarray] = []
         self.bad_row_id: tuple[int, str] | None = None
 
@@ -218,20 +217,18 @@ class _Span:
 
     def _select(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: int) -> None:
         """Keep the asked columns of the given records (unquoted by the scanner, as Arrow strings),
-        their TEXT's digest and where they lie; TEXT itself is read again only for the notes kept."""
+        a hash of their TEXT and where they lie; TEXT itself is read only for the notes kept."""
         layout = self.layout
-        *columns, (text_offsets, text) = record_scanner.extract_fields(
-            data, starts, ends, layout.n_columns, [*layout.columns.values(), layout.text])
+        columns = record_scanner.extract_fields(data, starts, ends, layout.n_columns, list(layout.columns.values()))
         self.selected.append(pa.table({name: _strings(*column) for name, column in zip(layout.columns, columns)}))
-        # SHA-1 (the fastest hashlib digest here; it releases the GIL) is ample against accidental collisions.
-        self.digests.extend(hashlib.sha1(text[begin:end], usedforsecurity=False).digest()
-                            for begin, end in zip(text_offsets[:-1].tolist(), text_offsets[1:].tolist()))
+        self.hashes.append(record_scanner.field_hashes(data, starts, ends, layout.n_columns, layout.text))
         self.spans.append(self.records.keep(data, starts, ends, base))
 
     def chunk(self) -> Chunk:
         return Chunk(self.rows, np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64),
                      self.bad_row_id, self.categories, pa.concat_tables(self.selected) if self.selected else None,
-                     self.digests, np.concatenate(self.spans) if self.spans else np.empty((0, 2), np.int64))
+                     np.concatenate(self.hashes) if self.hashes else np.empty(0, np.uint64),
+                     np.concatenate(self.spans) if self.spans else np.empty((0, 2), np.int64))
 
 
 class _MappedFile:
@@ -428,7 +425,9 @@ class NoteEvents:
         bad line (and its ROW_ID where it can be read) for anything that is not a well-formed
         NOTEEVENTS file, including a header-only file.
         """
-        path, raw, rows, workers = self.path, self._raw, 0, max(1, pa.cpu_count())
+        # One worker more than cores: a worker waiting on page faults or the GIL leaves a core idle
+        # otherwise (measured: 0.76-0.80 s against 0.98 s on 2 cores, 2.2 GB).
+        path, raw, rows, workers = self.path, self._raw, 0, pa.cpu_count() + 1
         with ThreadPoolExecutor(workers, thread_name_prefix="noteevents-scan") as pool, \
                 tqdm(desc=f"reading {path.name}", unit="B", unit_scale=True, mininterval=5, disable=None,
                      total=None if self._staging else path.stat().st_size) as progress:

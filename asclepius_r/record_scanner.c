@@ -6,7 +6,8 @@
  * distinct raw values). Inside quoted fields, which hold almost all bytes, it skips 32 bytes at a
  * time while they hold no quote, NUL or non-ASCII byte (GCC/Clang vector extensions: SSE2 on
  * x86-64, NEON on ARM, no instruction-set flags needed). extract_fields then unquotes the wanted
- * fields of chosen records straight into Arrow string buffers.
+ * fields of chosen records straight into Arrow string buffers, and field_hashes hashes one field's
+ * unquoted value without copying it (to find duplicate notes).
  *
  * Loaded with ctypes by record_scanner.py, which compiles it on first use; ctypes releases the GIL
  * for the length of each call, so worker threads scan in parallel. It only says *that* a block is
@@ -241,6 +242,73 @@ int64_t extract_fields(const uint8_t *data, const int64_t *starts, const int64_t
         }
     }
     bases[n_fields] = position;
+    free(spans);
+    return DONE;
+}
+
+/* A 64-bit hash of a byte stream fed in pieces; the same bytes give the same hash however they are
+ * split. Eight bytes per multiply-xorshift step. Not cryptographic: callers compare the values
+ * whose hashes collide. */
+typedef struct {
+    uint64_t state, pending, length;
+} hasher;
+
+#define HASH_MULTIPLIER 0x9E3779B97F4A7C15ULL
+
+static inline uint64_t mix(uint64_t h, uint64_t word) {
+    h = (h ^ word) * HASH_MULTIPLIER;
+    return h ^ (h >> 29);
+}
+
+static void hash_bytes(hasher *h, const uint8_t *p, int64_t n) {
+    while (n > 0 && (h->length & 7)) { /* complete a pending word first */
+        h->pending |= (uint64_t)*p++ << (8 * (h->length & 7));
+        h->length++;
+        n--;
+        if (!(h->length & 7)) {
+            h->state = mix(h->state, h->pending);
+            h->pending = 0;
+        }
+    }
+    for (; n >= 8; n -= 8, p += 8, h->length += 8) {
+        uint64_t word;
+        memcpy(&word, p, 8); /* little-endian hosts; a big-endian one hashes differently, consistently */
+        h->state = mix(h->state, word);
+    }
+    for (; n > 0; n--, h->length++) h->pending |= (uint64_t)*p++ << (8 * (h->length & 7));
+}
+
+static uint64_t hash_final(hasher *h) {
+    uint64_t x = mix(mix(h->state, h->pending), h->length);
+    x ^= x >> 32;
+    x *= HASH_MULTIPLIER;
+    return x ^ (x >> 29);
+}
+
+/* hashes[r] = the hash of field `field` of the record data[starts[r]:ends[r]], unquoted; the
+ * records must have passed scan_records. Returns DONE, or NO_MEMORY. */
+int64_t field_hashes(const uint8_t *data, const int64_t *starts, const int64_t *ends, int64_t n_records,
+                     int64_t n_columns, int64_t field, uint64_t *hashes) {
+    int64_t *spans = malloc(sizeof(int64_t) * 2 * (size_t)n_columns);
+    if (!spans) return NO_MEMORY;
+    for (int64_t r = 0; r < n_records; r++) {
+        field_spans(data, starts[r], ends[r], spans, n_columns);
+        int64_t begin = spans[2 * field], end = spans[2 * field + 1];
+        hasher h = {0x243F6A8885A308D3ULL, 0, 0};
+        if (end - begin < 2 || data[begin] != QUOTE) {
+            hash_bytes(&h, data + begin, end - begin);
+        } else {
+            begin++;
+            end--;
+            while (begin < end) {
+                int64_t quote = next_quote(data, begin, end);
+                hash_bytes(&h, data + begin, quote - begin);
+                if (quote < end) hash_bytes(&h, (const uint8_t *)"\"", 1);
+                begin = quote + 2;
+            }
+        }
+        hashes[r] = hash_final(&h);
+    }
     free(spans);
     return DONE;
 }

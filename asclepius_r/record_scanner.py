@@ -88,11 +88,12 @@ def library() -> ctypes.CDLL:
                 errors.append(f"{folder}: {err}")
                 continue
         lib = ctypes.CDLL(str(folder / name))
-        lib.scan_records.restype = lib.extract_fields.restype = _INT
+        lib.scan_records.restype = lib.extract_fields.restype = lib.field_hashes.restype = _INT
         lib.scan_records.argtypes = [_POINTER, _INT, _INT, _INT, _INT, _INT, _INT, _POINTER, _POINTER, _POINTER,
                                      _POINTER, _INT, _POINTER, _INT, _POINTER]
         lib.extract_fields.argtypes = [_POINTER, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER,
                                        _POINTER, _POINTER]
+        lib.field_hashes.argtypes = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _POINTER]
         return lib
     raise RuntimeError(f"no folder to build the notes scanner in: {'; '.join(errors)}")
 
@@ -141,6 +142,17 @@ def extract_fields(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_col
     if status == NO_MEMORY:
         raise MemoryError("extract_fields: out of memory")
     return [(offsets[c], values[bases[c]:bases[c + 1]]) for c in range(len(fields))]
+
+
+def field_hashes(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_columns: int, field: int) -> np.ndarray:
+    """A 64-bit hash (not cryptographic) of field `field` of each record data[starts[r]:ends[r]],
+    unquoted, computed without copying it. The records must have passed scan_records."""
+    starts, ends = np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(ends, np.int64)
+    hashes = np.empty(len(starts), np.uint64)
+    if library().field_hashes(_address(data), _address(starts), _address(ends), len(starts), n_columns, field,
+                              _address(hashes)) == NO_MEMORY:
+        raise MemoryError("field_hashes: out of memory")
+    return hashes
 
 
 if __name__ == "__main__":  # `make venv`: build the library once, at install time
