@@ -4,8 +4,9 @@ The real file has 2,083,180 rows (about 3.9 GB) and only 3% of them are discharg
 so tokenising every note (what pandas or Arrow's CSV reader do) is wasted work. The file is
 memory-mapped (or, gzipped, decompressed in a reader thread) in large windows that worker
 threads scan in parallel with a compiled single-pass state machine (record_scanner): it finds
-each record, its CATEGORY and its ROW_ID, and unquotes the selected records' columns straight
-into Arrow string arrays, so that TEXT survives byte for byte. Every record is still checked:
+each record, its CATEGORY and its ROW_ID, and unquotes the selected records' short columns
+straight into Arrow string arrays. Their TEXT is only hashed where it lies, and read (byte for
+byte) later, for the notes the caller keeps (NoteEvents.texts). Every record is still checked:
 UTF-8, NUL bytes, field count, quoting, a file that ends inside quotes.
 
 When anything is wrong, a second, slow pass with Python's strict `csv` module finds the first

@@ -1,8 +1,10 @@
 """Notes stage: NOTEEVENTS.csv(.gz) -> discharge notes for training + held-out notes for evaluation.
 
 Policies follow the 2023 method by default (keep addenda, exact category match) and fix what it
-lacked (drop ISERROR rows and exact-duplicate texts). Memory stays bounded: kept rows stream
-into a temporary Parquet file, and only ROW_IDs, SUBJECT_IDs and text digests stay in memory.
+lacked (drop ISERROR rows and exact-duplicate texts). Memory stays bounded: one pass over the
+file keeps everything about the discharge summaries but their texts (ROW_IDs, SUBJECT_IDs, the
+short columns, text hashes and where each record lies); once the held-out patients are known,
+the kept notes' texts are read back a few row groups at a time into the two output files.
 Every dropped row is counted under one reason in stats.json; near misses of the category
 ('discharge summary ', say) are never kept silently but warned about with their counts.
 """

@@ -8,12 +8,11 @@ the machine; the load average is printed too). The ceiling is the raw read speed
 file (warm page cache, like the runs). Peak RSS is measured at two input sizes to show whether
 memory grows with the input.
 
-Our stage's scanner is compiled by numba on its first use after an install and cached on disk.
-The benchmark starts from an empty cache (NUMBA_CACHE_DIR in a temporary folder): the `compile`
-run compiles it alone, and the speedup of a first run after install (compile included) is
-printed beside the steady-state one that the RESULT line gives.
+Our stage's scanner (asclepius_r/record_scanner.c) is compiled once per install (`make venv`);
+the `build` run times that compilation alone, into a temporary folder, and the speedup of a first
+run with it included is printed beside the steady-state one that the RESULT line gives.
 
-    python bench/notes_filter.py             # 2.2 GB and 0.55 GB files (several minutes)
+    python bench/notes_filter.py             # 2.2 GB and 0.55 GB files, 3 runs each (several minutes)
     python bench/notes_filter.py --quick     # small files, under a minute
 
 The last line printed is
@@ -56,10 +55,10 @@ class Run:
 def child_main(kind: str, noteevents: str, out: str) -> None:
     """Run one contender in this (child) process and print what it produced as JSON."""
     out_dir = Path(out)
-    if kind == "compile":
+    if kind == "build":
         from asclepius_r import record_scanner
 
-        record_scanner.warm_up()
+        record_scanner._compile(out_dir / "record_scanner.so")
         print(json.dumps({}))
     elif kind == "read":
         total = 0
@@ -85,11 +84,10 @@ def child_main(kind: str, noteevents: str, out: str) -> None:
         print(json.dumps({"rows_read": len(notes), "kept": len(discharge)}))
 
 
-def measure(kind: str, noteevents: Path, out_dir: Path, numba_cache: Path) -> Run:
+def measure(kind: str, noteevents: Path, out_dir: Path) -> Run:
     """Run a contender in a child process; wall time and the child's own CPU time and peak RSS."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "NUMBA_CACHE_DIR": str(numba_cache)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     with tempfile.TemporaryFile() as stderr:
         child = subprocess.Popen([sys.executable, __file__, "--child", kind, str(noteevents), str(out_dir)],
@@ -105,6 +103,11 @@ def measure(kind: str, noteevents: Path, out_dir: Path, numba_cache: Path) -> Ru
             raise SystemExit(f"{kind} on {noteevents} failed ({child.returncode}):\n{stderr.read().decode()[-3000:]}")
     return Run(kind, noteevents.stat().st_size, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
                json.loads(stdout))
+
+
+def median(runs: list[Run]) -> Run:
+    """The run of median wall time (the upper one of an even count)."""
+    return sorted(runs, key=lambda run: run.wall_s)[len(runs) // 2]
 
 
 def synthesize(path: Path, gb: float) -> Path:
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run pandas on a smaller file when its estimated memory exceeds this")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench/out/notes_filter")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic files for the next run")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of ours and of pandas on the main file, alternating; the medians count")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "NOTEEVENTS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -143,19 +148,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"pandas would need about {big.stat().st_size * BASELINE_BYTES_PER_INPUT_BYTE / 1e9:.1f} GB "
                   f"on {big.name}: its speed is measured on {small.name} instead")
         load_before = os.getloadavg()
-        with tempfile.TemporaryDirectory(prefix="numba-cache.") as numba_cache:
-            numba_cache = Path(numba_cache)
-            measure("read", big, args.workdir / "read", numba_cache)  # warm the page cache: runs below read from memory
-            runs = {
-                "read": measure("read", big, args.workdir / "read", numba_cache),
-                "compile": measure("compile", small, args.workdir / "compile", numba_cache),
-                "ours": measure("ours", big, args.workdir / "ours", numba_cache),
-                "ours_small": measure("ours", small, args.workdir / "ours_small", numba_cache),
-                "pandas": measure("pandas", baseline_file, args.workdir / "pandas", numba_cache),
-                "pandas_small": measure("pandas", small, args.workdir / "pandas_small", numba_cache),
-                # the compiled kernels loaded from the cache, for the compile time alone
-                "cached": measure("compile", small, args.workdir / "compile", numba_cache),
-            }
+        measure("read", big, args.workdir / "read")  # warm the page cache: runs below read from memory
+        measure("ours", small, args.workdir / "ours_small")  # and build the scanner if this install has not
+        repeated = {"ours": [], "pandas": []}
+        for _ in range(args.repeat):  # alternating, so that a busy spell of the machine hits both
+            repeated["ours"].append(measure("ours", big, args.workdir / "ours"))
+            repeated["pandas"].append(measure("pandas", baseline_file, args.workdir / "pandas"))
+        runs = {
+            "read": measure("read", big, args.workdir / "read"),
+            "build": measure("build", small, args.workdir / "build"),
+            "ours": median(repeated["ours"]),
+            "ours_small": measure("ours", small, args.workdir / "ours_small"),
+            "pandas": median(repeated["pandas"]),
+            "pandas_small": measure("pandas", small, args.workdir / "pandas_small"),
+        }
         load_after = os.getloadavg()
     finally:
         if not args.keep:
@@ -164,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     ours, pandas = runs["ours"], runs["pandas"]
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
           f"{' '.join(f'{x:.2f}' for x in load_after)} after, on {os.cpu_count()} CPUs")
+    for name, each in repeated.items():
+        print(f"{name} on {big.name if name == 'ours' else baseline_file.name}, {args.repeat} runs: wall "
+              f"{', '.join(f'{run.wall_s:.2f}' for run in each)} s; the median run is in the table")
     print(f"{'run':<14}{'input MB':>10}{'wall s':>9}{'CPU s':>8}{'MB/s':>9}{'peak RSS MB':>13}")
     for name, run in runs.items():
         print(f"{name:<14}{run.input_bytes / 1e6:>10.0f}{run.wall_s:>9.2f}{run.cpu_s:>8.2f}{run.mb_per_s:>9.0f}"
@@ -176,9 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ours: {stats['rows_read']} rows read, {stats['kept']} kept; same discharge rows as pandas on "
           f"{small.name}: {consistent}")
     speedup = ours.mb_per_s / pandas.mb_per_s
-    compile_s = runs["compile"].wall_s - runs["cached"].wall_s
+    compile_s = runs["build"].wall_s
     first_run_speedup = (ours.input_bytes / (ours.wall_s + compile_s)) / (pandas.input_bytes / pandas.wall_s)
-    print(f"numba compile, once per install: {compile_s:.2f} s; speedup of a first run after install "
+    print(f"scanner build (cc), once per install: {compile_s:.2f} s; speedup of a first run after install "
           f"(compile included): {first_run_speedup:.2f}; CPU-time ratio pandas/ours: "
           f"{(pandas.cpu_s / pandas.input_bytes) / (ours.cpu_s / ours.input_bytes):.2f}")
     ceiling_fraction = ours.mb_per_s / runs["read"].mb_per_s
