@@ -464,7 +464,7 @@ class NoteEvents:
         if self._records is None:
             raise RuntimeError("NoteEvents.texts() needs a finished scan()")
         if len(spans) == 0:
-            return pa.array([], pa.string())
+            return _strings(np.zeros(1, np.int32), np.empty(0, np.uint8))
         # The file's last record may lack its newline; its span counts one.
         first, last = int(spans[0, 0]), min(int(spans[:, 1].max()), self._records.size)
         data, begin, _ = self._records.window(first, last - first)

@@ -209,6 +209,8 @@ class _Filter:
 
     def check_unique_row_ids(self) -> None:
         all_ids = np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64)
+        if (all_ids[1:] > all_ids[:-1]).all():  # MIMIC's own order: no sort needed
+            return
         values, counts = np.unique(all_ids, return_counts=True)
         if (counts > 1).any():
             duplicate = int(values[counts > 1][0])
@@ -271,7 +273,8 @@ def heldout_subjects(subjects: np.ndarray, policy: SplitPolicy) -> set[int]:
 
     The choice depends only on the set of kept notes per patient, not on the file's row order.
     """
-    notes_per_subject = Counter(subjects.tolist())
+    unique, counts = np.unique(subjects, return_counts=True)
+    notes_per_subject = dict(zip(unique.tolist(), counts.tolist()))
     order = sorted(notes_per_subject, key=lambda s: hashlib.sha256(f"{policy.seed}:{s}".encode()).digest())
     chosen, held = set(), 0
     for subject in order:

@@ -39,6 +39,13 @@ static inline int plain_text32(const uint8_t *p) {
     return (lanes[0] | lanes[1]) == 0;
 }
 
+/* The bytes that end a run of plain ASCII in an unquoted field: delimiters, line ends, NUL and
+ * non-ASCII bytes (a quote is an ordinary character there). */
+static const uint8_t ends_unquoted_run[256] = {
+    [0] = 1, [COMMA] = 1, [NEWLINE] = 1, [CR] = 1,
+    [0x80 ... 0xFF] = 1, /* GCC/Clang range designator */
+};
+
 /* The integer in data[begin:end] (quotes around it allowed), or -1 if it is not one. */
 static inline int64_t parse_row_id(const uint8_t *data, int64_t begin, int64_t end) {
     if (end - begin >= 2 && data[begin] == QUOTE && data[end - 1] == QUOTE) {
@@ -87,10 +94,15 @@ int64_t scan_records(const uint8_t *data, int64_t n, int64_t begin, int64_t stop
     int64_t status = DONE;
     if (begin >= stop) goto out;
     while (i < n) {
-        if (state == QUOTED && utf8_left == 0) { /* the fast path through quoted text */
-            while (i + 32 <= n && plain_text32(data + i)) i += 32;
-            while (i < n && data[i] != QUOTE && data[i] != 0 && data[i] < 0x80) i++;
-            if (i >= n) break;
+        if (utf8_left == 0) {
+            if (state == QUOTED) { /* the fast path through quoted text */
+                while (i + 32 <= n && plain_text32(data + i)) i += 32;
+                while (i < n && data[i] != QUOTE && data[i] != 0 && data[i] < 0x80) i++;
+                if (i >= n) break;
+            } else if (state == UNQUOTED) { /* and through the short unquoted fields */
+                while (i < n && !ends_unquoted_run[data[i]]) i++;
+                if (i >= n) break;
+            }
         }
         uint8_t c = data[i];
         if (utf8_left) {
