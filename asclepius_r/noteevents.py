@@ -220,9 +220,10 @@ class _Span:
         """Keep the asked columns of the given records (unquoted by the scanner, as Arrow strings),
         a hash of their TEXT and where they lie; TEXT itself is read only for the notes kept."""
         layout = self.layout
-        columns = record_scanner.extract_fields(data, starts, ends, layout.n_columns, list(layout.columns.values()))
+        columns, text_hashes = record_scanner.extract_fields(data, starts, ends, layout.n_columns,
+                                                             list(layout.columns.values()), hash_field=layout.text)
         self.selected.append(pa.table({name: _strings(*column) for name, column in zip(layout.columns, columns)}))
-        self.hashes.append(record_scanner.field_hashes(data, starts, ends, layout.n_columns, layout.text))
+        self.hashes.append(text_hashes)
         self.spans.append(self.records.keep(data, starts, ends, base))
 
     def chunk(self) -> Chunk:
@@ -468,7 +469,7 @@ class NoteEvents:
         # The file's last record may lack its newline; its span counts one.
         first, last = int(spans[0, 0]), min(int(spans[:, 1].max()), self._records.size)
         data, begin, _ = self._records.window(first, last - first)
-        (offsets, values), = record_scanner.extract_fields(
+        [(offsets, values)], _ = record_scanner.extract_fields(
             data, spans[:, 0] - first + begin, np.minimum(spans[:, 1], last) - first + begin,
             self._layout.n_columns, [self._layout.text])
         return _strings(offsets, values)

@@ -6,8 +6,8 @@
  * distinct raw values). Inside quoted fields, which hold almost all bytes, it skips 32 bytes at a
  * time while they hold no quote, NUL or non-ASCII byte (GCC/Clang vector extensions: SSE2 on
  * x86-64, NEON on ARM, no instruction-set flags needed). extract_fields then unquotes the wanted
- * fields of chosen records straight into Arrow string buffers, and field_hashes hashes one field's
- * unquoted value without copying it (to find duplicate notes).
+ * fields of chosen records straight into Arrow string buffers, and can hash one field's unquoted
+ * value without copying it (to find duplicate notes).
  *
  * Loaded with ctypes by record_scanner.py, which compiles it on first use; ctypes releases the GIL
  * for the length of each call, so worker threads scan in parallel. It only says *that* a block is
@@ -219,45 +219,6 @@ static int64_t field_spans(const uint8_t *data, int64_t start, int64_t end, int6
     return field;
 }
 
-/* The fields `fields` (indices) of the records data[starts[r]:ends[r]], unquoted, as Arrow string
- * arrays sharing `values`: column c's bytes are values[bases[c]:bases[c + 1]] and its offsets,
- * relative to bases[c], are offsets[c * (n_records + 1):]. `values` must hold the records' bytes;
- * they must have passed scan_records. Returns DONE, or NO_MEMORY. */
-int64_t extract_fields(const uint8_t *data, const int64_t *starts, const int64_t *ends, int64_t n_records,
-                       int64_t n_columns, const int64_t *fields, int64_t n_fields, int32_t *offsets,
-                       uint8_t *values, int64_t *bases) {
-    int64_t *spans = malloc(sizeof(int64_t) * 2 * (size_t)(n_columns * (n_records > 0 ? n_records : 1)));
-    if (!spans) return NO_MEMORY;
-    for (int64_t r = 0; r < n_records; r++) field_spans(data, starts[r], ends[r], spans + 2 * n_columns * r, n_columns);
-    int64_t position = 0;
-    for (int64_t c = 0; c < n_fields; c++) {
-        int32_t *column_offsets = offsets + c * (n_records + 1);
-        bases[c] = position;
-        column_offsets[0] = 0;
-        for (int64_t r = 0; r < n_records; r++) {
-            int64_t begin = spans[2 * (n_columns * r + fields[c])], end = spans[2 * (n_columns * r + fields[c]) + 1];
-            if (end - begin < 2 || data[begin] != QUOTE) { /* unquoted: as it stands */
-                memcpy(values + position, data + begin, (size_t)(end - begin));
-                position += end - begin;
-            } else { /* runs up to each quote copied whole; "" inside the quotes stands for one quote */
-                begin++;
-                end--;
-                while (begin < end) {
-                    int64_t quote = next_quote(data, begin, end);
-                    memcpy(values + position, data + begin, (size_t)(quote - begin));
-                    position += quote - begin;
-                    if (quote < end) values[position++] = QUOTE;
-                    begin = quote + 2;
-                }
-            }
-            column_offsets[r + 1] = (int32_t)(position - bases[c]);
-        }
-    }
-    bases[n_fields] = position;
-    free(spans);
-    return DONE;
-}
-
 /* A 64-bit hash of a byte stream fed in pieces; the same bytes give the same hash however they are
  * split. Eight bytes per multiply-xorshift step. Not cryptographic: callers compare the values
  * whose hashes collide. */
@@ -272,7 +233,8 @@ static inline uint64_t mix(uint64_t h, uint64_t word) {
     return h ^ (h >> 29);
 }
 
-static void hash_bytes(hasher *h, const uint8_t *p, int64_t n) {
+static void hash_bytes(void *state, const uint8_t *p, int64_t n) {
+    hasher *h = state;
     while (n > 0 && (h->length & 7)) { /* complete a pending word first */
         h->pending |= (uint64_t)*p++ << (8 * (h->length & 7));
         h->length++;
@@ -297,30 +259,66 @@ static uint64_t hash_final(hasher *h) {
     return x ^ (x >> 29);
 }
 
-/* hashes[r] = the hash of field `field` of the record data[starts[r]:ends[r]], unquoted; the
- * records must have passed scan_records. Returns DONE, or NO_MEMORY. */
-int64_t field_hashes(const uint8_t *data, const int64_t *starts, const int64_t *ends, int64_t n_records,
-                     int64_t n_columns, int64_t field, uint64_t *hashes) {
-    int64_t *spans = malloc(sizeof(int64_t) * 2 * (size_t)n_columns);
+typedef struct {
+    uint8_t *values;
+    int64_t position;
+} copier;
+
+static void copy_bytes(void *state, const uint8_t *p, int64_t n) {
+    copier *c = state;
+    memcpy(c->values + c->position, p, (size_t)n);
+    c->position += n;
+}
+
+/* Feed the value of the field data[begin:end] to `put`, unquoted: runs up to each quote whole; ""
+ * inside quotes stands for one quote. */
+static inline void unquoted(const uint8_t *data, int64_t begin, int64_t end,
+                            void (*put)(void *, const uint8_t *, int64_t), void *state) {
+    if (end - begin < 2 || data[begin] != QUOTE) { /* unquoted: as it stands */
+        put(state, data + begin, end - begin);
+        return;
+    }
+    begin++;
+    end--;
+    while (begin < end) {
+        int64_t quote = next_quote(data, begin, end);
+        put(state, data + begin, quote - begin);
+        if (quote < end) put(state, (const uint8_t *)"\"", 1);
+        begin = quote + 2;
+    }
+}
+
+/* The fields `fields` (indices) of the records data[starts[r]:ends[r]], unquoted, as Arrow string
+ * arrays sharing `values`: column c's bytes are values[bases[c]:bases[c + 1]] and its offsets,
+ * relative to bases[c], are offsets[c * (n_records + 1):]. `values` must hold the records' bytes.
+ * If hash_field >= 0, hashes[r] is a hash of that field's unquoted value (not copied: for finding
+ * duplicates). The records must have passed scan_records. Returns DONE, or NO_MEMORY. */
+int64_t extract_fields(const uint8_t *data, const int64_t *starts, const int64_t *ends, int64_t n_records,
+                       int64_t n_columns, const int64_t *fields, int64_t n_fields, int32_t *offsets,
+                       uint8_t *values, int64_t *bases, int64_t hash_field, uint64_t *hashes) {
+    int64_t *spans = malloc(sizeof(int64_t) * 2 * (size_t)(n_columns * (n_records > 0 ? n_records : 1)));
     if (!spans) return NO_MEMORY;
     for (int64_t r = 0; r < n_records; r++) {
-        field_spans(data, starts[r], ends[r], spans, n_columns);
-        int64_t begin = spans[2 * field], end = spans[2 * field + 1];
-        hasher h = {0x243F6A8885A308D3ULL, 0, 0};
-        if (end - begin < 2 || data[begin] != QUOTE) {
-            hash_bytes(&h, data + begin, end - begin);
-        } else {
-            begin++;
-            end--;
-            while (begin < end) {
-                int64_t quote = next_quote(data, begin, end);
-                hash_bytes(&h, data + begin, quote - begin);
-                if (quote < end) hash_bytes(&h, (const uint8_t *)"\"", 1);
-                begin = quote + 2;
-            }
+        int64_t *record = spans + 2 * n_columns * r;
+        field_spans(data, starts[r], ends[r], record, n_columns);
+        if (hash_field >= 0) {
+            hasher h = {0x243F6A8885A308D3ULL, 0, 0};
+            unquoted(data, record[2 * hash_field], record[2 * hash_field + 1], hash_bytes, &h);
+            hashes[r] = hash_final(&h);
         }
-        hashes[r] = hash_final(&h);
     }
+    copier out = {values, 0};
+    for (int64_t c = 0; c < n_fields; c++) {
+        int32_t *column_offsets = offsets + c * (n_records + 1);
+        bases[c] = out.position;
+        column_offsets[0] = 0;
+        for (int64_t r = 0; r < n_records; r++) {
+            const int64_t *field = spans + 2 * (n_columns * r + fields[c]);
+            unquoted(data, field[0], field[1], copy_bytes, &out);
+            column_offsets[r + 1] = (int32_t)(out.position - bases[c]);
+        }
+    }
+    bases[n_fields] = out.position;
     free(spans);
     return DONE;
 }

@@ -88,12 +88,11 @@ def library() -> ctypes.CDLL:
                 errors.append(f"{folder}: {err}")
                 continue
         lib = ctypes.CDLL(str(folder / name))
-        lib.scan_records.restype = lib.extract_fields.restype = lib.field_hashes.restype = _INT
+        lib.scan_records.restype = lib.extract_fields.restype = _INT
         lib.scan_records.argtypes = [_POINTER, _INT, _INT, _INT, _INT, _INT, _INT, _POINTER, _POINTER, _POINTER,
                                      _POINTER, _INT, _POINTER, _INT, _POINTER]
         lib.extract_fields.argtypes = [_POINTER, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER,
-                                       _POINTER, _POINTER]
-        lib.field_hashes.argtypes = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _POINTER]
+                                       _POINTER, _POINTER, _INT, _POINTER]
         return lib
     raise RuntimeError(f"no folder to build the notes scanner in: {'; '.join(errors)}")
 
@@ -127,32 +126,25 @@ def scan_records(data: np.ndarray, begin: int, stop: int, n_columns: int, row_id
     return status, consumed, records, categories
 
 
-def extract_fields(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_columns: int,
-                   fields: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+def extract_fields(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_columns: int, fields: list[int],
+                   hash_field: int | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
     """The fields `fields` (indices) of the records data[starts[r]:ends[r]], unquoted: per field,
-    (Arrow int32 offsets, UTF-8 bytes). The records must have passed scan_records."""
+    (Arrow int32 offsets, UTF-8 bytes); and, if `hash_field` is given, a 64-bit hash (not
+    cryptographic) of that field's unquoted value per record, computed without copying it. The
+    records must have passed scan_records."""
     starts, ends = np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(ends, np.int64)
     wanted = np.array(fields, np.int64)
     offsets = np.empty((len(fields), len(starts) + 1), np.int32)
     values = np.empty(int((ends - starts).sum()), np.uint8)
     bases = np.empty(len(fields) + 1, np.int64)
+    hashes = None if hash_field is None else np.empty(len(starts), np.uint64)
     status = library().extract_fields(_address(data), _address(starts), _address(ends), len(starts), n_columns,
                                       _address(wanted), len(fields), _address(offsets), _address(values),
-                                      _address(bases))
+                                      _address(bases), -1 if hash_field is None else hash_field,
+                                      None if hashes is None else _address(hashes))
     if status == NO_MEMORY:
         raise MemoryError("extract_fields: out of memory")
-    return [(offsets[c], values[bases[c]:bases[c + 1]]) for c in range(len(fields))]
-
-
-def field_hashes(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_columns: int, field: int) -> np.ndarray:
-    """A 64-bit hash (not cryptographic) of field `field` of each record data[starts[r]:ends[r]],
-    unquoted, computed without copying it. The records must have passed scan_records."""
-    starts, ends = np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(ends, np.int64)
-    hashes = np.empty(len(starts), np.uint64)
-    if library().field_hashes(_address(data), _address(starts), _address(ends), len(starts), n_columns, field,
-                              _address(hashes)) == NO_MEMORY:
-        raise MemoryError("field_hashes: out of memory")
-    return hashes
+    return [(offsets[c], values[bases[c]:bases[c + 1]]) for c in range(len(fields))], hashes
 
 
 if __name__ == "__main__":  # `make venv`: build the library once, at install time
