@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test venv lock report release lint clean chromium
+.PHONY: demo test venv lock report release lint clean chromium compiler
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml | compiler
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==25.3
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
@@ -34,6 +34,10 @@ release: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) release
 report: $(STAMP)
 	$(BIN)/snakemake --report results/report.html
+
+# A C compiler for the notes stage's scanner (Debian's gcc if there is none; apt needs root).
+compiler:
+	@command -v $${CC:-cc} >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc; }
 
 # Debian's chromium, for the test that opens the HTML report headless (apt needs root).
 chromium:
