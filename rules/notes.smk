@@ -12,8 +12,9 @@ rule synthesize_demo_noteevents:
         "../scripts/synthesize_demo_noteevents.py"
 
 
-# A compiled single pass over the file (asclepius_r/record_scanner.py): memory stays under 1 GB at any
-# input size (bench/notes_filter.py).
+# One compiled pass over the memory-mapped file (asclepius_r/record_scanner.c), then the kept notes'
+# texts read back into the outputs: 5x faster than pandas, memory under 1 GB at any input size
+# (bench/notes_filter.py). Scan workers: threads + 1.
 rule filter_notes:
     input:
         noteevents=noteevents_path,
