@@ -71,11 +71,19 @@ def test_same_seed_same_file():
     assert first != [row for _, row in zip(range(300), ScaledNotes(notes, seed=6))]
 
 
-def test_scaled_file_passes_the_stage_as_the_oracle_says(tmp_path, monkeypatch):
-    """Small reads, so that records (some longer than one read) straddle many read boundaries."""
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_scaled_file_passes_the_stage_as_the_oracle_says(tmp_path, monkeypatch, gzipped):
+    """Small reads, so that records (some longer than one read) straddle many read boundaries;
+    gzipped, in two gzip members."""
     monkeypatch.setattr(noteevents, "READ_SIZE", 64 << 10)
+    monkeypatch.setattr(noteevents, "STREAM_READ_SIZE", 64 << 10)
+    monkeypatch.setattr(noteevents, "COMPRESSED_READ_SIZE", 8 << 10)
     path = tmp_path / "NOTEEVENTS.csv"
     main([str(path), "--rows", "3000", "--seed", "11"])
+    if gzipped:
+        data = path.read_bytes()
+        path = tmp_path / "NOTEEVENTS.csv.gz"
+        path.write_bytes(gzip.compress(data[: len(data) // 3]) + gzip.compress(data[len(data) // 3:]))
     policy = NotePolicy(keep_addenda=False, exclude_row_ids=frozenset(range(0, 3000, 10)))
     result = run(tmp_path, path, policy, heldout_notes=5)
     assert kept_rows(result) == sorted(expected_kept(path, policy))

@@ -69,6 +69,8 @@ def test_stretches_starting_inside_a_note_are_scanned_again(tmp_path, monkeypatc
     """Notes that hold lines looking like whole records: a parallel worker that starts on one of
     them guessed wrong, and its stretch must be scanned again from the true record boundary."""
     monkeypatch.setattr(noteevents, "READ_SIZE", 4096)
+    monkeypatch.setattr(noteevents, "STREAM_READ_SIZE", 4096)
+    monkeypatch.setattr(noteevents, "COMPRESSED_READ_SIZE", 1024)
     fake = "".join(f"{9000 + k},1,,,,,Discharge summary,Report,,,fake {k}\n" for k in range(4))
     rows = [note(i, f"line one\n{fake}" * (1 + i % 3) + f"end {i}", category="Discharge summary" if i % 2 else "ECG")
             for i in range(1, 120)]
