@@ -258,21 +258,33 @@ def write_notes(source: NoteEvents, notes: pa.Table, spans: np.ndarray, outputs:
     """Write the notes chosen by each (writer, row indices) pair, TEXT read back from `source`.
 
     Worker threads read the texts of the next row groups while this thread compresses and writes
-    the current one (both outside the GIL); memory holds a few row groups.
+    the current one (both outside the GIL); memory holds a few row groups, in byte arrays that go
+    round from one row group to the next.
     """
-    def with_text(job: tuple[pq.ParquetWriter, np.ndarray]) -> tuple[pq.ParquetWriter, pa.Table]:
+    free: list[np.ndarray] = []
+
+    def with_text(job: tuple[pq.ParquetWriter, np.ndarray]) -> tuple[pq.ParquetWriter, pa.Table, np.ndarray]:
         writer, rows = job
-        texts = source.texts(spans[rows])
+        needed = source.text_bytes(spans[rows])
+        try:
+            buffer = free.pop()
+        except IndexError:  # none free (pop is atomic; a check before it would race)
+            buffer = None
+        if buffer is None or len(buffer) < needed:
+            buffer = np.empty(needed, np.uint8)
+        texts = source.texts(spans[rows], into=buffer)
         if policy.coarse_placeholders:
             texts = pa.array([coarsen_placeholders(t) for t in texts.to_pylist()], pa.string())
-        return writer, notes.take(_int64_array(rows)).append_column(NOTE_SCHEMA.field("TEXT"), texts)
+        return writer, notes.take(_int64_array(rows)).append_column(NOTE_SCHEMA.field("TEXT"), texts), buffer
 
     jobs = [(writer, rows[k:k + OUTPUT_ROW_GROUP]) for writer, rows in outputs
             for k in range(0, len(rows), OUTPUT_ROW_GROUP)]
     workers = max(1, pa.cpu_count())
     with ThreadPoolExecutor(workers, thread_name_prefix="notes-text") as pool:
-        for writer, table in _prefetched(pool, with_text, jobs, depth=workers + 1):
-            writer.write_table(table)
+        for writer, table, buffer in _prefetched(pool, with_text, jobs, depth=workers + 1):
+            writer.write_table(table)  # synchronous: the writer has copied what it needs
+            del table
+            free.append(buffer)
 
 
 def heldout_subjects(subjects: np.ndarray, policy: SplitPolicy) -> set[int]:

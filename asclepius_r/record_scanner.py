@@ -127,15 +127,20 @@ def scan_records(data: np.ndarray, begin: int, stop: int, n_columns: int, row_id
 
 
 def extract_fields(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_columns: int, fields: list[int],
-                   hash_field: int | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
+                   hash_field: int | None = None, into: np.ndarray | None = None,
+                   ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
     """The fields `fields` (indices) of the records data[starts[r]:ends[r]], unquoted: per field,
     (Arrow int32 offsets, UTF-8 bytes); and, if `hash_field` is given, a 64-bit hash (not
     cryptographic) of that field's unquoted value per record, computed without copying it. The
-    records must have passed scan_records."""
+    bytes are views into `into` where given (it must hold the records' bytes), else into a new
+    array. The records must have passed scan_records."""
     starts, ends = np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(ends, np.int64)
     wanted = np.array(fields, np.int64)
     offsets = np.empty((len(fields), len(starts) + 1), np.int32)
-    values = np.empty(int((ends - starts).sum()), np.uint8)
+    size = int((ends - starts).sum())
+    values = np.empty(size, np.uint8) if into is None else into
+    if len(values) < size:
+        raise ValueError(f"extract_fields: {len(values)} bytes cannot hold the {size} of the records")
     bases = np.empty(len(fields) + 1, np.int64)
     hashes = None if hash_field is None else np.empty(len(starts), np.uint64)
     status = library().extract_fields(_address(data), _address(starts), _address(ends), len(starts), n_columns,

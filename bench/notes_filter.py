@@ -15,6 +15,7 @@ run with it included is printed beside the steady-state one that the RESULT line
 
     python bench/notes_filter.py             # 2.2 GB and 0.55 GB files, 3 runs each (several minutes)
     python bench/notes_filter.py --quick     # small files, under a minute
+    python bench/notes_filter.py --gzip      # and both on the second file gzipped
 
 The last line printed is
 `RESULT speedup=<x> peak_rss_mb=<ours> baseline_peak_rss_mb=<theirs> ceiling_fraction=<f>`.
@@ -132,6 +133,17 @@ def synthesize(path: Path, gb: float) -> Path:
     return path
 
 
+def gzip_once(path: Path) -> Path:
+    """`path` gzipped (level 1, `gzip`), made once and reused while it exists."""
+    gzipped = path.with_name(path.name + ".gz")
+    if not gzipped.exists():
+        tmp = gzipped.with_suffix(".partial")
+        with open(tmp, "wb") as out:
+            subprocess.run(["gzip", "-1", "-c", str(path)], stdout=out, check=True)
+        tmp.rename(gzipped)
+    return gzipped
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small files (0.1 and 0.03 GB), under a minute")
@@ -141,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run pandas on a smaller file when its estimated memory exceeds this")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench/out/notes_filter")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic files for the next run")
+    parser.add_argument("--gzip", action="store_true",
+                        help="also run ours and pandas on the second file gzipped (as PhysioNet ships NOTEEVENTS)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of ours and of pandas on the main file, alternating; the medians count")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "NOTEEVENTS", "OUT"), help=argparse.SUPPRESS)
@@ -173,10 +187,14 @@ def main(argv: list[str] | None = None) -> None:
             "pandas": median(repeated["pandas"]),
             "pandas_small": measure("pandas", small, args.workdir / "pandas_small"),
         }
+        if args.gzip:
+            gzipped = gzip_once(small)
+            runs["ours_gzip"] = measure("ours", gzipped, args.workdir / "ours_gzip")
+            runs["pandas_gzip"] = measure("pandas", gzipped, args.workdir / "pandas_gzip")
         load_after = os.getloadavg()
     finally:
         if not args.keep:
-            for path in (big, small):
+            for path in (big, small, small.with_name(small.name + ".gz")):
                 path.unlink(missing_ok=True)
     ours, pandas = runs["ours"], runs["pandas"]
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
