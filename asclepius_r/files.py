@@ -29,9 +29,10 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
         tmp = Path(name)
     try:
         yield tmp
-        if is_dir:
-            if target.exists():
-                shutil.rmtree(target)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)  # os.replace cannot replace a folder; a file it replaces itself
+        elif is_dir and target.exists():
+            target.unlink()
         os.replace(tmp, target)
     except BaseException:
         if tmp.is_dir():

@@ -4,7 +4,8 @@ Policies follow the 2023 method by default (keep addenda, exact category match) 
 lacked (drop ISERROR rows and exact-duplicate texts). Memory stays bounded: one pass over the
 file keeps everything about the discharge summaries but their texts (ROW_IDs, SUBJECT_IDs, the
 short columns, text hashes and where each record lies); once the held-out patients are known,
-the kept notes' texts are read back a few row groups at a time into the two output files.
+the kept notes' texts are read back a few row groups at a time into the two outputs, Parquet
+datasets (folders of part files, in file order) that threads write in parallel.
 Every dropped row is counted under one reason in stats.json; near misses of the category
 ('discharge summary ', say) are never kept silently but warned about with their counts.
 """
@@ -18,17 +19,14 @@ import hashlib
 import logging
 import re
 import tempfile
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-
-if TYPE_CHECKING:
-    import pyarrow.parquet as pq
 
 from .files import atomic_path, write_json
 from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError
@@ -44,6 +42,10 @@ KEPT_COLUMNS = ("ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "DESCRIPTION", "
 # Why rows are dropped, in the order the checks apply: a row counts under the first that fits.
 DROP_REASONS = ("other_category", "iserror", "addendum", "excluded", "duplicate_text")
 OUTPUT_ROW_GROUP = 2048  # notes per Parquet row group of the outputs (about 20 MB of text)
+# Each output is a Parquet dataset: a folder of part files of this many notes, in file order, which
+# threads write in parallel. A single file would be compressed by one thread, and that was half the
+# stage's time on 2 cores (bench/notes_filter.py). A fixed size keeps the layout machine-independent.
+OUTPUT_PART_NOTES = 4 * OUTPUT_ROW_GROUP
 # Dictionary-encoding long, unique texts only costs time.
 OUTPUT_PARQUET = {"compression": "zstd", "use_dictionary": ["HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR"]}
 NOTE_SCHEMA = pa.schema(
@@ -243,48 +245,35 @@ def filter_discharge(source: NoteEvents, policy: NotePolicy) -> tuple[_Filter, p
     return keep, notes, spans
 
 
-def _prefetched(pool: ThreadPoolExecutor, function: Callable, items: list, depth: int) -> Iterator:
-    """function(item) for each item, in order, computed in `pool` at most `depth` items ahead."""
-    ahead = deque(pool.submit(function, item) for item in items[:depth])
-    for k in range(len(items)):
-        result = ahead.popleft().result()
-        if k + depth < len(items):
-            ahead.append(pool.submit(function, items[k + depth]))
-        yield result
-
-
-def write_notes(source: NoteEvents, notes: pa.Table, spans: np.ndarray, outputs: list[tuple[pq.ParquetWriter, np.ndarray]],
+def _write_part(source: NoteEvents, notes: pa.Table, spans: np.ndarray, path: Path, rows: np.ndarray,
                 policy: NotePolicy) -> None:
-    """Write the notes chosen by each (writer, row indices) pair, TEXT read back from `source`.
+    """One part file: the notes `rows`, TEXT read back from `source` a row group at a time into
+    one byte array reused throughout (fresh pages cost the kernel's zeroing)."""
+    import pyarrow.parquet as pq
 
-    Worker threads read the texts of the next row groups while this thread compresses and writes
-    the current one (both outside the GIL); memory holds a few row groups, in byte arrays that go
-    round from one row group to the next.
-    """
-    free: list[np.ndarray] = []
+    buffer = np.empty(0, np.uint8)
+    with pq.ParquetWriter(path, NOTE_SCHEMA, **OUTPUT_PARQUET) as writer:
+        for k in range(0, len(rows), OUTPUT_ROW_GROUP):
+            group = rows[k:k + OUTPUT_ROW_GROUP]
+            if len(buffer) < source.text_bytes(spans[group]):
+                buffer = np.empty(source.text_bytes(spans[group]), np.uint8)
+            texts = source.texts(spans[group], into=buffer)
+            if policy.coarse_placeholders:
+                texts = pa.array([coarsen_placeholders(t) for t in texts.to_pylist()], pa.string())
+            # Synchronous: the writer has copied what it needs before the buffer is reused.
+            writer.write_table(notes.take(_int64_array(group)).append_column(NOTE_SCHEMA.field("TEXT"), texts))
 
-    def with_text(job: tuple[pq.ParquetWriter, np.ndarray]) -> tuple[pq.ParquetWriter, pa.Table, np.ndarray]:
-        writer, rows = job
-        needed = source.text_bytes(spans[rows])
-        try:
-            buffer = free.pop()
-        except IndexError:  # none free (pop is atomic; a check before it would race)
-            buffer = None
-        if buffer is None or len(buffer) < needed:
-            buffer = np.empty(needed, np.uint8)
-        texts = source.texts(spans[rows], into=buffer)
-        if policy.coarse_placeholders:
-            texts = pa.array([coarsen_placeholders(t) for t in texts.to_pylist()], pa.string())
-        return writer, notes.take(_int64_array(rows)).append_column(NOTE_SCHEMA.field("TEXT"), texts), buffer
 
-    jobs = [(writer, rows[k:k + OUTPUT_ROW_GROUP]) for writer, rows in outputs
-            for k in range(0, len(rows), OUTPUT_ROW_GROUP)]
-    workers = max(1, pa.cpu_count())
-    with ThreadPoolExecutor(workers, thread_name_prefix="notes-text") as pool:
-        for writer, table, buffer in _prefetched(pool, with_text, jobs, depth=workers + 1):
-            writer.write_table(table)  # synchronous: the writer has copied what it needs
-            del table
-            free.append(buffer)
+def write_notes(source: NoteEvents, notes: pa.Table, spans: np.ndarray, outputs: list[tuple[Path, np.ndarray]],
+                policy: NotePolicy) -> None:
+    """Write the notes chosen by each (folder, row indices) pair as part files of OUTPUT_PART_NOTES
+    notes (at least one, so that an empty output still has its schema), TEXT read back from
+    `source`; parts are written in parallel threads (reading and compressing release the GIL)."""
+    parts = [(folder / f"part-{k:05d}.parquet", rows[start:start + OUTPUT_PART_NOTES]) for folder, rows in outputs
+             for k, start in enumerate(range(0, max(len(rows), 1), OUTPUT_PART_NOTES))]
+    with ThreadPoolExecutor(max(1, pa.cpu_count()), thread_name_prefix="notes-write") as pool:
+        for done in [pool.submit(_write_part, source, notes, spans, path, rows, policy) for path, rows in parts]:
+            done.result()
 
 
 def heldout_subjects(subjects: np.ndarray, policy: SplitPolicy) -> set[int]:
@@ -330,13 +319,12 @@ def run_notes_stage(
 
     One pass over NOTEEVENTS finds and filters the discharge summaries, holding everything about
     them but their text; once the held-out patients are known, the kept notes' texts are read
-    back from where they lie (see NoteEvents) into the training and held-out files.
+    back from where they lie (see NoteEvents) into the training and held-out datasets (folders of
+    Parquet part files, see OUTPUT_PART_NOTES).
     """
     noteevents = Path(noteevents)
     if threads:
         pa.set_cpu_count(threads)
-    import pyarrow.parquet as pq  # only this stage's writing needs it (see _Filter.__call__ on imports)
-
     Path(discharge_out).parent.mkdir(parents=True, exist_ok=True)
     with _cyclic_gc_paused(), tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work, \
             NoteEvents(noteevents, staging_dir=work) as source:
@@ -351,12 +339,10 @@ def run_notes_stage(
         if n_held == len(subjects):
             raise NoteEventsError(f"config key notes.heldout_notes ({split.heldout_notes}) holds out all "
                                   f"{len(subjects)} kept notes of {noteevents}; none would be left for training")
-        with atomic_path(discharge_out) as tmp_train, atomic_path(heldout_out) as tmp_held, \
-                atomic_path(heldout_ids_out) as tmp_ids, \
-                pq.ParquetWriter(tmp_train, NOTE_SCHEMA, **OUTPUT_PARQUET) as train_writer, \
-                pq.ParquetWriter(tmp_held, NOTE_SCHEMA, **OUTPUT_PARQUET) as heldout_writer:
-            write_notes(source, notes, spans, [(heldout_writer, np.flatnonzero(is_held)),
-                                               (train_writer, np.flatnonzero(~is_held))], policy)
+        with atomic_path(discharge_out, is_dir=True) as tmp_train, atomic_path(heldout_out, is_dir=True) as tmp_held, \
+                atomic_path(heldout_ids_out) as tmp_ids:
+            write_notes(source, notes, spans, [(tmp_held, np.flatnonzero(is_held)),
+                                               (tmp_train, np.flatnonzero(~is_held))], policy)
             heldout_ids = np.sort(_int64s(notes.column("ROW_ID"))[is_held])
             tmp_ids.write_text("".join(f"{i}\n" for i in heldout_ids.tolist()))
     if kept.near_miss:
@@ -385,7 +371,8 @@ def _reasons(counts: Counter) -> str:
 
 
 def read_notes(path: str | Path) -> list[dict]:
-    """Notes as dicts with `row_id`, `subject_id`, `text`, in ROW_ID order."""
+    """Notes as dicts with `row_id`, `subject_id`, `text`, in ROW_ID order, from a notes dataset
+    (a folder of part files, as the notes stage writes) or a single Parquet file."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path, columns=["ROW_ID", "SUBJECT_ID", "TEXT"]).sort_by("ROW_ID")

@@ -20,8 +20,9 @@ rule filter_notes:
         noteevents=noteevents_path,
         exclude_row_ids=config["notes"]["exclude_row_ids"] or [],
     output:
-        train="results/notes/discharge.parquet",
-        heldout="results/notes/heldout.parquet",
+        # Parquet datasets: folders of part files that the stage writes in parallel
+        train=directory("results/notes/discharge.parquet"),
+        heldout=directory("results/notes/heldout.parquet"),
         heldout_ids="results/notes/heldout_row_ids.txt",
         stats="results/notes/stats.json",
     log:

@@ -1,5 +1,5 @@
 """Notes stage policies: exact category, ISERROR, addenda, duplicate texts, exclusions,
-placeholders, per-reason stats and the patient-grouped held-out split."""
+placeholders, per-reason stats, the patient-grouped held-out split, and the outputs' layout."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import json
 import logging
 import random
 
+import pyarrow.parquet as pq
 import pytest
 
+from asclepius_r import notes
 from asclepius_r.noteevents import NoteEventsError
-from asclepius_r.notes import NotePolicy, coarsen_placeholders
+from asclepius_r.notes import NOTE_SCHEMA, NotePolicy, coarsen_placeholders
 
 from .notes_support import expected_kept, kept_rows, note, run, write_noteevents
 
@@ -122,3 +124,17 @@ def test_a_file_without_discharge_summaries_is_an_error(tmp_path):
     with pytest.raises(NoteEventsError, match="no note is kept.*other_category 2"):
         run(tmp_path, path)
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_outputs_are_datasets_of_parts_in_file_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(notes, "OUTPUT_ROW_GROUP", 2)
+    monkeypatch.setattr(notes, "OUTPUT_PART_NOTES", 4)
+    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", [note(i) for i in range(1, 12)]))
+    train = sorted((tmp_path / "out/discharge.parquet").iterdir())
+    assert [p.name for p in train] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [(pq.ParquetFile(p).metadata.num_rows, pq.ParquetFile(p).num_row_groups) for p in train] == [
+        (4, 2), (4, 2), (3, 2)]
+    assert [row["ROW_ID"] for row in result["train"]] == list(range(1, 12))  # the dataset reads in file order
+    # An output with no notes still holds one part, so that it has its schema.
+    [heldout] = (tmp_path / "out/heldout.parquet").iterdir()
+    assert pq.read_table(heldout).num_rows == 0 and pq.read_schema(heldout).remove_metadata() == NOTE_SCHEMA
