@@ -44,6 +44,7 @@ COLUMNS = (
 DISCHARGE_CATEGORY = "Discharge summary"
 GZIP_MAGIC = b"\x1f\x8b"
 READ_SIZE = 64 << 20  # bytes per window (a stretch of the file for one worker); memory holds a few
+MAX_SCAN_WORKERS = 8  # so that at most about 0.6 GB of windows are mapped, however many cores
 # A gzip stream's windows (scanned one after another, as decompressed) and the compressed input fed
 # to zlib at a time. Both keep allocations under glibc's 32 MB mmap ceiling, so that freed buffers are
 # reused instead of fresh pages faulted in (measured, 550 MB: 3.9 s with 64 MB and 8 MB, 2.9 s).
@@ -464,8 +465,9 @@ class NoteEvents:
         NOTEEVENTS file, including a header-only file.
         """
         # One worker more than cores: a worker waiting on page faults or the GIL leaves a core idle
-        # otherwise (measured: 0.76-0.80 s against 0.98 s on 2 cores, 2.2 GB).
-        path, raw, rows, workers = self.path, self._raw, 0, pa.cpu_count() + 1
+        # otherwise (measured: 0.76-0.80 s against 0.98 s on 2 cores, 2.2 GB). Each holds a window
+        # in memory, hence the cap.
+        path, raw, rows, workers = self.path, self._raw, 0, min(pa.cpu_count() + 1, MAX_SCAN_WORKERS)
         with ThreadPoolExecutor(workers, thread_name_prefix="noteevents-scan") as pool, \
                 tqdm(desc=f"reading {path.name}", unit="B", unit_scale=True, mininterval=5, disable=None,
                      total=None if self._staging else path.stat().st_size) as progress:

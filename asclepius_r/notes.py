@@ -46,6 +46,7 @@ OUTPUT_ROW_GROUP = 2048  # notes per Parquet row group of the outputs (about 20 
 # threads write in parallel. A single file would be compressed by one thread, and that was half the
 # stage's time on 2 cores (bench/notes_filter.py). A fixed size keeps the layout machine-independent.
 OUTPUT_PART_NOTES = 4 * OUTPUT_ROW_GROUP
+MAX_PART_WRITERS = 4  # each holds a row group or two (about 60 MB): memory stays well under 1 GB
 # Dictionary-encoding long, unique texts only costs time.
 OUTPUT_PARQUET = {"compression": "zstd", "use_dictionary": ["HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR"]}
 NOTE_SCHEMA = pa.schema(
@@ -271,7 +272,7 @@ def write_notes(source: NoteEvents, notes: pa.Table, spans: np.ndarray, outputs:
     `source`; parts are written in parallel threads (reading and compressing release the GIL)."""
     parts = [(folder / f"part-{k:05d}.parquet", rows[start:start + OUTPUT_PART_NOTES]) for folder, rows in outputs
              for k, start in enumerate(range(0, max(len(rows), 1), OUTPUT_PART_NOTES))]
-    with ThreadPoolExecutor(max(1, pa.cpu_count()), thread_name_prefix="notes-write") as pool:
+    with ThreadPoolExecutor(min(pa.cpu_count(), MAX_PART_WRITERS), thread_name_prefix="notes-write") as pool:
         for done in [pool.submit(_write_part, source, notes, spans, path, rows, policy) for path, rows in parts]:
             done.result()
 
