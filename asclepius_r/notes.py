@@ -102,7 +102,7 @@ def _is_near_miss(category: str) -> bool:
     return category != DISCHARGE_CATEGORY and category.strip().lower() == DISCHARGE_CATEGORY.lower()
 
 
-# pa.array, pa.scalar and to_numpy would do for these four, but they import pandas: a third of a
+# pa.array, pa.scalar and to_numpy would do for these five, but they import pandas: a third of a
 # second, a tenth of the stage on a 2 GB file.
 def _int64_array(values: np.ndarray) -> pa.Array:
     """numpy int64 -> Arrow, without a copy."""
@@ -114,6 +114,13 @@ def _string_scalar(value: str) -> pa.Scalar:
     data = value.encode()
     return pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, len(data)], np.int32)),
                                                   pa.py_buffer(data)])[0]
+
+
+def _string_array(values: list[str]) -> pa.StringArray:
+    data = [value.encode() for value in values]
+    offsets = np.zeros(len(data) + 1, np.int32)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
 
 
 def _bools(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -256,11 +263,12 @@ def _write_part(source: NoteEvents, notes: pa.Table, spans: np.ndarray, path: Pa
     with pq.ParquetWriter(path, NOTE_SCHEMA, **OUTPUT_PARQUET) as writer:
         for k in range(0, len(rows), OUTPUT_ROW_GROUP):
             group = rows[k:k + OUTPUT_ROW_GROUP]
-            if len(buffer) < source.text_bytes(spans[group]):
-                buffer = np.empty(source.text_bytes(spans[group]), np.uint8)
+            needed = source.text_bytes(spans[group])
+            if len(buffer) < needed:
+                buffer = np.empty(needed, np.uint8)
             texts = source.texts(spans[group], into=buffer)
             if policy.coarse_placeholders:
-                texts = pa.array([coarsen_placeholders(t) for t in texts.to_pylist()], pa.string())
+                texts = _string_array([coarsen_placeholders(t) for t in texts.to_pylist()])
             # Synchronous: the writer has copied what it needs before the buffer is reused.
             writer.write_table(notes.take(_int64_array(group)).append_column(NOTE_SCHEMA.field("TEXT"), texts))
 

@@ -109,7 +109,8 @@ def test_without_a_c_compiler_the_error_says_what_to_install(tmp_path):
     assert not list((REPO / "asclepius_r/_build").glob("never-built*"))
 
 
-@pytest.mark.parametrize("policy", ["NotePolicy()", "NotePolicy(keep_addenda=False, exclude_row_ids=frozenset({2}))"])
+@pytest.mark.parametrize("policy", ["NotePolicy()", "NotePolicy(keep_addenda=False, exclude_row_ids=frozenset({2}), "
+                                    "coarse_placeholders=True)"])
 def test_the_stage_never_imports_pandas(tmp_path, policy):
     """pyarrow imports pandas behind pa.array, pa.scalar or a boolean to_numpy (falling back
     quietly where it cannot): a third of a second of a 2 GB run."""
