@@ -1,7 +1,7 @@
 """Ask a checkpoint one question about one note, with the released template byte for byte.
 
-    python -m asclepius_r.ask --model DIR --note NOTE.txt --question "What is the diagnosis?"
-    python -m asclepius_r.ask --model DIR --note NOTE.txt --question "..." --print-prompt
+python -m asclepius_r.ask --model DIR --note NOTE.txt --question "What is the diagnosis?"
+python -m asclepius_r.ask --model DIR --note NOTE.txt --question "..." --print-prompt
 """
 
 from __future__ import annotations

@@ -36,10 +36,23 @@ def train_llama1_style_tokenizer(texts: list[str], vocab_size: int) -> bytes:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True,
-        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-        character_coverage=1.0, max_sentence_length=1 << 20, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        character_coverage=1.0,
+        max_sentence_length=1 << 20,
+        num_threads=1,
+        minloglevel=2,
     )
     return model.getvalue()
 
@@ -49,9 +62,18 @@ def save_tokenizer_folder(folder: Path, sentencepiece_model: bytes) -> None:
     from transformers import AutoTokenizer
 
     (folder / "tokenizer.model").write_bytes(sentencepiece_model)
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+            }
+        )
+    )
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
 
 
@@ -68,18 +90,29 @@ def build_tiny_llama_from_texts(texts: list[str], out_dir: str | Path, spec: Tin
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
-        bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
     with atomic_path(out_dir, is_dir=True) as tmp:
         save_tokenizer_folder(tmp, train_llama1_style_tokenizer(texts, spec.vocab_size))
         model.save_pretrained(tmp)
-    log.info("tiny LLaMA: %d parameters, vocabulary %d, saved to %s",
-             sum(p.numel() for p in model.parameters()), spec.vocab_size, out_dir)
+    log.info(
+        "tiny LLaMA: %d parameters, vocabulary %d, saved to %s",
+        sum(p.numel() for p in model.parameters()),
+        spec.vocab_size,
+        out_dir,
+    )
 
 
 def check_base_model(folder: str | Path) -> None:
@@ -87,8 +120,10 @@ def check_base_model(folder: str | Path) -> None:
     folder = Path(folder)
     missing = [name for name in ("config.json", "tokenizer.model") if not (folder / name).exists()]
     if missing:
-        raise FileNotFoundError(f"base model {folder}: missing {', '.join(missing)} "
-                                "(expected a Hugging Face LLaMA folder with its SentencePiece tokenizer.model)")
+        raise FileNotFoundError(
+            f"base model {folder}: missing {', '.join(missing)} "
+            "(expected a Hugging Face LLaMA folder with its SentencePiece tokenizer.model)"
+        )
 
 
 def copy_tokenizer_model(base: str | Path, out: str | Path) -> None:

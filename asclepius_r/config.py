@@ -59,11 +59,15 @@ def resolve(config: dict, require_data: bool = True) -> dict:
 def check_data_paths(config: dict) -> None:
     """Raise, saying what to set, if the notes file or a base model is not configured."""
     unset = [] if config["noteevents"] else ["noteevents (path to NOTEEVENTS.csv or .csv.gz)"]
-    unset += [f"models.{size}.base (LLaMA-{size} folder in HF format, or 'tiny')"
-              for size, model in config["models"].items() if not model.get("base")]
+    unset += [
+        f"models.{size}.base (LLaMA-{size} folder in HF format, or 'tiny')"
+        for size, model in config["models"].items()
+        if not model.get("base")
+    ]
     if unset:
         raise ConfigError(
-            "config.yaml is the paper run and needs real inputs; set:\n  " + "\n  ".join(unset)
+            "config.yaml is the paper run and needs real inputs; set:\n  "
+            + "\n  ".join(unset)
             + "\n(edit config.yaml or pass --config noteevents=PATH). To try the workflow without "
             "MIMIC data, run `make demo`: it needs no data."
         )
@@ -83,10 +87,16 @@ def note_policy(config: dict):
         try:
             exclude = frozenset(int(line) for line in path.read_text().split())
         except ValueError as err:
-            raise ConfigError(f"config key notes.exclude_row_ids: {path} must hold one integer ROW_ID per line ({err})") from None
-    return NotePolicy(drop_iserror=section["drop_iserror"], keep_addenda=section["keep_addenda"],
-                      drop_duplicate_text=section["drop_duplicate_text"],
-                      coarse_placeholders=section["coarse_placeholders"], exclude_row_ids=exclude)
+            raise ConfigError(
+                f"config key notes.exclude_row_ids: {path} must hold one integer ROW_ID per line ({err})"
+            ) from None
+    return NotePolicy(
+        drop_iserror=section["drop_iserror"],
+        keep_addenda=section["keep_addenda"],
+        drop_duplicate_text=section["drop_duplicate_text"],
+        coarse_placeholders=section["coarse_placeholders"],
+        exclude_row_ids=exclude,
+    )
 
 
 def split_policy(config: dict):
@@ -100,9 +110,12 @@ def generation_settings(config: dict):
     from .tasks import DEFAULT_SEED_QUESTIONS
 
     section = config["instructions"]
-    return GenerationSettings(seed=config["seed"], wave_size=section["wave_size"],
-                              near_duplicate_rouge=section["near_duplicate_rouge"],
-                              seed_questions=section["seed_questions"] or DEFAULT_SEED_QUESTIONS)
+    return GenerationSettings(
+        seed=config["seed"],
+        wave_size=section["wave_size"],
+        near_duplicate_rouge=section["near_duplicate_rouge"],
+        seed_questions=section["seed_questions"] or DEFAULT_SEED_QUESTIONS,
+    )
 
 
 def llm_settings(config: dict):

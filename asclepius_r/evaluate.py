@@ -20,15 +20,32 @@ from .rouge import rouge_l, tokens
 
 log = logging.getLogger(__name__)
 
-TABLE_COLUMNS = ["n", "judge_score", "judge_scored", "judge_failed", "rouge_l", "token_f1", "answer_words",
-                 "empty_answers"]
+TABLE_COLUMNS = [
+    "n",
+    "judge_score",
+    "judge_scored",
+    "judge_failed",
+    "rouge_l",
+    "token_f1",
+    "answer_words",
+    "empty_answers",
+]
 
 
 def heldout_items(notes_path, records_path) -> list[dict]:
     """Held-out questions with an accepted reference answer, with their note text."""
     text = {n["row_id"]: n["text"] for n in read_notes(notes_path)}
-    return [{"row_id": r["row_id"], "task": r["task"], "note": text[r["row_id"]], "question": r["question"],
-             "reference": r["answer"]} for r in read_jsonl(records_path) if r["status"] == "ok"]
+    return [
+        {
+            "row_id": r["row_id"],
+            "task": r["task"],
+            "note": text[r["row_id"]],
+            "question": r["question"],
+            "reference": r["answer"],
+        }
+        for r in read_jsonl(records_path)
+        if r["status"] == "ok"
+    ]
 
 
 def token_f1(candidate: str, reference: str) -> float:
@@ -41,19 +58,38 @@ def token_f1(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def answer_heldout(model_dir, notes_path, records_path, answers_out, max_new_tokens: int = 400,
-                   batch_size: int = 8, max_prompt_tokens: int | None = None) -> None:
+def answer_heldout(
+    model_dir,
+    notes_path,
+    records_path,
+    answers_out,
+    max_new_tokens: int = 400,
+    batch_size: int = 8,
+    max_prompt_tokens: int | None = None,
+) -> None:
     """Generate one answer per held-out question with the model in `model_dir`."""
     from .generation import generate_answers, load_for_generation
 
     items = heldout_items(notes_path, records_path)
     model, tokenizer = load_for_generation(str(model_dir))
-    answers = generate_answers(model, tokenizer, [(i["note"], i["question"]) for i in items],
-                               max_new_tokens, batch_size, max_prompt_tokens)
-    write_jsonl(answers_out, [{"row_id": i["row_id"], "task": i["task"], "question": i["question"],
-                               "answer": a, "rouge_l": rouge_l(a, i["reference"]),
-                               "token_f1": token_f1(a, i["reference"]), "answer_words": len(a.split())}
-                              for i, a in zip(items, answers)])
+    answers = generate_answers(
+        model, tokenizer, [(i["note"], i["question"]) for i in items], max_new_tokens, batch_size, max_prompt_tokens
+    )
+    write_jsonl(
+        answers_out,
+        [
+            {
+                "row_id": i["row_id"],
+                "task": i["task"],
+                "question": i["question"],
+                "answer": a,
+                "rouge_l": rouge_l(a, i["reference"]),
+                "token_f1": token_f1(a, i["reference"]),
+                "answer_words": len(a.split()),
+            }
+            for i, a in zip(items, answers)
+        ],
+    )
     log.info("%s: answered %d held-out questions", model_dir, len(items))
 
 
@@ -64,15 +100,17 @@ def _metrics(rows: list[dict]) -> dict:
     def average(values):
         return mean(values) if values else None
 
-    return {"n": len(rows),
-            "judge_score": average(scored),
-            "judge_scored": len(scored),
-            "judge_failed": len(rows) - len(scored),
-            "judge_distribution": {str(s): scored.count(s) for s in SCORES},
-            "rouge_l": average([row["rouge_l"] for row in rows]),
-            "token_f1": average([row["token_f1"] for row in rows]),
-            "answer_words": average([row["answer_words"] for row in rows]),
-            "empty_answers": sum(not row["answer"].strip() for row in rows)}
+    return {
+        "n": len(rows),
+        "judge_score": average(scored),
+        "judge_scored": len(scored),
+        "judge_failed": len(rows) - len(scored),
+        "judge_distribution": {str(s): scored.count(s) for s in SCORES},
+        "rouge_l": average([row["rouge_l"] for row in rows]),
+        "token_f1": average([row["token_f1"] for row in rows]),
+        "answer_words": average([row["answer_words"] for row in rows]),
+        "empty_answers": sum(not row["answer"].strip() for row in rows),
+    }
 
 
 def summarise(answer_files: dict[str, str], verdicts_path, summary_out, per_model_out, per_task_out) -> dict:
@@ -92,8 +130,11 @@ def summarise(answer_files: dict[str, str], verdicts_path, summary_out, per_mode
         summary[model] = {**_metrics(rows), "per_task": {t: _metrics(r) for t, r in sorted(per_task.items())}}
     write_json(summary_out, summary)
     _write_table(per_model_out, ["model"], [([m], s) for m, s in summary.items()])
-    _write_table(per_task_out, ["model", "task"],
-                 [([m, t], s) for m, entry in summary.items() for t, s in entry["per_task"].items()])
+    _write_table(
+        per_task_out,
+        ["model", "task"],
+        [([m, t], s) for m, entry in summary.items() for t, s in entry["per_task"].items()],
+    )
     log.info("evaluation: %s", {m: (s["judge_score"], s["rouge_l"]) for m, s in summary.items()})
     return summary
 

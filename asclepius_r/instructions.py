@@ -54,16 +54,24 @@ def clean_question(text: str) -> str:
 
 def question_request(note: dict, task: str, examples: list[str], client: LLMClient) -> ChatRequest:
     s = client.settings
-    return ChatRequest(model=s.model, messages=(("user", render_question_prompt(task, note["text"], examples)),),
-                       temperature=s.temperature, max_tokens=s.max_tokens,
-                       meta={"row_id": note["row_id"], "phase": "question", "task": task})
+    return ChatRequest(
+        model=s.model,
+        messages=(("user", render_question_prompt(task, note["text"], examples)),),
+        temperature=s.temperature,
+        max_tokens=s.max_tokens,
+        meta={"row_id": note["row_id"], "phase": "question", "task": task},
+    )
 
 
 def answer_request(note: dict, task: str, question: str, client: LLMClient) -> ChatRequest:
     s = client.settings
-    return ChatRequest(model=s.model, messages=(("user", render_answer_prompt(note["text"], question)),),
-                       temperature=s.temperature, max_tokens=s.max_tokens,
-                       meta={"row_id": note["row_id"], "phase": "answer", "task": task})
+    return ChatRequest(
+        model=s.model,
+        messages=(("user", render_answer_prompt(note["text"], question)),),
+        temperature=s.temperature,
+        max_tokens=s.max_tokens,
+        meta={"row_id": note["row_id"], "phase": "answer", "task": task},
+    )
 
 
 class NearDuplicateIndex:
@@ -129,14 +137,17 @@ def generate(notes: list[dict], client: LLMClient, settings: GenerationSettings)
     """Return one record per note (accepted or with the reason it was not) and the counts."""
     seeds = load_seed_questions(settings.seed_questions)
     pools: dict[str, list[str]] = defaultdict(list)  # grows only between waves: prompts stay fixed
-    earlier = ({task: NearDuplicateIndex(settings.near_duplicate_rouge, seeds[task]) for task in seeds}
-               if settings.near_duplicate_rouge is not None else {})
+    earlier = (
+        {task: NearDuplicateIndex(settings.near_duplicate_rouge, seeds[task]) for task in seeds}
+        if settings.near_duplicate_rouge is not None
+        else {}
+    )
     records: list[dict] = []
     counts: Counter = Counter()
     notes = sorted(notes, key=lambda n: n["row_id"])
     with client.progress(2 * len(notes), "instructions") as bar:
         for start in range(0, len(notes), settings.wave_size):
-            wave = notes[start:start + settings.wave_size]
+            wave = notes[start : start + settings.wave_size]
             tasks, q_requests = [], []
             for note in wave:
                 task = draw_task(note["row_id"], settings.seed)
@@ -154,8 +165,13 @@ def generate(notes: list[dict], client: LLMClient, settings: GenerationSettings)
             answers = dict(zip(a_index, a_results))
             accepted: list[tuple[str, str]] = []
             for i, note in enumerate(wave):
-                record = {"row_id": note["row_id"], "task": tasks[i], "question": questions[i], "answer": None,
-                          "question_key": q_requests[i].key}
+                record = {
+                    "row_id": note["row_id"],
+                    "task": tasks[i],
+                    "question": questions[i],
+                    "answer": None,
+                    "question_key": q_requests[i].key,
+                }
                 if not q_results[i].ok:
                     record["status"] = "failed_question"
                 elif not questions[i]:
@@ -175,9 +191,12 @@ def generate(notes: list[dict], client: LLMClient, settings: GenerationSettings)
                 records.append(record)
             for task, question in accepted:
                 pools[task].append(question)
-    stats = {"notes": len(notes), "outcomes": dict(sorted(counts.items())),
-             "per_task": dict(sorted(Counter(r["task"] for r in records if r["status"] == "ok").items())),
-             "llm": client.stats}
+    stats = {
+        "notes": len(notes),
+        "outcomes": dict(sorted(counts.items())),
+        "per_task": dict(sorted(Counter(r["task"] for r in records if r["status"] == "ok").items())),
+        "llm": client.stats,
+    }
     return records, stats
 
 
@@ -188,9 +207,17 @@ def run_instruction_stage(notes_path, records_out, stats_out, client: LLMClient,
     write_jsonl(records_out, records)
     write_json(stats_out, stats)
     llm = stats["llm"]
-    log.info("instructions: %s; requests %d (archived %d, sent %d, failed %d), %d+%d tokens, $%.4f",
-             stats["outcomes"], llm["requests"], llm["archived"], llm["sent_ok"], llm["failed"],
-             llm["usage"]["prompt_tokens"], llm["usage"]["completion_tokens"], llm["cost_usd"])
+    log.info(
+        "instructions: %s; requests %d (archived %d, sent %d, failed %d), %d+%d tokens, $%.4f",
+        stats["outcomes"],
+        llm["requests"],
+        llm["archived"],
+        llm["sent_ok"],
+        llm["failed"],
+        llm["usage"]["prompt_tokens"],
+        llm["usage"]["completion_tokens"],
+        llm["cost_usd"],
+    )
     return stats
 
 
@@ -199,8 +226,11 @@ def write_dataset(notes_path, records_path, csv_out) -> int:
     from .notes import read_notes
 
     text = {n["row_id"]: n["text"] for n in read_notes(notes_path)}
-    rows = [{"note": text[r["row_id"]], "question": r["question"], "answer": r["answer"], "task": r["task"]}
-            for r in read_jsonl(records_path) if r["status"] == "ok"]
+    rows = [
+        {"note": text[r["row_id"]], "question": r["question"], "answer": r["answer"], "task": r["task"]}
+        for r in read_jsonl(records_path)
+        if r["status"] == "ok"
+    ]
     frame = pd.DataFrame(rows, columns=DATASET_COLUMNS)
     with atomic_path(csv_out) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
@@ -221,8 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     from .logs import setup_logging
 
     parser = argparse.ArgumentParser(description="Generate one question and answer per note, then the dataset CSV.")
-    parser.add_argument("--config", action="append", required=True,
-                        help="config file; repeat to lay one over another (like snakemake --configfile)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="config file; repeat to lay one over another (like snakemake --configfile)",
+    )
     parser.add_argument("--notes", required=True, help="notes Parquet from the notes stage")
     parser.add_argument("--records", required=True, help="output: one JSON record per note")
     parser.add_argument("--stats", required=True, help="output: counts, usage, cost and failures (JSON)")

@@ -73,19 +73,24 @@ class _Case:
 def judge_request(case: _Case, answers: dict[str, dict[int, str]], settings: LLMSettings) -> ChatRequest:
     """Attempt k: the judge prompt, then each earlier unreadable reply followed by a correction."""
     item = case.item
-    prompt = render_judge_prompt(item["note"], item["question"],
-                                 [answers[model][item["row_id"]] for model in case.order])
+    prompt = render_judge_prompt(
+        item["note"], item["question"], [answers[model][item["row_id"]] for model in case.order]
+    )
     messages = [("user", prompt)]
     for reply in case.unreadable:
         messages += [("assistant", reply), ("user", render_judge_retry(len(case.order)))]
-    return ChatRequest(model=settings.model, messages=tuple(messages), temperature=settings.temperature,
-                       max_tokens=settings.max_tokens,
-                       meta={"row_id": item["row_id"], "phase": "judge", "task": item["task"],
-                             "attempt": len(case.unreadable) + 1})
+    return ChatRequest(
+        model=settings.model,
+        messages=tuple(messages),
+        temperature=settings.temperature,
+        max_tokens=settings.max_tokens,
+        meta={"row_id": item["row_id"], "phase": "judge", "task": item["task"], "attempt": len(case.unreadable) + 1},
+    )
 
 
-def judge(items: list[dict], answers: dict[str, dict[int, str]], client: LLMClient,
-          settings: JudgeSettings) -> list[dict]:
+def judge(
+    items: list[dict], answers: dict[str, dict[int, str]], client: LLMClient, settings: JudgeSettings
+) -> list[dict]:
     """One verdict per item, in order: `ok` with a score per model, `parse_failed` or `llm_failed`."""
     models = sorted(answers)
     agent_labels(len(models))  # fail before any request if there are too many candidates
@@ -111,10 +116,16 @@ def judge(items: list[dict], answers: dict[str, dict[int, str]], client: LLMClie
     verdicts = []
     for case in cases:
         verdict = case.verdict or {"status": "parse_failed", "error": last_error[id(case)]}
-        verdicts.append({"row_id": case.item["row_id"], "task": case.item["task"],
-                         "agents": dict(zip(agent_labels(len(case.order)), case.order)),
-                         "attempts": len(case.unreadable) + (case.verdict is not None),
-                         "unreadable_replies": case.unreadable, **verdict})
+        verdicts.append(
+            {
+                "row_id": case.item["row_id"],
+                "task": case.item["task"],
+                "agents": dict(zip(agent_labels(len(case.order)), case.order)),
+                "attempts": len(case.unreadable) + (case.verdict is not None),
+                "unreadable_replies": case.unreadable,
+                **verdict,
+            }
+        )
     return verdicts
 
 
@@ -139,8 +150,9 @@ def judge_client(config: dict, references: dict[int, str]) -> LLMClient:
     return LLMClient(settings)
 
 
-def run_judge_stage(items: list[dict], answer_files: dict[str, str], verdicts_out, stats_out,
-                    client: LLMClient, settings: JudgeSettings) -> dict:
+def run_judge_stage(
+    items: list[dict], answer_files: dict[str, str], verdicts_out, stats_out, client: LLMClient, settings: JudgeSettings
+) -> dict:
     """Judge every held-out item with every model's answer; write verdicts and their counts."""
     answers = {}
     for model, path in answer_files.items():
@@ -150,9 +162,14 @@ def run_judge_stage(items: list[dict], answer_files: dict[str, str], verdicts_ou
             raise ValueError(f"{path}: no answer of {model} for held-out ROW_ID(s) {missing[:5]}")
     verdicts = judge(items, answers, client, settings)
     outcomes = Counter(v["status"] for v in verdicts)
-    stats = {"items": len(items), "models": sorted(answers), "outcomes": dict(outcomes),
-             "attempts": dict(Counter(v["attempts"] for v in verdicts)),
-             "judge_model": client.settings.model, "client": dict(client.stats)}
+    stats = {
+        "items": len(items),
+        "models": sorted(answers),
+        "outcomes": dict(outcomes),
+        "attempts": dict(Counter(v["attempts"] for v in verdicts)),
+        "judge_model": client.settings.model,
+        "client": dict(client.stats),
+    }
     write_jsonl(verdicts_out, verdicts)
     write_json(stats_out, stats)
     log.info("judge: %d held-out questions, %s", len(items), dict(outcomes))

@@ -24,10 +24,11 @@ import os
 import tempfile
 import zlib
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +39,17 @@ from . import record_scanner
 log = logging.getLogger(__name__)
 
 COLUMNS = (
-    "ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME",
-    "CATEGORY", "DESCRIPTION", "CGID", "ISERROR", "TEXT",
+    "ROW_ID",
+    "SUBJECT_ID",
+    "HADM_ID",
+    "CHARTDATE",
+    "CHARTTIME",
+    "STORETIME",
+    "CATEGORY",
+    "DESCRIPTION",
+    "CGID",
+    "ISERROR",
+    "TEXT",
 )
 DISCHARGE_CATEGORY = "Discharge summary"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -101,8 +111,9 @@ def read_header(path: str | os.PathLike) -> list[str]:
         raise NoteEventsError(f"{path}: line 1 (the header) is not valid UTF-8") from None
     header = next(csv.reader([text]))
     if not set(header) & set(COLUMNS):
-        raise NoteEventsError(f"{path}: line 1 holds none of the MIMIC-III column names {', '.join(COLUMNS)}; "
-                              f"is the header line missing?")
+        raise NoteEventsError(
+            f"{path}: line 1 holds none of the MIMIC-III column names {', '.join(COLUMNS)}; is the header line missing?"
+        )
     duplicated = sorted({name for name in header if header.count(name) > 1})
     if duplicated:
         raise NoteEventsError(f"{path}: line 1: column(s) {', '.join(duplicated)} appear more than once")
@@ -112,7 +123,8 @@ def read_header(path: str | os.PathLike) -> list[str]:
         hints = []
         for name in missing:
             near = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6) or [
-                u for u in unknown if u.strip().upper() == name]
+                u for u in unknown if u.strip().upper() == name
+            ]
             hints.append(f"{name} (found {near[0]!r} instead?)" if near else name)
         raise NoteEventsError(
             f"{path}: line 1: missing column(s) {', '.join(hints)}; expected the MIMIC-III "
@@ -129,7 +141,9 @@ class Chunk:
     row_ids: np.ndarray  # ROW_ID of every record, in file order
     bad_row_id: tuple[int, str] | None  # (record index, raw value) of the first non-integer ROW_ID
     categories: Counter  # CATEGORY value -> records
-    selected: pa.Table | None  # the records whose CATEGORY is exactly the one asked for: their columns but TEXT, as strings
+    selected: (
+        pa.Table | None
+    )  # the records whose CATEGORY is exactly the one asked for: their columns but TEXT, as strings
     text_hashes: np.ndarray  # a 64-bit hash of each selected record's TEXT, to find duplicate texts
     spans: np.ndarray  # (selected, 2): where each selected record lies, for NoteEvents.texts
 
@@ -203,12 +217,15 @@ class _Span:
         status, position = record_scanner.FULL, begin
         while status == record_scanner.FULL:
             status, position, n, n_categories = record_scanner.scan_records(
-                data, position, stop, layout.n_columns, layout.row_id, layout.category, out)
+                data, position, stop, layout.n_columns, layout.row_id, layout.category, out
+            )
             if status in record_scanner.PROBLEMS:
                 raise _Malformed(record_scanner.PROBLEMS[status])
             ids, starts, ends, category_ids = out.row_ids[:n], out.starts[:n], out.ends[:n], out.category_ids[:n]
-            values = [_unquote(data[start:start + length].tobytes())
-                      for start, length in out.category_spans[:n_categories].tolist()]
+            values = [
+                _unquote(data[start : start + length].tobytes())
+                for start, length in out.category_spans[:n_categories].tolist()
+            ]
             for value, count in zip(values, np.bincount(category_ids, minlength=n_categories).tolist()):
                 self.categories[value] += count
             wanted = np.isin(category_ids, [k for k, value in enumerate(values) if value == layout.wanted])
@@ -216,7 +233,7 @@ class _Span:
                 self._select(data, starts[wanted], ends[wanted], base)
             bad = np.flatnonzero(ids < 0)
             if self.bad_row_id is None and len(bad):
-                record = data[starts[bad[0]]:ends[bad[0]]].tobytes().decode("utf-8")
+                record = data[starts[bad[0]] : ends[bad[0]]].tobytes().decode("utf-8")
                 self.bad_row_id = (self.rows + int(bad[0]), next(csv.reader([record]))[layout.row_id][:20])
             self.row_ids.append(ids.copy())
             self.rows += n
@@ -226,17 +243,23 @@ class _Span:
         """Keep the asked columns of the given records (unquoted by the scanner, as Arrow strings),
         a hash of their TEXT and where they lie; TEXT itself is read only for the notes kept."""
         layout = self.layout
-        columns, text_hashes = record_scanner.extract_fields(data, starts, ends, layout.n_columns,
-                                                             list(layout.columns.values()), hash_field=layout.text)
+        columns, text_hashes = record_scanner.extract_fields(
+            data, starts, ends, layout.n_columns, list(layout.columns.values()), hash_field=layout.text
+        )
         self.selected.append(pa.table({name: _strings(*column) for name, column in zip(layout.columns, columns)}))
         self.hashes.append(text_hashes)
         self.spans.append(self.records.keep(data, starts, ends, base))
 
     def chunk(self) -> Chunk:
-        return Chunk(self.rows, np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64),
-                     self.bad_row_id, self.categories, pa.concat_tables(self.selected) if self.selected else None,
-                     np.concatenate(self.hashes) if self.hashes else np.empty(0, np.uint64),
-                     np.concatenate(self.spans) if self.spans else np.empty((0, 2), np.int64))
+        return Chunk(
+            self.rows,
+            np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64),
+            self.bad_row_id,
+            self.categories,
+            pa.concat_tables(self.selected) if self.selected else None,
+            np.concatenate(self.hashes) if self.hashes else np.empty(0, np.uint64),
+            np.concatenate(self.spans) if self.spans else np.empty((0, 2), np.int64),
+        )
 
 
 class _MappedFile:
@@ -304,7 +327,7 @@ class _Stream:
         """(bytes from `offset` on, at least `size` of them unless the stream ends; 0; whether it
         ended). `offset` never goes back; past the buffer (the header line) it skips."""
         buffered = self.buffer_offset + len(self.buffer)
-        pieces = [memoryview(self.buffer)[offset - self.buffer_offset:]] if offset < buffered else []
+        pieces = [memoryview(self.buffer)[offset - self.buffer_offset :]] if offset < buffered else []
         skip = max(0, offset - buffered)
         available, at_end = sum(map(len, pieces)) - skip, False
         while available < size and not at_end:
@@ -325,8 +348,14 @@ def _new_outputs() -> record_scanner.ScanOutputs:
     return record_scanner.ScanOutputs(RECORDS_PER_CALL, MAX_CATEGORIES_PER_CALL)
 
 
-def _scan_span(source: _MappedFile | _Stream, start: int, stop: int, layout: _Layout,
-               records: _RecordsInPlace | _StagedRecords, out: record_scanner.ScanOutputs) -> tuple[Chunk, int, bool]:
+def _scan_span(
+    source: _MappedFile | _Stream,
+    start: int,
+    stop: int,
+    layout: _Layout,
+    records: _RecordsInPlace | _StagedRecords,
+    out: record_scanner.ScanOutputs,
+) -> tuple[Chunk, int, bool]:
     """The records from `start` (a record boundary) up to the first record boundary at or after
     `stop`: (chunk, that boundary, whether it is the end of the file).
 
@@ -360,9 +389,10 @@ def _guess_record_start(source: _MappedFile, offset: int, layout: _Layout) -> in
     data, begin, _ = source.window(offset - 1, PROBE_BYTES)
     out = record_scanner.ScanOutputs(PROBE_RECORDS, PROBE_RECORDS)
     for piece in range(begin, len(data), PROBE_STEP):  # newlines piece by piece: the first fits, mostly
-        for newline in (piece + np.flatnonzero(data[piece:piece + PROBE_STEP] == ord("\n"))).tolist():
-            status, _, n, _ = record_scanner.scan_records(data, newline + 1, len(data), layout.n_columns,
-                                                          layout.row_id, layout.category, out)
+        for newline in (piece + np.flatnonzero(data[piece : piece + PROBE_STEP] == ord("\n"))).tolist():
+            status, _, n, _ = record_scanner.scan_records(
+                data, newline + 1, len(data), layout.n_columns, layout.row_id, layout.category, out
+            )
             if status == record_scanner.FULL and n == PROBE_RECORDS and (out.row_ids >= 0).all():
                 return offset + newline - begin
     return None
@@ -382,8 +412,9 @@ def _guessed_span(source: _MappedFile, offset: int, stop: int, layout: _Layout) 
         return start, error, None
 
 
-def _mapped_chunks(source: _MappedFile, offset: int, layout: _Layout,
-                   pool: ThreadPoolExecutor, workers: int) -> Iterator[tuple[Chunk, int]]:
+def _mapped_chunks(
+    source: _MappedFile, offset: int, layout: _Layout, pool: ThreadPoolExecutor, workers: int
+) -> Iterator[tuple[Chunk, int]]:
     """A plain file in READ_SIZE stretches, scanned by parallel workers; yields (chunk, bytes
     scanned) in file order.
 
@@ -393,10 +424,16 @@ def _mapped_chunks(source: _MappedFile, offset: int, layout: _Layout,
     """
     stops = list(range(offset + READ_SIZE, source.size, READ_SIZE)) + [source.size]
     nominal = [offset] + stops[:-1]
-    first = pool.submit(lambda: (offset, *_scan_span(source, offset, stops[0], layout, _RecordsInPlace(),
-                                                     _new_outputs())[:2]))
-    pending = deque([first] + [pool.submit(_guessed_span, source, nominal[k], stops[k], layout)
-                               for k in range(1, min(workers + 1, len(stops)))])
+    first = pool.submit(
+        lambda: (offset, *_scan_span(source, offset, stops[0], layout, _RecordsInPlace(), _new_outputs())[:2])
+    )
+    pending = deque(
+        [first]
+        + [
+            pool.submit(_guessed_span, source, nominal[k], stops[k], layout)
+            for k in range(1, min(workers + 1, len(stops)))
+        ]
+    )
     out, expected = _new_outputs(), offset
     for k, stop in enumerate(stops):
         start, chunk, end = pending.popleft().result()
@@ -411,8 +448,9 @@ def _mapped_chunks(source: _MappedFile, offset: int, layout: _Layout,
         expected = end
 
 
-def _stream_chunks(source: _Stream, offset: int, layout: _Layout, records: _StagedRecords,
-                   pool: ThreadPoolExecutor) -> Iterator[tuple[Chunk, int]]:
+def _stream_chunks(
+    source: _Stream, offset: int, layout: _Layout, records: _StagedRecords, pool: ThreadPoolExecutor
+) -> Iterator[tuple[Chunk, int]]:
     """A stream in STREAM_READ_SIZE stretches, each scanned (in a worker) while the caller works on
     the one before; yields (chunk, bytes scanned) in file order."""
     out = _new_outputs()
@@ -468,9 +506,17 @@ class NoteEvents:
         # otherwise (measured: 0.76-0.80 s against 0.98 s on 2 cores, 2.2 GB). Each holds a window
         # in memory, hence the cap.
         path, raw, rows, workers = self.path, self._raw, 0, min(pa.cpu_count() + 1, MAX_SCAN_WORKERS)
-        with ThreadPoolExecutor(workers, thread_name_prefix="noteevents-scan") as pool, \
-                tqdm(desc=f"reading {path.name}", unit="B", unit_scale=True, mininterval=5, disable=None,
-                     total=None if self._staging else path.stat().st_size) as progress:
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="noteevents-scan") as pool,
+            tqdm(
+                desc=f"reading {path.name}",
+                unit="B",
+                unit_scale=True,
+                mininterval=5,
+                disable=None,
+                total=None if self._staging else path.stat().st_size,
+            ) as progress,
+        ):
             header_bytes = len(_read_first_line(path))
             progress.update(header_bytes)
             self._layout = _Layout(self.header, category, columns)
@@ -514,8 +560,13 @@ class NoteEvents:
         first, last = int(spans[0, 0]), min(int(spans[:, 1].max()), self._records.size)
         data, begin, _ = self._records.window(first, last - first)
         [(offsets, values)], _ = record_scanner.extract_fields(
-            data, spans[:, 0] - first + begin, np.minimum(spans[:, 1], last) - first + begin,
-            self._layout.n_columns, [self._layout.text], into=into)
+            data,
+            spans[:, 0] - first + begin,
+            np.minimum(spans[:, 1], last) - first + begin,
+            self._layout.n_columns,
+            [self._layout.text],
+            into=into,
+        )
         return _strings(offsets, values)
 
     @staticmethod
@@ -548,8 +599,9 @@ class _Lines:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise _Problem(f"invalid UTF-8 at line {self.number}, column {err.start + 1} "
-                           f"(byte 0x{line[err.start]:02x})") from None
+            raise _Problem(
+                f"invalid UTF-8 at line {self.number}, column {err.start + 1} (byte 0x{line[err.start]:02x})"
+            ) from None
         return text
 
 
@@ -578,18 +630,24 @@ def locate_problem(path: str | os.PathLike) -> str:
             try:
                 for record in reader:
                     if record and len(record) != len(header):
-                        return (f"{where()}: {len(record)} fields, expected {len(header)} as in the header "
-                                f"(a stray quote or comma, or a truncated row)")
+                        return (
+                            f"{where()}: {len(record)} fields, expected {len(header)} as in the header "
+                            f"(a stray quote or comma, or a truncated row)"
+                        )
                     record_start, lines.record_first = lines.number + 1, None
             except _Problem as problem:
                 return f"{where()}: {problem}"
             except csv.Error as err:
                 if "field limit" in str(err):
-                    return (f"{where()}: a field of this record runs on for over {MAX_FIELD_BYTES >> 20} MB "
-                            f"(an unterminated quote)")
+                    return (
+                        f"{where()}: a field of this record runs on for over {MAX_FIELD_BYTES >> 20} MB "
+                        f"(an unterminated quote)"
+                    )
                 if raw.read(1) == b"":
-                    return (f"{where()}: a quoted field opened in this record is never closed before the end "
-                            f"of the file (unterminated quote, or a truncated file)")
+                    return (
+                        f"{where()}: a quoted field opened in this record is never closed before the end "
+                        f"of the file (unterminated quote, or a truncated file)"
+                    )
                 return f"{where()}: malformed quoting in this record, noticed at line {lines.number} ({err})"
     finally:
         csv.field_size_limit(limit)

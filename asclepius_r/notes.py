@@ -20,10 +20,10 @@ import logging
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -50,9 +50,15 @@ MAX_PART_WRITERS = 4  # each holds a row group or two (about 60 MB): memory stay
 # Dictionary-encoding long, unique texts only costs time.
 OUTPUT_PARQUET = {"compression": "zstd", "use_dictionary": ["HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR"]}
 NOTE_SCHEMA = pa.schema(
-    [("ROW_ID", pa.int64()), ("SUBJECT_ID", pa.int64()), ("HADM_ID", pa.string()),
-     ("CHARTDATE", pa.string()), ("DESCRIPTION", pa.string()), ("ISERROR", pa.string()),
-     ("TEXT", pa.string())]
+    [
+        ("ROW_ID", pa.int64()),
+        ("SUBJECT_ID", pa.int64()),
+        ("HADM_ID", pa.string()),
+        ("CHARTDATE", pa.string()),
+        ("DESCRIPTION", pa.string()),
+        ("ISERROR", pa.string()),
+        ("TEXT", pa.string()),
+    ]
 )
 
 
@@ -112,8 +118,9 @@ def _int64_array(values: np.ndarray) -> pa.Array:
 
 def _string_scalar(value: str) -> pa.Scalar:
     data = value.encode()
-    return pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, len(data)], np.int32)),
-                                                  pa.py_buffer(data)])[0]
+    return pa.Array.from_buffers(
+        pa.string(), 1, [None, pa.py_buffer(np.array([0, len(data)], np.int32)), pa.py_buffer(data)]
+    )[0]
 
 
 def _string_array(values: list[str]) -> pa.StringArray:
@@ -127,7 +134,7 @@ def _bools(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """An Arrow boolean array without nulls (a comparison of non-null values) -> numpy."""
     mask = mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
     bits = np.frombuffer(mask.buffers()[1], np.uint8)
-    return np.unpackbits(bits, bitorder="little")[mask.offset:mask.offset + len(mask)].astype(bool)
+    return np.unpackbits(bits, bitorder="little")[mask.offset : mask.offset + len(mask)].astype(bool)
 
 
 def _int64s(column: pa.ChunkedArray) -> np.ndarray:
@@ -170,8 +177,9 @@ class _Filter:
         SUBJECT_ID as integers), where their records lie and their TEXT hashes."""
         if chunk.bad_row_id:
             row, value = chunk.bad_row_id
-            raise NoteEventsError(f"{self.path}: data row {self.rows_read + row + 1}: ROW_ID {value!r} "
-                                  f"is not an integer")
+            raise NoteEventsError(
+                f"{self.path}: data row {self.rows_read + row + 1}: ROW_ID {value!r} is not an integer"
+            )
         self.rows_read += chunk.rows
         self.row_ids.append(chunk.row_ids)
         self.categories.update(chunk.categories)
@@ -187,7 +195,11 @@ class _Filter:
         keep = np.ones(selected.num_rows, bool)
         for reason, applies, mask in (
             ("iserror", policy.drop_iserror, lambda: pc.equal(selected.column("ISERROR"), _string_scalar("1"))),
-            ("addendum", not policy.keep_addenda, lambda: pc.equal(selected.column("DESCRIPTION"), _string_scalar("Addendum"))),
+            (
+                "addendum",
+                not policy.keep_addenda,
+                lambda: pc.equal(selected.column("DESCRIPTION"), _string_scalar("Addendum")),
+            ),
             ("excluded", len(self.exclude) > 0, lambda: pc.is_in(_to_int(selected.column("ROW_ID")), self.exclude)),
         ):
             if applies:
@@ -198,11 +210,17 @@ class _Filter:
         try:
             subjects = _to_int(kept.column("SUBJECT_ID"))
         except pa.ArrowInvalid:
-            raise NoteEventsError(f"{self.path}: a SUBJECT_ID of a discharge summary near data row "
-                                  f"{self.rows_read} is not an integer") from None
-        table = pa.table([_to_int(kept.column("ROW_ID")), subjects,
-                          *(kept.column(name).combine_chunks() for name in NOTE_SCHEMA.names[2:-1])],
-                         schema=NOTE_SCHEMA.remove(NOTE_SCHEMA.get_field_index("TEXT")))
+            raise NoteEventsError(
+                f"{self.path}: a SUBJECT_ID of a discharge summary near data row {self.rows_read} is not an integer"
+            ) from None
+        table = pa.table(
+            [
+                _to_int(kept.column("ROW_ID")),
+                subjects,
+                *(kept.column(name).combine_chunks() for name in NOTE_SCHEMA.names[2:-1]),
+            ],
+            schema=NOTE_SCHEMA.remove(NOTE_SCHEMA.get_field_index("TEXT")),
+        )
         return table, chunk.spans[keep], chunk.text_hashes[keep]
 
     def first_copies(self, source: NoteEvents, hashes: np.ndarray, spans: np.ndarray) -> np.ndarray:
@@ -216,7 +234,7 @@ class _Filter:
         shared = np.flatnonzero(counts[inverse] > 1)  # ascending, so in file order
         seen: set[bytes] = set()
         for k in range(0, len(shared), OUTPUT_ROW_GROUP):
-            rows = shared[k:k + OUTPUT_ROW_GROUP]
+            rows = shared[k : k + OUTPUT_ROW_GROUP]
             for row, text in zip(rows.tolist(), _utf8_views(source.texts(spans[rows]))):
                 digest = hashlib.sha1(text, usedforsecurity=False).digest()
                 first[row] = digest not in seen
@@ -232,8 +250,9 @@ class _Filter:
         if (counts > 1).any():
             duplicate = int(values[counts > 1][0])
             rows = ", ".join(str(i + 1) for i in np.flatnonzero(all_ids == duplicate)[:5])
-            raise NoteEventsError(f"{self.path}: duplicate ROW_ID {duplicate} (data rows {rows}); "
-                                  f"ROW_ID is the primary key of NOTEEVENTS")
+            raise NoteEventsError(
+                f"{self.path}: duplicate ROW_ID {duplicate} (data rows {rows}); ROW_ID is the primary key of NOTEEVENTS"
+            )
 
 
 def filter_discharge(source: NoteEvents, policy: NotePolicy) -> tuple[_Filter, pa.Table, np.ndarray]:
@@ -253,8 +272,9 @@ def filter_discharge(source: NoteEvents, policy: NotePolicy) -> tuple[_Filter, p
     return keep, notes, spans
 
 
-def _write_part(source: NoteEvents, notes: pa.Table, spans: np.ndarray, path: Path, rows: np.ndarray,
-                policy: NotePolicy) -> None:
+def _write_part(
+    source: NoteEvents, notes: pa.Table, spans: np.ndarray, path: Path, rows: np.ndarray, policy: NotePolicy
+) -> None:
     """One part file: the notes `rows`, TEXT read back from `source` a row group at a time into
     one byte array reused throughout (fresh pages cost the kernel's zeroing)."""
     import pyarrow.parquet as pq
@@ -262,7 +282,7 @@ def _write_part(source: NoteEvents, notes: pa.Table, spans: np.ndarray, path: Pa
     buffer = np.empty(0, np.uint8)
     with pq.ParquetWriter(path, NOTE_SCHEMA, **OUTPUT_PARQUET) as writer:
         for k in range(0, len(rows), OUTPUT_ROW_GROUP):
-            group = rows[k:k + OUTPUT_ROW_GROUP]
+            group = rows[k : k + OUTPUT_ROW_GROUP]
             needed = source.text_bytes(spans[group])
             if len(buffer) < needed:
                 buffer = np.empty(needed, np.uint8)
@@ -273,13 +293,17 @@ def _write_part(source: NoteEvents, notes: pa.Table, spans: np.ndarray, path: Pa
             writer.write_table(notes.take(_int64_array(group)).append_column(NOTE_SCHEMA.field("TEXT"), texts))
 
 
-def write_notes(source: NoteEvents, notes: pa.Table, spans: np.ndarray, outputs: list[tuple[Path, np.ndarray]],
-                policy: NotePolicy) -> None:
+def write_notes(
+    source: NoteEvents, notes: pa.Table, spans: np.ndarray, outputs: list[tuple[Path, np.ndarray]], policy: NotePolicy
+) -> None:
     """Write the notes chosen by each (folder, row indices) pair as part files of OUTPUT_PART_NOTES
     notes (at least one, so that an empty output still has its schema), TEXT read back from
     `source`; parts are written in parallel threads (reading and compressing release the GIL)."""
-    parts = [(folder / f"part-{k:05d}.parquet", rows[start:start + OUTPUT_PART_NOTES]) for folder, rows in outputs
-             for k, start in enumerate(range(0, max(len(rows), 1), OUTPUT_PART_NOTES))]
+    parts = [
+        (folder / f"part-{k:05d}.parquet", rows[start : start + OUTPUT_PART_NOTES])
+        for folder, rows in outputs
+        for k, start in enumerate(range(0, max(len(rows), 1), OUTPUT_PART_NOTES))
+    ]
     with ThreadPoolExecutor(min(pa.cpu_count(), MAX_PART_WRITERS), thread_name_prefix="notes-write") as pool:
         for done in [pool.submit(_write_part, source, notes, spans, path, rows, policy) for path, rows in parts]:
             done.result()
@@ -320,8 +344,13 @@ def _cyclic_gc_paused():
 
 
 def run_notes_stage(
-    noteevents: str | Path, discharge_out: str | Path, heldout_out: str | Path,
-    heldout_ids_out: str | Path, stats_out: str | Path, policy: NotePolicy, split: SplitPolicy,
+    noteevents: str | Path,
+    discharge_out: str | Path,
+    heldout_out: str | Path,
+    heldout_ids_out: str | Path,
+    stats_out: str | Path,
+    policy: NotePolicy,
+    split: SplitPolicy,
     threads: int | None = None,
 ) -> dict:
     """Run the whole notes stage; every output appears atomically or not at all.
@@ -335,29 +364,47 @@ def run_notes_stage(
     if threads:
         pa.set_cpu_count(threads)
     Path(discharge_out).parent.mkdir(parents=True, exist_ok=True)
-    with _cyclic_gc_paused(), tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work, \
-            NoteEvents(noteevents, staging_dir=work) as source:
+    with (
+        _cyclic_gc_paused(),
+        tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work,
+        NoteEvents(noteevents, staging_dir=work) as source,
+    ):
         kept, notes, spans = filter_discharge(source, policy)
         if notes.num_rows == 0:
-            raise NoteEventsError(f"{noteevents}: no note is kept ({kept.rows_read} rows read; dropped: "
-                                  f"{_reasons(kept.counts)}); check the file and the `notes` policies")
+            raise NoteEventsError(
+                f"{noteevents}: no note is kept ({kept.rows_read} rows read; dropped: "
+                f"{_reasons(kept.counts)}); check the file and the `notes` policies"
+            )
         subjects = _int64s(notes.column("SUBJECT_ID"))
         held = heldout_subjects(subjects, split)
         is_held = np.isin(subjects, np.array(sorted(held), np.int64))
         n_held = int(is_held.sum())
         if n_held == len(subjects):
-            raise NoteEventsError(f"config key notes.heldout_notes ({split.heldout_notes}) holds out all "
-                                  f"{len(subjects)} kept notes of {noteevents}; none would be left for training")
-        with atomic_path(discharge_out, is_dir=True) as tmp_train, atomic_path(heldout_out, is_dir=True) as tmp_held, \
-                atomic_path(heldout_ids_out) as tmp_ids:
-            write_notes(source, notes, spans, [(tmp_held, np.flatnonzero(is_held)),
-                                               (tmp_train, np.flatnonzero(~is_held))], policy)
+            raise NoteEventsError(
+                f"config key notes.heldout_notes ({split.heldout_notes}) holds out all "
+                f"{len(subjects)} kept notes of {noteevents}; none would be left for training"
+            )
+        with (
+            atomic_path(discharge_out, is_dir=True) as tmp_train,
+            atomic_path(heldout_out, is_dir=True) as tmp_held,
+            atomic_path(heldout_ids_out) as tmp_ids,
+        ):
+            write_notes(
+                source,
+                notes,
+                spans,
+                [(tmp_held, np.flatnonzero(is_held)), (tmp_train, np.flatnonzero(~is_held))],
+                policy,
+            )
             heldout_ids = np.sort(_int64s(notes.column("ROW_ID"))[is_held])
             tmp_ids.write_text("".join(f"{i}\n" for i in heldout_ids.tolist()))
     if kept.near_miss:
-        log.warning("%d rows have a CATEGORY equal to %r except for case or spaces and were NOT kept: %s",
-                    sum(kept.near_miss.values()), DISCHARGE_CATEGORY,
-                    ", ".join(f"{value!r} x {n}" for value, n in kept.near_miss.most_common()))
+        log.warning(
+            "%d rows have a CATEGORY equal to %r except for case or spaces and were NOT kept: %s",
+            sum(kept.near_miss.values()),
+            DISCHARGE_CATEGORY,
+            ", ".join(f"{value!r} x {n}" for value, n in kept.near_miss.most_common()),
+        )
     stats = {
         "rows_read": kept.rows_read,
         "kept": len(subjects),
@@ -370,8 +417,14 @@ def run_notes_stage(
         "rows_per_category": dict(kept.categories.most_common()),
     }
     write_json(stats_out, stats)
-    log.info("notes: read %d rows, kept %d for training and %d held out (%d patients); dropped: %s",
-             stats["rows_read"], stats["kept_train"], stats["kept_heldout"], len(held), _reasons(kept.counts))
+    log.info(
+        "notes: read %d rows, kept %d for training and %d held out (%d patients); dropped: %s",
+        stats["rows_read"],
+        stats["kept_train"],
+        stats["kept_heldout"],
+        len(held),
+        _reasons(kept.counts),
+    )
     return stats
 
 
@@ -385,6 +438,9 @@ def read_notes(path: str | Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path, columns=["ROW_ID", "SUBJECT_ID", "TEXT"]).sort_by("ROW_ID")
-    return [{"row_id": r, "subject_id": s, "text": t} for r, s, t in zip(
-        table.column("ROW_ID").to_pylist(), table.column("SUBJECT_ID").to_pylist(),
-        table.column("TEXT").to_pylist())]
+    return [
+        {"row_id": r, "subject_id": s, "text": t}
+        for r, s, t in zip(
+            table.column("ROW_ID").to_pylist(), table.column("SUBJECT_ID").to_pylist(), table.column("TEXT").to_pylist()
+        )
+    ]

@@ -101,10 +101,18 @@ Reply again in that format."""
 def render_judge_prompt(note: str, question: str, answers: list[str]) -> str:
     """The judge prompt for answers already in agent order (A first)."""
     labels = agent_labels(len(answers))
-    blocks = "\n\n".join(f"[Agent {label}'s Answer Begin]\n{answer}\n[Agent {label}'s Answer End]"
-                         for label, answer in zip(labels, answers))
-    return JUDGE_PROMPT.format(note=note, question=question, answers=blocks, count=len(answers),
-                               agents=_agent_list(labels), example=" ".join("3" for _ in labels))
+    blocks = "\n\n".join(
+        f"[Agent {label}'s Answer Begin]\n{answer}\n[Agent {label}'s Answer End]"
+        for label, answer in zip(labels, answers)
+    )
+    return JUDGE_PROMPT.format(
+        note=note,
+        question=question,
+        answers=blocks,
+        count=len(answers),
+        agents=_agent_list(labels),
+        example=" ".join("3" for _ in labels),
+    )
 
 
 def render_judge_retry(count: int) -> str:

@@ -36,8 +36,12 @@ INVALID_UTF8 = 3
 WRONG_FIELD_COUNT = 4
 BAD_QUOTING = 5  # text after a closing quote, or a carriage return not followed by a newline
 NO_MEMORY = 6
-PROBLEMS = {NUL_BYTE: "NUL byte", INVALID_UTF8: "invalid UTF-8", WRONG_FIELD_COUNT: "wrong number of fields",
-            BAD_QUOTING: "text after a closing quote"}
+PROBLEMS = {
+    NUL_BYTE: "NUL byte",
+    INVALID_UTF8: "invalid UTF-8",
+    WRONG_FIELD_COUNT: "wrong number of fields",
+    BAD_QUOTING: "text after a closing quote",
+}
 
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 
@@ -67,9 +71,11 @@ def _compile(target: Path) -> None:
         subprocess.run(command, check=True, capture_output=True, text=True)
         partial.replace(target)
     except FileNotFoundError:
-        raise RuntimeError(f"the notes stage compiles its scanner ({SOURCE.name}) once per install and needs a C "
-                           f"compiler: {_compiler()[0]!r} was not found. Install one (`apt install gcc`, "
-                           f"`conda install -c conda-forge c-compiler`) or point $CC at it") from None
+        raise RuntimeError(
+            f"the notes stage compiles its scanner ({SOURCE.name}) once per install and needs a C "
+            f"compiler: {_compiler()[0]!r} was not found. Install one (`apt install gcc`, "
+            f"`conda install -c conda-forge c-compiler`) or point $CC at it"
+        ) from None
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"compiling {SOURCE} failed ({shlex.join(command)}):\n{err.stderr[-3000:]}") from None
     finally:
@@ -90,10 +96,37 @@ def library() -> ctypes.CDLL:
                 continue
         lib = ctypes.CDLL(str(folder / name))
         lib.scan_records.restype = lib.extract_fields.restype = _INT
-        lib.scan_records.argtypes = [_POINTER, _INT, _INT, _INT, _INT, _INT, _INT, _POINTER, _POINTER, _POINTER,
-                                     _POINTER, _INT, _POINTER, _INT, _POINTER]
-        lib.extract_fields.argtypes = [_POINTER, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT, _POINTER,
-                                       _POINTER, _POINTER, _INT, _POINTER]
+        lib.scan_records.argtypes = [
+            _POINTER,
+            _INT,
+            _INT,
+            _INT,
+            _INT,
+            _INT,
+            _INT,
+            _POINTER,
+            _POINTER,
+            _POINTER,
+            _POINTER,
+            _INT,
+            _POINTER,
+            _INT,
+            _POINTER,
+        ]
+        lib.extract_fields.argtypes = [
+            _POINTER,
+            _POINTER,
+            _POINTER,
+            _INT,
+            _INT,
+            _POINTER,
+            _INT,
+            _POINTER,
+            _POINTER,
+            _POINTER,
+            _INT,
+            _POINTER,
+        ]
         return lib
     raise RuntimeError(f"no folder to build the notes scanner in: {'; '.join(errors)}")
 
@@ -115,21 +148,41 @@ class ScanOutputs:
         self.result = np.empty(3, np.int64)
 
 
-def scan_records(data: np.ndarray, begin: int, stop: int, n_columns: int, row_id_column: int,
-                 category_column: int, out: ScanOutputs) -> tuple[int, int, int, int]:
+def scan_records(
+    data: np.ndarray, begin: int, stop: int, n_columns: int, row_id_column: int, category_column: int, out: ScanOutputs
+) -> tuple[int, int, int, int]:
     """Scan the records of data[begin:] (a record boundary) up to the first record boundary at or
     after `stop`, into `out`: (status, consumed, records, distinct categories); see record_scanner.c."""
     status = library().scan_records(
-        _address(data), len(data), begin, stop, n_columns, row_id_column, category_column,
-        _address(out.row_ids), _address(out.starts), _address(out.ends), _address(out.category_ids),
-        len(out.row_ids), _address(out.category_spans), len(out.category_spans), _address(out.result))
+        _address(data),
+        len(data),
+        begin,
+        stop,
+        n_columns,
+        row_id_column,
+        category_column,
+        _address(out.row_ids),
+        _address(out.starts),
+        _address(out.ends),
+        _address(out.category_ids),
+        len(out.row_ids),
+        _address(out.category_spans),
+        len(out.category_spans),
+        _address(out.result),
+    )
     consumed, records, categories = out.result.tolist()
     return status, consumed, records, categories
 
 
-def extract_fields(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_columns: int, fields: list[int],
-                   hash_field: int | None = None, into: np.ndarray | None = None,
-                   ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
+def extract_fields(
+    data: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    n_columns: int,
+    fields: list[int],
+    hash_field: int | None = None,
+    into: np.ndarray | None = None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None]:
     """The fields `fields` (indices) of the records data[starts[r]:ends[r]], unquoted: per field,
     (Arrow int32 offsets, UTF-8 bytes); and, if `hash_field` is given, a 64-bit hash (not
     cryptographic) of that field's unquoted value per record, computed without copying it. The
@@ -144,13 +197,23 @@ def extract_fields(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, n_col
         raise ValueError(f"extract_fields: {len(values)} bytes cannot hold the {size} of the records")
     bases = np.empty(len(fields) + 1, np.int64)
     hashes = None if hash_field is None else np.empty(len(starts), np.uint64)
-    status = library().extract_fields(_address(data), _address(starts), _address(ends), len(starts), n_columns,
-                                      _address(wanted), len(fields), _address(offsets), _address(values),
-                                      _address(bases), -1 if hash_field is None else hash_field,
-                                      None if hashes is None else _address(hashes))
+    status = library().extract_fields(
+        _address(data),
+        _address(starts),
+        _address(ends),
+        len(starts),
+        n_columns,
+        _address(wanted),
+        len(fields),
+        _address(offsets),
+        _address(values),
+        _address(bases),
+        -1 if hash_field is None else hash_field,
+        None if hashes is None else _address(hashes),
+    )
     if status == NO_MEMORY:
         raise MemoryError("extract_fields: out of memory")
-    return [(offsets[c], values[bases[c]:bases[c + 1]]) for c in range(len(fields))], hashes
+    return [(offsets[c], values[bases[c] : bases[c + 1]]) for c in range(len(fields))], hashes
 
 
 if __name__ == "__main__":  # `make venv`: build the library once, at install time

@@ -54,9 +54,23 @@ LICENSE_URL = "https://physionet.org/about/licenses/physionet-credentialed-healt
 PHYSIONET_URL = "https://physionet.org/content/asclepius-r/"
 WORKFLOW_ARCHIVE = "workflow/asclepius-r-workflow.tar.gz"
 # What the workflow archive may hold, relative to the checkout: code, envs, configs, captions.
-WORKFLOW_SOURCES = ("Snakefile", "rules", "scripts", "asclepius_r", "envs", "profiles", "accelerate", "report",
-                    "config.yaml", "demo/config.yaml", "Makefile", "pyproject.toml", "requirements.in",
-                    "requirements.lock", "README.md")
+WORKFLOW_SOURCES = (
+    "Snakefile",
+    "rules",
+    "scripts",
+    "asclepius_r",
+    "envs",
+    "profiles",
+    "accelerate",
+    "report",
+    "config.yaml",
+    "demo/config.yaml",
+    "Makefile",
+    "pyproject.toml",
+    "requirements.in",
+    "requirements.lock",
+    "README.md",
+)
 _NOT_SOURCE = re.compile(r"(^|/)(__pycache__|\.[^/]*)(/|$)|\.pyc$")
 _PATIENT_DATA_NAME = re.compile(r"noteevents[^/]*\.(csv|gz|zip|bz2|xz|parquet|feather|tsv|txt|jsonl?)$", re.IGNORECASE)
 # Signs of note text in a file: a filled-in de-identification placeholder (a date, or a name
@@ -77,8 +91,11 @@ class ReleaseError(RuntimeError):
 
 def write_sha256sums(folder: Path) -> None:
     """`sha256sum -c SHA256SUMS` inside `folder` verifies every file."""
-    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n"
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "SHA256SUMS"]
+    lines = [
+        f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n"
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "SHA256SUMS"
+    ]
     (folder / "SHA256SUMS").write_text("".join(lines))
 
 
@@ -116,16 +133,23 @@ def workflow_files(source_root: Path, forbidden: list[Path]) -> list[Path]:
             if file.is_symlink():
                 # Kept as links (scripts/asclepius_r -> ../asclepius_r); never followed out of the checkout.
                 if not file.resolve().is_relative_to(source_root.resolve()):
-                    raise ReleaseError(f"refusing to put {relative} into the workflow archive: it links outside "
-                                       f"the checkout, to {file.resolve()}")
+                    raise ReleaseError(
+                        f"refusing to put {relative} into the workflow archive: it links outside "
+                        f"the checkout, to {file.resolve()}"
+                    )
                 files.append(file)
                 continue
             if not file.is_file():
                 continue
-            if (_PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden
-                    or _NOTE_TEXT.search(file.read_bytes())):
-                raise ReleaseError(f"refusing to put {relative} into the workflow archive: it is, is named like "
-                                   "or contains note data. Move it out of the workflow's source folders.")
+            if (
+                _PATIENT_DATA_NAME.search(relative)
+                or file.resolve() in forbidden
+                or _NOTE_TEXT.search(file.read_bytes())
+            ):
+                raise ReleaseError(
+                    f"refusing to put {relative} into the workflow archive: it is, is named like "
+                    "or contains note data. Move it out of the workflow's source folders."
+                )
             files.append(file)
     return files
 
@@ -133,8 +157,12 @@ def workflow_files(source_root: Path, forbidden: list[Path]) -> list[Path]:
 def build_workflow_archive(out_path: Path, source_root: Path, config: dict, forbidden: list[Path]) -> list[str]:
     """A reproducible tar.gz (fixed order, times and owners) of the sources and this run's config."""
     members = []
-    with open(out_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped, \
-            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with (
+        open(out_path, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped,
+        tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+
         def add(name: str, data: bytes = b"", mode: int = 0o644, link: str | None = None) -> None:
             info = tarfile.TarInfo(f"asclepius-r-workflow/{name}")
             info.size, info.mode, info.mtime = len(data), mode, 0
@@ -177,10 +205,14 @@ def model_card(name: str, base_model: str, stage: str, hyperparameters: dict, da
         "prompt_template": RELEASED_TEMPLATE,
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items())
-    what = ("causal language modelling on MIMIC-III discharge summaries (every token in the loss)"
-            if stage == "pretrain" else
-            "instruction fine-tuning on mimiciii_discharge.csv (loss on the answer and EOS only)")
-    return _front_matter(meta) + f"""
+    what = (
+        "causal language modelling on MIMIC-III discharge summaries (every token in the loss)"
+        if stage == "pretrain"
+        else "instruction fine-tuning on mimiciii_discharge.csv (loss on the answer and EOS only)"
+    )
+    return (
+        _front_matter(meta)
+        + f"""
 # {name}
 
 {name} was trained from `{base_model}` by {what}, with the Asclepius-R reproducibility workflow
@@ -209,26 +241,34 @@ prompt = TEMPLATE.format(note=note, question=question)   # TEMPLATE: the text ab
 output = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=400)
 ```
 """
+    )
 
 
 def _summary_table(summary: dict) -> str:
     def fmt(value):
         return "" if value is None else f"{value:.2f}"
 
-    rows = "\n".join(f"| {m} | {s['n']} | {fmt(s['judge_score'])} | {s['judge_failed']} | {fmt(s['rouge_l'])} |"
-                     for m, s in summary.items())
+    rows = "\n".join(
+        f"| {m} | {s['n']} | {fmt(s['judge_score'])} | {s['judge_failed']} | {fmt(s['rouge_l'])} |"
+        for m, s in summary.items()
+    )
     return "| model | questions | mean judge score (1-4) | not scored | ROUGE-L |\n|---|---|---|---|---|\n" + rows
 
 
 def project_readme(checkpoints: list[str], summary: dict, config: dict, manifest: dict) -> str:
     judge = config["judge"]
-    heuristic = (" In this build the judge is a heuristic (ROUGE-L against the reference mapped onto 1-4), not "
-                 "a language model." if judge["backend"] == "heuristic" else "")
-    listing = "\n".join(f"- `{name}/`: Hugging Face checkpoint with its model card (`README.md`)" for name in checkpoints)
+    heuristic = (
+        " In this build the judge is a heuristic (ROUGE-L against the reference mapped onto 1-4), not a language model."
+        if judge["backend"] == "heuristic"
+        else ""
+    )
+    listing = "\n".join(
+        f"- `{name}/`: Hugging Face checkpoint with its model card (`README.md`)" for name in checkpoints
+    )
     return f"""# Asclepius-R (rebuilt)
 
 Clinical large language models trained on MIMIC-III discharge summaries, rebuilt from
-`NOTEEVENTS.csv` by the Asclepius-R reproducibility workflow (git commit `{manifest['git']['commit']}`).
+`NOTEEVENTS.csv` by the Asclepius-R reproducibility workflow (git commit `{manifest["git"]["commit"]}`).
 Original project page: {PHYSIONET_URL}. License: {LICENSE}.
 
 ## Contents
@@ -247,7 +287,7 @@ Original project page: {PHYSIONET_URL}. License: {LICENSE}.
 ## Evaluation
 
 Held-out questions were answered by every model with the released template; a judge
-(`{judge['model']}`, temperature {judge['temperature']}) scored all answers to a question in one prompt,
+(`{judge["model"]}`, temperature {judge["temperature"]}) scored all answers to a question in one prompt,
 as shuffled agents, from 1 (unacceptable) to 4 (excellent). Unparseable verdicts were retried and
 then counted as "not scored", never as 0.{heuristic}
 
@@ -298,8 +338,10 @@ def manifest(config: dict, source_root: Path, inputs: dict[str, str]) -> dict:
         "git": {"commit": commit or "unknown (not a git checkout)", "dirty": bool(dirty) if commit else None},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {d.metadata["Name"]: d.version for d in sorted(importlib.metadata.distributions(),
-                                                                    key=lambda d: d.metadata["Name"].lower())},
+        "packages": {
+            d.metadata["Name"]: d.version
+            for d in sorted(importlib.metadata.distributions(), key=lambda d: d.metadata["Name"].lower())
+        },
         "config": config,
         "input_sha256": hash_inputs(inputs),
     }
@@ -310,11 +352,16 @@ def manifest(config: dict, source_root: Path, inputs: dict[str, str]) -> dict:
 
 def _base_model_name(config: dict, size: str) -> str:
     base = config["models"][size]["base"]
-    return f"tiny LLaMA built by the workflow (demo, {size} slot)" if base == "tiny" else f"LLaMA-{size} ({Path(base).name})"
+    return (
+        f"tiny LLaMA built by the workflow (demo, {size} slot)"
+        if base == "tiny"
+        else f"LLaMA-{size} ({Path(base).name})"
+    )
 
 
-def build_release(out_dir, checkpoints: dict[str, str], files: dict[str, str], config: dict, source_root,
-                  inputs: dict[str, str]) -> None:
+def build_release(
+    out_dir, checkpoints: dict[str, str], files: dict[str, str], config: dict, source_root, inputs: dict[str, str]
+) -> None:
     """Assemble the release in a temporary folder and move it into place only when complete.
 
     `checkpoints`: release name (Asclepius-R-7B, ...) -> checkpoint folder; `files`: path inside
@@ -327,9 +374,12 @@ def build_release(out_dir, checkpoints: dict[str, str], files: dict[str, str], c
         for name, folder in sorted(checkpoints.items()):
             size, stage = _size_and_stage(name)
             shutil.copytree(folder, tmp / name, ignore=shutil.ignore_patterns(*_CHECKPOINT_PRIVATE))
-            base = (_base_model_name(config, size) if stage == "pretrain" else f"Asclepius-R-{size}-Pretrained-Only")
-            data = ("MIMIC-III NOTEEVENTS discharge summaries (training split)" if stage == "pretrain"
-                    else "mimiciii_discharge.csv")
+            base = _base_model_name(config, size) if stage == "pretrain" else f"Asclepius-R-{size}-Pretrained-Only"
+            data = (
+                "MIMIC-III NOTEEVENTS discharge summaries (training split)"
+                if stage == "pretrain"
+                else "mimiciii_discharge.csv"
+            )
             hyperparameters = training_settings(config, stage, size)
             (tmp / name / "README.md").write_text(model_card(name, base, stage, hyperparameters, data))
         for name, path in sorted(files.items()):
@@ -343,8 +393,13 @@ def build_release(out_dir, checkpoints: dict[str, str], files: dict[str, str], c
         (tmp / "README.md").write_text(project_readme(sorted(checkpoints), summary, config, record))
         write_sha256sums(tmp)
         _make_readable(tmp)
-    log.info("release: %d checkpoints, %d files and a workflow archive of %d files in %s",
-             len(checkpoints), len(files), len(members), out_dir)
+    log.info(
+        "release: %d checkpoints, %d files and a workflow archive of %d files in %s",
+        len(checkpoints),
+        len(files),
+        len(members),
+        out_dir,
+    )
 
 
 def _make_readable(folder: Path) -> None:
@@ -374,9 +429,13 @@ def restore(release_dir, workdir=".") -> list[str]:
         with atomic_path(target, is_dir=True) as tmp:
             shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))
         placed.append(target.as_posix())
-    for source, target in [(release_dir / "mimiciii_discharge.csv", workdir / "results/mimiciii_discharge.csv"),
-                           *((p, workdir / "results/metrics" / p.name)
-                             for p in sorted((release_dir / "training_metrics").glob("*.jsonl")))]:
+    for source, target in [
+        (release_dir / "mimiciii_discharge.csv", workdir / "results/mimiciii_discharge.csv"),
+        *(
+            (p, workdir / "results/metrics" / p.name)
+            for p in sorted((release_dir / "training_metrics").glob("*.jsonl"))
+        ),
+    ]:
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
         placed.append(target.as_posix())

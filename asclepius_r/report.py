@@ -46,8 +46,11 @@ def _table(caption: str, header: list[str], rows: list[list]) -> str:
 
 def _write_html(out_html, title: str, tables: list[str]) -> None:
     with atomic_path(out_html) as tmp:
-        tmp.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                       f"{_STYLE}</head><body>{''.join(tables)}</body></html>\n", encoding="utf-8")
+        tmp.write_text(
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"{_STYLE}</head><body>{''.join(tables)}</body></html>\n",
+            encoding="utf-8",
+        )
 
 
 def note_length_histogram(splits: dict[str, str], out_png) -> None:
@@ -67,21 +70,33 @@ def note_length_histogram(splits: dict[str, str], out_png) -> None:
 def dataset_statistics(notes_stats, instruction_stats: dict[str, str], out_html) -> None:
     """The notes stage's counts and the instruction stage's outcomes and tasks per split."""
     notes = json.loads(Path(notes_stats).read_text())
-    rows = [["rows read from NOTEEVENTS", notes["rows_read"]], ["kept for training", notes["kept_train"]],
-            ["kept for evaluation (held out)", notes["kept_heldout"]],
-            ["held-out patients", notes["heldout_subjects"]]]
+    rows = [
+        ["rows read from NOTEEVENTS", notes["rows_read"]],
+        ["kept for training", notes["kept_train"]],
+        ["kept for evaluation (held out)", notes["kept_heldout"]],
+        ["held-out patients", notes["heldout_subjects"]],
+    ]
     rows += [[f"dropped: {reason}", count] for reason, count in sorted(notes["dropped"].items())]
     rows.append(["near-miss CATEGORY spellings (not kept)", notes["near_miss_category"]])
     tables = [_table("Notes (results/notes/stats.json)", ["", "count"], rows)]
     split_stats = {split: json.loads(Path(path).read_text()) for split, path in instruction_stats.items()}
     splits = list(split_stats)
     outcomes = sorted({o for s in split_stats.values() for o in s["outcomes"]})
-    tables.append(_table("Instruction generation outcomes (results/instructions/{split}.stats.json)",
-                         ["outcome", *splits],
-                         [[o, *(split_stats[s]["outcomes"].get(o, 0) for s in splits)] for o in outcomes]))
+    tables.append(
+        _table(
+            "Instruction generation outcomes (results/instructions/{split}.stats.json)",
+            ["outcome", *splits],
+            [[o, *(split_stats[s]["outcomes"].get(o, 0) for s in splits)] for o in outcomes],
+        )
+    )
     tasks = sorted({t for s in split_stats.values() for t in s["per_task"]})
-    tables.append(_table("Accepted questions per task", ["task", *splits],
-                         [[t, *(split_stats[s]["per_task"].get(t, 0) for s in splits)] for t in tasks]))
+    tables.append(
+        _table(
+            "Accepted questions per task",
+            ["task", *splits],
+            [[t, *(split_stats[s]["per_task"].get(t, 0) for s in splits)] for t in tasks],
+        )
+    )
     _write_html(out_html, "Dataset statistics", tables)
 
 
@@ -111,8 +126,9 @@ def _grouped_bars(summary: dict, metric: str, ylabel: str, out_png, ylim=None) -
     figure, axes = plt.subplots(figsize=(max(7, 1.3 * len(groups)), 4))
     for i, model in enumerate(models):
         values = [summary[model][metric]] + [summary[model]["per_task"].get(t, {}).get(metric) for t in tasks]
-        axes.bar([g + i * width for g in range(len(groups))], [v if v is not None else 0 for v in values],
-                 width, label=model)
+        axes.bar(
+            [g + i * width for g in range(len(groups))], [v if v is not None else 0 for v in values], width, label=model
+        )
     axes.set_xticks([g + width * (len(models) - 1) / 2 for g in range(len(groups))])
     axes.set_xticklabels(groups, rotation=20, ha="right")
     axes.set_ylabel(ylabel)
@@ -132,12 +148,19 @@ def evaluation_plots(summary_path, judge_png, rouge_png) -> None:
 def evaluation_tables(per_model_tsv, per_task_tsv, judge_stats, out_html) -> None:
     """The evaluation tables of results/evaluation/ and the judge's outcome counts, as HTML."""
     tables = []
-    for caption, path in (("Scores per model (results/evaluation/scores_per_model.tsv)", per_model_tsv),
-                          ("Scores per model and task (results/evaluation/scores_per_task.tsv)", per_task_tsv)):
+    for caption, path in (
+        ("Scores per model (results/evaluation/scores_per_model.tsv)", per_model_tsv),
+        ("Scores per model and task (results/evaluation/scores_per_task.tsv)", per_task_tsv),
+    ):
         with open(path, newline="", encoding="utf-8") as rows:
             header, *body = list(csv.reader(rows, delimiter="\t"))
         tables.append(_table(caption, header, body))
     stats = json.loads(Path(judge_stats).read_text())
-    tables.append(_table(f"Judge outcomes, model {stats['judge_model']} (results/evaluation/judge/stats.json)",
-                         ["outcome", "questions"], sorted(stats["outcomes"].items())))
+    tables.append(
+        _table(
+            f"Judge outcomes, model {stats['judge_model']} (results/evaluation/judge/stats.json)",
+            ["outcome", "questions"],
+            sorted(stats["outcomes"].items()),
+        )
+    )
     _write_html(out_html, "Evaluation", tables)

@@ -42,8 +42,14 @@ def build_model(folder: Path, size: str | None) -> None:
     texts = [p.read_text() for p in sorted((REPO / "demo" / "discharge_summaries").glob("*.txt"))]
     build_tiny_llama_from_texts(texts, folder, TinyLlamaSpec())
     if size:
-        config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                             tie_word_embeddings=False, **SHAPES[size])
+        config = LlamaConfig(
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+            **SHAPES[size],
+        )
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -68,19 +74,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "model"
         build_model(model_dir, None if args.tiny else args.size)
-        run = TrainRun(base_model=str(model_dir), data="", output_dir=str(Path(scratch) / "out"),
-                       checkpoint_dir=str(Path(scratch) / "checkpoints"), metrics_file="",
-                       max_length=seq, per_device_batch_size=args.batch, gradient_accumulation_steps=1,
-                       max_steps=args.steps, warmup_ratio=0.0, logging_steps=max(1, args.steps // 3),
-                       save_steps=10 ** 9, attn_implementation=args.attn, peak_tflops_per_device=args.peak_tflops)
+        run = TrainRun(
+            base_model=str(model_dir),
+            data="",
+            output_dir=str(Path(scratch) / "out"),
+            checkpoint_dir=str(Path(scratch) / "checkpoints"),
+            metrics_file="",
+            max_length=seq,
+            per_device_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            max_steps=args.steps,
+            warmup_ratio=0.0,
+            logging_steps=max(1, args.steps // 3),
+            save_steps=10**9,
+            attn_implementation=args.attn,
+            peak_tflops_per_device=args.peak_tflops,
+        )
         Path(run.checkpoint_dir).mkdir(parents=True)
         model, tokenizer = load_model_and_tokenizer(run)
         vocab = model.config.vocab_size
         blocks = np.random.default_rng(0).integers(3, vocab, size=(args.batch * (args.steps + 1), seq), dtype=np.int32)
         args_train = training_arguments(run)
         args_train.save_strategy = "no"
-        trainer = MeasuredTrainer(model=model, args=args_train, train_dataset=BlockDataset(blocks),
-                                  data_collator=default_data_collator, processing_class=tokenizer, run=run)
+        trainer = MeasuredTrainer(
+            model=model,
+            args=args_train,
+            train_dataset=BlockDataset(blocks),
+            data_collator=default_data_collator,
+            processing_class=tokenizer,
+            run=run,
+        )
         trainer.train()
         records = [json.loads(line) for line in run.running_metrics.read_text().splitlines()]
     steady = records[1:] or records  # the first window holds start-up and compilation
@@ -88,12 +111,14 @@ def main() -> None:
     mfu = float(np.mean([r["mfu"] for r in steady]))
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     params = trainer.flop_model.matmul_params
-    print(f"model: {params / 1e9:.2f}B matmul parameters, seq {seq}, batch {args.batch}, {args.steps} steps, "
-          f"attention {args.attn}, peak {args.peak_tflops} TFLOP/s")
+    print(
+        f"model: {params / 1e9:.2f}B matmul parameters, seq {seq}, batch {args.batch}, {args.steps} steps, "
+        f"attention {args.attn}, peak {args.peak_tflops} TFLOP/s"
+    )
     for r in records:
         print(f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.3f}")
     if args.device == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"RESULT tokens_per_s={tokens_per_s:.1f} mfu={mfu:.4f} device={device.replace(' ', '_')}")
 
 

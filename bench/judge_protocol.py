@@ -34,10 +34,21 @@ def scores_for(body: dict) -> str:
 
 
 def client_for(server: OpenAIServer, archive: Path) -> LLMClient:
-    return LLMClient(LLMSettings(backend="openai", model="bench-judge", base_url=server.url,
-                                 api_key_env="BENCH_JUDGE_KEY", approved_endpoints=[server.url],
-                                 archive=str(archive), temperature=0.0, max_tokens=64, max_concurrency=16,
-                                 requests_per_minute=1e6, tokens_per_minute=1e9))
+    return LLMClient(
+        LLMSettings(
+            backend="openai",
+            model="bench-judge",
+            base_url=server.url,
+            api_key_env="BENCH_JUDGE_KEY",
+            approved_endpoints=[server.url],
+            archive=str(archive),
+            temperature=0.0,
+            max_tokens=64,
+            max_concurrency=16,
+            requests_per_minute=1e6,
+            tokens_per_minute=1e9,
+        )
+    )
 
 
 def prompt_tokens(server: OpenAIServer) -> int:
@@ -52,8 +63,16 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["BENCH_JUDGE_KEY"] = "bench"
     note = " ".join(f"word{i % 500}" for i in range(NOTE_WORDS))
-    items = [{"row_id": i, "task": "Summarization", "note": f"Note {i}. {note}", "question": f"Summarise note {i}.",
-              "reference": "r"} for i in range(args.questions)]
+    items = [
+        {
+            "row_id": i,
+            "task": "Summarization",
+            "note": f"Note {i}. {note}",
+            "question": f"Summarise note {i}.",
+            "reference": "r",
+        }
+        for i in range(args.questions)
+    ]
     models = [f"model-{m}" for m in range(args.models)]
     answers = {m: {i["row_id"]: f"An answer of {m} to question {i['row_id']}, " * 8 for i in items} for m in models}
     results = {}
@@ -61,26 +80,42 @@ def main() -> None:
         with OpenAIServer(latency_s=args.latency, responder=scores_for) as server:
             start = time.perf_counter()
             verdicts = judge(items, answers, client_for(server, Path(work) / "ours.jsonl"), JudgeSettings())
-            results["ours (all answers in one prompt)"] = (time.perf_counter() - start, len(server.chat_requests()),
-                                                          prompt_tokens(server))
+            results["ours (all answers in one prompt)"] = (
+                time.perf_counter() - start,
+                len(server.chat_requests()),
+                prompt_tokens(server),
+            )
             assert all(v["status"] == "ok" for v in verdicts)
         with OpenAIServer(latency_s=args.latency, responder=scores_for) as server:
             client = client_for(server, Path(work) / "baseline.jsonl")
-            requests = [ChatRequest(model="bench-judge", messages=(("user", render_judge_prompt(
-                i["note"], i["question"], [answers[m][i["row_id"]]])),), temperature=0.0, max_tokens=64,
-                meta={"row_id": i["row_id"], "phase": "judge"}) for i in items for m in models]
+            requests = [
+                ChatRequest(
+                    model="bench-judge",
+                    messages=(("user", render_judge_prompt(i["note"], i["question"], [answers[m][i["row_id"]]])),),
+                    temperature=0.0,
+                    max_tokens=64,
+                    meta={"row_id": i["row_id"], "phase": "judge"},
+                )
+                for i in items
+                for m in models
+            ]
             start = time.perf_counter()
             done = asyncio.run(client.run_async(requests))
-            results["baseline (one request per answer)"] = (time.perf_counter() - start, len(server.chat_requests()),
-                                                           prompt_tokens(server))
+            results["baseline (one request per answer)"] = (
+                time.perf_counter() - start,
+                len(server.chat_requests()),
+                prompt_tokens(server),
+            )
             assert all(r.ok for r in done)
     print(f"{args.questions} questions x {args.models} models, server latency {args.latency} s, 16 in flight")
     print(f"{'protocol':38} {'wall s':>8} {'requests':>9} {'prompt tokens':>14}")
     for name, (wall, count, tokens) in results.items():
         print(f"{name:38} {wall:8.2f} {count:9d} {tokens:14,d}")
     (ours_wall, ours_n, ours_tok), (base_wall, base_n, base_tok) = results.values()
-    print(f"RESULT speedup={base_wall / ours_wall:.2f} request_ratio={base_n / ours_n:.2f} "
-          f"prompt_token_ratio={base_tok / ours_tok:.2f}")
+    print(
+        f"RESULT speedup={base_wall / ours_wall:.2f} request_ratio={base_n / ours_n:.2f} "
+        f"prompt_token_ratio={base_tok / ours_tok:.2f}"
+    )
 
 
 if __name__ == "__main__":

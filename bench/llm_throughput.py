@@ -2,10 +2,10 @@
 
 A local OpenAI-compatible server (tests/openai_server.py) answers after `--latency` seconds,
 enforces `--rpm` itself over 10-second windows (as Azure OpenAI does), answering 429 with
-Retry-After beyond it, and injects faults (500s, malformed bodies). The client, configured with the same limit,
-sends `--requests` distinct requests; the baseline sends a sample one at a time, as the 2023
-script did (without faults, its best case). Afterwards the server's request log is checked: a request answered twice is a
-duplicate, a request without an archived answer is lost.
+Retry-After beyond it, and injects faults (500s, malformed bodies). The client, configured with
+the same limit, sends `--requests` distinct requests; the baseline sends a sample one at a time,
+as the 2023 script did (without faults, its best case). Afterwards the server's request log is
+checked: a request answered twice is a duplicate, a request without an archived answer is lost.
 
     python bench/llm_throughput.py            # 2,000 requests at 1,200 RPM (~2 min)
     python bench/llm_throughput.py --quick    # 600 requests (< 1 min)
@@ -33,16 +33,33 @@ KEY_ENV = "BENCH_LLM_API_KEY"
 
 
 def bench_requests(n: int, tag: str) -> list[ChatRequest]:
-    return [ChatRequest(model="bench-model", max_tokens=64, meta={"row_id": i, "phase": tag},
-                        messages=(("user", f"[{tag}] synthetic discharge summary {i}: afebrile, ambulating."),))
-            for i in range(n)]
+    return [
+        ChatRequest(
+            model="bench-model",
+            max_tokens=64,
+            meta={"row_id": i, "phase": tag},
+            messages=(("user", f"[{tag}] synthetic discharge summary {i}: afebrile, ambulating."),),
+        )
+        for i in range(n)
+    ]
 
 
 def settings_for(server: OpenAIServer, archive: Path, rpm: float, concurrency: int) -> LLMSettings:
-    return LLMSettings(backend="openai", model="bench-model", base_url=server.url, api_key_env=KEY_ENV,
-                       approved_endpoints=[server.url], archive=str(archive), requests_per_minute=rpm,
-                       tokens_per_minute=1e9, max_concurrency=concurrency, timeout_s=10,
-                       backoff_base_s=0.2, backoff_max_s=2, max_attempts=8)
+    return LLMSettings(
+        backend="openai",
+        model="bench-model",
+        base_url=server.url,
+        api_key_env=KEY_ENV,
+        approved_endpoints=[server.url],
+        archive=str(archive),
+        requests_per_minute=rpm,
+        tokens_per_minute=1e9,
+        max_concurrency=concurrency,
+        timeout_s=10,
+        backoff_base_s=0.2,
+        backoff_max_s=2,
+        max_attempts=8,
+    )
 
 
 def run(client: LLMClient, requests: list[ChatRequest]) -> tuple[float, list]:
@@ -66,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(level=logging.WARNING)
     os.environ.setdefault(KEY_ENV, "bench-key")
 
-    with tempfile.TemporaryDirectory() as work, OpenAIServer(latency_s=args.latency, rpm_limit=args.rpm,
-                                                            rpm_window_s=10, seed=1) as server:
+    with (
+        tempfile.TemporaryDirectory() as work,
+        OpenAIServer(latency_s=args.latency, rpm_limit=args.rpm, rpm_window_s=10, seed=1) as server,
+    ):
         work = Path(work)
         with LLMClient(settings_for(server, work / "sequential.jsonl", args.rpm, 1)) as client:
             seq_elapsed, _ = run(client, bench_requests(args.sequential, "sequential"))
@@ -89,15 +108,21 @@ def main(argv: list[str] | None = None) -> None:
         for entry in server.requests[start_log:]:
             outcomes[entry.outcome] = outcomes.get(entry.outcome, 0) + 1
 
-    print(f"limit {args.rpm:.0f} RPM, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}, "
-          f"fault rate {args.fault_rate} per kind")
+    print(
+        f"limit {args.rpm:.0f} RPM, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}, "
+        f"fault rate {args.fault_rate} per kind"
+    )
     print(f"one at a time: {args.sequential} requests in {seq_elapsed:.1f} s = {sequential_rpm:.0f} RPM")
-    print(f"client:        {args.requests} requests in {elapsed:.1f} s = {achieved_rpm:.0f} RPM "
-          f"({stats['attempts']} attempts)")
+    print(
+        f"client:        {args.requests} requests in {elapsed:.1f} s = {achieved_rpm:.0f} RPM "
+        f"({stats['attempts']} attempts)"
+    )
     print(f"server outcomes: {dict(sorted(outcomes.items()))}")
     print(f"client retries: { {k: v for k, v in stats['retries'].items() if v} }, failed: {stats['failed']}")
-    print(f"RESULT limit_fraction={achieved_rpm / args.rpm:.3f} speedup_vs_sequential={achieved_rpm / sequential_rpm:.1f} "
-          f"duplicates={duplicates} lost={lost}")
+    print(
+        f"RESULT limit_fraction={achieved_rpm / args.rpm:.3f} "
+        f"speedup_vs_sequential={achieved_rpm / sequential_rpm:.1f} duplicates={duplicates} lost={lost}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,9 +73,15 @@ def child_main(kind: str, noteevents: str, out: str) -> None:
 
         # 2023 held out 517 of the real file's ~3.9 GB; the same share of this file.
         heldout = max(1, round(517 * Path(noteevents).stat().st_size / 3.9e9))
-        stats = run_notes_stage(noteevents, out_dir / "discharge.parquet", out_dir / "heldout.parquet",
-                                out_dir / "heldout_row_ids.txt", out_dir / "stats.json",
-                                NotePolicy(), SplitPolicy(heldout_notes=heldout))
+        stats = run_notes_stage(
+            noteevents,
+            out_dir / "discharge.parquet",
+            out_dir / "heldout.parquet",
+            out_dir / "heldout_row_ids.txt",
+            out_dir / "stats.json",
+            NotePolicy(),
+            SplitPolicy(heldout_notes=heldout),
+        )
         print(json.dumps(stats))
     elif kind == "pandas":
         import pandas as pd
@@ -94,8 +100,12 @@ def measure(kind: str, noteevents: Path, out_dir: Path) -> Run:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     with tempfile.TemporaryFile() as stderr:
-        child = subprocess.Popen([sys.executable, __file__, "--child", kind, str(noteevents), str(out_dir)],
-                                 stdout=subprocess.PIPE, stderr=stderr, env=env)
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--child", kind, str(noteevents), str(out_dir)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )
         stdout = child.stdout.read()
         # wait4, not wait: it returns this child's own resource usage, peak RSS included.
         _, status, usage = os.wait4(child.pid, 0)
@@ -105,8 +115,14 @@ def measure(kind: str, noteevents: Path, out_dir: Path) -> Run:
         if child.returncode != 0:
             stderr.seek(0)
             raise SystemExit(f"{kind} on {noteevents} failed ({child.returncode}):\n{stderr.read().decode()[-3000:]}")
-    return Run(kind, noteevents.stat().st_size, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
-               json.loads(stdout))
+    return Run(
+        kind,
+        noteevents.stat().st_size,
+        wall,
+        usage.ru_utime + usage.ru_stime,
+        usage.ru_maxrss / 1024,
+        json.loads(stdout),
+    )
 
 
 def warm(path: Path) -> None:
@@ -127,8 +143,9 @@ def synthesize(path: Path, gb: float) -> Path:
     """A synthetic NOTEEVENTS.csv of about `gb` GB, made once and reused while it exists."""
     if not path.exists():
         tmp = path.with_suffix(".partial")
-        subprocess.run([sys.executable, "-m", "asclepius_r.demo.noteevents", str(tmp), "--gb", str(gb)],
-                       check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, "-m", "asclepius_r.demo.noteevents", str(tmp), "--gb", str(gb)], check=True, cwd=REPO
+        )
         tmp.rename(path)
     return path
 
@@ -149,14 +166,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small files (0.1 and 0.03 GB), under a minute")
     parser.add_argument("--gb", type=float, default=2.2, help="size of the main file (default 2.2)")
     parser.add_argument("--small-gb", type=float, help="second size for peak RSS (default a quarter of --gb)")
-    parser.add_argument("--max-baseline-gb", type=float, default=12.0,
-                        help="run pandas on a smaller file when its estimated memory exceeds this")
+    parser.add_argument(
+        "--max-baseline-gb",
+        type=float,
+        default=12.0,
+        help="run pandas on a smaller file when its estimated memory exceeds this",
+    )
     parser.add_argument("--workdir", type=Path, default=REPO / "bench/out/notes_filter")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic files for the next run")
-    parser.add_argument("--gzip", action="store_true",
-                        help="also run ours and pandas on the second file gzipped (as PhysioNet ships NOTEEVENTS)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of ours and of pandas on the main file, alternating; the medians count")
+    parser.add_argument(
+        "--gzip",
+        action="store_true",
+        help="also run ours and pandas on the second file gzipped (as PhysioNet ships NOTEEVENTS)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of ours and of pandas on the main file, alternating; the medians count",
+    )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "NOTEEVENTS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -171,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         baseline_file = big
         if big.stat().st_size * BASELINE_BYTES_PER_INPUT_BYTE > args.max_baseline_gb * 1e9:
             baseline_file = small
-            print(f"pandas would need about {big.stat().st_size * BASELINE_BYTES_PER_INPUT_BYTE / 1e9:.1f} GB "
-                  f"on {big.name}: its speed is measured on {small.name} instead")
+            print(
+                f"pandas would need about {big.stat().st_size * BASELINE_BYTES_PER_INPUT_BYTE / 1e9:.1f} GB "
+                f"on {big.name}: its speed is measured on {small.name} instead"
+            )
         load_before = os.getloadavg()
         measure("ours", small, args.workdir / "ours_small")  # build the scanner if this install has not
         repeated = {"ours": [], "pandas": []}
@@ -197,31 +227,46 @@ def main(argv: list[str] | None = None) -> None:
             for path in (big, small, small.with_name(small.name + ".gz")):
                 path.unlink(missing_ok=True)
     ours, pandas = runs["ours"], runs["pandas"]
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
-          f"{' '.join(f'{x:.2f}' for x in load_after)} after, on {os.cpu_count()} CPUs")
+    print(
+        f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
+        f"{' '.join(f'{x:.2f}' for x in load_after)} after, on {os.cpu_count()} CPUs"
+    )
     for name, each in repeated.items():
-        print(f"{name} on {big.name if name == 'ours' else baseline_file.name}, {args.repeat} runs: wall "
-              f"{', '.join(f'{run.wall_s:.2f}' for run in each)} s; the median run is in the table")
+        print(
+            f"{name} on {big.name if name == 'ours' else baseline_file.name}, {args.repeat} runs: wall "
+            f"{', '.join(f'{run.wall_s:.2f}' for run in each)} s; the median run is in the table"
+        )
     print(f"{'run':<14}{'input MB':>10}{'wall s':>9}{'CPU s':>8}{'MB/s':>9}{'peak RSS MB':>13}")
     for name, run in runs.items():
-        print(f"{name:<14}{run.input_bytes / 1e6:>10.0f}{run.wall_s:>9.2f}{run.cpu_s:>8.2f}{run.mb_per_s:>9.0f}"
-              f"{run.peak_rss_mb:>13.0f}")
+        print(
+            f"{name:<14}{run.input_bytes / 1e6:>10.0f}{run.wall_s:>9.2f}{run.cpu_s:>8.2f}{run.mb_per_s:>9.0f}"
+            f"{run.peak_rss_mb:>13.0f}"
+        )
     stats = ours.output
     kept_by_pandas = runs["pandas_small"].output["kept"]
     small_stats = runs["ours_small"].output
     # pandas keeps every discharge row; ours drops ISERROR rows and duplicate texts by default.
-    consistent = kept_by_pandas == small_stats["kept"] + small_stats["dropped"]["iserror"] + small_stats["dropped"]["duplicate_text"]
-    print(f"ours: {stats['rows_read']} rows read, {stats['kept']} kept; same discharge rows as pandas on "
-          f"{small.name}: {consistent}")
+    consistent = (
+        kept_by_pandas
+        == small_stats["kept"] + small_stats["dropped"]["iserror"] + small_stats["dropped"]["duplicate_text"]
+    )
+    print(
+        f"ours: {stats['rows_read']} rows read, {stats['kept']} kept; same discharge rows as pandas on "
+        f"{small.name}: {consistent}"
+    )
     speedup = ours.mb_per_s / pandas.mb_per_s
     compile_s = runs["build"].wall_s
     first_run_speedup = (ours.input_bytes / (ours.wall_s + compile_s)) / (pandas.input_bytes / pandas.wall_s)
-    print(f"scanner build (cc), once per install: {compile_s:.2f} s; speedup of a first run after install "
-          f"(compile included): {first_run_speedup:.2f}; CPU-time ratio pandas/ours: "
-          f"{(pandas.cpu_s / pandas.input_bytes) / (ours.cpu_s / ours.input_bytes):.2f}")
+    print(
+        f"scanner build (cc), once per install: {compile_s:.2f} s; speedup of a first run after install "
+        f"(compile included): {first_run_speedup:.2f}; CPU-time ratio pandas/ours: "
+        f"{(pandas.cpu_s / pandas.input_bytes) / (ours.cpu_s / ours.input_bytes):.2f}"
+    )
     ceiling_fraction = ours.mb_per_s / runs["read"].mb_per_s
-    print(f"RESULT speedup={speedup:.2f} peak_rss_mb={ours.peak_rss_mb:.0f} "
-          f"baseline_peak_rss_mb={pandas.peak_rss_mb:.0f} ceiling_fraction={ceiling_fraction:.3f}")
+    print(
+        f"RESULT speedup={speedup:.2f} peak_rss_mb={ours.peak_rss_mb:.0f} "
+        f"baseline_peak_rss_mb={pandas.peak_rss_mb:.0f} ceiling_fraction={ceiling_fraction:.3f}"
+    )
 
 
 if __name__ == "__main__":

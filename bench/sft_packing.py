@@ -51,14 +51,16 @@ def padded_batches(examples: list[Example], batch_size: int, seed: int) -> list[
     random.Random(seed).shuffle(order)
     batches = []
     for start in range(0, len(order), batch_size):
-        rows = [examples[i] for i in order[start:start + batch_size]]
+        rows = [examples[i] for i in order[start : start + batch_size]]
         width = max(len(r.input_ids) for r in rows)
         pad = [width - len(r.input_ids) for r in rows]
-        batches.append({
-            "input_ids": torch.tensor([r.input_ids + [0] * p for r, p in zip(rows, pad)]),
-            "attention_mask": torch.tensor([[1] * len(r.input_ids) + [0] * p for r, p in zip(rows, pad)]),
-            "labels": torch.tensor([r.labels + [IGNORE_INDEX] * p for r, p in zip(rows, pad)]),
-        })
+        batches.append(
+            {
+                "input_ids": torch.tensor([r.input_ids + [0] * p for r, p in zip(rows, pad)]),
+                "attention_mask": torch.tensor([[1] * len(r.input_ids) + [0] * p for r, p in zip(rows, pad)]),
+                "labels": torch.tensor([r.labels + [IGNORE_INDEX] * p for r, p in zip(rows, pad)]),
+            }
+        )
     return batches
 
 
@@ -96,18 +98,25 @@ def main() -> None:
         ours = [collate_packed([pack]) for pack in pack_examples(examples, MAX_LENGTH, args.seed)]
         baseline = padded_batches(examples, 2, args.seed)
         results = {}
-        for name, batches in (("baseline (2023 dynamic padding, batch 2)", baseline),
-                              ("ours (padding-free packs)", ours)):
+        for name, batches in (
+            ("baseline (2023 dynamic padding, batch 2)", baseline),
+            ("ours (padding-free packs)", ours),
+        ):
             real, positions, _ = torch.stack([batch_counts(b) for b in batches]).sum(0).tolist()
             seconds = train_once(model_dir, batches)
             results[name] = (real / positions, real / seconds)
-            print(f"{name}: {len(batches)} micro-batches, {int(real)} real tokens of {int(positions)} positions, "
-                  f"real-token fraction {real / positions:.3f}, {real / seconds:,.0f} real tokens/s")
+            print(
+                f"{name}: {len(batches)} micro-batches, {int(real)} real tokens of {int(positions)} positions, "
+                f"real-token fraction {real / positions:.3f}, {real / seconds:,.0f} real tokens/s"
+            )
     (base_fraction, base_rate), (fraction, rate) = results.values()
-    print(f"examples={n} mean_length={sum(len(e.input_ids) for e in examples) / n:.0f} "
-          f"threads={torch.get_num_threads()}")
-    print(f"RESULT real_token_fraction={fraction:.4f} baseline_real_token_fraction={base_fraction:.4f} "
-          f"speedup={rate / base_rate:.2f}")
+    print(
+        f"examples={n} mean_length={sum(len(e.input_ids) for e in examples) / n:.0f} threads={torch.get_num_threads()}"
+    )
+    print(
+        f"RESULT real_token_fraction={fraction:.4f} baseline_real_token_fraction={base_fraction:.4f} "
+        f"speedup={rate / base_rate:.2f}"
+    )
 
 
 if __name__ == "__main__":

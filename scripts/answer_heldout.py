@@ -1,4 +1,5 @@
 """Rule answer_heldout: one model's answers to the held-out questions, with ROUGE-L."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,4 +1,5 @@
 """Rule build_tiny_llama: a tokenizer trained on the notes and a random-init tiny LLaMA."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,4 +1,5 @@
 """Rule filter_notes: NOTEEVENTS.csv -> discharge and held-out notes."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

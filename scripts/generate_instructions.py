@@ -1,4 +1,5 @@
 """Rule generate_instructions: one question and answer per note through the LLM client."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,4 +1,5 @@
 """Rule judge_heldout: every model's answer to a held-out question in one judge prompt, scored 1-4."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,4 +1,5 @@
 """Rule release: the PhysioNet release folder."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

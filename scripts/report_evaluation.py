@@ -1,4 +1,5 @@
 """Rule report_evaluation: judge and ROUGE-L plots per task and model, and the score tables."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,4 +1,5 @@
 """Rule report_training: loss, throughput and MFU curves of one training stage."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,4 +1,5 @@
 """Rule summarise_evaluation: judge scores and cheap metrics per model and per task."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

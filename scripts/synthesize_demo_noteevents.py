@@ -1,4 +1,5 @@
 """Rule synthesize_demo_noteevents: the demo's synthetic NOTEEVENTS.csv."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -1,4 +1,5 @@
 """Rules pretrain and finetune: launch the stage's training module on the job's GPUs or CPU."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

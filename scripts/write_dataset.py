@@ -1,4 +1,5 @@
 """Rule write_dataset: accepted records -> mimiciii_discharge.csv."""
+
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -12,8 +12,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-_NOT_WORKFLOW = shutil.ignore_patterns(".git", ".venv", "results", "logs", "release", ".snakemake",
-                                       "__pycache__", ".pytest_cache", ".hypothesis", "bench", "tests", "*.tar.gz")
+_NOT_WORKFLOW = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "results",
+    "logs",
+    "release",
+    ".snakemake",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    "bench",
+    "tests",
+    "*.tar.gz",
+)
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -24,12 +36,18 @@ def copy_workflow(dest: Path) -> Path:
 
 def run_snakemake(workdir: Path, *args: str, demo: bool = True, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real snakemake CLI in `workdir`; on failure show its output and the failed logs."""
-    command = SNAKEMAKE + (["--configfile", "demo/config.yaml"] if demo else []) + [
-        "--cores", "2", "--resources", "gpu=1", "--show-failed-logs", *args]
+    command = (
+        SNAKEMAKE
+        + (["--configfile", "demo/config.yaml"] if demo else [])
+        + ["--cores", "2", "--resources", "gpu=1", "--show-failed-logs", *args]
+    )
     env = {**os.environ, "PYTHONPATH": str(workdir)}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
-        pytest.fail(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        pytest.fail(
+            f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result
 
 

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback
+
+from accelerate import PartialState
 
 CRASH_EXIT_CODE = 17
 
@@ -60,25 +61,33 @@ class Probe(TrainerCallback):
             state_dict_type=str(self.trainer.accelerator.state.fsdp_plugin.state_dict_type),
             wrapped_class=type(wrapped).__name__,
             checkpoint_wrapped_layers=sum(isinstance(m, CheckpointWrapper) for m in wrapped.modules()),
-            parameters={name: {"dtensor": isinstance(p, DTensor), "local_shape": list(
-                (p.to_local() if isinstance(p, DTensor) else p).shape), "shape": list(p.shape)}
-                        for name, p in wrapped.named_parameters()},
+            parameters={
+                name: {
+                    "dtensor": isinstance(p, DTensor),
+                    "local_shape": list((p.to_local() if isinstance(p, DTensor) else p).shape),
+                    "shape": list(p.shape),
+                }
+                for name, p in wrapped.named_parameters()
+            },
         )
         self.write()
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         dist.barrier()  # every rank has returned from the (collective) save
-        self.record["saves"][checkpoint.name] = sorted(str(p.relative_to(checkpoint))
-                                                       for p in checkpoint.rglob("*") if p.is_file())
+        self.record["saves"][checkpoint.name] = sorted(
+            str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()
+        )
         self.write()
         if state.global_step == self.crash_after_step:
             dist.barrier()
             os._exit(CRASH_EXIT_CODE)
 
     def on_train_end(self, args, state, control, **kwargs):
-        gathered = {name: p.full_tensor() if isinstance(p, DTensor) else p.detach()
-                    for name, p in self.trainer.model_wrapped.named_parameters()}  # collective
+        gathered = {
+            name: p.full_tensor() if isinstance(p, DTensor) else p.detach()
+            for name, p in self.trainer.model_wrapped.named_parameters()
+        }  # collective
         if self.rank == 0:
             torch.save({name: t.detach().clone() for name, t in gathered.items()}, self.probe_dir / "gathered.pt")
 

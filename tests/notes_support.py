@@ -20,13 +20,30 @@ NUMERIC = {"ROW_ID", "SUBJECT_ID", "HADM_ID", "CGID"}
 OUTPUTS = ("discharge.parquet", "heldout.parquet", "heldout_row_ids.txt", "stats.json")
 
 
-def note(row_id: int, text: str | None = None, subject: int | None = None, category: str = "Discharge summary",
-         description: str = "Report", iserror: str = "", **other: str) -> dict:
+def note(
+    row_id: int,
+    text: str | None = None,
+    subject: int | None = None,
+    category: str = "Discharge summary",
+    description: str = "Report",
+    iserror: str = "",
+    **other: str,
+) -> dict:
     """One NOTEEVENTS row as a dict; the text defaults to something unique per ROW_ID."""
-    return {"ROW_ID": str(row_id), "SUBJECT_ID": str(subject if subject is not None else row_id),
-            "HADM_ID": "100001", "CHARTDATE": "2150-01-01", "CHARTTIME": "", "STORETIME": "",
-            "CATEGORY": category, "DESCRIPTION": description, "CGID": "", "ISERROR": iserror,
-            "TEXT": text if text is not None else f"Admission Date: [**2150-1-1**]\nnote {row_id}, \"quoted\"\n", **other}
+    return {
+        "ROW_ID": str(row_id),
+        "SUBJECT_ID": str(subject if subject is not None else row_id),
+        "HADM_ID": "100001",
+        "CHARTDATE": "2150-01-01",
+        "CHARTTIME": "",
+        "STORETIME": "",
+        "CATEGORY": category,
+        "DESCRIPTION": description,
+        "CGID": "",
+        "ISERROR": iserror,
+        "TEXT": text if text is not None else f'Admission Date: [**2150-1-1**]\nnote {row_id}, "quoted"\n',
+        **other,
+    }
 
 
 def csv_bytes(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> bytes:
@@ -49,15 +66,23 @@ def write_noteevents(path: Path, rows: list[dict], columns: tuple[str, ...] = CO
     return path
 
 
-def run(tmp_path: Path, noteevents: Path, policy: NotePolicy = NotePolicy(), heldout_notes: int = 0,
-        seed: int = 42) -> dict:
+def run(
+    tmp_path: Path, noteevents: Path, policy: NotePolicy | None = None, heldout_notes: int = 0, seed: int = 42
+) -> dict:
     """Run the stage into tmp_path/out; returns stats plus the output tables as lists of dicts."""
     out = tmp_path / "out"
-    stats = run_notes_stage(noteevents, *(out / name for name in OUTPUTS), policy=policy,
-                            split=SplitPolicy(heldout_notes, seed))
-    return {"stats": stats, "train": pq.read_table(out / OUTPUTS[0]).to_pylist(),
-            "heldout": pq.read_table(out / OUTPUTS[1]).to_pylist(),
-            "heldout_ids": [int(i) for i in (out / OUTPUTS[2]).read_text().split()]}
+    stats = run_notes_stage(
+        noteevents,
+        *(out / name for name in OUTPUTS),
+        policy=policy or NotePolicy(),
+        split=SplitPolicy(heldout_notes, seed),
+    )
+    return {
+        "stats": stats,
+        "train": pq.read_table(out / OUTPUTS[0]).to_pylist(),
+        "heldout": pq.read_table(out / OUTPUTS[1]).to_pylist(),
+        "heldout_ids": [int(i) for i in (out / OUTPUTS[2]).read_text().split()],
+    }
 
 
 def expected_kept(noteevents: Path, policy: NotePolicy) -> list[tuple[int, str]]:
@@ -68,9 +93,13 @@ def expected_kept(noteevents: Path, policy: NotePolicy) -> list[tuple[int, str]]
         for row in csv.DictReader(rows):
             if row["CATEGORY"] != "Discharge summary":
                 continue
-            if (policy.drop_iserror and row["ISERROR"] == "1"
-                    or not policy.keep_addenda and row["DESCRIPTION"] == "Addendum"
-                    or int(row["ROW_ID"]) in policy.exclude_row_ids):
+            if (
+                policy.drop_iserror
+                and row["ISERROR"] == "1"
+                or not policy.keep_addenda
+                and row["DESCRIPTION"] == "Addendum"
+                or int(row["ROW_ID"]) in policy.exclude_row_ids
+            ):
                 continue
             if policy.drop_duplicate_text and row["TEXT"] in seen:
                 continue

@@ -43,12 +43,20 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
-FAULT_KINDS = ("rate_limit", "server_error", "http_error", "stall", "malformed", "no_choices",
-               "length", "content_filter")
+FAULT_KINDS = (
+    "rate_limit",
+    "server_error",
+    "http_error",
+    "stall",
+    "malformed",
+    "no_choices",
+    "length",
+    "content_filter",
+)
 
 
 def request_identity(body: dict) -> str:
@@ -103,7 +111,7 @@ class LoggedRequest:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def setup(self):
         super().setup()
@@ -122,9 +130,9 @@ class _Handler(BaseHTTPRequestHandler):
         if match:
             deployment, path = match.groups()
         elif path.startswith("/openai/"):
-            path = path[len("/openai"):]
+            path = path[len("/openai") :]
         elif path.startswith("/v1/"):
-            path = path[len("/v1"):]
+            path = path[len("/v1") :]
         return path, deployment, params
 
     def do_POST(self):
@@ -141,9 +149,14 @@ class _Handler(BaseHTTPRequestHandler):
         path, deployment, params = self._route()
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        entry = LoggedRequest(method=method, path=path, received=time.time(), deployment=deployment,
-                              authorization=self.headers.get("Authorization") or self.headers.get("api-key"),
-                              query=params)
+        entry = LoggedRequest(
+            method=method,
+            path=path,
+            received=time.time(),
+            deployment=deployment,
+            authorization=self.headers.get("Authorization") or self.headers.get("api-key"),
+            query=params,
+        )
         owner._log(entry)
         try:
             if method == "POST" and path == "/chat/completions":
@@ -195,7 +208,7 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 256
-    owner: "OpenAIServer"
+    owner: OpenAIServer
 
 
 def _error(message: str, kind: str = "invalid_request_error") -> dict:
@@ -205,9 +218,15 @@ def _error(message: str, kind: str = "invalid_request_error") -> dict:
 class OpenAIServer:
     """The server. `url` is the OpenAI base URL, `endpoint` the Azure endpoint (same server)."""
 
-    def __init__(self, latency_s: float = 0.0, responder: Callable[[dict], str] = default_responder,
-                 rpm_limit: float | None = None, rpm_window_s: float = 60.0, seed: int = 0,
-                 batch_delay_s: float = 0.0):
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        responder: Callable[[dict], str] = default_responder,
+        rpm_limit: float | None = None,
+        rpm_window_s: float = 60.0,
+        seed: int = 0,
+        batch_delay_s: float = 0.0,
+    ):
         self.latency_s = latency_s
         self.responder = responder
         self.rpm_limit = rpm_limit
@@ -228,7 +247,7 @@ class OpenAIServer:
         self._httpd: _HTTPServer | None = None
 
     # -- life cycle ------------------------------------------------------------------------
-    def start(self) -> "OpenAIServer":
+    def start(self) -> OpenAIServer:
         self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -242,7 +261,7 @@ class OpenAIServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "OpenAIServer":
+    def __enter__(self) -> OpenAIServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -286,7 +305,7 @@ class OpenAIServer:
         with self._lock:
             return sum(1 for r in self.requests if r.outcome == "held")
 
-    def wait_for(self, predicate: Callable[["OpenAIServer"], bool], timeout_s: float = 60.0) -> None:
+    def wait_for(self, predicate: Callable[[OpenAIServer], bool], timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate(self):
             if time.monotonic() > deadline:
@@ -305,8 +324,7 @@ class OpenAIServer:
     def delivered(self) -> Counter:
         """Request identity -> completions delivered (HTTP or batch) with a usable answer."""
         with self._lock:
-            counts = Counter(r.identity for r in self.requests
-                             if r.path == "/chat/completions" and r.outcome == "ok")
+            counts = Counter(r.identity for r in self.requests if r.path == "/chat/completions" and r.outcome == "ok")
             for batch in self.batches.values():
                 counts.update(batch["delivered"])
         return counts
@@ -343,9 +361,11 @@ class OpenAIServer:
             if not over:
                 self._window.append(now)
             reset = self._window[0] + self.rpm_window_s - now if self._window else 0.0
-            headers = {"x-ratelimit-limit-requests": int(self.rpm_limit),
-                       "x-ratelimit-remaining-requests": max(0, allowed - len(self._window)),
-                       "x-ratelimit-reset-requests": f"{max(reset, 0):.3f}s"}
+            headers = {
+                "x-ratelimit-limit-requests": int(self.rpm_limit),
+                "x-ratelimit-remaining-requests": max(0, allowed - len(self._window)),
+                "x-ratelimit-reset-requests": f"{max(reset, 0):.3f}s",
+            }
         return over, headers
 
     def _wait_if_held(self) -> None:
@@ -401,19 +421,27 @@ class OpenAIServer:
         prompt_tokens = len(prompt_text(body)) // 4 + 1
         completion_tokens = len(text or "") // 4 + 1
         payload = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
-            "created": int(time.time()), "model": body.get("model"), "system_fingerprint": "fp_test",
-            "choices": [] if kind == "no_choices" else [
-                {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "system_fingerprint": "fp_test",
+            "choices": []
+            if kind == "no_choices"
+            else [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": text}}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
         return 200, payload
 
     # -- files -----------------------------------------------------------------------------
     def _upload(self, content_type: str, raw: bytes) -> tuple[int, dict, object]:
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+        )
         fields, content, filename = {}, b"", "upload"
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
@@ -425,8 +453,15 @@ class OpenAIServer:
         return 200, {}, self._store_file(content, filename, fields.get("purpose", "batch"))
 
     def _store_file(self, content: bytes, filename: str, purpose: str) -> dict:
-        info = {"id": f"file-{uuid.uuid4().hex[:16]}", "object": "file", "bytes": len(content),
-                "created_at": int(time.time()), "filename": filename, "purpose": purpose, "status": "processed"}
+        info = {
+            "id": f"file-{uuid.uuid4().hex[:16]}",
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
         with self._lock:
             self.files[info["id"]] = {"info": info, "content": content}
         return info
@@ -446,8 +481,11 @@ class OpenAIServer:
     def _file_delete(self, file_id: str):
         with self._lock:
             existed = self.files.pop(file_id, None) is not None
-        return (200, {}, {"id": file_id, "object": "file", "deleted": True}) if existed else (
-            404, {}, _error(f"no file {file_id}"))
+        return (
+            (200, {}, {"id": file_id, "object": "file", "deleted": True})
+            if existed
+            else (404, {}, _error(f"no file {file_id}"))
+        )
 
     # -- batches ---------------------------------------------------------------------------
     def _batch_create(self, body: dict):
@@ -455,10 +493,18 @@ class OpenAIServer:
             stored = self.files.get(body.get("input_file_id"))
         if stored is None:
             return 400, {}, _error(f"no input file {body.get('input_file_id')}")
-        batch = {"id": f"batch_{uuid.uuid4().hex[:16]}", "object": "batch", "endpoint": body["endpoint"],
-                 "input_file_id": body["input_file_id"], "completion_window": body.get("completion_window", "24h"),
-                 "status": "validating", "created_at": int(time.time()), "output_file_id": None,
-                 "error_file_id": None, "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+        batch = {
+            "id": f"batch_{uuid.uuid4().hex[:16]}",
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "input_file_id": body["input_file_id"],
+            "completion_window": body.get("completion_window", "24h"),
+            "status": "validating",
+            "created_at": int(time.time()),
+            "output_file_id": None,
+            "error_file_id": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        }
         with self._lock:
             self.batches[batch["id"]] = {"public": batch, "delivered": Counter(), "cancel": False}
         threading.Thread(target=self._run_batch, args=(batch["id"], stored["content"]), daemon=True).start()
@@ -484,9 +530,12 @@ class OpenAIServer:
             if not isinstance(payload, dict):
                 payload = {"error": {"message": "malformed output", "type": "server_error"}}
                 status = 500
-            record = {"id": f"batch_req_{uuid.uuid4().hex[:12]}", "custom_id": line["custom_id"],
-                      "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": payload},
-                      "error": None}
+            record = {
+                "id": f"batch_req_{uuid.uuid4().hex[:12]}",
+                "custom_id": line["custom_id"],
+                "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": payload},
+                "error": None,
+            }
             if status == 200:
                 outputs.append(record)
                 batch["request_counts"]["completed"] += 1
@@ -499,10 +548,12 @@ class OpenAIServer:
         self._random.shuffle(outputs)  # results come back in any order
         if outputs:
             batch["output_file_id"] = self._store_file(
-                "".join(json.dumps(r) + "\n" for r in outputs).encode(), "batch_output.jsonl", "batch_output")["id"]
+                "".join(json.dumps(r) + "\n" for r in outputs).encode(), "batch_output.jsonl", "batch_output"
+            )["id"]
         if errors:
             batch["error_file_id"] = self._store_file(
-                "".join(json.dumps(r) + "\n" for r in errors).encode(), "batch_errors.jsonl", "batch_output")["id"]
+                "".join(json.dumps(r) + "\n" for r in errors).encode(), "batch_errors.jsonl", "batch_output"
+            )["id"]
         batch["status"] = "cancelled" if state["cancel"] else "completed"
         batch["completed_at"] = int(time.time())
 

@@ -14,7 +14,7 @@ EXPECTED = (
     "The response should provide the accurate answer to the instruction, while being concise.\n"
     "\n"
     "[Discharge Summary Begin]\n"
-    "Pt is a 67 y/o M with \"CHF\", {braces} kept.\n"
+    'Pt is a 67 y/o M with "CHF", {braces} kept.\n'
     "[Discharge Summary End]\n"
     "\n"
     "[Instruction Begin]\n"
@@ -31,8 +31,21 @@ def test_template_is_the_released_one():
 def test_ask_cli_prints_the_exact_prompt(tmp_path):
     note = tmp_path / "note.txt"
     note.write_text('Pt is a 67 y/o M with "CHF", {braces} kept.', encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "asclepius_r.ask", "--model", str(tmp_path), "--note", str(note),
-                             "--question", "What is the diagnosis?", "--print-prompt"], capture_output=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asclepius_r.ask",
+            "--model",
+            str(tmp_path),
+            "--note",
+            str(note),
+            "--question",
+            "What is the diagnosis?",
+            "--print-prompt",
+        ],
+        capture_output=True,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode("utf-8") == EXPECTED
 
@@ -40,6 +53,9 @@ def test_ask_cli_prints_the_exact_prompt(tmp_path):
 def test_ask_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     note = tmp_path / "note.txt"
     note.write_text("x")
-    result = subprocess.run([sys.executable, "-m", "asclepius_r.ask", "--model", str(tmp_path), "--note", str(note),
-                             "--question", "q"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "asclepius_r.ask", "--model", str(tmp_path), "--note", str(note), "--question", "q"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "config.json" in result.stderr

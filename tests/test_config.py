@@ -36,14 +36,17 @@ def test_paper_config_says_what_to_set_and_that_the_demo_needs_no_data():
     assert "make demo" in message
 
 
-@pytest.mark.parametrize("override, key", [
-    ({"llm": {"backend": "chatgpt"}}, "llm.backend"),
-    ({"notes": {"heldout_notes": -1}}, "notes.heldout_notes"),
-    ({"notes": {"drop_iseror": True}}, "drop_iseror"),
-    ({"pretrain": {"learning_rate": "fast"}}, "pretrain.learning_rate"),
-    ({"models": {"7B": {"base": "tiny", "gpu": 8}}}, "models.7B"),
-    ({"unknown_section": 1}, "unknown_section"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"llm": {"backend": "chatgpt"}}, "llm.backend"),
+        ({"notes": {"heldout_notes": -1}}, "notes.heldout_notes"),
+        ({"notes": {"drop_iseror": True}}, "drop_iseror"),
+        ({"pretrain": {"learning_rate": "fast"}}, "pretrain.learning_rate"),
+        ({"models": {"7B": {"base": "tiny", "gpu": 8}}}, "models.7B"),
+        ({"unknown_section": 1}, "unknown_section"),
+    ],
+)
 def test_errors_name_the_key(override, key):
     with pytest.raises(workflow_config.ConfigError, match=key.replace(".", r"\.")):
         workflow_config.resolve(merged(merged(PAPER, DEMO), override))

@@ -3,7 +3,6 @@ parsing, retries by correction, parse failures recorded (not scored 0), archive 
 
 from __future__ import annotations
 
-
 import pytest
 
 from asclepius_r import config as workflow_config
@@ -17,16 +16,33 @@ from asclepius_r.prompts import render_judge_prompt
 from tests.openai_server import OpenAIServer
 
 MODELS = ["LLaMA-7B", "Asclepius-R-7B-Pretrained-Only", "Asclepius-R-7B"]
-ITEMS = [{"row_id": 50000 + i, "task": "Summarization", "note": f"Synthetic note {i}: pneumonia, treated.",
-          "question": f"Summarise note {i}.", "reference": f"pneumonia treated with antibiotics {i}"}
-         for i in range(4)]
+ITEMS = [
+    {
+        "row_id": 50000 + i,
+        "task": "Summarization",
+        "note": f"Synthetic note {i}: pneumonia, treated.",
+        "question": f"Summarise note {i}.",
+        "reference": f"pneumonia treated with antibiotics {i}",
+    }
+    for i in range(4)
+]
 ANSWERS = {m: {item["row_id"]: f"{m} says pneumonia {item['row_id']}" for item in ITEMS} for m in MODELS}
 
 
 def settings_for(server: OpenAIServer, tmp_path, approved: bool = True) -> LLMSettings:
-    return LLMSettings(backend="openai", model="judge-model", base_url=server.url, api_key_env="JUDGE_TEST_KEY",
-                       approved_endpoints=[server.url] if approved else [], archive=str(tmp_path / "judge.jsonl"),
-                       temperature=0.0, max_tokens=64, max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.02)
+    return LLMSettings(
+        backend="openai",
+        model="judge-model",
+        base_url=server.url,
+        api_key_env="JUDGE_TEST_KEY",
+        approved_endpoints=[server.url] if approved else [],
+        archive=str(tmp_path / "judge.jsonl"),
+        temperature=0.0,
+        max_tokens=64,
+        max_attempts=2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.02,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -45,14 +61,16 @@ def test_agent_order_is_fixed_per_note_and_differs_between_notes():
     assert [agent_order(MODELS, row_id, seed=7) for row_id in range(50000, 50020)] != orders, "the seed matters"
 
 
-@pytest.mark.parametrize("reply,expected", [("4 3 1", [4, 3, 1]), ("4, 3, 1\nA is complete.", [4, 3, 1]),
-                                            ("  2 2 2  \n", [2, 2, 2])])
+@pytest.mark.parametrize(
+    "reply,expected", [("4 3 1", [4, 3, 1]), ("4, 3, 1\nA is complete.", [4, 3, 1]), ("  2 2 2  \n", [2, 2, 2])]
+)
 def test_parse_scores_reads_the_first_line(reply, expected):
     assert parse_scores(reply, 3) == expected
 
 
-@pytest.mark.parametrize("reply", ["4 3", "4 3 1 2", "Scores: 4 3 1", "4 3 5", "0 3 1", "", "A: 4 B: 3 C: 1",
-                                   "Agent A deserves 4\n4 3 1"])
+@pytest.mark.parametrize(
+    "reply", ["4 3", "4 3 1 2", "Scores: 4 3 1", "4 3 5", "0 3 1", "", "A: 4 B: 3 C: 1", "Agent A deserves 4\n4 3 1"]
+)
 def test_parse_scores_is_strict(reply):
     with pytest.raises(JudgeParseError):
         parse_scores(reply, 3)
@@ -97,8 +115,9 @@ def test_unreadable_reply_is_retried_with_a_correction(tmp_path):
 
 def test_parse_failures_are_recorded_and_not_scored_zero(tmp_path):
     with OpenAIServer(responder=lambda body: "I cannot score these.") as server:
-        verdicts = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)),
-                         JudgeSettings(seed=42, max_parse_attempts=3))
+        verdicts = judge(
+            ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), JudgeSettings(seed=42, max_parse_attempts=3)
+        )
         assert len(server.chat_requests()) == 3 * len(ITEMS)
     assert {v["status"] for v in verdicts} == {"parse_failed"}
     assert all(v["attempts"] == 3 and len(v["unreadable_replies"]) == 3 and "scores" not in v for v in verdicts)
@@ -107,13 +126,26 @@ def test_parse_failures_are_recorded_and_not_scored_zero(tmp_path):
     answer_files = {}
     for model in MODELS:
         answer_files[model] = tmp_path / f"{model}.jsonl"
-        write_jsonl(answer_files[model], [{"row_id": i["row_id"], "task": i["task"], "question": i["question"],
-                                           "answer": ANSWERS[model][i["row_id"]], "rouge_l": 0.5, "token_f1": 0.5,
-                                           "answer_words": 4} for i in ITEMS])
+        write_jsonl(
+            answer_files[model],
+            [
+                {
+                    "row_id": i["row_id"],
+                    "task": i["task"],
+                    "question": i["question"],
+                    "answer": ANSWERS[model][i["row_id"]],
+                    "rouge_l": 0.5,
+                    "token_f1": 0.5,
+                    "answer_words": 4,
+                }
+                for i in ITEMS
+            ],
+        )
     verdicts[0] = {**verdicts[0], "status": "ok", "scores": {m: 4 for m in MODELS}}
     write_jsonl(tmp_path / "verdicts.jsonl", verdicts)
-    summary = summarise(answer_files, tmp_path / "verdicts.jsonl", tmp_path / "s.json", tmp_path / "m.tsv",
-                        tmp_path / "t.tsv")
+    summary = summarise(
+        answer_files, tmp_path / "verdicts.jsonl", tmp_path / "s.json", tmp_path / "m.tsv", tmp_path / "t.tsv"
+    )
     for model in MODELS:
         assert summary[model]["judge_score"] == 4, "failures must not pull the mean towards 0"
         assert summary[model]["judge_scored"] == 1 and summary[model]["judge_failed"] == len(ITEMS) - 1
@@ -166,8 +198,9 @@ def test_demo_heuristic_judge_is_deterministic_and_offline(tmp_path):
 def test_judge_endpoint_of_its_own_must_be_approved_too(tmp_path):
     config = workflow_config.load("demo/config.yaml", require_data=False)
     with OpenAIServer() as llm_server, OpenAIServer() as judge_server:
-        config["llm"].update(backend="openai", base_url=llm_server.url, api_key_env="JUDGE_TEST_KEY",
-                             approved_endpoints=[llm_server.url])
+        config["llm"].update(
+            backend="openai", base_url=llm_server.url, api_key_env="JUDGE_TEST_KEY", approved_endpoints=[llm_server.url]
+        )
         config["judge"].update(backend="llm", base_url=judge_server.url, archive=str(tmp_path / "judge.jsonl"))
         with pytest.raises(UnapprovedEndpointError, match=str(judge_server.port)):
             judge_client(config, {})

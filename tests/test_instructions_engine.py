@@ -11,29 +11,52 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asclepius_r.files import read_jsonl
-from asclepius_r.instructions import (GenerationSettings, NearDuplicateIndex, generate, run_instruction_stage,
-                                      write_dataset)
+from asclepius_r.instructions import (
+    GenerationSettings,
+    NearDuplicateIndex,
+    generate,
+    run_instruction_stage,
+    write_dataset,
+)
 from asclepius_r.llm import LLMClient, LLMSettings
 from asclepius_r.logs import setup_logging
 from asclepius_r.rouge import rouge_l
 from tests.llm_fixtures import API_KEY, live_settings, server  # noqa: F401 (fixture)
 from tests.openai_server import default_responder, prompt_text
 
-CONDITIONS = ("community-acquired pneumonia", "atrial fibrillation", "cellulitis of the left leg",
-              "diabetic ketoacidosis", "small bowel obstruction")
+CONDITIONS = (
+    "community-acquired pneumonia",
+    "atrial fibrillation",
+    "cellulitis of the left leg",
+    "diabetic ketoacidosis",
+    "small bowel obstruction",
+)
 
 
 def synthetic_notes(n: int, first_row_id: int = 70000) -> list[dict]:
     """Made-up discharge summaries (no patient data)."""
-    return [{"row_id": first_row_id + i, "subject_id": 9000 + i,
-             "text": f"Admission Date: [**2150-1-{1 + i % 28}**]\nSynthetic patient {i} was admitted with "
-                     f"{CONDITIONS[i % len(CONDITIONS)]} and treated on the ward. Discharged home in stable condition."}
-            for i in range(n)]
+    return [
+        {
+            "row_id": first_row_id + i,
+            "subject_id": 9000 + i,
+            "text": f"Admission Date: [**2150-1-{1 + i % 28}**]\nSynthetic patient {i} was admitted with "
+            f"{CONDITIONS[i % len(CONDITIONS)]} and treated on the ward. Discharged home in stable condition.",
+        }
+        for i in range(n)
+    ]
 
 
 def write_notes(path, notes: list[dict]) -> None:
-    pq.write_table(pa.table({"ROW_ID": [n["row_id"] for n in notes], "SUBJECT_ID": [n["subject_id"] for n in notes],
-                             "TEXT": [n["text"] for n in notes]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "ROW_ID": [n["row_id"] for n in notes],
+                "SUBJECT_ID": [n["subject_id"] for n in notes],
+                "TEXT": [n["text"] for n in notes],
+            }
+        ),
+        path,
+    )
 
 
 def question_examples(prompt: str) -> list[str]:
@@ -52,9 +75,12 @@ def test_prompts_do_not_depend_on_requests_in_flight_and_pools_grow_only_between
     assert runs[1] == runs[12]
 
     records = runs[1][0]
-    generated_by_wave = [{r["question"] for r in records[w:w + 6]} for w in range(0, 24, 6)]
-    prompts = {line["meta"]["row_id"]: line["request"]["messages"][0][1]
-               for line in read_jsonl(tmp_path / "archive-1.jsonl") if line["meta"]["phase"] == "question"}
+    generated_by_wave = [{r["question"] for r in records[w : w + 6]} for w in range(0, 24, 6)]
+    prompts = {
+        line["meta"]["row_id"]: line["request"]["messages"][0][1]
+        for line in read_jsonl(tmp_path / "archive-1.jsonl")
+        if line["meta"]["phase"] == "question"
+    }
     from_pool = 0
     for position, note in enumerate(notes):
         wave = position // 6
@@ -79,8 +105,9 @@ def test_post_filters_reject_model_talk_and_answers_that_ask_back(server, tmp_pa
         return default_responder(body)
 
     server.responder = responder
-    records, stats = generate(synthetic_notes(4), LLMClient(live_settings(server, tmp_path / "a.jsonl")),
-                              GenerationSettings(wave_size=4))
+    records, stats = generate(
+        synthetic_notes(4), LLMClient(live_settings(server, tmp_path / "a.jsonl")), GenerationSettings(wave_size=4)
+    )
     assert [r["status"] for r in records] == ["ok", "rejected_model_mention", "rejected_answer_is_question", "ok"]
     assert stats["outcomes"] == {"ok": 2, "rejected_answer_is_question": 1, "rejected_model_mention": 1}
 
@@ -97,10 +124,16 @@ def test_near_duplicate_index_finds_exactly_what_the_all_pairs_scan_finds():
 
 
 def test_near_duplicate_filter_in_the_engine(server, tmp_path):
-    server.responder = lambda body: ("Which medications were started during the admission?"
-                                     if "[Example Questions Begin]" in prompt_text(body) else "Aspirin was started.")
-    records, _ = generate(synthetic_notes(16), LLMClient(live_settings(server, tmp_path / "a.jsonl")),
-                          GenerationSettings(wave_size=16, near_duplicate_rouge=0.7))
+    server.responder = lambda body: (
+        "Which medications were started during the admission?"
+        if "[Example Questions Begin]" in prompt_text(body)
+        else "Aspirin was started."
+    )
+    records, _ = generate(
+        synthetic_notes(16),
+        LLMClient(live_settings(server, tmp_path / "a.jsonl")),
+        GenerationSettings(wave_size=16, near_duplicate_rouge=0.7),
+    )
     statuses = {}
     for record in records:
         statuses.setdefault(record["task"], []).append(record["status"])
@@ -119,8 +152,13 @@ def test_stage_stats_count_failures_and_logs_hold_neither_key_nor_note(server, t
     log_file = tmp_path / "stage.log"
     setup_logging(str(log_file))
     try:
-        stats = run_instruction_stage(tmp_path / "notes.parquet", tmp_path / "records.jsonl", tmp_path / "stats.json",
-                                      LLMClient(live_settings(server, tmp_path / "a.jsonl")), GenerationSettings(wave_size=4))
+        stats = run_instruction_stage(
+            tmp_path / "notes.parquet",
+            tmp_path / "records.jsonl",
+            tmp_path / "stats.json",
+            LLMClient(live_settings(server, tmp_path / "a.jsonl")),
+            GenerationSettings(wave_size=4),
+        )
     finally:
         setup_logging()
     assert stats == json.loads((tmp_path / "stats.json").read_text())
@@ -143,14 +181,20 @@ def test_replay_re_derives_the_dataset_byte_for_byte(server, tmp_path):
     server.add_fault("length", times=2)
     archive = tmp_path / "archive.jsonl"
     settings = GenerationSettings(wave_size=8)
-    run_instruction_stage(tmp_path / "notes.parquet", tmp_path / "live.jsonl", tmp_path / "live.json",
-                          LLMClient(live_settings(server, archive)), settings)
+    run_instruction_stage(
+        tmp_path / "notes.parquet",
+        tmp_path / "live.jsonl",
+        tmp_path / "live.json",
+        LLMClient(live_settings(server, archive)),
+        settings,
+    )
     write_dataset(tmp_path / "notes.parquet", tmp_path / "live.jsonl", tmp_path / "live.csv")
     sent = len(server.requests)
 
     replay = LLMClient(LLMSettings(backend="replay", archive=str(archive)))
-    stats = run_instruction_stage(tmp_path / "notes.parquet", tmp_path / "replay.jsonl", tmp_path / "replay.json",
-                                  replay, settings)
+    stats = run_instruction_stage(
+        tmp_path / "notes.parquet", tmp_path / "replay.jsonl", tmp_path / "replay.json", replay, settings
+    )
     write_dataset(tmp_path / "notes.parquet", tmp_path / "replay.jsonl", tmp_path / "replay.csv")
     assert (tmp_path / "replay.csv").read_bytes() == (tmp_path / "live.csv").read_bytes()
     assert read_jsonl(tmp_path / "replay.jsonl") == read_jsonl(tmp_path / "live.jsonl")

@@ -21,18 +21,44 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_command(work: Path, config: Path, tag: str) -> list[str]:
-    return [sys.executable, "-m", "asclepius_r.instructions", "--config", str(config),
-            "--notes", str(work / "notes.parquet"), "--records", str(work / f"{tag}.jsonl"),
-            "--stats", str(work / f"{tag}.stats.json"), "--dataset", str(work / f"{tag}.csv"),
-            "--log", str(work / f"{tag}.log")]
+    return [
+        sys.executable,
+        "-m",
+        "asclepius_r.instructions",
+        "--config",
+        str(config),
+        "--notes",
+        str(work / "notes.parquet"),
+        "--records",
+        str(work / f"{tag}.jsonl"),
+        "--stats",
+        str(work / f"{tag}.stats.json"),
+        "--dataset",
+        str(work / f"{tag}.csv"),
+        "--log",
+        str(work / f"{tag}.log"),
+    ]
 
 
 def write_config(work: Path, server: OpenAIServer, archive: Path) -> Path:
-    config = {"noteevents": None, "models": {"7B": {"base": "tiny"}}, "seed": 42,
-              "instructions": {"wave_size": 8},
-              "llm": {"backend": "openai", "model": "gpt-4o-mini", "base_url": server.url, "api_key_env": KEY_ENV,
-                      "approved_endpoints": [server.url], "archive": str(archive), "max_concurrency": 4,
-                      "requests_per_minute": 60000, "backoff_base_s": 0.02, "backoff_max_s": 0.1}}
+    config = {
+        "noteevents": None,
+        "models": {"7B": {"base": "tiny"}},
+        "seed": 42,
+        "instructions": {"wave_size": 8},
+        "llm": {
+            "backend": "openai",
+            "model": "gpt-4o-mini",
+            "base_url": server.url,
+            "api_key_env": KEY_ENV,
+            "approved_endpoints": [server.url],
+            "archive": str(archive),
+            "max_concurrency": 4,
+            "requests_per_minute": 60000,
+            "backoff_base_s": 0.02,
+            "backoff_max_s": 0.1,
+        },
+    }
     path = work / f"config-{archive.stem}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -55,8 +81,13 @@ def test_kill_9_mid_stage_then_rerun_sends_nothing_twice_and_gives_the_same_csv(
         stage = subprocess.Popen(stage_command(tmp_path, config, "killed"), env=env)
         try:
             # kill once requests are held and everything answered so far is archived
-            server.wait_for(lambda s: s.held() >= 1 and archive.exists() and
-                            sum(1 for r in read_jsonl(archive) if r["result"]["status"] == "ok") == 22)
+            server.wait_for(
+                lambda s: (
+                    s.held() >= 1
+                    and archive.exists()
+                    and sum(1 for r in read_jsonl(archive) if r["result"]["status"] == "ok") == 22
+                )
+            )
         finally:
             stage.kill()
             stage.wait()

@@ -82,9 +82,18 @@ def test_a_crashed_run_resumes_its_batch_instead_of_submitting_again(server, tmp
 
 def test_azure_batch_lines_name_the_deployment(server, tmp_path):
     endpoint = f"{server.endpoint}/openai/deployments/gpt-4o-mini-batch"
-    settings = live_settings(server, tmp_path / "a.jsonl", mode="batch", backend="azure", base_url=None,
-                             azure_endpoint=server.endpoint, azure_deployment="gpt-4o-mini-batch",
-                             api_version="2024-10-21", approved_endpoints=[endpoint], batch_delete_files=False)
+    settings = live_settings(
+        server,
+        tmp_path / "a.jsonl",
+        mode="batch",
+        backend="azure",
+        base_url=None,
+        azure_endpoint=server.endpoint,
+        azure_deployment="gpt-4o-mini-batch",
+        api_version="2024-10-21",
+        approved_endpoints=[endpoint],
+        batch_delete_files=False,
+    )
     assert all(r.ok for r in LLMClient(settings).run(requests(2)))
     uploads = [f["content"] for f in server.files.values() if f["info"]["purpose"] == "batch"]
     lines = [json.loads(line) for line in uploads[0].splitlines()]

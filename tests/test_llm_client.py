@@ -10,8 +10,14 @@ import time
 
 import pytest
 
-from asclepius_r.llm import (Archive, BudgetExceededError, LLMClient, LLMSettings, ReplayMissError,
-                             UnapprovedEndpointError)
+from asclepius_r.llm import (
+    Archive,
+    BudgetExceededError,
+    LLMClient,
+    LLMSettings,
+    ReplayMissError,
+    UnapprovedEndpointError,
+)
 from asclepius_r.llm.client import RateLimiter, parse_duration
 from tests.llm_fixtures import API_KEY, live_settings, requests, server  # noqa: F401 (fixture)
 
@@ -33,8 +39,14 @@ def test_every_fault_is_retried_counted_and_nothing_is_lost_or_delivered_twice(s
     assert all(r.text.startswith("The discharge summary documents") for r in results)
     assert max(server.delivered().values()) == 1 and len(server.delivered()) == 40
     stats = client.stats
-    expected = {"rate_limited": 2, "server_error": 2, "timeout": 1, "malformed": 3, "finish_length": 2,
-                "finish_content_filter": 1}
+    expected = {
+        "rate_limited": 2,
+        "server_error": 2,
+        "timeout": 1,
+        "malformed": 3,
+        "finish_length": 2,
+        "finish_content_filter": 1,
+    }
     assert {k: v for k, v in stats["retries"].items() if v} == expected
     assert stats["sent_ok"] == 40 and stats["failed"] == 0 and stats["attempts"] == 40 + sum(expected.values())
     assert stats["usage"]["billed_responses"] == 43 and stats["cost_usd"] > 0
@@ -152,21 +164,32 @@ def test_unapproved_endpoint_is_refused_before_any_request(server, tmp_path):
 
 def test_azure_backend_calls_the_deployment_and_archives_it(server, tmp_path):
     endpoint = f"{server.endpoint}/openai/deployments/gpt-4o-mini-zdr"
-    settings = live_settings(server, tmp_path / "a.jsonl", backend="azure", base_url=None,
-                             azure_endpoint=server.endpoint, azure_deployment="gpt-4o-mini-zdr",
-                             api_version="2024-10-21", approved_endpoints=[endpoint])
+    settings = live_settings(
+        server,
+        tmp_path / "a.jsonl",
+        backend="azure",
+        base_url=None,
+        azure_endpoint=server.endpoint,
+        azure_deployment="gpt-4o-mini-zdr",
+        api_version="2024-10-21",
+        approved_endpoints=[endpoint],
+    )
     results = LLMClient(settings).run(requests(3))
     assert all(r.ok for r in results)
     assert {(r.deployment, r.query.get("api-version"), r.authorization) for r in server.chat_requests()} == {
-        ("gpt-4o-mini-zdr", "2024-10-21", API_KEY)}
+        ("gpt-4o-mini-zdr", "2024-10-21", API_KEY)
+    }
     assert results[0].provider["deployment"] == "gpt-4o-mini-zdr" and results[0].provider["api_version"] == "2024-10-21"
     assert results[0].provider["system_fingerprint"] == "fp_test"
 
 
 def test_azure_settings_missing_are_named(server, tmp_path):
     with pytest.raises(ValueError, match="llm.azure_deployment"):
-        LLMClient(live_settings(server, tmp_path / "a.jsonl", backend="azure", azure_endpoint=server.endpoint,
-                                api_version="2024-10-21"))
+        LLMClient(
+            live_settings(
+                server, tmp_path / "a.jsonl", backend="azure", azure_endpoint=server.endpoint, api_version="2024-10-21"
+            )
+        )
 
 
 def test_api_key_only_from_the_environment(server, tmp_path, monkeypatch):

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 
 from asclepius_r import noteevents
-from asclepius_r.demo.noteevents import (CATEGORY_MIX, DISCHARGE_ROW_ID_BASE, MEAN_TEXT_CHARS, ScaledNotes,
-                                         demo_rows, load_demo_notes, main, write_noteevents)
+from asclepius_r.demo.noteevents import (
+    CATEGORY_MIX,
+    DISCHARGE_ROW_ID_BASE,
+    MEAN_TEXT_CHARS,
+    ScaledNotes,
+    demo_rows,
+    load_demo_notes,
+    main,
+    write_noteevents,
+)
 from asclepius_r.notes import NotePolicy
 
 from .notes_support import expected_kept, kept_rows, run
@@ -31,8 +39,9 @@ def test_demo_rows_are_stable(tmp_path):
     write_noteevents(path, demo_rows(notes))
     rows = _rows(path)
     discharge = sorted(int(r["ROW_ID"]) for r in rows if r["CATEGORY"] == "Discharge summary")
-    assert discharge == sorted([DISCHARGE_ROW_ID_BASE + n.number for n in notes] + [DISCHARGE_ROW_ID_BASE + 100,
-                                                                                     DISCHARGE_ROW_ID_BASE + 101])
+    assert discharge == sorted(
+        [DISCHARGE_ROW_ID_BASE + n.number for n in notes] + [DISCHARGE_ROW_ID_BASE + 100, DISCHARGE_ROW_ID_BASE + 101]
+    )
     assert len(rows) == 4 * len(notes) + 3
     header = ",".join(f'"{c}"' for c in noteevents.COLUMNS) + "\n"
     assert path.read_bytes() == (header + "".join(demo_rows(notes))).encode()
@@ -83,7 +92,7 @@ def test_scaled_file_passes_the_stage_as_the_oracle_says(tmp_path, monkeypatch, 
     if gzipped:
         data = path.read_bytes()
         path = tmp_path / "NOTEEVENTS.csv.gz"
-        path.write_bytes(gzip.compress(data[: len(data) // 3]) + gzip.compress(data[len(data) // 3:]))
+        path.write_bytes(gzip.compress(data[: len(data) // 3]) + gzip.compress(data[len(data) // 3 :]))
     policy = NotePolicy(keep_addenda=False, exclude_row_ids=frozenset(range(0, 3000, 10)))
     result = run(tmp_path, path, policy, heldout_notes=5)
     assert kept_rows(result) == sorted(expected_kept(path, policy))

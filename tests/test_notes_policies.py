@@ -18,17 +18,26 @@ from .notes_support import expected_kept, kept_rows, note, run, write_noteevents
 
 
 def test_only_exact_category_is_kept_and_near_misses_are_warned(tmp_path, caplog):
-    rows = [note(1), note(2, category="Radiology"), note(3, category="discharge summary "),
-            note(4, category="Discharge Summary"), note(5, category=" Discharge summary"),
-            note(6, category="discharge summary "), note(7, category="Discharge summaries")]
+    rows = [
+        note(1),
+        note(2, category="Radiology"),
+        note(3, category="discharge summary "),
+        note(4, category="Discharge Summary"),
+        note(5, category=" Discharge summary"),
+        note(6, category="discharge summary "),
+        note(7, category="Discharge summaries"),
+    ]
     with caplog.at_level(logging.WARNING):
         result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows))
     assert [r["ROW_ID"] for r in result["train"]] == [1]
     stats = result["stats"]
     assert stats["dropped"]["other_category"] == 6
     assert stats["near_miss_category"] == 4
-    assert stats["near_miss_category_values"] == {"discharge summary ": 2, "Discharge Summary": 1,
-                                                  " Discharge summary": 1}
+    assert stats["near_miss_category_values"] == {
+        "discharge summary ": 2,
+        "Discharge Summary": 1,
+        " Discharge summary": 1,
+    }
     assert "4 rows have a CATEGORY" in caplog.text and "'discharge summary ' x 2" in caplog.text
 
 
@@ -50,7 +59,7 @@ def test_addendum_policy(tmp_path, keep):
 
 @pytest.mark.parametrize("drop", [True, False])
 def test_duplicate_text_policy_keeps_the_first_kept_copy(tmp_path, drop):
-    same = "Discharge Diagnosis:\nCHF, \"stable\""
+    same = 'Discharge Diagnosis:\nCHF, "stable"'
     # Row 1 carries the text but is an ISERROR row, so it does not shadow row 3; row 4 repeats row 3.
     rows = [note(1, same, iserror="1"), note(2), note(3, same), note(4, same), note(5, same + " ")]
     result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows), NotePolicy(drop_duplicate_text=drop))
@@ -60,31 +69,46 @@ def test_duplicate_text_policy_keeps_the_first_kept_copy(tmp_path, drop):
 
 def test_exclusion_list(tmp_path):
     rows = [note(i) for i in range(1, 6)]
-    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows), NotePolicy(exclude_row_ids=frozenset({2, 4, 99})))
+    result = run(
+        tmp_path, write_noteevents(tmp_path / "n.csv", rows), NotePolicy(exclude_row_ids=frozenset({2, 4, 99}))
+    )
     assert [r["ROW_ID"] for r in result["train"]] == [1, 3, 5]
     assert result["stats"]["dropped"]["excluded"] == 2
 
 
 @pytest.mark.parametrize("coarse", [True, False])
 def test_placeholder_policy(tmp_path, coarse):
-    text = ("Admission Date: [**2151-7-16**] seen by Dr. [**Known lastname 123**] at [**Hospital 1234**], "
-            "MRN [** Numeric Identifier 456**].")
-    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", [note(1, text)]), NotePolicy(coarse_placeholders=coarse))
+    text = (
+        "Admission Date: [**2151-7-16**] seen by Dr. [**Known lastname 123**] at [**Hospital 1234**], "
+        "MRN [** Numeric Identifier 456**]."
+    )
+    result = run(
+        tmp_path, write_noteevents(tmp_path / "n.csv", [note(1, text)]), NotePolicy(coarse_placeholders=coarse)
+    )
     expected = "Admission Date: 2151-7-16 seen by Dr. [Name] at [LOC], MRN [#]." if coarse else text
     assert result["train"][0]["TEXT"] == expected
 
 
 def test_coarse_tags_follow_2023():
-    assert coarsen_placeholders("[**First Name8 (NamePattern2) 12**] [**Location (un) 5**] [**7-16**]") == \
-        "[Name] [LOC] 7-16"
+    assert (
+        coarsen_placeholders("[**First Name8 (NamePattern2) 12**] [**Location (un) 5**] [**7-16**]")
+        == "[Name] [LOC] 7-16"
+    )
 
 
 def test_every_row_is_counted_once_and_matches_the_oracle(tmp_path):
     rng = random.Random(3)
-    rows = [note(i, rng.choice(["a", "b", "c", f"unique {i}"]), subject=rng.randint(1, 30),
-                 category=rng.choice(["Discharge summary", "Discharge summary", "Nursing", "discharge summary"]),
-                 description=rng.choice(["Report", "Report", "Addendum"]), iserror=rng.choice(["", "", "1"]))
-            for i in range(1, 301)]
+    rows = [
+        note(
+            i,
+            rng.choice(["a", "b", "c", f"unique {i}"]),
+            subject=rng.randint(1, 30),
+            category=rng.choice(["Discharge summary", "Discharge summary", "Nursing", "discharge summary"]),
+            description=rng.choice(["Report", "Report", "Addendum"]),
+            iserror=rng.choice(["", "", "1"]),
+        )
+        for i in range(1, 301)
+    ]
     policy = NotePolicy(keep_addenda=False, exclude_row_ids=frozenset(range(1, 301, 7)))
     path = write_noteevents(tmp_path / "n.csv", rows)
     result = run(tmp_path, path, policy, heldout_notes=10)
@@ -133,7 +157,10 @@ def test_outputs_are_datasets_of_parts_in_file_order(tmp_path, monkeypatch):
     train = sorted((tmp_path / "out/discharge.parquet").iterdir())
     assert [p.name for p in train] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert [(pq.ParquetFile(p).metadata.num_rows, pq.ParquetFile(p).num_row_groups) for p in train] == [
-        (4, 2), (4, 2), (3, 2)]
+        (4, 2),
+        (4, 2),
+        (3, 2),
+    ]
     assert [row["ROW_ID"] for row in result["train"]] == list(range(1, 12))  # the dataset reads in file order
     # An output with no notes still holds one part, so that it has its schema.
     [heldout] = (tmp_path / "out/heldout.parquet").iterdir()

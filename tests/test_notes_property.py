@@ -22,8 +22,10 @@ TEXTS = st.lists(st.one_of(PIECES, st.text(CHARACTERS, max_size=20)), max_size=3
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(texts=st.lists(TEXTS, min_size=1, max_size=6), categories=st.lists(st.booleans(), min_size=6, max_size=6))
 def test_texts_survive_exactly(texts, categories):
-    rows = [note(i + 1, text, category="Discharge summary" if keep or i == 0 else "Radiology")
-            for i, (text, keep) in enumerate(zip(texts, categories))]
+    rows = [
+        note(i + 1, text, category="Discharge summary" if keep or i == 0 else "Radiology")
+        for i, (text, keep) in enumerate(zip(texts, categories))
+    ]
     policy = NotePolicy(drop_duplicate_text=False)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

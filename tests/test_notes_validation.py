@@ -15,7 +15,7 @@ from asclepius_r.notes import NotePolicy
 from .notes_support import OUTPUTS, csv_bytes, kept_rows, note, run
 
 SECRET = "Mr. Secretname"  # stands for patient text: must never appear in an error message
-GOOD = [note(1, f"{SECRET} was seen,\n\"well\"."), note(2), note(3, category="Radiology")]
+GOOD = [note(1, f'{SECRET} was seen,\n"well".'), note(2), note(3, category="Radiology")]
 HEADER = csv_bytes([])
 GOOD_BYTES = csv_bytes(GOOD)
 
@@ -31,22 +31,34 @@ BAD_FILES = {
     "empty": (b"", "empty file"),
     "blank": (b"\n\n", "empty file"),
     "header only": (HEADER, "header only"),
-    "missing column": (HEADER.replace(b'"CGID",', b"") , "missing column.*CGID"),
-    "misnamed column": (GOOD_BYTES.replace(b'"ROW_ID"', b'"ROWID"', 1), r"missing column.*ROW_ID \(found 'ROWID' instead\?\)"),
+    "missing column": (HEADER.replace(b'"CGID",', b""), "missing column.*CGID"),
+    "misnamed column": (
+        GOOD_BYTES.replace(b'"ROW_ID"', b'"ROWID"', 1),
+        r"missing column.*ROW_ID \(found 'ROWID' instead\?\)",
+    ),
     "lower-case column": (GOOD_BYTES.replace(b'"TEXT"', b'"text"', 1), r"TEXT \(found 'text' instead\?\)"),
     "no header": (GOOD_BYTES.split(b"\n", 1)[1], "is the header line missing"),
     "duplicated column": (GOOD_BYTES.replace(b'"CGID"', b'"TEXT"', 1), "TEXT appear more than once"),
-    "unterminated quote at the end": (GOOD_BYTES + _row(4, SECRET.encode() + b"\nstill open", closed=False),
-                                      r"line 10 \(ROW_ID 4\): a quoted field .* never closed .*truncated file"),
-    "unterminated quote in the middle": (HEADER + _row(9, b'open\nand "on') + GOOD_BYTES.split(b"\n", 1)[1],
-                                         r"line 2 \(ROW_ID 9\)"),
-    "truncated in a row": (GOOD_BYTES + b'4,7,100001,', r"line 10 \(ROW_ID 4\): 4 fields, expected 11"),
+    "unterminated quote at the end": (
+        GOOD_BYTES + _row(4, SECRET.encode() + b"\nstill open", closed=False),
+        r"line 10 \(ROW_ID 4\): a quoted field .* never closed .*truncated file",
+    ),
+    "unterminated quote in the middle": (
+        HEADER + _row(9, b'open\nand "on') + GOOD_BYTES.split(b"\n", 1)[1],
+        r"line 2 \(ROW_ID 9\)",
+    ),
+    "truncated in a row": (GOOD_BYTES + b"4,7,100001,", r"line 10 \(ROW_ID 4\): 4 fields, expected 11"),
     "truncated in a date": (GOOD_BYTES + b'4,7,100001,"2150-', r"line 10 \(ROW_ID 4\): a quoted field .* never closed"),
     "too many fields": (GOOD_BYTES + b'4,7,,,,,"Nursing","Report",,,"x",extra\n', r"line 10 \(ROW_ID 4\): 12 fields"),
-    "invalid UTF-8": (GOOD_BYTES + _row(4, b"caf\xe9\nlater"), r"line 10 \(ROW_ID 4\): invalid UTF-8 at line 10, column 62"),
+    "invalid UTF-8": (
+        GOOD_BYTES + _row(4, b"caf\xe9\nlater"),
+        r"line 10 \(ROW_ID 4\): invalid UTF-8 at line 10, column 62",
+    ),
     "NUL byte": (GOOD_BYTES + _row(4, b"first\nsec\x00ond"), r"line 10 \(ROW_ID 4\): NUL byte at line 11, column 4"),
-    "duplicate ROW_ID": (GOOD_BYTES + csv_bytes([note(2, "other text")]).split(b"\n", 1)[1],
-                         r"duplicate ROW_ID 2 \(data rows 2, 4\)"),
+    "duplicate ROW_ID": (
+        GOOD_BYTES + csv_bytes([note(2, "other text")]).split(b"\n", 1)[1],
+        r"duplicate ROW_ID 2 \(data rows 2, 4\)",
+    ),
     "ROW_ID not an integer": (GOOD_BYTES.replace(b"\n2,", b"\nabc,", 1), "data row 2: ROW_ID 'abc' is not an integer"),
 }
 

@@ -39,14 +39,24 @@ def test_workflow_keeps_exactly_what_the_policies_say(workflow, tmp_path):
     synthesize([str(noteevents), "--rows", "4000", "--seed", "21", "--gzip"])
     excluded = tmp_path / "exclude.txt"
     excluded.write_text("".join(f"{i}\n" for i in range(1, 4000, 9)))
-    config = _config(workflow, tmp_path, keep_addenda=False, drop_iserror=False, exclude_row_ids=str(excluded),
-                     heldout_notes=12)
-    run_snakemake(workflow, "--configfile", str(config), "--config", f"noteevents={noteevents}",
-                  "--", "results/notes/discharge.parquet", demo=False)
+    config = _config(
+        workflow, tmp_path, keep_addenda=False, drop_iserror=False, exclude_row_ids=str(excluded), heldout_notes=12
+    )
+    run_snakemake(
+        workflow,
+        "--configfile",
+        str(config),
+        "--config",
+        f"noteevents={noteevents}",
+        "--",
+        "results/notes/discharge.parquet",
+        demo=False,
+    )
     out = workflow / "results/notes"
     train, heldout = (pq.read_table(out / f"{name}.parquet").to_pylist() for name in ("discharge", "heldout"))
-    policy = NotePolicy(keep_addenda=False, drop_iserror=False,
-                        exclude_row_ids=frozenset(int(i) for i in excluded.read_text().split()))
+    policy = NotePolicy(
+        keep_addenda=False, drop_iserror=False, exclude_row_ids=frozenset(int(i) for i in excluded.read_text().split())
+    )
     assert sorted((r["ROW_ID"], r["TEXT"]) for r in train + heldout) == sorted(expected_kept(noteevents, policy))
     assert len(heldout) >= 12 and not {r["SUBJECT_ID"] for r in train} & {r["SUBJECT_ID"] for r in heldout}
     stats = json.loads((out / "stats.json").read_text())
@@ -60,8 +70,17 @@ def test_workflow_job_fails_cleanly_on_a_truncated_file(workflow, tmp_path):
     data = noteevents.read_bytes()
     noteevents.write_bytes(data[: data.rindex(b'"') - 5])  # cut inside the last row's TEXT
     config = _config(workflow, tmp_path, heldout_notes=2)
-    result = run_snakemake(workflow, "--configfile", str(config), "--config", f"noteevents={noteevents}",
-                           "--", "results/notes/discharge.parquet", demo=False, check=False)
+    result = run_snakemake(
+        workflow,
+        "--configfile",
+        str(config),
+        "--config",
+        f"noteevents={noteevents}",
+        "--",
+        "results/notes/discharge.parquet",
+        demo=False,
+        check=False,
+    )
     assert result.returncode != 0
     log = (workflow / "logs/notes/filter_notes.log").read_text()
     assert f"{noteevents}: line " in log and "never closed" in log

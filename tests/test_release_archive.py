@@ -13,8 +13,10 @@ from tests.conftest import copy_workflow
 
 MARKER = "Zebrafish-Syndrome-Marker"
 NOTE = f"Admission Date:  [**2151-7-16**]\nSeen at [**Hospital 1234**] for {MARKER}.\n"
-NOTEEVENTS = f'ROW_ID,SUBJECT_ID,HADM_ID,CHARTDATE,CHARTTIME,STORETIME,CATEGORY,DESCRIPTION,CGID,ISERROR,TEXT\n' \
-             f'1,2,3,2151-7-20,,,Discharge summary,Report,,,"{NOTE}"\n'
+NOTEEVENTS = (
+    f"ROW_ID,SUBJECT_ID,HADM_ID,CHARTDATE,CHARTTIME,STORETIME,CATEGORY,DESCRIPTION,CGID,ISERROR,TEXT\n"
+    f'1,2,3,2151-7-20,,,Discharge summary,Report,,,"{NOTE}"\n'
+)
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def checkout(tmp_path):
     (root / "NOTEEVENTS.csv").write_text(NOTEEVENTS)
     (root / "results/notes").mkdir(parents=True)
     (root / "results/notes/discharge.parquet").write_text(NOTE)
-    (root / "results/mimiciii_discharge.csv").write_text(f"note,question,answer,task\n\"{NOTE}\",q,a,t\n")
+    (root / "results/mimiciii_discharge.csv").write_text(f'note,question,answer,task\n"{NOTE}",q,a,t\n')
     return root
 
 
@@ -39,11 +41,24 @@ def test_archive_holds_code_envs_and_config_but_no_data(checkout, tmp_path):
     build_workflow_archive(out, checkout, config, forbidden=[checkout / "NOTEEVENTS.csv"])
     members = archive_members(out)
     names = {name.removeprefix("asclepius-r-workflow/") for name in members}
-    assert {"Snakefile", "config.yaml", "demo/config.yaml", "rules/common.smk", "rules/release.smk",
-            "scripts/release.py", "asclepius_r/release.py", "envs/train.yaml", "requirements.lock",
-            "release-config.yaml"} <= names
-    assert not [n for n in names if n.startswith(("results/", "release/", "logs/", ".snakemake/", "demo/responses",
-                                                  "demo/discharge_summaries")) or "NOTEEVENTS" in n]
+    assert {
+        "Snakefile",
+        "config.yaml",
+        "demo/config.yaml",
+        "rules/common.smk",
+        "rules/release.smk",
+        "scripts/release.py",
+        "asclepius_r/release.py",
+        "envs/train.yaml",
+        "requirements.lock",
+        "release-config.yaml",
+    } <= names
+    assert not [
+        n
+        for n in names
+        if n.startswith(("results/", "release/", "logs/", ".snakemake/", "demo/responses", "demo/discharge_summaries"))
+        or "NOTEEVENTS" in n
+    ]
     assert not [n for n, data in members.items() if MARKER.encode() in data], "note text leaked into the archive"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     with tarfile.open(out) as tar:
@@ -65,8 +80,9 @@ def test_archive_is_byte_reproducible(checkout, tmp_path):
     assert sha256_file(tmp_path / "a.tar.gz") == sha256_file(tmp_path / "b.tar.gz")
 
 
-@pytest.mark.parametrize("planted", ["rules/NOTEEVENTS.csv", "scripts/noteevents.csv.gz", "asclepius_r/data/cohort.txt",
-                                     "envs/extra.yaml"])
+@pytest.mark.parametrize(
+    "planted", ["rules/NOTEEVENTS.csv", "scripts/noteevents.csv.gz", "asclepius_r/data/cohort.txt", "envs/extra.yaml"]
+)
 def test_note_data_inside_source_folders_is_refused(checkout, tmp_path, planted):
     (checkout / planted).write_text(NOTEEVENTS if planted.endswith(("csv", "gz")) else NOTE)
     out = tmp_path / "workflow.tar.gz"

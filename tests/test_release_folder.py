@@ -35,11 +35,22 @@ def test_release_has_the_physionet_layout(demo_run):
         assert (release / name / "config.json").exists() and list((release / name).glob("*.safetensors"))
         assert not (release / name / ".snakemake_timestamp").exists()
         assert not (release / name / "training_args.bin").exists(), "no pickles in the release"
-    for name in ("README.md", "mimiciii_discharge.csv", "heldout_row_ids.txt", "llm_archive/instructions.jsonl",
-                 "llm_archive/judge.jsonl", "evaluation/summary.json", "evaluation/scores_per_task.tsv",
-                 "manifest.json", "SHA256SUMS", "workflow/asclepius-r-workflow.tar.gz"):
+    for name in (
+        "README.md",
+        "mimiciii_discharge.csv",
+        "heldout_row_ids.txt",
+        "llm_archive/instructions.jsonl",
+        "llm_archive/judge.jsonl",
+        "evaluation/summary.json",
+        "evaluation/scores_per_task.tsv",
+        "manifest.json",
+        "SHA256SUMS",
+        "workflow/asclepius-r-workflow.tar.gz",
+    ):
         assert (release / name).is_file(), name
-    assert (release / "heldout_row_ids.txt").read_bytes() == (demo_run / "results/notes/heldout_row_ids.txt").read_bytes()
+    assert (release / "heldout_row_ids.txt").read_bytes() == (
+        demo_run / "results/notes/heldout_row_ids.txt"
+    ).read_bytes()
     assert "sha256sum -c SHA256SUMS" in (release / "README.md").read_text()
     assert all(p.stat().st_mode & 0o004 for p in release.rglob("*")), "everything readable for the upload"
 
@@ -67,18 +78,24 @@ def test_manifest_records_versions_commit_config_and_input_hashes(demo_run):
     assert "commit" in manifest["git"]
     assert manifest["config"]["judge"]["backend"] == "heuristic"
     assert manifest["input_sha256"]["noteevents"] == {
-        "NOTEEVENTS.csv": sha256_file(demo_run / "results/demo/NOTEEVENTS.csv")}
+        "NOTEEVENTS.csv": sha256_file(demo_run / "results/demo/NOTEEVENTS.csv")
+    }
     assert manifest["input_sha256"]["base_model_7B"]["tokenizer.model"] == sha256_file(
-        demo_run / "results/base_models/7B/tokenizer.model")
+        demo_run / "results/base_models/7B/tokenizer.model"
+    )
 
 
 def test_sha256sums_pass_and_catch_a_changed_file(demo_run, tmp_path):
-    check = subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=demo_run / "release",
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=demo_run / "release", capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     listed = {line.split("  ", 1)[1] for line in (demo_run / "release/SHA256SUMS").read_text().splitlines()}
-    on_disk = {p.relative_to(demo_run / "release").as_posix() for p in (demo_run / "release").rglob("*")
-               if p.is_file() and p.name not in ("SHA256SUMS", ".snakemake_timestamp")}
+    on_disk = {
+        p.relative_to(demo_run / "release").as_posix()
+        for p in (demo_run / "release").rglob("*")
+        if p.is_file() and p.name not in ("SHA256SUMS", ".snakemake_timestamp")
+    }
     assert listed == on_disk, "every file, and only those (besides Snakemake's own marker), has a checksum"
     copy = shutil.copytree(demo_run / "release", tmp_path / "release")
     with open(copy / "heldout_row_ids.txt", "a") as ids:
@@ -89,8 +106,10 @@ def test_sha256sums_pass_and_catch_a_changed_file(demo_run, tmp_path):
 
 
 def test_workflow_archive_holds_no_note_text(demo_run):
-    notes = pd.concat([pd.read_parquet(demo_run / f"results/notes/{split}.parquet") for split in ("discharge", "heldout")])
-    snippets = [text[len(text) // 2: len(text) // 2 + 60].encode() for text in notes.TEXT]
+    notes = pd.concat(
+        [pd.read_parquet(demo_run / f"results/notes/{split}.parquet") for split in ("discharge", "heldout")]
+    )
+    snippets = [text[len(text) // 2 : len(text) // 2 + 60].encode() for text in notes.TEXT]
     with tarfile.open(demo_run / "release/workflow/asclepius-r-workflow.tar.gz") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
     assert "asclepius-r-workflow/Snakefile" in members and "asclepius-r-workflow/envs/llm.yaml" in members
@@ -123,5 +142,6 @@ def test_restoring_a_release_on_a_fresh_checkout_does_not_train_again(demo_run, 
     assert not planned & {"pretrain", "finetune", "build_tiny_llama", "filter_notes", "generate_instructions"}
     assert "release" in planned
     restored = fresh / "results/mimiciii_discharge.csv"
-    assert restored.read_bytes() == (demo_run / "release/mimiciii_discharge.csv").read_bytes(), \
+    assert restored.read_bytes() == (demo_run / "release/mimiciii_discharge.csv").read_bytes(), (
         "replaying the archive re-derives the released dataset byte for byte"
+    )

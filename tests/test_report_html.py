@@ -22,9 +22,13 @@ from tests.conftest import run_snakemake
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-EXPECTED_PLOTS = {"results/report/note_lengths.png", "results/report/training-pretrain.png",
-                  "results/report/training-finetune.png", "results/report/judge_scores.png",
-                  "results/report/rouge_l.png"}
+EXPECTED_PLOTS = {
+    "results/report/note_lengths.png",
+    "results/report/training-pretrain.png",
+    "results/report/training-finetune.png",
+    "results/report/judge_scores.png",
+    "results/report/rouge_l.png",
+}
 EXPECTED_TABLES = {"results/report/dataset.html", "results/report/evaluation.html"}
 
 PROBE = """<script>
@@ -84,10 +88,21 @@ def test_plots_render_in_headless_chromium(report, tmp_path):
     # The last </body>: the embedded JavaScript libraries contain the string too.
     page, _, end = report.read_text().rpartition("</body>")
     probed.write_text(page + PROBE + "</body>" + end)
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=60000", "--dump-dom",
-               probed.as_uri()]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=60000",
+        "--dump-dom",
+        probed.as_uri(),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     match = re.search(r'<pre id="render-check">(.*?)</pre>', done.stdout, re.DOTALL)
     assert match, f"the probe did not finish (exit {done.returncode}):\n{done.stderr[-3000:]}"

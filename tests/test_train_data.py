@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
 import torch
@@ -11,7 +9,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from asclepius_r.base_model import copy_tokenizer_model
 from asclepius_r.prompts import render_released
-from asclepius_r.train.finetune import IGNORE_INDEX, Example, collate_packed, encode_dataset, encode_example, pack_examples
+from asclepius_r.train.finetune import (
+    IGNORE_INDEX,
+    Example,
+    collate_packed,
+    encode_dataset,
+    encode_example,
+    pack_examples,
+)
 from asclepius_r.train.pretrain import pack_notes
 from asclepius_r.train.run import TrainRun, load_model_and_tokenizer
 from asclepius_r.train.throughput import FlopModel, batch_counts
@@ -32,12 +37,20 @@ def tokenizer(data):
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_packed_logits_equal_separate_runs(data, tokenizer, attn_implementation):
     # Loaded as training loads it (no KV cache: with one, the packed examples would mix).
-    run = TrainRun(base_model=str(data["model"]), data="", output_dir="", checkpoint_dir="", metrics_file="",
-                   attn_implementation=attn_implementation)
+    run = TrainRun(
+        base_model=str(data["model"]),
+        data="",
+        output_dir="",
+        checkpoint_dir="",
+        metrics_file="",
+        attn_implementation=attn_implementation,
+    )
     model = load_model_and_tokenizer(run)[0].eval()
     texts = demo_texts()[:3]
-    examples = [encode_example(tokenizer, text[:100 * (i + 1)], "List the medications.", "None.", 1024)[0]
-                for i, text in enumerate(texts)]
+    examples = [
+        encode_example(tokenizer, text[: 100 * (i + 1)], "List the medications.", "None.", 1024)[0]
+        for i, text in enumerate(texts)
+    ]
     assert len({len(e.input_ids) for e in examples}) == 3, "examples of different lengths"
     batch = collate_packed([examples])
     with torch.no_grad():
@@ -66,9 +79,11 @@ def test_loss_only_on_answer_and_eos(tokenizer):
 def test_long_note_is_truncated_answer_kept_and_counted(tmp_path, tokenizer):
     long_note = " ".join(demo_texts())
     answer = "The patient went home on aspirin."
-    rows = [{"note": long_note, "question": "What medication?", "answer": answer},
-            {"note": "Brief note.", "question": "What medication?", "answer": answer},
-            {"note": "Brief note.", "question": "What medication?", "answer": "word " * 400}]
+    rows = [
+        {"note": long_note, "question": "What medication?", "answer": answer},
+        {"note": "Brief note.", "question": "What medication?", "answer": answer},
+        {"note": "Brief note.", "question": "What medication?", "answer": "word " * 400},
+    ]
     csv = tmp_path / "sft.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     examples, counts = encode_dataset(str(csv), tokenizer, 512)
@@ -122,7 +137,8 @@ def test_pretraining_blocks_frame_each_note_once(tokenizer):
     stream = blocks.flatten().tolist()
     assert blocks.shape[1] == 128 and counts["blocks"] == len(blocks)
     assert stream.count(tokenizer.bos_token_id) >= 5 and "11" not in "".join(
-        "1" if t == tokenizer.bos_token_id else "." for t in stream), "never two BOS in a row"
+        "1" if t == tokenizer.bos_token_id else "." for t in stream
+    ), "never two BOS in a row"
     assert counts["tokens"] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts)
     again, _ = pack_notes(texts, tokenizer, 128, seed=3)
     other, _ = pack_notes(texts, tokenizer, 128, seed=4)
@@ -131,24 +147,33 @@ def test_pretraining_blocks_frame_each_note_once(tokenizer):
 
 @pytest.mark.parametrize("layers,hidden,ffn,expected", [(32, 4096, 11008, 42.9e9), (40, 5120, 13824, 82.2e9)])
 def test_flops_per_token_match_llama_anchors(layers, hidden, ffn, expected):
-    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 128, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     assert FlopModel.of(model).flops_per_token(2048) == pytest.approx(expected, rel=2e-3)
 
 
 def test_batch_counts_real_tokens_and_attention_of_padded_and_packed_batches():
-    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
-              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
-    assert batch_counts(padded).tolist() == [8, 10, 3 ** 2 + 5 ** 2]
+    padded = {
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+    }
+    assert batch_counts(padded).tolist() == [8, 10, 3**2 + 5**2]
     packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}
-    assert batch_counts(packed).tolist() == [6, 6, 2 * 3 ** 2]
+    assert batch_counts(packed).tolist() == [6, 6, 2 * 3**2]
 
 
 def test_a_base_model_folder_without_tokenizer_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    run = TrainRun(base_model=str(tmp_path), data="unused", output_dir="unused", checkpoint_dir="unused",
-                   metrics_file="unused")
+    run = TrainRun(
+        base_model=str(tmp_path), data="unused", output_dir="unused", checkpoint_dir="unused", metrics_file="unused"
+    )
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         load_model_and_tokenizer(run)

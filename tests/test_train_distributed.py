@@ -39,6 +39,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert curve_one[-1][1] < curve_one[0][1], "the loss moves, so matching curves mean something"
     for (step, a), (_, b) in zip(curve_two, curve_one):
         assert a == pytest.approx(b, rel=TOLERANCE), f"step {step}"
-    tokens_two = [json.loads(x)["real_tokens"] for x in (tmp_path / "two/metrics/finetune.jsonl").read_text().splitlines()]
-    tokens_one = [json.loads(x)["real_tokens"] for x in (tmp_path / "one/metrics/finetune.jsonl").read_text().splitlines()]
+    tokens_two = [
+        json.loads(x)["real_tokens"] for x in (tmp_path / "two/metrics/finetune.jsonl").read_text().splitlines()
+    ]
+    tokens_one = [
+        json.loads(x)["real_tokens"] for x in (tmp_path / "one/metrics/finetune.jsonl").read_text().splitlines()
+    ]
     assert tokens_two == tokens_one, "token counts are summed over processes"

@@ -42,7 +42,9 @@ def free_port() -> int:
 
 def cpu_fsdp_config(folder: Path) -> Path:
     config = yaml.safe_load((REPO / "accelerate" / "fsdp_full_shard.yaml").read_text())
-    assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert (
+        config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    )
     config.update(use_cpu=True, num_processes=2, mixed_precision="no", main_process_port=free_port())
     path = folder / "fsdp_cpu.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -51,8 +53,17 @@ def cpu_fsdp_config(folder: Path) -> Path:
 
 def launch_fsdp(config: Path, run_file: Path, probe: Path, crash_after_step: int | None = None):
     probe.mkdir(parents=True)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               str(REPO / "tests" / "fsdp_cpu_entry.py"), "asclepius_r.train.finetune", str(run_file), str(probe)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        str(REPO / "tests" / "fsdp_cpu_entry.py"),
+        "asclepius_r.train.finetune",
+        str(run_file),
+        str(probe),
+    ]
     command += [str(crash_after_step)] if crash_after_step else []
     return subprocess.run(command, env=launch_env(), capture_output=True, text=True)
 
@@ -76,14 +87,19 @@ def assert_sharded_checkpoint(checkpoint: Path, files: list[str], parameter_byte
     """One shard file per rank for weights and optimizer state; no whole state dict anywhere."""
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
         assert sorted(f for f in files if f.startswith(part + "/")) == [
-            f"{part}/.metadata", f"{part}/__0_0.distcp", f"{part}/__1_0.distcp"]
+            f"{part}/.metadata",
+            f"{part}/__0_0.distcp",
+            f"{part}/__1_0.distcp",
+        ]
     assert not [f for f in files if f.endswith((".safetensors", ".bin"))], files
     model_shards = checkpoint / "pytorch_model_fsdp_0"
     for shard in model_shards.glob("*.distcp"):
         assert shard.stat().st_size < 0.6 * parameter_bytes, f"{shard.name} holds more than its half"
     metadata = FileSystemReader(model_shards).read_metadata()
     for name, tensor in metadata.state_dict_metadata.items():
-        written_by = {metadata.storage_data[index].relative_path for index in metadata.storage_data if index.fqn == name}
+        written_by = {
+            metadata.storage_data[index].relative_path for index in metadata.storage_data if index.fqn == name
+        }
         assert len(tensor.chunks) == 2 and written_by == {"__0_0.distcp", "__1_0.distcp"}, name
 
 
@@ -113,8 +129,9 @@ def test_fsdp_cpu_trains_sharded_resumes_from_shards_and_merges(tmp_path):
     parameter_bytes = 4 * sum(torch.Size(p["shape"]).numel() for p in records[0]["parameters"].values())
     saved = checkpoints / f"checkpoint-{CRASH_STEP}"
     assert_sharded_checkpoint(saved, records[0]["saves"][saved.name], parameter_bytes)
-    assert sorted(f"rng_state_{r}.pth" for r in (0, 1)) == sorted(f for f in records[0]["saves"][saved.name]
-                                                                   if f.startswith("rng_state"))
+    assert sorted(f"rng_state_{r}.pth" for r in (0, 1)) == sorted(
+        f for f in records[0]["saves"][saved.name] if f.startswith("rng_state")
+    )
 
     prepare_run("finetune", run)
     resumed = launch_fsdp(config, run_file, tmp_path / "probe-resumed")
@@ -132,8 +149,10 @@ def test_fsdp_cpu_trains_sharded_resumes_from_shards_and_merges(tmp_path):
     assert sharded_curve == pytest.approx(single_curve, rel=TOLERANCE)
 
     merged = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).state_dict()
-    gathered = {name.replace("_checkpoint_wrapped_module.", ""): tensor
-                for name, tensor in torch.load(tmp_path / "probe-resumed" / "gathered.pt").items()}
+    gathered = {
+        name.replace("_checkpoint_wrapped_module.", ""): tensor
+        for name, tensor in torch.load(tmp_path / "probe-resumed" / "gathered.pt").items()
+    }
     assert set(gathered) <= set(merged) and len(gathered) == len(records[0]["parameters"])
     for name, tensor in gathered.items():
         assert torch.equal(merged[name], tensor), f"{name}: merged weights differ from the all-gathered shards"

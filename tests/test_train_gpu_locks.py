@@ -31,11 +31,12 @@ def test_concurrent_claims_never_share_a_gpu(tmp_path):
         job.join()
     for i, (gpus_a, start_a, end_a) in enumerate(claims):
         assert len(set(gpus_a)) == 2
-        for gpus_b, start_b, end_b in claims[i + 1:]:
+        for gpus_b, start_b, end_b in claims[i + 1 :]:
             overlap = start_a < end_b and start_b < end_a
             assert not (overlap and set(gpus_a) & set(gpus_b)), (gpus_a, gpus_b)
-    assert sum(start_b >= end_a - 0.01 for _, _, end_a in claims for _, start_b, _ in claims) >= 1, \
+    assert sum(start_b >= end_a - 0.01 for _, _, end_a in claims for _, start_b, _ in claims) >= 1, (
         "the third claim had to wait"
+    )
 
 
 def test_devices_follow_an_inherited_cuda_visible_devices(monkeypatch):

@@ -24,8 +24,14 @@ def test_killed_pretraining_resumes_from_its_checkpoint(tmp_path):
     run_file = write_run(tmp_path, "pretrain", data, max_length=64, max_steps=STEPS, save_steps=10)
     run = json.loads(run_file.read_text())
     checkpoints, output = Path(run["checkpoint_dir"]), Path(run["output_dir"])
-    job = subprocess.Popen(launch_command("pretrain", run_file), env=launch_env(), start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        launch_command("pretrain", run_file),
+        env=launch_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # Kill once a checkpoint is complete and its tokenizer.model (copied just after) is in place.
     while (last := last_complete_checkpoint(checkpoints)) is None or not (last / "tokenizer.model").exists():
         assert job.poll() is None, f"training ended before its first checkpoint: {job.stderr.read()[-4000:]}"

@@ -26,8 +26,15 @@ def test_killed_snakemake_run_resumes_training_from_its_checkpoint(tmp_path):
     configs = ["--configfile", "demo/config.yaml", "crash.yaml"]
     command = SNAKEMAKE + [TARGET, "--cores", "2", "--resources", "gpu=1", *configs]
     env = {**os.environ, "PYTHONPATH": str(workdir)}
-    job = subprocess.Popen(command, cwd=workdir, env=env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        command,
+        cwd=workdir,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     checkpoints = workdir / "results/checkpoints/pretrain-7B"
     while not (checkpoints.exists() and last_complete_checkpoint(checkpoints)):
         assert job.poll() is None, f"the run ended before its first checkpoint:\n{job.stderr.read()[-4000:]}"

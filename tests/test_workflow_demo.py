@@ -87,9 +87,22 @@ def test_release_checksums_verify(demo_run):
 def test_ask_answers_with_a_demo_checkpoint(demo_run, tmp_path):
     note = tmp_path / "note.txt"
     note.write_text("Discharge Diagnosis: community-acquired pneumonia.")
-    result = subprocess.run([sys.executable, "-m", "asclepius_r.ask", "--model",
-                             str(demo_run / "results/models/Asclepius-R-7B"), "--note", str(note),
-                             "--question", "What is the diagnosis?", "--max-new-tokens", "8"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asclepius_r.ask",
+            "--model",
+            str(demo_run / "results/models/Asclepius-R-7B"),
+            "--note",
+            str(note),
+            "--question",
+            "What is the diagnosis?",
+            "--max-new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() != ""

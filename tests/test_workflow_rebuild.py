@@ -14,9 +14,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 FINETUNE_AND_AFTER = {
-    "results/models/Asclepius-R-7B", "results/models/Asclepius-R-13B",
-    "results/metrics/finetune-7B.jsonl", "results/metrics/finetune-13B.jsonl",
-    "results/evaluation/answers/Asclepius-R-7B.jsonl", "results/evaluation/answers/Asclepius-R-13B.jsonl",
+    "results/models/Asclepius-R-7B",
+    "results/models/Asclepius-R-13B",
+    "results/metrics/finetune-7B.jsonl",
+    "results/metrics/finetune-13B.jsonl",
+    "results/evaluation/answers/Asclepius-R-7B.jsonl",
+    "results/evaluation/answers/Asclepius-R-13B.jsonl",
     "results/evaluation/summary.json",
 }
 
@@ -47,9 +50,13 @@ def planned_outputs(workdir: Path, config: dict | None = None) -> set[str]:
     It runs in a child process so that the workflow imports the package of `workdir`, not the
     copy this test process has already imported.
     """
-    result = subprocess.run([sys.executable, "-c", PLAN, str(workdir), json.dumps(config or {})],
-                            cwd=workdir, env={**os.environ, "PYTHONPATH": str(workdir)},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PLAN, str(workdir), json.dumps(config or {})],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(workdir)},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -61,9 +68,21 @@ def test_unchanged_rerun_outdates_nothing(demo_run):
 def test_finetune_setting_outdates_finetuning_and_what_follows(demo_run):
     planned = planned_outputs(demo_run, {"finetune": {"learning_rate": 5e-4}})
     # Release-side targets (report, archive, release folder) follow too; nothing before finetuning may.
-    before = {p for p in planned if p.startswith(("results/notes", "results/instructions", "results/base_models",
-                                                 "results/mimiciii", "results/metrics/pretrain"))
-              or "Pretrained-Only" in p or "LLaMA-" in p}
+    before = {
+        p
+        for p in planned
+        if p.startswith(
+            (
+                "results/notes",
+                "results/instructions",
+                "results/base_models",
+                "results/mimiciii",
+                "results/metrics/pretrain",
+            )
+        )
+        or "Pretrained-Only" in p
+        or "LLaMA-" in p
+    }
     assert before == set()
     assert FINETUNE_AND_AFTER <= planned
     assert "release" in planned
@@ -71,7 +90,13 @@ def test_finetune_setting_outdates_finetuning_and_what_follows(demo_run):
 
 def test_notes_setting_outdates_everything(demo_run):
     planned = planned_outputs(demo_run, {"notes": {"heldout_notes": 5}})
-    assert {"results/notes/discharge.parquet", "results/instructions/discharge.jsonl",
-            "results/mimiciii_discharge.csv", "results/base_models/7B",
-            "results/models/Asclepius-R-7B-Pretrained-Only", "results/models/Asclepius-R-7B",
-            "results/evaluation/summary.json", "release"} <= planned
+    assert {
+        "results/notes/discharge.parquet",
+        "results/instructions/discharge.jsonl",
+        "results/mimiciii_discharge.csv",
+        "results/base_models/7B",
+        "results/models/Asclepius-R-7B-Pretrained-Only",
+        "results/models/Asclepius-R-7B",
+        "results/evaluation/summary.json",
+        "release",
+    } <= planned

@@ -31,14 +31,26 @@ def build_fixture_data(root: Path) -> dict[str, Path]:
     """A tiny model, a notes parquet and a fine-tuning CSV under `root`."""
     texts = demo_texts()
     model = root / "tiny"
-    build_tiny_llama_from_texts(texts, model, TinyLlamaSpec(vocab_size=1000, hidden_size=32, intermediate_size=64,
-                                                             num_hidden_layers=2, num_attention_heads=2))
+    build_tiny_llama_from_texts(
+        texts,
+        model,
+        TinyLlamaSpec(
+            vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+        ),
+    )
     notes = root / "notes.parquet"
-    pq.write_table(pa.table({"ROW_ID": list(range(len(texts))), "SUBJECT_ID": list(range(len(texts))),
-                             "TEXT": texts}), notes)
-    rows = [{"note": text, "question": "Summarize the hospital course in one sentence.",
-             "answer": text.strip().splitlines()[-1][:200] or "Not stated.", "task": "Summarization"}
-            for text in texts]
+    pq.write_table(
+        pa.table({"ROW_ID": list(range(len(texts))), "SUBJECT_ID": list(range(len(texts))), "TEXT": texts}), notes
+    )
+    rows = [
+        {
+            "note": text,
+            "question": "Summarize the hospital course in one sentence.",
+            "answer": text.strip().splitlines()[-1][:200] or "Not stated.",
+            "task": "Summarization",
+        }
+        for text in texts
+    ]
     sft = root / "sft.csv"
     pd.DataFrame(rows).to_csv(sft, index=False)
     return {"model": model, "notes": notes, "sft": sft}
@@ -46,11 +58,25 @@ def build_fixture_data(root: Path) -> dict[str, Path]:
 
 def write_run(root: Path, stage: str, data: dict[str, Path], **settings) -> Path:
     """A TrainRun file for `stage` on the fixture data, with CPU-sized defaults."""
-    defaults = dict(max_length=512, per_device_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
-                    warmup_ratio=0.0, logging_steps=1, save_steps=1000, save_dtype="float32", peak_tflops_per_device=1.0)
-    run = TrainRun(base_model=str(data["model"]), data=str(data["notes" if stage == "pretrain" else "sft"]),
-                   output_dir=str(root / "out" / stage), checkpoint_dir=str(root / "checkpoints" / stage),
-                   metrics_file=str(root / "metrics" / f"{stage}.jsonl"), **{**defaults, **settings})
+    defaults = dict(
+        max_length=512,
+        per_device_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        logging_steps=1,
+        save_steps=1000,
+        save_dtype="float32",
+        peak_tflops_per_device=1.0,
+    )
+    run = TrainRun(
+        base_model=str(data["model"]),
+        data=str(data["notes" if stage == "pretrain" else "sft"]),
+        output_dir=str(root / "out" / stage),
+        checkpoint_dir=str(root / "checkpoints" / stage),
+        metrics_file=str(root / "metrics" / f"{stage}.jsonl"),
+        **{**defaults, **settings},
+    )
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{stage}-run.json"
     path.write_text(json.dumps(asdict(run)))

@@ -41,11 +41,22 @@ class HandwrittenBackend:
             raise LookupError(f"no hand-written response for demo note ROW_ID {row_id}")
         text = self.responses[row_id][phase]
         prompt_chars = sum(len(c) for _, c in request.messages)
-        usage = {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(text) // 4,
-                 "total_tokens": (prompt_chars + len(text)) // 4}
+        usage = {
+            "prompt_tokens": prompt_chars // 4,
+            "completion_tokens": len(text) // 4,
+            "total_tokens": (prompt_chars + len(text)) // 4,
+        }
         now = time.time()
-        return ChatResult(key=request.key, status="ok", text=text, finish_reason="stop", usage=usage,
-                          provider={"model": "hand-written (demo)"}, started=now, finished=now), {}
+        return ChatResult(
+            key=request.key,
+            status="ok",
+            text=text,
+            finish_reason="stop",
+            usage=usage,
+            provider={"model": "hand-written (demo)"},
+            started=now,
+            finished=now,
+        ), {}
 
 
 def load_responses(responses_dir: Path, seed: int) -> dict[int, dict]:
@@ -56,8 +67,10 @@ def load_responses(responses_dir: Path, seed: int) -> dict[int, dict]:
             row_id = demo_row_id(record["note"])
             expected = draw_task(row_id, seed)
             if record["task"] != expected:
-                raise ValueError(f"{path}:{line_no}: note {record['note']} draws task {expected!r} "
-                                 f"with seed {seed}, but its response was written for {record['task']!r}")
+                raise ValueError(
+                    f"{path}:{line_no}: note {record['note']} draws task {expected!r} "
+                    f"with seed {seed}, but its response was written for {record['task']!r}"
+                )
             responses[row_id] = record
     return responses
 
@@ -70,13 +83,20 @@ def build(config_path: Path = DEMO_DIR / "config.yaml", responses_dir: Path = DE
     with tempfile.TemporaryDirectory() as work, atomic_path(archive_path) as tmp_archive:
         work = Path(work)
         write_noteevents(work / "NOTEEVENTS.csv", demo_rows(load_demo_notes()))
-        run_notes_stage(work / "NOTEEVENTS.csv", work / "discharge.parquet", work / "heldout.parquet",
-                        work / "heldout_row_ids.txt", work / "stats.json",
-                        workflow_config.note_policy(config), workflow_config.split_policy(config))
+        run_notes_stage(
+            work / "NOTEEVENTS.csv",
+            work / "discharge.parquet",
+            work / "heldout.parquet",
+            work / "heldout_row_ids.txt",
+            work / "stats.json",
+            workflow_config.note_policy(config),
+            workflow_config.split_policy(config),
+        )
         client = LLMClient(settings, backend=backend, archive=Archive(tmp_archive))
         for split in ("discharge", "heldout"):
-            records, _ = generate(read_notes(work / f"{split}.parquet"), client,
-                                  workflow_config.generation_settings(config))
+            records, _ = generate(
+                read_notes(work / f"{split}.parquet"), client, workflow_config.generation_settings(config)
+            )
             log.info("%s: %d records", split, len(records))
     log.info("wrote %s", archive_path)
     return archive_path

@@ -31,38 +31,69 @@ _NAME = re.compile(r"^(\d{2})-(?:addendum-to-(\d{2})|.+)\.txt$")
 
 # Real row counts per CATEGORY (reference/noteevents.md), exact spellings.
 CATEGORY_MIX = {
-    "Nursing/other": 822_497, "Radiology": 522_279, "Nursing": 223_556, "ECG": 209_051,
-    "Physician ": 141_624, "Discharge summary": 59_652, "Echo": 45_794, "Respiratory ": 31_739,
-    "Nutrition": 9_418, "General": 8_301, "Rehab Services": 5_431, "Social Work": 2_670,
-    "Case Management ": 967, "Pharmacy": 103, "Consult": 98,
+    "Nursing/other": 822_497,
+    "Radiology": 522_279,
+    "Nursing": 223_556,
+    "ECG": 209_051,
+    "Physician ": 141_624,
+    "Discharge summary": 59_652,
+    "Echo": 45_794,
+    "Respiratory ": 31_739,
+    "Nutrition": 9_418,
+    "General": 8_301,
+    "Rehab Services": 5_431,
+    "Social Work": 2_670,
+    "Case Management ": 967,
+    "Pharmacy": 103,
+    "Consult": 98,
 }
 
 _OTHER_TEXT = {
-    "Radiology": ("[**{date}**] {time} CHEST (PORTABLE AP)  Clip # [**Clip Number (Radiology) {n}**]\n"
-                  "Reason: eval for infiltrate\n\nFINDINGS: {finding}\n\nIMPRESSION: {impression}\n"),
+    "Radiology": (
+        "[**{date}**] {time} CHEST (PORTABLE AP)  Clip # [**Clip Number (Radiology) {n}**]\n"
+        "Reason: eval for infiltrate\n\nFINDINGS: {finding}\n\nIMPRESSION: {impression}\n"
+    ),
     "ECG": "Sinus rhythm at {rate}. {finding} Compared to the previous tracing of [**{date}**] no change.\n",
-    "Echo": ("PATIENT/TEST INFORMATION:\nIndication: {finding}\nConclusions:\nThe left atrium is mildly dilated. "
-             "LVEF {ef}%. {impression}\n"),
-    "Nursing/other": ("NPN 7p-7a:\nNeuro: A+Ox3, follows commands.\nCV: HR {rate} SR, no ectopy.\n"
-                      "Resp: LS clear, sats 96% on 2L NC.\nPt states \"{quote}\".\nPlan: cont to monitor.\n"),
+    "Echo": (
+        "PATIENT/TEST INFORMATION:\nIndication: {finding}\nConclusions:\nThe left atrium is mildly dilated. "
+        "LVEF {ef}%. {impression}\n"
+    ),
+    "Nursing/other": (
+        "NPN 7p-7a:\nNeuro: A+Ox3, follows commands.\nCV: HR {rate} SR, no ectopy.\n"
+        'Resp: LS clear, sats 96% on 2L NC.\nPt states "{quote}".\nPlan: cont to monitor.\n'
+    ),
     "Nursing": "Nursing Progress Note\n{finding}\nFamily in to visit, updated by RN. Will continue current plan.\n",
-    "Physician ": ("Chief Complaint: {finding}\n24 Hour Events:\n- {impression}\nAssessment and Plan\n"
-                   "Pt is a {age} y/o with {finding}, \"doing better\" per pt.\n"),
+    "Physician ": (
+        "Chief Complaint: {finding}\n24 Hour Events:\n- {impression}\nAssessment and Plan\n"
+        'Pt is a {age} y/o with {finding}, "doing better" per pt.\n'
+    ),
     "Respiratory ": "Respiratory Care:\nPt remains on {mode}, RR {rate}, sats 97%. BS coarse bilat. Plan to wean as tol.\n",
     "Nutrition": "Nutrition Assessment:\nPt NPO, on TF at {rate} ml/hr, goal 60 ml/hr. Wt [**Numeric Identifier {n}**] kg.\n",
     "General": "Family meeting held with [**First Name8 (NamePattern2) {n}**] regarding goals of care.\n",
     "Rehab Services": "Physical Therapy Evaluation:\nPt ambulated 50 ft with RW and min assist. {impression}\n",
-    "Social Work": "SW note: met with pt and wife, \"we are managing\". Discussed supports at home, [**Location (un) {n}**].\n",
+    "Social Work": 'SW note: met with pt and wife, "we are managing". Discussed supports at home, [**Location (un) {n}**].\n',
     "Case Management ": "CM: screening for rehab placement, referrals sent to [**Hospital {n}**].\n",
     "Pharmacy": "Pharmacy: vancomycin trough {rate}, dose adjusted to 1 g q12h.\n",
     "Consult": "Consult note: {finding}. Recommend {impression}\n",
 }
-_FINDINGS = ["mild cardiomegaly, no effusion", "new left lower lobe opacity", "hypotension, on pressors",
-             "ST depressions in V4-V6", "worsening dyspnea, \"can't catch my breath\"", "fever to 101.2°F",
-             "bibasilar atelectasis", "right IJ line tip in SVC"]
-_IMPRESSIONS = ["No acute cardiopulmonary process.", "Possible early pneumonia; clinical correlation advised.",
-                "Interval improvement.", "Continue diuresis, repeat film in AM.", "Small pericardial effusion."]
-_QUOTES = ["I want to go home", "my chest hurts, \"like before\"", "when can I eat?", "I'm cold"]
+_FINDINGS = [
+    "mild cardiomegaly, no effusion",
+    "new left lower lobe opacity",
+    "hypotension, on pressors",
+    "ST depressions in V4-V6",
+    'worsening dyspnea, "can\'t catch my breath"',
+    "fever to 101.2°F",
+    "bibasilar atelectasis",
+    "right IJ line tip in SVC",
+]
+_IMPRESSIONS = [
+    "No acute cardiopulmonary process.",
+    "Possible early pneumonia; clinical correlation advised.",
+    "Interval improvement.",
+    "Continue diuresis, repeat film in AM.",
+    "Small pericardial effusion.",
+]
+_QUOTES = ["I want to go home", 'my chest hurts, "like before"', "when can I eat?", "I'm cold"]
 
 
 @dataclass(frozen=True)
@@ -103,9 +134,19 @@ def _quote(value: str) -> str:
 
 
 def _row(row_id, subject, hadm, chartdate, charttime, storetime, category, description, cgid, iserror, text) -> str:
-    fields = [str(row_id), str(subject), str(hadm) if hadm else "", chartdate,
-              charttime, storetime, _quote(category), _quote(description), str(cgid) if cgid else "",
-              iserror, _quote(text)]
+    fields = [
+        str(row_id),
+        str(subject),
+        str(hadm) if hadm else "",
+        chartdate,
+        charttime,
+        storetime,
+        _quote(category),
+        _quote(description),
+        str(cgid) if cgid else "",
+        iserror,
+        _quote(text),
+    ]
     return ",".join(fields) + "\n"
 
 
@@ -116,22 +157,56 @@ def _date(rng: random.Random) -> str:
 def _other_row(rng: random.Random, row_id: int, category: str) -> str:
     date = _date(rng)
     text = _OTHER_TEXT[category].format(
-        date=date, time=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}", n=rng.randint(100, 9999),
-        finding=rng.choice(_FINDINGS), impression=rng.choice(_IMPRESSIONS), rate=rng.randint(55, 120),
-        ef=rng.randint(20, 65), quote=rng.choice(_QUOTES), age=rng.randint(25, 89),
-        mode=rng.choice(["CPAP+PS 5/5", "AC 500x14", "2L NC"]))
+        date=date,
+        time=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}",
+        n=rng.randint(100, 9999),
+        finding=rng.choice(_FINDINGS),
+        impression=rng.choice(_IMPRESSIONS),
+        rate=rng.randint(55, 120),
+        ef=rng.randint(20, 65),
+        quote=rng.choice(_QUOTES),
+        age=rng.randint(25, 89),
+        mode=rng.choice(["CPAP+PS 5/5", "AC 500x14", "2L NC"]),
+    )
     hadm = rng.randint(100000, 199999) if rng.random() > 0.1 else None  # some outpatient rows lack HADM_ID
     chartdate = date
     charttime = f"{date} {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:00"
-    return _row(row_id, rng.randint(1, 99999), hadm, chartdate, charttime, charttime, category,
-                "Report", rng.randint(14000, 21000), "", text)
+    return _row(
+        row_id,
+        rng.randint(1, 99999),
+        hadm,
+        chartdate,
+        charttime,
+        charttime,
+        category,
+        "Report",
+        rng.randint(14000, 21000),
+        "",
+        text,
+    )
 
 
-def _discharge_row(note: DemoNote, rng: random.Random, row_id: int | None = None, iserror: str = "",
-                   text: str | None = None, category: str = "Discharge summary") -> str:
-    return _row(row_id or note.row_id, note.subject_id, 100000 + (note.amends or note.number),
-                f"21{note.number:02d}-0{1 + note.number % 9}-1{note.number % 10}", "", "", category,
-                "Addendum" if note.amends else "Report", None, iserror, text or note.text)
+def _discharge_row(
+    note: DemoNote,
+    rng: random.Random,
+    row_id: int | None = None,
+    iserror: str = "",
+    text: str | None = None,
+    category: str = "Discharge summary",
+) -> str:
+    return _row(
+        row_id or note.row_id,
+        note.subject_id,
+        100000 + (note.amends or note.number),
+        f"21{note.number:02d}-0{1 + note.number % 9}-1{note.number % 10}",
+        "",
+        "",
+        category,
+        "Addendum" if note.amends else "Report",
+        None,
+        iserror,
+        text or note.text,
+    )
 
 
 def demo_rows(notes: list[DemoNote], seed: int = 7) -> list[str]:
@@ -144,13 +219,23 @@ def demo_rows(notes: list[DemoNote], seed: int = 7) -> list[str]:
     first, second = notes[4], notes[6]
     special = [
         # A note a physician flagged as wrong: same patient, edited text.
-        _discharge_row(first, rng, row_id=DISCHARGE_ROW_ID_BASE + 100, iserror="1",
-                       text=first.text.replace("Discharge", "Dischrage", 1)),
+        _discharge_row(
+            first,
+            rng,
+            row_id=DISCHARGE_ROW_ID_BASE + 100,
+            iserror="1",
+            text=first.text.replace("Discharge", "Dischrage", 1),
+        ),
         # The same text stored twice under another ROW_ID; it follows the original so the first is kept.
         _discharge_row(second, rng, row_id=DISCHARGE_ROW_ID_BASE + 101),
         # A category that is 'Discharge summary' but for case and a trailing space.
-        _discharge_row(notes[0], rng, row_id=DISCHARGE_ROW_ID_BASE + 102, category="discharge summary ",
-                       text="Addendum:\nPatient seen, \"stable\" for discharge.\n"),
+        _discharge_row(
+            notes[0],
+            rng,
+            row_id=DISCHARGE_ROW_ID_BASE + 102,
+            category="discharge summary ",
+            text='Addendum:\nPatient seen, "stable" for discharge.\n',
+        ),
     ]
     return body + special
 
@@ -160,10 +245,21 @@ def demo_rows(notes: list[DemoNote], seed: int = 7) -> list[str]:
 # estimates that add up to that total, with ECG the shortest and physician notes and discharge
 # summaries the longest. Lengths are log-normal around them.
 MEAN_TEXT_CHARS = {
-    "Nursing/other": 1_000, "Radiology": 1_550, "Nursing": 2_200, "ECG": 230, "Physician ": 6_000,
-    "Discharge summary": 9_500, "Echo": 2_200, "Respiratory ": 1_400, "Nutrition": 2_700,
-    "General": 1_900, "Rehab Services": 3_400, "Social Work": 2_300, "Case Management ": 1_400,
-    "Pharmacy": 3_800, "Consult": 6_500,
+    "Nursing/other": 1_000,
+    "Radiology": 1_550,
+    "Nursing": 2_200,
+    "ECG": 230,
+    "Physician ": 6_000,
+    "Discharge summary": 9_500,
+    "Echo": 2_200,
+    "Respiratory ": 1_400,
+    "Nutrition": 2_700,
+    "General": 1_900,
+    "Rehab Services": 3_400,
+    "Social Work": 2_300,
+    "Case Management ": 1_400,
+    "Pharmacy": 3_800,
+    "Consult": 6_500,
 }
 LENGTH_SIGMA = 0.6
 ADDENDUM_MEAN_CHARS = 1_500
@@ -210,25 +306,52 @@ class ScaledNotes:
             start = "Addendum:" if description == "Addendum" else rng.choice(self.notes).text
             text = self._grow(start, self._length(mean))
             self.recent_discharge = (self.recent_discharge + [(text, description)])[-100:]
-        return _row(row_id, rng.randint(1, self.n_subjects), rng.randint(100000, 199999), _date(rng), "", "",
-                    "Discharge summary", description, None, "1" if rng.random() < ISERROR_FRACTION else "",
-                    text)
+        return _row(
+            row_id,
+            rng.randint(1, self.n_subjects),
+            rng.randint(100000, 199999),
+            _date(rng),
+            "",
+            "",
+            "Discharge summary",
+            description,
+            None,
+            "1" if rng.random() < ISERROR_FRACTION else "",
+            text,
+        )
 
     def _other(self, row_id: int, category: str) -> str:
         rng = self.rng
         text = _OTHER_TEXT[category].format(
-            date=_date(rng), time=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}", n=rng.randint(100, 9999),
-            finding=rng.choice(_FINDINGS), impression=rng.choice(_IMPRESSIONS), rate=rng.randint(55, 120),
-            ef=rng.randint(20, 65), quote=rng.choice(_QUOTES), age=rng.randint(25, 89),
-            mode=rng.choice(["CPAP+PS 5/5", "AC 500x14", "2L NC"]))
+            date=_date(rng),
+            time=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}",
+            n=rng.randint(100, 9999),
+            finding=rng.choice(_FINDINGS),
+            impression=rng.choice(_IMPRESSIONS),
+            rate=rng.randint(55, 120),
+            ef=rng.randint(20, 65),
+            quote=rng.choice(_QUOTES),
+            age=rng.randint(25, 89),
+            mode=rng.choice(["CPAP+PS 5/5", "AC 500x14", "2L NC"]),
+        )
         target = self._length(MEAN_TEXT_CHARS[category])
         if target > len(text) + self.mean_line:
             text = self._grow(text, target)
         date = _date(rng)
         charttime = f"{date} {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:00"
-        return _row(row_id, rng.randint(1, self.n_subjects), rng.randint(100000, 199999) if rng.random() > 0.1 else None,
-                    date, charttime, charttime, category, "Report", rng.randint(14000, 21000),
-                    "1" if rng.random() < ISERROR_FRACTION else "", text)
+        return _row(
+            row_id,
+            rng.randint(1, self.n_subjects),
+            rng.randint(100000, 199999) if rng.random() > 0.1 else None,
+            date,
+            charttime,
+            charttime,
+            category,
+            "Report",
+            rng.randint(14000, 21000),
+            "1" if rng.random() < ISERROR_FRACTION else "",
+            text,
+        )
 
     def __iter__(self):
         for row_id in itertools.count(1):
@@ -236,12 +359,19 @@ class ScaledNotes:
             yield self._discharge(row_id) if category == "Discharge summary" else self._other(row_id, category)
 
 
-_SECTIONS = ["Interval History", "Hospital Course, continued", "Pertinent Results", "Addendum to Plan",
-             "Medications on Transfer", "Physical Exam on Discharge"]
+_SECTIONS = [
+    "Interval History",
+    "Hospital Course, continued",
+    "Pertinent Results",
+    "Addendum to Plan",
+    "Medications on Transfer",
+    "Physical Exam on Discharge",
+]
 
 
-def write_noteevents(out: str | Path, rows, gzip_output: bool = False, max_rows: int | None = None,
-                     max_bytes: int | None = None) -> tuple[int, int]:
+def write_noteevents(
+    out: str | Path, rows, gzip_output: bool = False, max_rows: int | None = None, max_bytes: int | None = None
+) -> tuple[int, int]:
     """Write the header and `rows` (stopping after `max_rows` or once `max_bytes` are written).
 
     Returns (rows, bytes) written, bytes counted before compression.
@@ -250,7 +380,7 @@ def write_noteevents(out: str | Path, rows, gzip_output: bool = False, max_rows:
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (",".join(f'"{c}"' for c in COLUMNS) + "\n").encode()
     n_rows, n_bytes = 0, len(header)
-    with (gzip.open(out, "wb", compresslevel=6) if gzip_output else open(out, "wb")) as csv_file:
+    with gzip.open(out, "wb", compresslevel=6) if gzip_output else open(out, "wb") as csv_file:
         csv_file.write(header)
         for row in itertools.islice(rows, max_rows):
             data = row.encode("utf-8")
@@ -277,8 +407,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = iter(ScaledNotes(notes, args.seed, n_subjects=expected_rows // ROWS_PER_SUBJECT))
     else:
         rows = iter(demo_rows(notes, args.seed))
-    n_rows, n_bytes = write_noteevents(args.out, rows, args.gzip, max_rows=args.rows,
-                                       max_bytes=int(args.gb * 1e9) if args.gb else None)
+    n_rows, n_bytes = write_noteevents(
+        args.out, rows, args.gzip, max_rows=args.rows, max_bytes=int(args.gb * 1e9) if args.gb else None
+    )
     print(f"{args.out}: {n_rows} rows, {n_bytes / 1e6:.1f} MB uncompressed")
 
 

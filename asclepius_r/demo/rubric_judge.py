@@ -37,8 +37,18 @@ class ReferenceRubricJudge:
             raise LookupError(f"no reference answer for held-out ROW_ID {row_id}")
         answers = _AGENT_ANSWER.findall(request.messages[0][1])
         scores = [rubric_score(answer, self.references[row_id]) for _, answer in answers]
-        text = (" ".join(str(s) for s in scores) + "\n"
-                + "Demo heuristic, not a language model: scores from ROUGE-L F1 against the reference answer.")
+        text = (
+            " ".join(str(s) for s in scores)
+            + "\n"
+            + "Demo heuristic, not a language model: scores from ROUGE-L F1 against the reference answer."
+        )
         now = time.time()
-        return ChatResult(key=request.key, status="ok", text=text, finish_reason="stop",
-                          provider={"model": "reference-rubric heuristic (demo)"}, started=now, finished=now), {}
+        return ChatResult(
+            key=request.key,
+            status="ok",
+            text=text,
+            finish_reason="stop",
+            provider={"model": "reference-rubric heuristic (demo)"},
+            started=now,
+            finished=now,
+        ), {}

@@ -11,5 +11,13 @@ from .backends import ReplayMissError
 from .client import BudgetExceededError, LLMClient, LLMSettings
 from .guard import UnapprovedEndpointError
 
-__all__ = ["Archive", "BudgetExceededError", "ChatRequest", "ChatResult", "LLMClient", "LLMSettings",
-           "ReplayMissError", "UnapprovedEndpointError"]
+__all__ = [
+    "Archive",
+    "BudgetExceededError",
+    "ChatRequest",
+    "ChatResult",
+    "LLMClient",
+    "LLMSettings",
+    "ReplayMissError",
+    "UnapprovedEndpointError",
+]

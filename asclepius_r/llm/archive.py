@@ -39,8 +39,12 @@ class ChatRequest:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def identity(self) -> dict:
-        return {"model": self.model, "messages": [list(m) for m in self.messages],
-                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        return {
+            "model": self.model,
+            "messages": [list(m) for m in self.messages],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
 
     def describe(self) -> str:
         """Names the request by key and provenance only: safe to log (no note text)."""
@@ -66,7 +70,7 @@ class ChatResult:
         return self.status == "ok"
 
     @classmethod
-    def from_record(cls, result: dict) -> "ChatResult":
+    def from_record(cls, result: dict) -> ChatResult:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in result.items() if k in known})
 
@@ -163,8 +167,13 @@ class Archive:
         return ChatResult.from_record(result)
 
     def append(self, request: ChatRequest, result: ChatResult) -> None:
-        record = {"key": request.key, "request": request.identity(), "meta": request.meta,
-                  "result": asdict(result), "archived": time.time()}
+        record = {
+            "key": request.key,
+            "request": request.identity(),
+            "meta": request.meta,
+            "result": asdict(result),
+            "archived": time.time(),
+        }
         if result.status != "retry":
             self.results[request.key] = record["result"]
         if self.path is not None:

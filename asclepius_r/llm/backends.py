@@ -41,8 +41,11 @@ def read_api_key(settings) -> str:
     """The API key, from the environment variable named by `llm.api_key_env` and nowhere else."""
     key = os.environ.get(settings.api_key_env)
     if not key:
-        raise FatalError("config", f"environment variable {settings.api_key_env} (named by llm.api_key_env) is "
-                                   "not set; API keys are read only from the environment, never from config files")
+        raise FatalError(
+            "config",
+            f"environment variable {settings.api_key_env} (named by llm.api_key_env) is "
+            "not set; API keys are read only from the environment, never from config files",
+        )
     return key
 
 
@@ -57,11 +60,21 @@ def result_from_payload(request: ChatRequest, payload, provider: dict, started: 
     if text is None and finish_reason != "content_filter":
         raise RetryableError("malformed", "response without message content")
     usage = payload.get("usage") or {}
-    return ChatResult(key=request.key, status="ok", text=text, finish_reason=finish_reason,
-                      usage={k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage},
-                      provider={**provider, "model": payload.get("model"), "id": payload.get("id"),
-                                "system_fingerprint": payload.get("system_fingerprint")},
-                      started=started, finished=time.time())
+    return ChatResult(
+        key=request.key,
+        status="ok",
+        text=text,
+        finish_reason=finish_reason,
+        usage={k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage},
+        provider={
+            **provider,
+            "model": payload.get("model"),
+            "id": payload.get("id"),
+            "system_fingerprint": payload.get("system_fingerprint"),
+        },
+        started=started,
+        finished=time.time(),
+    )
 
 
 class OpenAIBackend:
@@ -78,15 +91,20 @@ class OpenAIBackend:
         self.client = self._make_client(openai, settings)
 
     def _make_client(self, openai, settings):
-        return openai.AsyncOpenAI(base_url=settings.base_url, api_key=self.secret,
-                                  max_retries=0, timeout=settings.timeout_s)
+        return openai.AsyncOpenAI(
+            base_url=settings.base_url, api_key=self.secret, max_retries=0, timeout=settings.timeout_s
+        )
 
     def provider(self) -> dict:
         return {}
 
     def body(self, request: ChatRequest) -> dict:
-        return {"model": request.model, "temperature": request.temperature, "max_tokens": request.max_tokens,
-                "messages": [{"role": role, "content": content} for role, content in request.messages]}
+        return {
+            "model": request.model,
+            "temperature": request.temperature,
+            "max_tokens": request.max_tokens,
+            "messages": [{"role": role, "content": content} for role, content in request.messages],
+        }
 
     def redact(self, text: str) -> str:
         return text.replace(self.secret, "[API key]") if self.secret else text
@@ -99,8 +117,9 @@ class OpenAIBackend:
             headers = {k.lower(): v for k, v in raw.headers.items()}
             payload = json.loads(raw.content)
         except openai.RateLimitError as err:
-            raise RetryableError("rate_limited", self._describe(err), retry_after(err.response.headers),
-                                 dict(err.response.headers)) from None
+            raise RetryableError(
+                "rate_limited", self._describe(err), retry_after(err.response.headers), dict(err.response.headers)
+            ) from None
         except openai.APITimeoutError:
             raise RetryableError("timeout", f"no answer within llm.timeout_s = {self.settings.timeout_s} s") from None
         except openai.APIConnectionError as err:
@@ -114,7 +133,9 @@ class OpenAIBackend:
                 raise FatalError("content_filter_prompt", self._describe(err)) from None
             raise FatalError(f"http_{err.status_code}", self._describe(err)) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RetryableError("malformed", f"response body is not JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+            raise RetryableError(
+                "malformed", f"response body is not JSON ({err.msg if hasattr(err, 'msg') else err})"
+            ) from None
         return result_from_payload(request, payload, self.provider(), started), headers
 
     def _describe(self, err) -> str:
@@ -127,10 +148,14 @@ class AzureBackend(OpenAIBackend):
     batch_endpoint = "/chat/completions"
 
     def _make_client(self, openai, settings):
-        return openai.AsyncAzureOpenAI(azure_endpoint=settings.azure_endpoint,
-                                       azure_deployment=settings.azure_deployment,
-                                       api_version=settings.api_version, api_key=self.secret,
-                                       max_retries=0, timeout=settings.timeout_s)
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=settings.azure_endpoint,
+            azure_deployment=settings.azure_deployment,
+            api_version=settings.api_version,
+            api_key=self.secret,
+            max_retries=0,
+            timeout=settings.timeout_s,
+        )
 
     def provider(self) -> dict:
         return {"deployment": self.settings.azure_deployment, "api_version": self.settings.api_version}

@@ -35,7 +35,8 @@ def warn_provider_storage(settings) -> None:
         "llm.mode is 'batch': each batch input file holds the prompts, i.e. the notes, and is stored on the "
         "provider's side (files API) until deleted. This run deletes input and output files after collecting "
         "them%s; check that the endpoint's data-retention terms cover stored files.",
-        "" if settings.batch_delete_files else " only if llm.batch_delete_files is true (it is false)")
+        "" if settings.batch_delete_files else " only if llm.batch_delete_files is true (it is false)",
+    )
 
 
 class BatchJournal:
@@ -58,8 +59,13 @@ class BatchJournal:
             append_line(self.path, (json.dumps(record, sort_keys=True) + "\n").encode())
 
     def submitted(self, batch_id: str, input_file_id: str, keys: list[str]) -> None:
-        record = {"event": "submitted", "batch_id": batch_id, "input_file_id": input_file_id,
-                  "keys": keys, "time": time.time()}
+        record = {
+            "event": "submitted",
+            "batch_id": batch_id,
+            "input_file_id": input_file_id,
+            "keys": keys,
+            "time": time.time(),
+        }
         self.open[batch_id] = record
         self._write(record)
 
@@ -112,15 +118,21 @@ class BatchRunner:
         return [results.get(r.key) for r in requests]
 
     def _line(self, request: ChatRequest) -> bytes:
-        line = {"custom_id": request.key, "method": "POST", "url": self.backend.batch_endpoint,
-                "body": self.backend.body(request)}
+        line = {
+            "custom_id": request.key,
+            "method": "POST",
+            "url": self.backend.batch_endpoint,
+            "body": self.backend.body(request),
+        }
         return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
 
     def _chunks(self, requests: list[ChatRequest]):
         chunk, size = [], 0
         for request in requests:
             line = self._line(request)
-            if chunk and (len(chunk) >= self.settings.batch_max_requests or size + len(line) > self.settings.batch_max_bytes):
+            if chunk and (
+                len(chunk) >= self.settings.batch_max_requests or size + len(line) > self.settings.batch_max_bytes
+            ):
                 yield chunk
                 chunk, size = [], 0
             chunk.append((request, line))
@@ -131,8 +143,11 @@ class BatchRunner:
     async def _submit(self, chunk: list[tuple[ChatRequest, bytes]]) -> str:
         data = b"".join(line for _, line in chunk)
         upload = await self._call(lambda: self.api.files.create(file=("asclepius-batch.jsonl", data), purpose="batch"))
-        batch = await self._call(lambda: self.api.batches.create(
-            input_file_id=upload.id, endpoint=self.backend.batch_endpoint, completion_window="24h"))
+        batch = await self._call(
+            lambda: self.api.batches.create(
+                input_file_id=upload.id, endpoint=self.backend.batch_endpoint, completion_window="24h"
+            )
+        )
         self.journal.submitted(batch.id, upload.id, [r.key for r, _ in chunk])
         self.client.counts["batches_submitted"] += 1
         log.info("submitted batch %s: %d requests, %.1f MB", batch.id, len(chunk), len(data) / 1e6)
@@ -143,7 +158,9 @@ class BatchRunner:
             batch = await self._call(lambda: self.api.batches.retrieve(batch_id))
             if self.client.bar is not None and batch.request_counts is not None:
                 counts = batch.request_counts
-                self.client.bar.set_postfix(batch=batch.status, done=f"{counts.completed + counts.failed}/{counts.total}")
+                self.client.bar.set_postfix(
+                    batch=batch.status, done=f"{counts.completed + counts.failed}/{counts.total}"
+                )
             if batch.status in TERMINAL:
                 return batch
             await asyncio.sleep(self.settings.batch_poll_s)
@@ -154,7 +171,7 @@ class BatchRunner:
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            content = await self._call(lambda: self.api.files.content(file_id))
+            content = await self._call(lambda file_id=file_id: self.api.files.content(file_id))
             for raw in content.content.splitlines():
                 if raw.strip():
                     returned.add(self._settle_line(json.loads(raw), batch_id, todo, attempts, last_error, results))
@@ -167,7 +184,7 @@ class BatchRunner:
         if self.settings.batch_delete_files:
             for file_id in (batch.input_file_id, batch.output_file_id, batch.error_file_id):
                 if file_id:
-                    await self._call(lambda: self.api.files.delete(file_id))
+                    await self._call(lambda file_id=file_id: self.api.files.delete(file_id))
 
     def _settle_line(self, line: dict, batch_id: str, todo, attempts, last_error, results) -> str:
         key = line.get("custom_id")
@@ -180,9 +197,12 @@ class BatchRunner:
         try:
             if line.get("error") or status != 200:
                 kind = {429: "rate_limited"}.get(status, "server_error" if (status or 500) >= 500 else f"http_{status}")
-                raise RetryableError(kind, self.client.redact(json.dumps(line.get("error") or response.get("body"))[:500]))
-            result = result_from_payload(request, response.get("body"), {**self.backend.provider(), "batch": batch_id},
-                                         started=time.time())
+                raise RetryableError(
+                    kind, self.client.redact(json.dumps(line.get("error") or response.get("body"))[:500])
+                )
+            result = result_from_payload(
+                request, response.get("body"), {**self.backend.provider(), "batch": batch_id}, started=time.time()
+            )
         except RetryableError as err:
             kind = "batch_error" if err.kind in ("server_error", "rate_limited") else err.kind
             self.client.counts[f"retry_{kind}"] += 1

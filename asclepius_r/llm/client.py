@@ -29,8 +29,19 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 # Every way a request can need another attempt or end as failed; zero counts are reported too.
-RETRY_KINDS = ("rate_limited", "server_error", "timeout", "connection", "malformed", "http_408", "http_409",
-               "finish_length", "finish_content_filter", "batch_error", "batch_missing")
+RETRY_KINDS = (
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "connection",
+    "malformed",
+    "http_408",
+    "http_409",
+    "finish_length",
+    "finish_content_filter",
+    "batch_error",
+    "batch_missing",
+)
 FAILURE_KINDS = RETRY_KINDS + ("content_filter_prompt", "http_400", "http_401", "http_403", "http_404")
 
 
@@ -67,7 +78,7 @@ class LLMSettings:
     batch_delete_files: bool = True
 
     @classmethod
-    def from_config(cls, section: dict) -> "LLMSettings":
+    def from_config(cls, section: dict) -> LLMSettings:
         known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -216,7 +227,7 @@ class LLMClient:
             self._loop.close()
             self._loop = None
 
-    def __enter__(self) -> "LLMClient":
+    def __enter__(self) -> LLMClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,13 +238,16 @@ class LLMClient:
         table = self.settings.prices_per_million.get(self.settings.model)
         if not table or not usage:
             return 0.0
-        cost = (usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]) / 1e6
+        cost = (
+            usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]
+        ) / 1e6
         return cost * (self.settings.batch_discount if batch else 1.0)
 
     def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
         estimate = estimate_tokens(request)
-        return self.price({"prompt_tokens": estimate - request.max_tokens, "completion_tokens": request.max_tokens},
-                          batch)
+        return self.price(
+            {"prompt_tokens": estimate - request.max_tokens, "completion_tokens": request.max_tokens}, batch
+        )
 
     def reserve(self, worst: float) -> bool:
         """Set aside the worst-case cost of one attempt; False (and stop) if the budget would be crossed."""
@@ -263,12 +277,18 @@ class LLMClient:
         counts = self.counts
         return {
             "mode": self.settings.mode,
-            "requests": counts["requests"], "archived": counts["archived"], "sent_ok": counts["sent_ok"],
-            "failed": counts["failed"], "attempts": counts["attempts"],
+            "requests": counts["requests"],
+            "archived": counts["archived"],
+            "sent_ok": counts["sent_ok"],
+            "failed": counts["failed"],
+            "attempts": counts["attempts"],
             "retries": {k: counts[f"retry_{k}"] for k in sorted({*RETRY_KINDS, *_seen(counts, "retry_")})},
             "failures": {k: counts[f"failed_{k}"] for k in sorted({*FAILURE_KINDS, *_seen(counts, "failed_")})},
-            "usage": {"prompt_tokens": counts["prompt_tokens"], "completion_tokens": counts["completion_tokens"],
-                      "billed_responses": counts["billed_responses"]},
+            "usage": {
+                "prompt_tokens": counts["prompt_tokens"],
+                "completion_tokens": counts["completion_tokens"],
+                "billed_responses": counts["billed_responses"],
+            },
             "cost_usd": round(self.cost_usd, 6),
         }
 
@@ -398,8 +418,14 @@ class LLMClient:
         return True
 
     def record_failure(self, request: ChatRequest, kind: str, error: str, attempts: int, started: float) -> ChatResult:
-        failed = ChatResult(key=request.key, status="failed", error=self.redact(f"{kind}: {error}")[:500],
-                            attempts=attempts, started=started, finished=time.time())
+        failed = ChatResult(
+            key=request.key,
+            status="failed",
+            error=self.redact(f"{kind}: {error}")[:500],
+            attempts=attempts,
+            started=started,
+            finished=time.time(),
+        )
         self.archive.append(request, failed)
         self.counts["failed"] += 1
         self.counts[f"failed_{kind}"] += 1
@@ -413,4 +439,4 @@ class LLMClient:
 
 
 def _seen(counts: Counter, prefix: str) -> set[str]:
-    return {k[len(prefix):] for k in counts if k.startswith(prefix)}
+    return {k[len(prefix) :] for k in counts if k.startswith(prefix)}

@@ -40,8 +40,9 @@ def file_identity(path: str | Path) -> list:
     """Cheap identity of a file or folder (names, sizes, mtimes): a remade input looks different."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
-            for p in files]
+    return [
+        [str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns] for p in files
+    ]
 
 
 def prepare_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: dict) -> None:
@@ -106,8 +107,13 @@ def load_sharded_weights(model, sharded_dir: Path) -> None:
     dcp.load({"model": model.state_dict()}, checkpoint_id=sharded_dir, no_dist=True)  # accelerate saves {"model": ...}
 
 
-def export_checkpoint(checkpoint: str | Path, base_model: str | Path, out_dir: str | Path,
-                      dtype: str = "bfloat16", extra_files: dict[str, dict] | None = None) -> None:
+def export_checkpoint(
+    checkpoint: str | Path,
+    base_model: str | Path,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    extra_files: dict[str, dict] | None = None,
+) -> None:
     """Write `out_dir` atomically: safetensors weights in `dtype`, config, tokenizer, tokenizer.model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

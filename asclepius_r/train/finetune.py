@@ -72,9 +72,14 @@ def encode_dataset(csv_path: str, tokenizer, max_length: int) -> tuple[list[Exam
             continue
         examples.append(example)
     if counts["truncated_note"] or counts["dropped_answer_too_long"]:
-        log.warning("fine-tuning data: %d of %d notes truncated to keep the answer within max_length=%d; "
-                    "%d rows dropped because the question and answer alone exceed it",
-                    counts["truncated_note"], counts["rows"], max_length, counts["dropped_answer_too_long"])
+        log.warning(
+            "fine-tuning data: %d of %d notes truncated to keep the answer within max_length=%d; "
+            "%d rows dropped because the question and answer alone exceed it",
+            counts["truncated_note"],
+            counts["rows"],
+            max_length,
+            counts["dropped_answer_too_long"],
+        )
     log.info("fine-tuning data: %s", counts)
     if not examples:
         raise ValueError(f"{csv_path}: no row fits max_length={max_length} even with its note removed")
@@ -108,8 +113,11 @@ def collate_packed(packs: list[list[Example]]) -> dict[str, torch.Tensor]:
         ids += example.input_ids
         labels += example.labels
         positions += range(len(example.input_ids))
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions])}
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+    }
 
 
 class PackDataset(torch.utils.data.Dataset):
@@ -131,10 +139,17 @@ def main(run_file: str) -> None:
     examples, counts = encode_dataset(run.data, tokenizer, run.max_length)
     packs = pack_examples(examples, run.max_length, run.seed)
     tokens = sum(len(e.input_ids) for e in examples)
-    counts.update(examples=len(examples), packs=len(packs), tokens=tokens,
-                  pack_fill=tokens / max(1, run.max_length * len(packs)))
-    log.info("fine-tuning: %d examples (%d tokens) in %d packs of at most %d tokens, %.1f%% full",
-             len(examples), tokens, len(packs), run.max_length, 100 * counts["pack_fill"])
+    counts.update(
+        examples=len(examples), packs=len(packs), tokens=tokens, pack_fill=tokens / max(1, run.max_length * len(packs))
+    )
+    log.info(
+        "fine-tuning: %d examples (%d tokens) in %d packs of at most %d tokens, %.1f%% full",
+        len(examples),
+        tokens,
+        len(packs),
+        run.max_length,
+        100 * counts["pack_fill"],
+    )
     run.gradient_accumulation_steps *= run.per_device_batch_size
     run.per_device_batch_size = 1
     train_and_save(run, model, tokenizer, PackDataset(packs), collate_packed, data_summary=counts)

@@ -90,8 +90,12 @@ def claim_gpus(count: int, devices: list[str], poll_s: float = 5.0):
 def run_fingerprint(stage: str, run: TrainRun) -> dict:
     """What the checkpoints depend on: settings and input files, but not where outputs go."""
     settings = {k: v for k, v in asdict(run).items() if k not in ("output_dir", "checkpoint_dir", "metrics_file")}
-    return {"stage": stage, "settings": settings,
-            "data": file_identity(run.data), "base_model": file_identity(run.base_model)}
+    return {
+        "stage": stage,
+        "settings": settings,
+        "data": file_identity(run.data),
+        "base_model": file_identity(run.base_model),
+    }
 
 
 def prepare_run(stage: str, run: TrainRun) -> Path:
@@ -104,8 +108,14 @@ def prepare_run(stage: str, run: TrainRun) -> Path:
     return run_file
 
 
-def launch(stage: str, run: TrainRun, gpus: int, accelerate_config: str | None = None,
-           cpu_processes: int = 1, threads: int | None = None) -> None:
+def launch(
+    stage: str,
+    run: TrainRun,
+    gpus: int,
+    accelerate_config: str | None = None,
+    cpu_processes: int = 1,
+    threads: int | None = None,
+) -> None:
     """Run the stage's module for `run`, over `gpus` devices if CUDA is present, else on CPU."""
     import torch
 
@@ -130,8 +140,17 @@ def launch(stage: str, run: TrainRun, gpus: int, accelerate_config: str | None =
         # `accelerate launch --cpu --num_processes N` starts a single process in accelerate 1.15
         # (its simple launcher only fans out through mpirun); torchrun starts N, and accelerate
         # turns its RANK/WORLD_SIZE variables into a gloo process group.
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                   str(cpu_processes), "-m", module, str(run_file)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(cpu_processes),
+            "-m",
+            module,
+            str(run_file),
+        ]
     else:
         command = [sys.executable, "-m", module, str(run_file)]
     log.info("no GPU: %s", " ".join(command))
@@ -146,14 +165,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerate-config")
     parser.add_argument("--cpu-processes", type=int, default=1)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="only check the checkpoints and write the run file (multi-node launches)")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only check the checkpoints and write the run file (multi-node launches)",
+    )
     args = parser.parse_args(argv)
     if args.prepare_only:
         print(prepare_run(args.stage, TrainRun.from_json(args.run_file)))
         return
-    launch(args.stage, TrainRun.from_json(args.run_file), args.gpus, args.accelerate_config,
-           args.cpu_processes, args.threads)
+    launch(
+        args.stage,
+        TrainRun.from_json(args.run_file),
+        args.gpus,
+        args.accelerate_config,
+        args.cpu_processes,
+        args.threads,
+    )
 
 
 if __name__ == "__main__":

@@ -30,12 +30,17 @@ def pack_notes(texts: list[str], tokenizer, max_length: int, seed: int) -> tuple
     random.Random(seed).shuffle(order)
     encoded = tokenizer([texts[i] for i in order], add_special_tokens=False)["input_ids"]
     stream = np.fromiter(
-        (t for ids in encoded for t in (tokenizer.bos_token_id, *ids, tokenizer.eos_token_id)), dtype=np.int32)
+        (t for ids in encoded for t in (tokenizer.bos_token_id, *ids, tokenizer.eos_token_id)), dtype=np.int32
+    )
     n_blocks = len(stream) // max_length
     if n_blocks == 0:
         raise ValueError(f"the notes hold {len(stream)} tokens, fewer than one block of max_length={max_length}")
-    counts = {"notes": len(texts), "tokens": len(stream), "blocks": n_blocks,
-              "tail_tokens_dropped": len(stream) - n_blocks * max_length}
+    counts = {
+        "notes": len(texts),
+        "tokens": len(stream),
+        "blocks": n_blocks,
+        "tail_tokens_dropped": len(stream) - n_blocks * max_length,
+    }
     log.info("pretraining data: %s (blocks of %d tokens)", counts, max_length)
     return stream[: n_blocks * max_length].reshape(n_blocks, max_length), counts
 

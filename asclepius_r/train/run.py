@@ -59,7 +59,7 @@ class TrainRun:
     peak_tflops_per_device: float = 989.0
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "TrainRun":
+    def from_json(cls, path: str | Path) -> TrainRun:
         values = json.loads(Path(path).read_text())
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
@@ -74,8 +74,10 @@ class TrainRun:
 
 def fsdp_checkpoints_activations() -> bool:
     """`accelerate launch` with an FSDP config exports its settings as FSDP_* variables."""
-    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-            and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true")
+    return (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+    )
 
 
 def training_arguments(run: TrainRun) -> TrainingArguments:
@@ -117,8 +119,9 @@ def load_model_and_tokenizer(run: TrainRun):
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.bos_token_id:
         raise ValueError(f"{run.base_model}: the pad token is BOS (the 2023 defect); fix its tokenizer_config.json")
     # fp32 master weights; bf16 autocast does the fast math on GPUs.
-    model = AutoModelForCausalLM.from_pretrained(run.base_model, dtype=torch.float32,
-                                                 attn_implementation=run.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        run.base_model, dtype=torch.float32, attn_implementation=run.attn_implementation
+    )
     model.config.use_cache = False  # with a KV cache, packed examples would attend to each other
     return model, tokenizer
 
@@ -146,9 +149,15 @@ class MeasuredTrainer(Trainer):
             now = time.perf_counter()
             real, positions, pairs = self.accelerator.reduce(self.window_counts, reduction="sum").tolist()
             window = Window(real, positions, pairs, now - self.window_start, self.accelerator.num_processes)
-            record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logs["loss"],
-                      "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-                      "real_tokens": int(real), **window.record(self.flop_model, self.run.peak_tflops_per_device)}
+            record = {
+                "step": self.state.global_step,
+                "epoch": self.state.epoch,
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "real_tokens": int(real),
+                **window.record(self.flop_model, self.run.peak_tflops_per_device),
+            }
             logs = {**logs, "tokens_per_s": round(record["tokens_per_s"], 1), "mfu": round(record["mfu"], 4)}
             if self.is_world_process_zero():
                 with open(self.run.running_metrics, "a") as out:
@@ -171,8 +180,15 @@ def train_and_save(run: TrainRun, model, tokenizer, dataset, collator, data_summ
     checkpoint_dir = Path(run.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     args = training_arguments(run)
-    trainer = MeasuredTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                              processing_class=tokenizer, callbacks=[KeepTokenizerModel(run.base_model)], run=run)
+    trainer = MeasuredTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[KeepTokenizerModel(run.base_model)],
+        run=run,
+    )
     resume = last_complete_checkpoint(checkpoint_dir)
     if trainer.is_world_process_zero():
         if resume:
@@ -185,11 +201,17 @@ def train_and_save(run: TrainRun, model, tokenizer, dataset, collator, data_summ
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         final = last_complete_checkpoint(checkpoint_dir)  # the Trainer saves at its last step
-        summary = {"settings": asdict(run), "data": data_summary, "global_step": trainer.state.global_step,
-                   "resumed_from": resume.name if resume else None, "world_size": trainer.accelerator.num_processes}
+        summary = {
+            "settings": asdict(run),
+            "data": data_summary,
+            "global_step": trainer.state.global_step,
+            "resumed_from": resume.name if resume else None,
+            "world_size": trainer.accelerator.num_processes,
+        }
         with atomic_path(run.metrics_file) as tmp:
             shutil.copyfile(run.running_metrics, tmp)
-        export_checkpoint(final, run.base_model, run.output_dir, run.save_dtype,
-                          extra_files={"training_run.json": summary})
+        export_checkpoint(
+            final, run.base_model, run.output_dir, run.save_dtype, extra_files={"training_run.json": summary}
+        )
         shutil.rmtree(checkpoint_dir)
     trainer.accelerator.wait_for_everyone()

@@ -25,7 +25,7 @@ class FlopModel:
     hidden_size: int
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "FlopModel":
+    def of(cls, model: torch.nn.Module) -> FlopModel:
         """From a (possibly meta-device) HF causal LM; tied output weights still cost a matmul."""
         config = model.config
         embedding = model.get_input_embeddings().weight
