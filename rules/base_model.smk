@@ -8,10 +8,10 @@ rule build_tiny_llama:
         directory("results/base_models/{size}"),
     log:
         "logs/base_model/{size}.log",
+    conda:
+        "../envs/train.yaml"
     params:
         spec=config["tiny_model"],
         seed=config["seed"],
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/build_tiny_llama.py"

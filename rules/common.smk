@@ -83,9 +83,7 @@ def evaluated_model_dir(wildcards):
 
 
 def training_params(stage):
-    return lambda wildcards: workflow_config.training_settings(
-        config, stage, wildcards.size
-    )
+    return lambda wildcards: workflow_config.training_settings(config, stage, wildcards.size)
 
 
 def final_outputs():

@@ -10,14 +10,14 @@ rule finetune:
         metrics="results/metrics/finetune-{size}.jsonl",
     log:
         "logs/finetune/{size}.log",
+    conda:
+        "../envs/train.yaml"
+    threads: config["launch"]["threads"]
+    resources:
+        gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
     params:
         settings=training_params("finetune"),
         launch=config["launch"],
         checkpoints="results/checkpoints/finetune-{size}",
-    threads: config["launch"]["threads"]
-    resources:
-        gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/train.py"

@@ -13,8 +13,8 @@ rule synthesize_demo_noteevents:
 
 
 # One compiled pass over the memory-mapped file (asclepius_r/record_scanner.c), then the kept notes'
-# texts read back into the outputs: 5x faster than pandas, memory under 1 GB at any input size
-# (bench/notes_filter.py). Scan workers: threads + 1.
+# texts read back into the outputs: memory stays flat at any input size (figures against pandas,
+# polars and pyarrow: BENCHMARKS.md, issue 3). Scan workers: threads + 1.
 rule filter_notes:
     input:
         noteevents=noteevents_path,
@@ -27,13 +27,13 @@ rule filter_notes:
         stats="results/notes/stats.json",
     log:
         "logs/notes/filter_notes.log",
-    params:
-        notes=config["notes"],
-        seed=config["seed"],
+    conda:
+        "../envs/data.yaml"
     threads: 4
     resources:
         mem_mb=1500,
-    conda:
-        "../envs/data.yaml"
+    params:
+        notes=config["notes"],
+        seed=config["seed"],
     script:
         "../scripts/filter_notes.py"

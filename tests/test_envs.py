@@ -1,4 +1,6 @@
-"""The conda envs and the pip lock file pin the same versions, and the lock pins everything."""
+"""The conda envs and the pip lock file pin the same versions, and the lock pins everything.
+
+That every rule logs and names a conda env is `snakemake --lint`'s job (run by `make lint`)."""
 
 from __future__ import annotations
 
@@ -50,14 +52,3 @@ def test_conda_envs_agree_with_the_lock():
                 continue
             pip_name = CONDA_TO_PIP.get(name, name)
             assert pins.get(pip_name) == version, f"{env.name}: {dependency} but the lock has {pins.get(pip_name)}"
-
-
-def test_every_rule_uses_a_pinned_env_and_logs():
-    for smk in (REPO / "rules").glob("*.smk"):
-        text = smk.read_text()
-        for rule in re.split(r"\nrule ", text)[1:]:
-            name = rule.split(":")[0]
-            if name == "all":
-                continue
-            assert "    log:" in rule, f"{smk.name}: rule {name} has no log"
-            assert "    conda:" in rule, f"{smk.name}: rule {name} has no conda env"
