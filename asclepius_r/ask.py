@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .logs import setup_logging
 from .prompts import render_released
 
 
@@ -35,4 +36,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

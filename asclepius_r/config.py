@@ -12,10 +12,12 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .errors import UserError
+
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that is missing or wrong; the message names the key."""
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from .config import training_settings
+from .errors import UserError
 from .files import atomic_path, sha256_file, write_json
 from .prompts import RELEASED_TEMPLATE
 
@@ -82,8 +83,8 @@ _NOTE_TEXT = re.compile(rb"\[\*\*[^\]\n]{0,80}\d\s*\*\*\]|ROW_ID,\s*SUBJECT_ID")
 _CHECKPOINT_PRIVATE = ("training_args.bin", ".snakemake_timestamp")
 
 
-class ReleaseError(RuntimeError):
-    pass
+class ReleaseError(UserError, RuntimeError):
+    """A release folder that does not verify or cannot be restored; names the file."""
 
 
 # ---------------------------------------------------------------- checksums
@@ -456,13 +457,10 @@ def main(argv: list[str] | None = None) -> None:
     verify_cmd.add_argument("release")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        if args.command == "restore":
-            restore(args.release, args.workdir)
-        else:
-            print(f"{verify_sha256sums(Path(args.release))} files OK")
-    except ReleaseError as err:
-        parser.exit(1, f"error: {err}\n")
+    if args.command == "restore":
+        restore(args.release, args.workdir)
+    else:
+        print(f"{verify_sha256sums(Path(args.release))} files OK")
 
 
 if __name__ == "__main__":

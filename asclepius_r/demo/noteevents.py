@@ -8,7 +8,7 @@ de-identification placeholders. `--rows N` or `--gb X` writes a file of any size
 (ScaledNotes): the real category mix, log-normal note lengths per category, addenda, ISERROR
 rows and duplicate texts in realistic shares; the benchmark and the tests use it.
 
-    python -m asclepius_r.demo.noteevents OUT.csv [--rows N | --gb X] [--gzip]
+    python -m asclepius_r.demo.noteevents OUT.csv [--rows N | --gb X [--discharge-only]] [--gzip]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..noteevents import COLUMNS
+from ..noteevents import COLUMNS, DISCHARGE_CATEGORY
 
 DEMO_NOTES_DIR = Path(__file__).resolve().parents[2] / "demo" / "discharge_summaries"
 DISCHARGE_ROW_ID_BASE = 50000  # note NN of the demo is ROW_ID 50000 + NN
@@ -277,13 +277,15 @@ class ScaledNotes:
     and unicode); other categories start from their own template and grow the same way.
     """
 
-    def __init__(self, notes: list[DemoNote], seed: int = 7, n_subjects: int = 100_000):
+    def __init__(
+        self, notes: list[DemoNote], seed: int = 7, n_subjects: int = 100_000, mix: dict[str, int] = CATEGORY_MIX
+    ):
         self.rng = random.Random(seed)
         self.notes = notes
         self.n_subjects = max(10, n_subjects)
         self.lines = [line for note in notes for line in note.text.splitlines() if line.strip()]
         self.mean_line = sum(len(line) + 1 for line in self.lines) / len(self.lines)
-        self.categories, self.weights = zip(*CATEGORY_MIX.items())
+        self.categories, self.weights = zip(*mix.items())
         self.recent_discharge: list[str] = []
 
     def _length(self, mean: float) -> int:
@@ -398,13 +400,20 @@ def main(argv: list[str] | None = None) -> None:
     size.add_argument("--rows", type=int, help="rows to write, in the real category mix")
     size.add_argument("--gb", type=float, help="approximate size to write, in GB (10^9 bytes, uncompressed)")
     parser.add_argument("--gzip", action="store_true", help="write NOTEEVENTS.csv.gz")
+    parser.add_argument(
+        "--discharge-only",
+        action="store_true",
+        help="with --rows or --gb: discharge summaries only (fewer, longer records than the real mix)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     notes = load_demo_notes()
     if args.rows or args.gb:
-        # Mean row is about 1.9 kB, so this keeps patients' note counts near MIMIC's at any size.
-        expected_rows = args.rows or int(args.gb * 1e9 / 1900)
-        rows = iter(ScaledNotes(notes, args.seed, n_subjects=expected_rows // ROWS_PER_SUBJECT))
+        # Mean row is about 1.9 kB in the real mix, so this keeps patients' note counts near MIMIC's at any size.
+        mix = {DISCHARGE_CATEGORY: 1} if args.discharge_only else CATEGORY_MIX
+        row_bytes = MEAN_TEXT_CHARS[DISCHARGE_CATEGORY] if args.discharge_only else 1900
+        expected_rows = args.rows or int(args.gb * 1e9 / row_bytes)
+        rows = iter(ScaledNotes(notes, args.seed, n_subjects=expected_rows // ROWS_PER_SUBJECT, mix=mix))
     else:
         rows = iter(demo_rows(notes, args.seed))
     n_rows, n_bytes = write_noteevents(
@@ -414,4 +423,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from ..logs import setup_logging
+
+    setup_logging()
     main()

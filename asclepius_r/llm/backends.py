@@ -12,11 +12,12 @@ import json
 import os
 import time
 
+from ..errors import UserError
 from .archive import ChatRequest, ChatResult
 
 
-class ReplayMissError(LookupError):
-    pass
+class ReplayMissError(UserError, LookupError):
+    """`backend: replay` met a request that the archive does not hold."""
 
 
 class RetryableError(Exception):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
+from ..errors import UserError
 from .archive import Archive, ChatRequest, ChatResult
 from .backends import FatalError, ReplayMissError, RetryableError, make_backend
 from .guard import check_endpoint
@@ -94,8 +95,8 @@ class LLMSettings:
             raise ValueError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
 
 
-class BudgetExceededError(RuntimeError):
-    pass
+class BudgetExceededError(UserError, RuntimeError):
+    """The next request would cross `llm.budget_usd`."""
 
 
 def estimate_tokens(request: ChatRequest) -> int:

@@ -8,11 +8,13 @@ cannot verify that contract, so the user states it by listing the endpoint.
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
-class UnapprovedEndpointError(PermissionError):
-    pass
+class UnapprovedEndpointError(UserError, PermissionError):
+    """The endpoint is not listed in `llm.approved_endpoints`."""
 
 
 def endpoint_identity(settings) -> str:
