@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from transformers import DataCollatorWithFlattening
 
 from ..logs import setup_logging
 from ..prompts import render_released
@@ -104,20 +105,16 @@ def pack_examples(examples: list[Example], capacity: int, seed: int) -> list[lis
     return packs
 
 
+# One flat row of the examples it is given, position_ids restarting at 0 for each and no attention
+# mask, so the model derives the per-example causal mask from them. It also sets each example's
+# first label to -100, which the prompt mask has done already.
+_FLATTEN = DataCollatorWithFlattening()
+
+
 def collate_packed(packs: list[list[Example]]) -> dict[str, torch.Tensor]:
-    """One flat row per pack (the Trainer's per-device batch is one pack); no attention mask,
-    so the model derives the per-example causal mask from the restarting position_ids."""
-    assert len(packs) == 1, "fine-tuning packs are batched one per device"
-    ids, labels, positions = [], [], []
-    for example in packs[0]:
-        ids += example.input_ids
-        labels += example.labels
-        positions += range(len(example.input_ids))
-    return {
-        "input_ids": torch.tensor([ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([positions]),
-    }
+    """One flat row per pack (the Trainer's per-device batch is one pack)."""
+    (pack,) = packs
+    return _FLATTEN([vars(example) for example in pack])
 
 
 class PackDataset(torch.utils.data.Dataset):
