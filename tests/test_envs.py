@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import REPO
 
 # conda-forge names that differ from PyPI names
-CONDA_TO_PIP = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+CONDA_TO_PIP = {"pytorch": "torch", "matplotlib-base": "matplotlib", "huggingface_hub": "huggingface-hub"}
 # conda-forge packages with no PyPI counterpart (so not in the lock), pinned exactly all the same
 CONDA_ONLY = {"c-compiler"}
 
