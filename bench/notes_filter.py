@@ -38,6 +38,7 @@ real-mix file).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -101,7 +102,8 @@ def child_main(kind: str, noteevents: str, out: str) -> None:
             NotePolicy(),
             SplitPolicy(heldout_notes=heldout),
         )
-        print(json.dumps(stats))
+        print(json.dumps(stats), flush=True)
+        gc.freeze()  # as scripts/filter_notes.py does before the process ends
     elif kind == "polars":
         import polars as pl
 
