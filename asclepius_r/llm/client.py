@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
+from ..config import ConfigError
 from ..errors import UserError
 from .archive import Archive, ChatRequest, ChatResult
 from .backends import FatalError, ReplayMissError, RetryableError, make_backend
@@ -88,11 +89,11 @@ class LLMSettings:
         if self.backend == "azure":
             missing = [k for k in ("azure_endpoint", "azure_deployment", "api_version") if not getattr(self, k)]
             if missing:
-                raise ValueError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
+                raise ConfigError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
         if self.backend == "replay" and not self.archive:
-            raise ValueError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
+            raise ConfigError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
         if self.mode == "batch" and self.backend == "replay":
-            raise ValueError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
+            raise ConfigError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
 
 
 class BudgetExceededError(UserError, RuntimeError):
