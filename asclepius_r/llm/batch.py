@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .archive import ChatRequest, append_line, read_records
 from .backends import RetryableError, result_from_payload
+from .guard import refusal
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,8 @@ class BatchRunner:
             try:
                 return await make_call()
             except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as err:
+                if refusal(err):
+                    raise refusal(err) from None
                 if attempt == self.settings.max_attempts:
                     raise
                 log.warning("batch API call failed (%s); retrying", type(err).__name__)
