@@ -297,18 +297,19 @@ class OpenAIServer:
         return fault
 
     def fail_route(self, method: str, path: str, times: int | None = 1) -> None:
-        """Answer the next `times` requests of `method` `path` (e.g. "POST", "/batches") with a 500."""
+        """Answer the next `times` (None: all) requests of `method` to a path matching the regular
+        expression `path` (e.g. "POST", "/batches") with a 500."""
         with self._lock:
             self._route_faults[(method, path)] = times
 
     def _route_fails(self, method: str, path: str) -> bool:
         with self._lock:
-            left = self._route_faults.get((method, path), 0)
-            if left is None:
-                return True
-            if left > 0:
-                self._route_faults[(method, path)] = left - 1
-            return left > 0
+            for (fault_method, pattern), left in self._route_faults.items():
+                if fault_method == method and re.fullmatch(pattern, path) and (left is None or left > 0):
+                    if left is not None:
+                        self._route_faults[(fault_method, pattern)] = left - 1
+                    return True
+        return False
 
     def hold(self, after: int) -> None:
         """Answer the first `after` chat requests; keep every later one waiting until `release`."""

@@ -44,6 +44,7 @@ RETRY_KINDS = (
     "batch_missing",
 )
 FAILURE_KINDS = RETRY_KINDS + ("content_filter_prompt", "http_400", "http_401", "http_403", "http_404")
+ERROR_CHARS = 500  # of a server's error text kept in the archive
 
 
 @dataclass
@@ -282,7 +283,9 @@ class LLMClient:
         self.counts["billed_responses"] += 1
 
     def redact(self, text: str) -> str:
-        return self.backend.redact(text) if hasattr(self.backend, "redact") else text
+        """Error text fit for the archive: the API key removed first, then cut to ERROR_CHARS (a
+        cut first could leave part of the key where redaction no longer recognises it)."""
+        return (self.backend.redact(text) if hasattr(self.backend, "redact") else text)[:ERROR_CHARS]
 
     @property
     def stats(self) -> dict:
@@ -434,7 +437,7 @@ class LLMClient:
         failed = ChatResult(
             key=request.key,
             status="failed",
-            error=self.redact(f"{kind}: {error}")[:500],
+            error=self.redact(f"{kind}: {error}"),
             attempts=attempts,
             started=started,
             finished=time.time(),
