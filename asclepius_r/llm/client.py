@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,7 @@ RETRY_KINDS = (
     "batch_missing",
 )
 FAILURE_KINDS = RETRY_KINDS + ("content_filter_prompt", "http_400", "http_401", "http_403", "http_404")
+ERROR_CHARS = 500  # of a server's error text kept in the archive
 
 
 @dataclass
@@ -55,6 +57,7 @@ class LLMSettings:
     mode: str = "online"
     model: str = "gpt-4o-mini"
     base_url: str | None = None
+    proxy: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     azure_endpoint: str | None = None
     azure_deployment: str | None = None
@@ -86,6 +89,13 @@ class LLMSettings:
 
     def check(self) -> None:
         """Settings that only make sense together; the message names the config keys."""
+        if not ENV_NAME.fullmatch(self.api_key_env) or (len(self.api_key_env) >= 24 and "_" not in self.api_key_env):
+            # Users paste the key itself here; the message must not repeat it.
+            raise ConfigError(
+                "llm.api_key_env must name an environment variable (capital letters, digits, '_'), such as "
+                "OPENAI_API_KEY; its value looks like a key itself and is not shown. Put the key in that "
+                "variable, never in a config file, and revoke a key that was written into one."
+            )
         if self.backend == "azure":
             missing = [k for k in ("azure_endpoint", "azure_deployment", "api_version") if not getattr(self, k)]
             if missing:
@@ -94,6 +104,10 @@ class LLMSettings:
             raise ConfigError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
         if self.mode == "batch" and self.backend == "replay":
             raise ConfigError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
+
+
+# The shape of an environment variable's name; an API key never has it (dashes, lower case).
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 class BudgetExceededError(UserError, RuntimeError):
@@ -271,7 +285,9 @@ class LLMClient:
         self.counts["billed_responses"] += 1
 
     def redact(self, text: str) -> str:
-        return self.backend.redact(text) if hasattr(self.backend, "redact") else text
+        """Error text fit for the archive: the API key removed first, then cut to ERROR_CHARS (a
+        cut first could leave part of the key where redaction no longer recognises it)."""
+        return (self.backend.redact(text) if hasattr(self.backend, "redact") else text)[:ERROR_CHARS]
 
     @property
     def stats(self) -> dict:
@@ -423,7 +439,7 @@ class LLMClient:
         failed = ChatResult(
             key=request.key,
             status="failed",
-            error=self.redact(f"{kind}: {error}")[:500],
+            error=self.redact(f"{kind}: {error}"),
             attempts=attempts,
             started=started,
             finished=time.time(),
