@@ -204,3 +204,13 @@ def test_replay_re_derives_the_dataset_byte_for_byte(server, tmp_path):
     assert read_jsonl(tmp_path / "replay.jsonl") == read_jsonl(tmp_path / "live.jsonl")
     assert len(server.requests) == sent and stats["llm"]["archived"] == stats["llm"]["requests"]
     assert stats["outcomes"]["failed_question"] == 1 and b"\r\n" not in (tmp_path / "live.csv").read_bytes()
+
+
+def test_batch_mode_gathers_each_round_of_requests_into_one_batch_and_gives_the_same_dataset(server, tmp_path):
+    notes = synthetic_notes(12)
+    settings = GenerationSettings(pool_lag=6)
+    online, _ = generate(notes, LLMClient(live_settings(server, tmp_path / "online.jsonl")), settings)
+    batched, _ = generate(notes, LLMClient(live_settings(server, tmp_path / "batch.jsonl", mode="batch")), settings)
+    assert batched == online
+    # questions of notes 0-5, their answers, then the same for notes 6-11: four batches
+    assert sum(1 for r in server.requests if r.method == "POST" and r.path == "/batches") == 4
