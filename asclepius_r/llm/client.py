@@ -142,12 +142,15 @@ class InFlightLimit:
     rate x latency of them in flight; the count fluctuates around that (by about its square root,
     more under a long tail), so the limit keeps `MARGIN` times as many, never more than `cap`.
     The mean is over the latest `WINDOW` attempts, so it follows the endpoint as it slows down or
-    speeds up. Until the first answer the limit is the cap: the pacer spreads the first requests.
+    speeds up. Until the first answer it assumes `INITIAL_LATENCY_S`, not the cap: at a high limit
+    hundreds of requests would enter the SDK's connection pool at once, whose bookkeeping costs CPU
+    in proportion to the requests waiting in it; a slower endpoint raises the limit one latency later.
     """
 
     MARGIN = 1.5
     WINDOW = 512
     FLOOR = 4
+    INITIAL_LATENCY_S = 1.0
 
     def __init__(self, requests_per_minute: float, cap: int):
         self.rate = requests_per_minute / 60
@@ -159,9 +162,7 @@ class InFlightLimit:
 
     @property
     def limit(self) -> int:
-        if not self.latencies:
-            return self.cap
-        mean = self.latency_sum / len(self.latencies)
+        mean = self.latency_sum / len(self.latencies) if self.latencies else self.INITIAL_LATENCY_S
         return max(min(self.FLOOR, self.cap), min(self.cap, math.ceil(self.rate * mean * self.MARGIN)))
 
     def observe(self, seconds: float) -> None:
