@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test venv lock report release lint clean chromium compiler
+.PHONY: demo test venv lock report release plan lint clean chromium compiler
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
+
+# What the run will cost, take and need, per stage, before any job (runs the notes stage if its
+# outputs are missing); writes results/plan/plan.json. The demo's: PLAN_CONFIG="config.yaml demo/config.yaml".
+PLAN_CONFIG ?= config.yaml
+plan: $(STAMP)
+	$(BIN)/python -m asclepius_r.plan $(foreach file,$(PLAN_CONFIG),--config $(file))
 
 # The paper run (config.yaml): its release folder, then its HTML report.
 release: $(STAMP)

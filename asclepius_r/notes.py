@@ -12,6 +12,7 @@ Every dropped row is counted under one reason in stats.json; near misses of the 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import hashlib
@@ -349,6 +350,17 @@ def _cyclic_gc_paused():
             gc.enable()
 
 
+def stage_outputs(folder: str | Path) -> dict[str, Path]:
+    """The stage's outputs inside `folder`, named as the workflow names them in results/notes/."""
+    folder = Path(folder)
+    return {
+        "discharge_out": folder / "discharge.parquet",
+        "heldout_out": folder / "heldout.parquet",
+        "heldout_ids_out": folder / "heldout_row_ids.txt",
+        "stats_out": folder / "stats.json",
+    }
+
+
 def run_notes_stage(
     noteevents: str | Path,
     discharge_out: str | Path,
@@ -450,3 +462,41 @@ def read_notes(path: str | Path) -> list[dict]:
             table.column("ROW_ID").to_pylist(), table.column("SUBJECT_ID").to_pylist(), table.column("TEXT").to_pylist()
         )
     ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The stage without Snakemake: `python -m asclepius_r.notes --config config.yaml [--out DIR]`."""
+    from . import config as workflow_config
+    from .logs import setup_logging
+
+    parser = argparse.ArgumentParser(description="NOTEEVENTS.csv(.gz) -> discharge and held-out notes.")
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="config file; repeat to lay one over another (like snakemake --configfile)",
+    )
+    parser.add_argument("--noteevents", help="NOTEEVENTS.csv(.gz) (default: the config's noteevents)")
+    parser.add_argument("--out", default="results/notes", help="output folder (default: results/notes)")
+    parser.add_argument("--threads", type=int, help="scan and writer threads (default: the core count)")
+    parser.add_argument("--log", help="log file (default: stderr)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    try:
+        config = workflow_config.load_layers(args.config)
+        if args.noteevents:
+            config["noteevents"] = args.noteevents
+        workflow_config.check_data_paths(config, ["noteevents"])
+        run_notes_stage(
+            config["noteevents"],
+            **stage_outputs(args.out),
+            policy=workflow_config.note_policy(config),
+            split=workflow_config.split_policy(config),
+            threads=args.threads,
+        )
+    except (workflow_config.ConfigError, NoteEventsError) as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

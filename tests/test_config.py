@@ -4,12 +4,16 @@ what to set, and both shipped configs are valid."""
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from asclepius_r import config as workflow_config
 from tests.conftest import REPO, copy_workflow, run_snakemake
+from tests.notes_support import note, write_noteevents
 
 DEMO = yaml.safe_load((REPO / "demo/config.yaml").read_text())
 PAPER = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -78,3 +82,40 @@ def test_snakemake_with_the_paper_config_asks_for_data(tmp_path):
     result = run_snakemake(workdir, "-n", demo=False, check=False)
     assert result.returncode != 0
     assert "noteevents" in result.stderr + result.stdout and "make demo" in result.stderr + result.stdout
+
+
+def test_the_notes_stage_runs_alone_with_only_noteevents_set(tmp_path):
+    """The paper config with only `noteevents` set: the notes stage needs no base model."""
+    workdir = copy_workflow(tmp_path / "wf")
+    noteevents = write_noteevents(tmp_path / "NOTEEVENTS.csv", [note(i, subject=i % 7) for i in range(1, 30)])
+    (workdir / "small.yaml").write_text("notes: {heldout_notes: 3}\n")
+    result = run_snakemake(
+        workdir,
+        "results/notes/stats.json",
+        "--configfile",
+        "small.yaml",
+        "--config",
+        f"noteevents={noteevents}",
+        demo=False,
+    )
+    assert json.loads((workdir / "results/notes/stats.json").read_text())["kept"] == 29, result.stderr
+
+
+def test_a_stage_asks_only_for_its_own_data(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    result = run_snakemake(workdir, "-n", "results/models/Asclepius-R-13B-Pretrained-Only", demo=False, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "models.13B.base (LLaMA-13B" in output or "noteevents (path" in output
+    assert "models.7B.base (LLaMA-7B" not in output  # named only as unset for other stages
+
+
+def test_the_notes_stage_has_its_own_command_line(tmp_path):
+    noteevents = write_noteevents(tmp_path / "NOTEEVENTS.csv", [note(i, subject=i % 7) for i in range(1, 30)])
+    (tmp_path / "small.yaml").write_text("notes: {heldout_notes: 3}\n")
+    command = [sys.executable, "-m", "asclepius_r.notes", "--config", str(REPO / "config.yaml")]
+    missing = subprocess.run(command, capture_output=True, text=True)
+    assert missing.returncode == 2 and "noteevents (path" in missing.stderr
+    command += ["--config", str(tmp_path / "small.yaml"), "--noteevents", str(noteevents), "--out", str(tmp_path / "n")]
+    subprocess.run(command, check=True, capture_output=True)
+    assert json.loads((tmp_path / "n/stats.json").read_text())["kept_heldout"] >= 3

@@ -108,6 +108,17 @@ class LLMSettings:
         if self.mode == "batch" and self.backend == "replay":
             raise ConfigError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
 
+    def price(self, usage: dict, batch: bool = False) -> float:
+        """Dollars for `usage` (prompt and completion tokens) at `prices_per_million`; 0 when the model
+        has no price. The one pricing rule: the client's accounting and the plan both use it."""
+        table = self.prices_per_million.get(self.model)
+        if not table or not usage:
+            return 0.0
+        cost = (
+            usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]
+        ) / 1e6
+        return cost * (self.batch_discount if batch else 1.0)
+
 
 # The shape of an environment variable's name; an API key never has it (dashes, lower case).
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
@@ -309,13 +320,7 @@ class LLMClient:
 
     # -- accounting ------------------------------------------------------------------------
     def price(self, usage: dict, batch: bool = False) -> float:
-        table = self.settings.prices_per_million.get(self.settings.model)
-        if not table or not usage:
-            return 0.0
-        cost = (
-            usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]
-        ) / 1e6
-        return cost * (self.settings.batch_discount if batch else 1.0)
+        return self.settings.price(usage, batch)
 
     def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
         estimate = estimate_tokens(request)

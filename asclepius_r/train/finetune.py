@@ -87,20 +87,37 @@ def encode_dataset(csv_path: str, tokenizer, max_length: int) -> tuple[list[Exam
     return examples, counts
 
 
+def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `sizes` in bins of at most `capacity`: largest first (ties in index order), each
+    into the first bin with room. A max-tree over the bins' free room finds that bin in
+    O(log n), where a scan of the open bins took minutes for 57k examples; unopened bins sit
+    after the open ones with full room, so the leftmost fit is first fit exactly.
+    """
+    leaves = 1
+    while leaves < len(sizes):
+        leaves *= 2
+    room = [capacity] * (2 * leaves)
+    bins: list[list[int]] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if sizes[i] > capacity:
+            raise ValueError(f"an item of {sizes[i]} does not fit a bin of {capacity}")
+        node = 1
+        while node < leaves:
+            node = 2 * node if room[2 * node] >= sizes[i] else 2 * node + 1
+        if node - leaves == len(bins):
+            bins.append([])
+        bins[node - leaves].append(i)
+        room[node] -= sizes[i]
+        while node > 1:
+            node //= 2
+            room[node] = max(room[2 * node], room[2 * node + 1])
+    return bins
+
+
 def pack_examples(examples: list[Example], capacity: int, seed: int) -> list[list[Example]]:
     """First-fit-decreasing bins of at most `capacity` tokens, in a seeded random order."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    packs: list[list[Example]] = []
-    room: list[int] = []
-    for i in order:
-        size = len(examples[i].input_ids)
-        target = next((b for b, free in enumerate(room) if free >= size), None)
-        if target is None:
-            packs.append([])
-            room.append(capacity)
-            target = len(packs) - 1
-        packs[target].append(examples[i])
-        room[target] -= size
+    bins = first_fit_decreasing([len(e.input_ids) for e in examples], capacity)
+    packs = [[examples[i] for i in members] for members in bins]
     random.Random(seed).shuffle(packs)
     return packs
 
