@@ -12,6 +12,33 @@ rule synthesize_demo_noteevents:
         "../scripts/synthesize_demo_noteevents.py"
 
 
+def long_notes_tokenizer(wildcards):
+    tokenizer = config["tiny_model"]["tokenizer_model"]
+    if not tokenizer:
+        raise WorkflowError(
+            "results/rehearsal/NOTEEVENTS.csv counts note lengths in tokens: set "
+            "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
+        )
+    return tokenizer
+
+
+# The rehearsal's notes: discharge summaries as long as MIMIC-III's, in the tiny LLaMA's tokens.
+rule synthesize_long_noteevents:
+    input:
+        tokenizer=long_notes_tokenizer,
+    output:
+        "results/rehearsal/NOTEEVENTS.csv",
+    log:
+        "logs/notes/synthesize_long_noteevents.log",
+    params:
+        notes=config["synthetic_notes"],
+        seed=config["seed"],
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/synthesize_long_noteevents.py"
+
+
 # One compiled pass over the memory-mapped file (asclepius_r/record_scanner.c), then the kept notes'
 # texts read back into the outputs: 5x faster than pandas, memory under 1 GB at any input size
 # (bench/notes_filter.py). Scan workers: threads + 1.
