@@ -17,6 +17,7 @@ include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/plan.smk"
 include: "rules/release.smk"
 
 

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # GPT-4o-class tokenizers average about 4 characters per token on English prose; the notes'
 # numbers, abbreviations and [**...**] placeholders split finer, so 3 is taken as an upper bound.
 LLM_CHARS_PER_TOKEN = 3.0
+# Training tokens before the base tokenizer is there: LLaMA-1's tokenizer splits digits one by one
+# and made 2.4 characters per token on synthetic MIMIC-style notes (BENCHMARKS.md, "Plan against use").
+BASE_CHARS_PER_TOKEN = 2.4
 # Characters of generated text per generated token (for archive and fine-tuning sizes).
 GENERATED_CHARS_PER_TOKEN = 4.0
 MESSAGE_TOKENS = 8  # per chat message, as the client's own estimate (llm.client.estimate_tokens)
@@ -143,8 +146,15 @@ def visible_gpus() -> list[dict]:
     """GPUs this process may use (CUDA_VISIBLE_DEVICES respected), by nvidia-smi: name and memory.
 
     Asked of nvidia-smi rather than torch, so that Snakemake's own process never holds a CUDA
-    context (hundreds of MB on GPU 0 for the whole run).
+    context (hundreds of MB on GPU 0 for the whole run). Fake GPUs (`ASCLEPIUS_FAKE_GPUS`, see
+    gpus.py) count as devices whose work runs on CPU: their memory is None.
     """
+    from .gpus import fake_devices
+
+    if fake_devices():
+        return [
+            {"index": d, "uuid": d, "name": f"fake GPU {d} (work on CPU)", "memory_bytes": None} for d in fake_devices()
+        ]
     if not shutil.which("nvidia-smi"):
         return []
     query = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
@@ -225,9 +235,6 @@ def instruction_row(config: dict, train_chars: np.ndarray, heldout_chars: np.nda
     )
     # mimiciii_discharge.csv: the training notes again, with a question and an answer each.
     row["disk_bytes"] = int(train_chars.sum() + len(train_chars) * settings.max_tokens * 2 * GENERATED_CHARS_PER_TOKEN)
-    waves = sum(math.ceil(len(split) / generation.wave_size) for split in (train_chars, heldout_chars))
-    # In batch mode each wave sends its questions, then its answers, as batches.
-    row["batches"] = 2 * waves * math.ceil(min(generation.wave_size, notes) / settings.batch_max_requests)
     return row
 
 
@@ -279,13 +286,18 @@ def training_memory_bytes(shape: dict, params: int, settings: dict, stage: str, 
 
 
 def inference_memory_bytes(shape: dict, params: int, config: dict, on_gpu: bool) -> int:
-    """Weights (bf16 on a GPU, fp32 on CPU), the KV cache of one batch at full length, overhead."""
+    """Weights (bf16 on a GPU, fp32 on CPU), the KV cache of one batch (times its beams) at full
+    length, overhead."""
     evaluate = config["evaluate"]
-    length = (evaluate.get("max_prompt_tokens") or shape.get("max_position_embeddings", 2048)) + evaluate[
-        "max_new_tokens"
-    ]
+    context = shape.get("max_position_embeddings", 2048)
+    length = (
+        min(context, evaluate["max_prompt_tokens"] + evaluate["max_new_tokens"])
+        if evaluate["max_prompt_tokens"]
+        else context
+    )
     weights = (2 if on_gpu else 4) * params
-    cache = evaluate["batch_size"] * length * shape["num_hidden_layers"] * 2 * shape["hidden_size"] * 2
+    sequences = evaluate["batch_size"] * evaluate.get("num_beams", 1)
+    cache = sequences * length * shape["num_hidden_layers"] * 2 * shape["hidden_size"] * 2
     return int(weights + cache + GPU_OVERHEAD_BYTES)
 
 
@@ -312,10 +324,21 @@ def training_rows(config: dict, shapes: dict[str, tuple[dict, str]]) -> list[dic
                     ),
                     # The Trainer writes a new checkpoint before it deletes the oldest one.
                     "checkpoint_bytes": (limit + 1) * CHECKPOINT_BYTES_PER_PARAM * params,
-                    "disk_bytes": DTYPE_BYTES[settings.get("save_dtype", "bfloat16")] * params,
+                    "disk_bytes": DTYPE_BYTES[settings.get("save_dtype", "bfloat16")] * params
+                    + _side_files(config, size),
                 }
             )
     return rows
+
+
+def _side_files(config: dict, size: str) -> int:
+    """Bytes of what an export copies from the base folder besides weights (tokenizer, configs)."""
+    base = config["models"][size]["base"]
+    folder = Path(f"results/base_models/{size}" if base == "tiny" else base or "")
+    weights = (".safetensors", ".bin", ".pt", ".index.json")
+    if not base or not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and not f.name.endswith(weights))
 
 
 def evaluation_row(config: dict, shapes: dict[str, tuple[dict, str]], heldout: int | None) -> dict:
@@ -348,16 +371,16 @@ class NoteTokens:
             self.tokenizer = AutoTokenizer.from_pretrained(base)
             self.method = f"counted with the base tokenizer ({base})"
         else:
-            self.method = f"estimated as characters / {LLM_CHARS_PER_TOKEN:g} (base tokenizer not available yet)"
+            self.method = f"estimated as characters / {BASE_CHARS_PER_TOKEN:g} (base tokenizer not available yet)"
 
     def count(self, text: str, special: bool = False) -> int:
         if self.tokenizer is None:
-            return _llm_tokens(len(text))
+            return math.ceil(len(text) / BASE_CHARS_PER_TOKEN)
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def notes(self) -> np.ndarray:
         if self.tokenizer is None:
-            return np.ceil(note_lengths(self.notes_path) / LLM_CHARS_PER_TOKEN).astype(np.int64)
+            return np.ceil(note_lengths(self.notes_path) / BASE_CHARS_PER_TOKEN).astype(np.int64)
         import pyarrow.parquet as pq
 
         counts = []
@@ -384,6 +407,7 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
     bound) of the template, the note, the longest seed question and an answer at the generator's
     `max_tokens`, cut at `max_length`, packed first-fit-decreasing as the training code packs.
     """
+    from .gpus import fake_devices
     from .train.finetune import first_fit_decreasing
     from .train.throughput import FlopModel
 
@@ -402,7 +426,8 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
         counter, tokens = counted[folder]
         settings = workflow_config.training_settings(config, stage, size)
         length = settings["max_length"]
-        devices = row["gpus"] or config["launch"]["cpu_processes"]
+        # Without GPUs (or with the rehearsal's fake ones) the launcher trains in cpu_processes processes.
+        devices = config["launch"]["cpu_processes"] if not row["gpus"] or fake_devices() else row["gpus"]
         accumulation = settings["per_device_batch_size"] * settings["gradient_accumulation_steps"]
         max_steps = settings.get("max_steps", -1)
         if stage == "pretrain":

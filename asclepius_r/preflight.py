@@ -18,7 +18,6 @@ A failed check raises PreflightError naming every failure and what to change; no
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -40,8 +39,6 @@ from .plan import (
     training_memory_bytes,
     visible_gpus,
 )
-
-log = logging.getLogger(__name__)
 
 GPU_RULES = ("pretrain", "finetune", "answer_heldout")
 # Training on CPU processes is for the demo's tiny models; a real LLaMA would take years.
@@ -112,7 +109,9 @@ def free_disk_bytes(folder: Path) -> float:
     return shutil.disk_usage(folder).free
 
 
-def _disk_problem(config: dict, plan: dict, jobs: list[Job], workdir: Path, gpu_limit: int | None) -> list[str]:
+def _disk_problem(
+    config: dict, plan: dict, jobs: list[Job], workdir: Path, gpu_limit: int | None, summary: list[str]
+) -> list[str]:
     rows = plan["stages"]
     needed, parts = 0, []
     for job in jobs:
@@ -149,13 +148,8 @@ def _disk_problem(config: dict, plan: dict, jobs: list[Job], workdir: Path, gpu_
         gpus_in_use += gpus
     needed += checkpoints
     free = free_disk_bytes(workdir)
+    summary.append(f"disk: {size_text(needed)} needed (checkpoints {size_text(checkpoints)}), {size_text(free)} free")
     if needed <= free:
-        log.info(
-            "preflight: disk %.1f GB needed (checkpoints %.1f GB), %.1f GB free",
-            needed / GB,
-            checkpoints / GB,
-            free / GB,
-        )
         return []
     return [
         f"disk: the jobs to run need about {size_text(needed)} ({', '.join(parts) or 'outputs'}; training "
@@ -166,8 +160,13 @@ def _disk_problem(config: dict, plan: dict, jobs: list[Job], workdir: Path, gpu_
 
 
 def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -> list[str]:
+    """Each GPU job against the visible devices: their count, and the memory its model and
+    micro-batch need (on CPU: the host's memory, and a model small enough to train there)."""
     problems = []
-    memory = min((g["memory_bytes"] for g in gpus), default=0)
+    on_cpu = not gpus or any(g["memory_bytes"] is None for g in gpus)  # none, or fake ones
+    memory = (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if on_cpu else min(g["memory_bytes"] for g in gpus)
+    )
     sharded = bool(config["launch"]["accelerate_config"])
     for job in jobs:
         if job.rule not in GPU_RULES:
@@ -175,7 +174,7 @@ def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -
         if job.rule == "answer_heldout":
             row = next(r for r in plan["stages"] if r["stage"] == "answer_heldout")
             name, params, need, devices = (
-                job.wildcards.get("model", "answer_heldout"),
+                f"answer_heldout {job.wildcards.get('model', '')}",
                 row["params"],
                 row["memory_per_gpu_bytes"],
                 1,
@@ -185,27 +184,27 @@ def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -
             shape, _ = model_shape(config, size)
             params = parameter_counts(shape)[0]
             settings = workflow_config.training_settings(config, job.rule, size)
-            devices = job.gpus if gpus else config["launch"]["cpu_processes"]
-            need = training_memory_bytes(shape, params, settings, job.rule, max(1, devices), sharded and devices > 1)
+            # Without CUDA the launcher starts cpu_processes processes, each with the whole model.
+            devices = config["launch"]["cpu_processes"] if on_cpu else max(1, job.gpus)
+            need = training_memory_bytes(
+                shape, params, settings, job.rule, devices, sharded and devices > 1 and not on_cpu
+            )
             name = f"{job.rule} {size}"
-        if not gpus:
-            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            if params > CPU_TRAINING_MAX_PARAMS:
-                problems.append(
-                    f"GPUs: none is visible (nvidia-smi lists none here), so {name} would run on CPU with "
-                    f"{params / 1e9:.1f}B parameters: run on a GPU machine, or with a cluster profile"
-                )
-            elif need * max(1, devices) > USABLE_MEMORY_FRACTION * host:
-                problems.append(
-                    f"memory: {name} on CPU needs about {need * devices / GIB:.1f} GiB, {host / GIB:.1f} are here"
-                )
-            continue
-        if job.gpus > len(gpus):
+        if gpus and job.gpus > len(gpus):
             problems.append(
                 f"GPUs: {name} is given {job.gpus} GPU(s) but {len(gpus)} are visible: lower models.<size>.gpus "
                 "or --resources gpu, or run where more are visible"
             )
-        if need > USABLE_MEMORY_FRACTION * memory:
+        if on_cpu and params > CPU_TRAINING_MAX_PARAMS:
+            problems.append(
+                f"GPUs: no real GPU is visible here (nvidia-smi lists none), so {name} would run on CPU with "
+                f"{params / 1e9:.1f}B parameters: run on a GPU machine, or with a cluster profile"
+            )
+        elif on_cpu and need * devices > USABLE_MEMORY_FRACTION * memory:
+            problems.append(
+                f"memory: {name} on CPU needs about {need * devices / GIB:.1f} GiB, {memory / GIB:.1f} are here"
+            )
+        elif not on_cpu and need > USABLE_MEMORY_FRACTION * memory:
             problems.append(
                 f"GPU memory: {name} needs about {need / GIB:.1f} GiB per GPU on {devices} GPU(s)"
                 f"{' (FSDP)' if sharded and devices > 1 else ''} but the visible GPUs have {memory / GIB:.1f} GiB: "
@@ -225,7 +224,7 @@ def _archived_fraction(archive: str | None, requests: int) -> float:
     return min(1.0, answered / requests)
 
 
-def _money_problems(config: dict, plan: dict, jobs: list[Job]) -> list[str]:
+def _money_problems(config: dict, plan: dict, jobs: list[Job], summary: list[str]) -> list[str]:
     rules = {job.rule for job in jobs} & paid_rules(config)
     if not rules:
         return []
@@ -255,15 +254,14 @@ def _money_problems(config: dict, plan: dict, jobs: list[Job]) -> list[str]:
             f"max_tokens) but llm.budget_usd is ${budget:,.2f}: raise llm.budget_usd, lower llm.max_tokens or "
             f"judge.max_tokens, or choose a cheaper model{cheaper}"
         )
-    log.info(
-        "preflight: LLM spend of this run at most $%.2f (%s), budget %s", spend, ", ".join(parts) or "none", budget
-    )
+    summary.append(f"LLM: at most ${spend:,.2f} ({', '.join(parts) or 'nothing priced'}), llm.budget_usd {budget}")
     return problems
 
 
 def check(config: dict, jobs: list[Job], workdir: str | Path = ".", local: bool = True, gpu_limit: int | None = None):
-    """Check the jobs about to run; return the plan checked (None when no job is a GPU or paid
-    one) or raise PreflightError. The plan is also written to results/plan/preflight.json."""
+    """Check the jobs about to run; return the plan checked, with what was checked under
+    "preflight" (None when no job is a GPU or paid one), or raise PreflightError. The plan is
+    also written to results/plan/preflight.json."""
     workdir = Path(workdir)
     checked = [job for job in jobs if job.rule in GPU_RULES or job.rule in paid_rules(config)]
     if not checked:
@@ -283,13 +281,15 @@ def check(config: dict, jobs: list[Job], workdir: str | Path = ".", local: bool 
         base = config["models"].get(size, {}).get("base")
         if base and base != "tiny":
             problems += base_folder_problems(size, Path(base), model_shape(config, size)[0])
-    problems += _disk_problem(config, plan, jobs, workdir, gpu_limit)
+    summary: list[str] = []
+    problems += _disk_problem(config, plan, jobs, workdir, gpu_limit, summary)
     if local:
         problems += _gpu_problems(config, plan, checked, gpus)
+        summary.append(f"GPUs: {len(gpus)} visible" + (f" ({gpus[0]['name']})" if gpus else ", the jobs run on CPU"))
     else:
-        log.info("preflight: GPUs not checked here (jobs run on cluster nodes, not on this machine)")
-    problems += _money_problems(config, plan, checked)
-    plan["preflight"] = {"jobs": [job.rule for job in checked], "problems": problems}
+        summary.append("GPUs: not checked here (jobs run on cluster nodes, not on this machine)")
+    problems += _money_problems(config, plan, checked, summary)
+    plan["preflight"] = {"jobs": [job.rule for job in checked], "checked": summary, "problems": problems}
     write_json(workdir / "results/plan/preflight.json", plan)
     if problems:
         raise PreflightError(

@@ -1,4 +1,5 @@
-# Config validation (first, before any job), cross-stage paths and the target list.
+# Config validation (first, before any job), cross-stage paths, the target list and the preflight
+# (run by the onstart hook in plan.smk).
 # Scripts import the package through scripts/asclepius_r (a link to ../asclepius_r), since
 # Snakemake puts the script's folder on sys.path; that also holds inside conda envs.
 import re
@@ -7,7 +8,10 @@ from types import SimpleNamespace
 
 sys.path.insert(0, workflow.basedir)
 
+from snakemake.logging import logger
+
 from asclepius_r import config as workflow_config
+from asclepius_r import preflight
 
 try:
     workflow_config.resolve(config, require_data=False)
@@ -89,3 +93,24 @@ def training_params(stage):
 
 def final_outputs():
     return ["release", "results/evaluation/summary.json", *REPORT_ITEMS]
+
+
+def run_preflight():
+    """Check the jobs about to run against the plan (disk, GPUs, base folders, budget)."""
+    from snakemake_interface_executor_plugins.settings import ExecMode
+
+    if workflow.touch or workflow.exec_mode != ExecMode.DEFAULT:
+        return  # --touch starts no job; a remote job's own process is not the run's start
+    limit = workflow.global_resources.get("gpu")
+    jobs = [
+        preflight.Job(job.rule.name, dict(job.wildcards_dict), int(job.resources.get("gpu", 0) or 0))
+        for job in workflow.dag.needrun_jobs()
+    ]
+    try:
+        checked = preflight.check(
+            config, jobs, local=workflow.local_exec, gpu_limit=getattr(limit, "value", limit)
+        )
+    except preflight.PreflightError as error:
+        raise WorkflowError(str(error)) from None
+    if checked:
+        logger.info("preflight passed: " + "; ".join(checked["preflight"]["checked"]))

@@ -84,6 +84,7 @@ rule report_evaluation:
 
 
 REPORT_ITEMS = [
+    "results/report/plan.html",
     "results/report/note_lengths.png",
     "results/report/dataset.html",
     *expand("results/report/training-{stage}.png", stage=["pretrain", "finetune"]),

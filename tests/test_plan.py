@@ -14,10 +14,11 @@ import yaml
 
 from asclepius_r import config as workflow_config
 from asclepius_r import preflight
-from asclepius_r.plan import GIB, LLAMA1_COMMON, LLAMA1_SHAPES, make_plan
+from asclepius_r.llm import Archive, ChatRequest, ChatResult
+from asclepius_r.plan import GIB, LLAMA1_COMMON, LLAMA1_SHAPES, compare, make_plan, used_by_run
 from asclepius_r.train.finetune import first_fit_decreasing
 from asclepius_r.train.run import TrainRun
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_workflow, run_snakemake
 from tests.notes_support import note, write_noteevents
 
 PAPER = REPO / "config.yaml"
@@ -91,18 +92,104 @@ def test_plan_command_runs_the_notes_stage_and_writes_json(tmp_path):
     assert "models.13B.base is not set" in result.stdout
 
 
+@pytest.mark.slow
+def test_the_plan_bounds_what_the_demo_used(demo_run):
+    plan = json.loads((demo_run / "results/plan/plan.json").read_text())
+    names = [f"{stage} {size}" for size in ("7B", "13B") for stage in ("pretrain", "finetune")]
+    folders = {
+        n: demo_run / "results/models" / f"Asclepius-R-{n.split()[1]}{'-Pretrained-Only' * n.startswith('pre')}"
+        for n in names
+    }
+    used = used_by_run(
+        [demo_run / f"results/instructions/{s}.jsonl" for s in ("discharge", "heldout")],
+        [demo_run / f"results/instructions/{s}.stats.json" for s in ("discharge", "heldout")],
+        demo_run / "demo/llm_archive.jsonl",
+        demo_run / "results/evaluation/judge/stats.json",
+        demo_run / "results/llm/judge-archive.jsonl",
+        models=folders,
+        metrics={n: demo_run / f"results/metrics/{n.replace(' ', '-')}.jsonl" for n in names},
+    )
+    margins = {(c["stage"], c["quantity"]): c for c in compare(plan, used)}
+    print(json.dumps({f"{s} {q}": (c["planned"], c["used"], c["margin"]) for (s, q), c in margins.items()}, indent=1))
+    assert margins["instructions", "requests"]["margin"] == 0
+    assert margins["judge", "requests"]["margin"] == 0
+    for quantity in ("prompt_tokens", "completion_tokens"):
+        assert margins["instructions", quantity]["margin"] >= 0  # an upper bound
+    for size in ("7B", "13B"):
+        # Pretraining tokens and steps are counted exactly with the base tokenizer.
+        assert margins[f"pretrain {size}", "steps"]["margin"] == 0
+        assert margins[f"pretrain {size}", "train_tokens"]["margin"] == 0
+        assert margins[f"finetune {size}", "steps"]["margin"] >= 0
+        assert margins[f"finetune {size}", "train_tokens"]["margin"] >= 0
+        assert abs(margins[f"finetune {size}", "disk_bytes"]["margin"]) < 0.5
+    report = (demo_run / "results/report/plan.html").read_text()
+    assert "Planned against used" in report and "margin" in report
+
+
+def test_preflight_stops_a_run_without_the_disk_it_needs(tmp_path, monkeypatch):
+    workdir = copy_workflow(tmp_path / "wf")
+    monkeypatch.setenv(preflight.FREE_DISK_ENV, "0.0001")  # 100 kB free
+    result = run_snakemake(workdir, "results/models/Asclepius-R-7B-Pretrained-Only", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "preflight stopped the run before any job" in output and "disk: the jobs to run need about" in output
+    assert "save_total_limit" in output
+    assert not (workdir / "results/demo").exists() and not (workdir / "logs").exists()  # no job ran
+
+
+def test_preflight_stops_a_paid_run_over_budget(tmp_path, monkeypatch):
+    workdir = copy_workflow(tmp_path / "wf")
+    run_snakemake(workdir, "results/demo/NOTEEVENTS.csv")  # no GPU or paid job: no preflight
+    paid = {
+        "llm": {
+            "backend": "openai",
+            "base_url": "http://127.0.0.1:9/v1",
+            "approved_endpoints": ["http://127.0.0.1:9/v1"],
+            "api_key_env": "PLAN_TEST_KEY",
+            "model": "gpt-4o-mini",
+            "archive": "results/llm/archive.jsonl",
+            "prices_per_million": {"gpt-4o-mini": {"input": 0.15, "output": 0.6}},
+            "budget_usd": 0.001,
+        }
+    }
+    (workdir / "paid.yaml").write_text(yaml.safe_dump(paid))
+    monkeypatch.setenv("PLAN_TEST_KEY", "sk-test")
+    result = run_snakemake(
+        workdir,
+        "results/instructions/heldout.jsonl",
+        "--configfile",
+        "demo/config.yaml",
+        "paid.yaml",
+        demo=False,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "budget: the plan's upper bound is $" in output and "llm.budget_usd is $0.00" in output
+    assert "llm.mode: batch would cost about" in output
+    assert not (workdir / "results/llm/archive.jsonl").exists() and not (workdir / "results/notes").exists()
+
+
 def test_preflight_money_check_passes_within_budget_and_counts_archived_responses(tmp_path):
     config = paper_config(**{"7B": "tiny", "13B": "tiny"})
-    config["llm"].update(backend="replay", archive=str(tmp_path / "none.jsonl"))
+    archive = tmp_path / "archive.jsonl"
+    config["llm"].update(backend="replay", archive=str(archive))
     assert preflight.paid_rules(config) == set()  # replay costs nothing: not checked
     plan = {"stages": [{"stage": "instructions", "usd_online": 50.0, "usd_batch": 25.0, "requests": 10}], "missing": []}
+    jobs = [preflight.Job("generate_instructions", {"split": "discharge"})]
     config["llm"].update(backend="openai", budget_usd=60)
-    assert (
-        preflight._money_problems(config, plan, [preflight.Job("generate_instructions", {"split": "discharge"})]) == []
-    )
+    assert preflight._money_problems(config, plan, jobs, []) == []
     config["llm"]["budget_usd"] = 40
-    problems = preflight._money_problems(config, plan, [preflight.Job("generate_instructions", {"split": "discharge"})])
-    assert len(problems) == 1 and "$50.00" in problems[0]
+    problems = preflight._money_problems(config, plan, jobs, [])
+    assert len(problems) == 1 and "$50.00" in problems[0] and "batch would cost about $25.00" in problems[0]
+    # Half the requests already answered in the archive: a rerun pays for the other half only.
+    store = Archive(archive)
+    for i in range(5):
+        request = ChatRequest(model="gpt-4o-mini", messages=(("user", f"prompt {i}"),))
+        store.append(request, ChatResult(key=request.key, status="ok", text="x"))
+    summary = []
+    assert preflight._money_problems(config, plan, jobs, summary) == []
+    assert "$25.00" in summary[0]
 
 
 @pytest.mark.parametrize(
@@ -112,7 +199,7 @@ def test_preflight_money_check_passes_within_budget_and_counts_archived_response
         ("13B", 8, [24] * 8, "GPU memory: pretrain 13B needs about"),
         ("7B", 1, [80], "GPU memory: pretrain 7B needs about"),  # no sharding: 16 bytes x 6.7B
         ("7B", 8, [80] * 2, "is given 8 GPU(s) but 2 are visible"),
-        ("7B", 8, [], "none is visible"),
+        ("7B", 8, [], "no real GPU is visible"),
     ],
 )
 def test_preflight_checks_gpus_against_the_model_and_batch(size, given, gpus, complaint):

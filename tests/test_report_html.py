@@ -29,7 +29,7 @@ EXPECTED_PLOTS = {
     "results/report/judge_scores.png",
     "results/report/rouge_l.png",
 }
-EXPECTED_TABLES = {"results/report/dataset.html", "results/report/evaluation.html"}
+EXPECTED_TABLES = {"results/report/plan.html", "results/report/dataset.html", "results/report/evaluation.html"}
 
 PROBE = """<script>
 window.addEventListener("load", async () => {
