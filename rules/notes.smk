@@ -30,11 +30,11 @@ rule synthesize_long_noteevents:
         "results/rehearsal/NOTEEVENTS.csv",
     log:
         "logs/notes/synthesize_long_noteevents.log",
+    conda:
+        "../envs/train.yaml"
     params:
         notes=config["synthetic_notes"],
         seed=config["seed"],
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/synthesize_long_noteevents.py"
 
