@@ -89,3 +89,13 @@ def training_params(stage):
 
 def final_outputs():
     return ["release", "results/evaluation/summary.json", *REPORT_ITEMS]
+
+
+def long_notes_tokenizer(wildcards):
+    tokenizer = config["tiny_model"]["tokenizer_model"]
+    if not tokenizer:
+        raise WorkflowError(
+            "results/rehearsal/NOTEEVENTS.csv counts note lengths in tokens: set "
+            "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
+        )
+    return tokenizer
