@@ -114,3 +114,13 @@ def run_preflight():
         raise WorkflowError(str(error)) from None
     if checked:
         logger.info("preflight passed: " + "; ".join(checked["preflight"]["checked"]))
+
+
+def long_notes_tokenizer(wildcards):
+    tokenizer = config["tiny_model"]["tokenizer_model"]
+    if not tokenizer:
+        raise WorkflowError(
+            "results/rehearsal/NOTEEVENTS.csv counts note lengths in tokens: set "
+            "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
+        )
+    return tokenizer

@@ -12,16 +12,6 @@ rule synthesize_demo_noteevents:
         "../scripts/synthesize_demo_noteevents.py"
 
 
-def long_notes_tokenizer(wildcards):
-    tokenizer = config["tiny_model"]["tokenizer_model"]
-    if not tokenizer:
-        raise WorkflowError(
-            "results/rehearsal/NOTEEVENTS.csv counts note lengths in tokens: set "
-            "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
-        )
-    return tokenizer
-
-
 # The rehearsal's notes: discharge summaries as long as MIMIC-III's, in the tiny LLaMA's tokens.
 rule synthesize_long_noteevents:
     input:
@@ -30,11 +20,11 @@ rule synthesize_long_noteevents:
         "results/rehearsal/NOTEEVENTS.csv",
     log:
         "logs/notes/synthesize_long_noteevents.log",
+    conda:
+        "../envs/train.yaml"
     params:
         notes=config["synthetic_notes"],
         seed=config["seed"],
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/synthesize_long_noteevents.py"
 
