@@ -112,7 +112,7 @@ def test_the_plan_bounds_what_the_demo_used(demo_run):
     margins = {(c["stage"], c["quantity"]): c for c in compare(plan, used)}
     print(json.dumps({f"{s} {q}": (c["planned"], c["used"], c["margin"]) for (s, q), c in margins.items()}, indent=1))
     assert margins["instructions", "requests"]["margin"] == 0
-    assert margins["judge", "requests"]["margin"] == 0
+    assert margins["judge", "requests"]["margin"] >= 0  # parse retries would add requests; the heuristic has none
     for quantity in ("prompt_tokens", "completion_tokens"):
         assert margins["instructions", quantity]["margin"] >= 0  # an upper bound
     for size in ("7B", "13B"):
