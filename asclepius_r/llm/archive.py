@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -147,10 +148,17 @@ class Archive:
         self.path = Path(path) if path else None
         self.results: dict[str, dict] = {}
         self.billed_retries = 0
+        # (model, batch) -> tokens of every billed response archived, for the budget across runs
+        self.billed: dict[tuple[str, bool], Counter] = defaultdict(Counter)
         if self.path and self.path.exists():
             for record in read_records(self.path):
                 if record is None:
                     continue
+                result = record["result"]
+                if result.get("usage"):
+                    self.billed[(record["request"]["model"], "batch" in (result.get("provider") or {}))].update(
+                        result["usage"]
+                    )
                 if record["result"]["status"] == "retry":
                     self.billed_retries += 1
                 else:

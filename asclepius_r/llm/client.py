@@ -98,6 +98,11 @@ class LLMSettings:
             missing = [k for k in ("azure_endpoint", "azure_deployment", "api_version") if not getattr(self, k)]
             if missing:
                 raise ValueError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
+        if self.budget_usd is not None and self.backend != "replay" and self.model not in self.prices_per_million:
+            raise ValueError(
+                f"llm.budget_usd is set but model {self.model!r} has no price in llm.prices_per_million, so the "
+                f"budget could not count its cost; add `{self.model}: {{input: USD, output: USD}}` (per million tokens)"
+            )
         if self.backend == "replay" and not self.archive:
             raise ValueError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
         if self.mode == "batch" and self.backend == "replay":
@@ -116,6 +121,17 @@ def estimate_tokens(request: ChatRequest) -> int:
     """An upper-ish estimate before sending: ~4 characters per token plus the output cap."""
     chars = sum(len(content) for _, content in request.messages)
     return chars // 4 + 8 * len(request.messages) + request.max_tokens
+
+
+# Chat formatting tokens per message and for the reply's start; OpenAI's chat models use 3-4 and 3.
+MESSAGE_OVERHEAD_TOKENS = 8
+
+
+def prompt_token_bound(request: ChatRequest) -> int:
+    """Prompt tokens no tokenizer exceeds: one per UTF-8 byte (a byte-level BPE token holds at
+    least one byte), plus the chat formatting. Spending is checked against this, never an average."""
+    size = sum(len(content.encode("utf-8")) for _, content in request.messages)
+    return size + MESSAGE_OVERHEAD_TOKENS * (len(request.messages) + 1)
 
 
 class Pacer:
@@ -226,6 +242,17 @@ class LLMClient:
             warn_provider_storage(settings)
         self.counts: Counter = Counter()
         self.cost_usd = 0.0
+        # The budget is the archive's: what earlier runs, jobs and retries spent counts too.
+        self.spent_before_usd = sum(
+            self.price(usage, batch, model) for (model, batch), usage in self.archive.billed.items()
+        )
+        if settings.budget_usd is not None:
+            log.info(
+                "llm.budget_usd = %s; the archive %s holds $%.4f spent by earlier runs",
+                settings.budget_usd,
+                settings.archive,
+                self.spent_before_usd,
+            )
         self.bar: tqdm | None = None
         self._reserved_usd = 0.0
         self._budget_hit = False
@@ -248,8 +275,8 @@ class LLMClient:
         self.close()
 
     # -- accounting ------------------------------------------------------------------------
-    def price(self, usage: dict, batch: bool = False) -> float:
-        table = self.settings.prices_per_million.get(self.settings.model)
+    def price(self, usage: dict, batch: bool = False, model: str | None = None) -> float:
+        table = self.settings.prices_per_million.get(model or self.settings.model)
         if not table or not usage:
             return 0.0
         cost = (
@@ -258,15 +285,15 @@ class LLMClient:
         return cost * (self.settings.batch_discount if batch else 1.0)
 
     def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
-        estimate = estimate_tokens(request)
         return self.price(
-            {"prompt_tokens": estimate - request.max_tokens, "completion_tokens": request.max_tokens}, batch
+            {"prompt_tokens": prompt_token_bound(request), "completion_tokens": request.max_tokens}, batch
         )
 
     def reserve(self, worst: float) -> bool:
         """Set aside the worst-case cost of one attempt; False (and stop) if the budget would be crossed."""
         budget = self.settings.budget_usd
-        if self._budget_hit or (budget is not None and self.cost_usd + self._reserved_usd + worst > budget):
+        spent = self.spent_before_usd + self.cost_usd + self._reserved_usd
+        if self._budget_hit or (budget is not None and spent + worst > budget):
             self._budget_hit = True
             return False
         self._reserved_usd += worst
@@ -362,9 +389,9 @@ class LLMClient:
                     results[i] = result
         if self._budget_hit:
             raise BudgetExceededError(
-                f"llm.budget_usd = {self.settings.budget_usd} would be crossed: stopped after spending "
-                f"${self.cost_usd:.2f}; everything received is archived, so raising the budget and "
-                "rerunning continues where this run stopped"
+                f"llm.budget_usd = {self.settings.budget_usd} would be crossed: the archive {self.settings.archive} "
+                f"holds ${self.spent_before_usd + self.cost_usd:.4f} of spending (${self.cost_usd:.4f} in this run); "
+                "everything received is archived, so raising the budget and rerunning continues where this run stopped"
             )
         return results
 
