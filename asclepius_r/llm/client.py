@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
-from .archive import Archive, ChatRequest, ChatResult
+from .archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
 from .backends import FatalError, ReplayMissError, RetryableError, make_backend
 from .guard import check_endpoint
 
@@ -234,8 +234,16 @@ class LLMClient:
         settings.check()
         self.settings = settings
         check_endpoint(settings)
-        self.backend = backend or make_backend(settings)
-        self.archive = archive or Archive(settings.archive)
+        # Held for the client's (the stage's) life; replay sends nothing, so it may share an archive.
+        self._held = settings.archive if settings.backend != "replay" else None
+        if self._held:
+            hold_archive(self._held)
+        try:
+            self.backend = backend or make_backend(settings)
+            self.archive = archive or Archive(settings.archive)
+        except BaseException:
+            self._let_go()
+            raise
         if settings.mode == "batch":
             from .batch import warn_provider_storage
 
@@ -260,13 +268,19 @@ class LLMClient:
         self._limiter: RateLimiter | None = None
 
     def close(self) -> None:
-        """Close the SDK's connections inside the loop they belong to, then the loop."""
+        """Close the SDK's connections inside the loop they belong to, then the loop; let go of the archive."""
         if self._loop is not None:
             aclose = getattr(getattr(self.backend, "client", None), "close", None)
             if aclose is not None:
                 self._loop.run_until_complete(aclose())
             self._loop.close()
             self._loop = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        if self._held:
+            let_go_of_archive(self._held)
+            self._held = None
 
     def __enter__(self) -> LLMClient:
         return self
