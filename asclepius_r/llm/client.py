@@ -140,17 +140,19 @@ class InFlightLimit:
 
     Sustaining `rate` requests per second when each takes `latency` seconds on average needs
     rate x latency of them in flight; the count fluctuates around that (by about its square root,
-    more under a long tail), so the limit keeps `MARGIN` times as many, never more than `cap`.
+    more under a long tail) and the first answers back are the fast ones, which make the mean
+    too low for a while, so the limit keeps `MARGIN` times as many, never more than `cap`. Those
+    beyond what the rate needs wait in the pacer, costing nothing.
     The mean is over the latest `WINDOW` attempts, so it follows the endpoint as it slows down or
     speeds up. Until the first answer it assumes `INITIAL_LATENCY_S`, not the cap: at a high limit
     hundreds of requests would enter the SDK's connection pool at once, whose bookkeeping costs CPU
     in proportion to the requests waiting in it; a slower endpoint raises the limit one latency later.
     """
 
-    MARGIN = 1.5
+    MARGIN = 2.0
     WINDOW = 512
     FLOOR = 4
-    INITIAL_LATENCY_S = 1.0
+    INITIAL_LATENCY_S = 2.0
 
     def __init__(self, requests_per_minute: float, cap: int):
         self.rate = requests_per_minute / 60
