@@ -112,7 +112,7 @@ def generation_settings(config: dict):
     section = config["instructions"]
     return GenerationSettings(
         seed=config["seed"],
-        wave_size=section["wave_size"],
+        pool_lag=section["pool_lag"],
         near_duplicate_rouge=section["near_duplicate_rouge"],
         seed_questions=section["seed_questions"] or DEFAULT_SEED_QUESTIONS,
     )

@@ -26,6 +26,10 @@ Faults (`add_fault(kind, ...)`), each applied to chat requests whose prompt cont
   redirect        307 to `location` (another server), as a hijacked or misconfigured gateway would
 Faults apply to the requests inside batches too (as per-line errors or finish reasons).
 
+`latency_sigma` makes the latency log-normal: `latency_s` is then the median, each request's
+delay is drawn from the seeded generator (so `seed` changes the pattern) and capped at
+`latency_max_s`, as chat APIs answer (a long tail, then the provider's own timeout).
+
 `fail_route(method, path)` answers a files or batches call with a 500 (e.g. `batches.create` after
 the upload). `hold(after=n)` keeps every chat request after the first n waiting until `release()` (or
 `release(drop=True)`: never answered), to stop a client at a known point; `rpm_limit` makes the server enforce a
@@ -230,6 +234,8 @@ class OpenAIServer:
     def __init__(
         self,
         latency_s: float = 0.0,
+        latency_sigma: float = 0.0,
+        latency_max_s: float = float("inf"),
         responder: Callable[[dict], str] = default_responder,
         rpm_limit: float | None = None,
         rpm_window_s: float = 60.0,
@@ -238,6 +244,8 @@ class OpenAIServer:
         chars_per_token: int = 4,
     ):
         self.latency_s = latency_s
+        self.latency_sigma = latency_sigma
+        self.latency_max_s = latency_max_s
         self.responder = responder
         self.rpm_limit = rpm_limit
         self.rpm_window_s = rpm_window_s
@@ -395,6 +403,13 @@ class OpenAIServer:
             }
         return over, headers
 
+    def _latency(self) -> float:
+        if not self.latency_sigma:
+            return self.latency_s
+        with self._lock:
+            draw = self._random.lognormvariate(0.0, self.latency_sigma)
+        return min(self.latency_s * draw, self.latency_max_s)
+
     def _wait_if_held(self) -> None:
         with self._lock:
             self._chat_count += 1
@@ -413,7 +428,7 @@ class OpenAIServer:
             entry.outcome = "over_rpm"
             return 429, {**headers, "retry-after": "1"}, _error("Rate limit reached for requests", "requests")
         if self.latency_s:
-            self._stopping.wait(self.latency_s)
+            self._stopping.wait(self._latency())
         fault = self._pick_fault(body)
         status, payload = self._complete(body, fault, entry.authorization)
         if fault is not None:
