@@ -82,8 +82,9 @@ def test_a_named_proxy_of_a_plain_http_endpoint_must_be_approved(server, rogue, 
     assert [r.path for r in rogue.requests] == [f"{server.url}/chat/completions"], "the named proxy carries it"
 
 
-def test_a_request_outside_the_approved_endpoint_is_refused_unsent(server, rogue, tmp_path):
-    client = LLMClient(live_settings(server, tmp_path / "a.jsonl"))
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_a_request_outside_the_approved_endpoint_is_refused_unsent(server, rogue, tmp_path, mode):
+    client = LLMClient(live_settings(server, tmp_path / "a.jsonl", mode=mode))
     client.backend.client.base_url = rogue.url  # as if the SDK chose another host by itself
     with pytest.raises(UnapprovedEndpointError, match=str(rogue.port)):
         client.run(requests(1))

@@ -160,11 +160,16 @@ class BatchRunner:
     async def _remove_leftovers(self) -> None:
         """Delete this archive's input files that no batch in the journal waits on."""
         waited_on = {record["input_file_id"] for record in self.journal.open.values()}
-        leftovers = [
-            f.id
-            async for f in self.api.files.list(purpose="batch")
-            if f.filename == self.input_name and f.id not in waited_on
-        ]
+        try:
+            leftovers = [
+                f.id
+                async for f in self.api.files.list(purpose="batch")
+                if f.filename == self.input_name and f.id not in waited_on
+            ]
+        except self.backend.openai.APIConnectionError as err:
+            if refusal(err):
+                raise refusal(err) from None
+            raise
         if leftovers:
             log.warning("deleting %d batch input file(s) an earlier run left on the provider", len(leftovers))
             for file_id in leftovers:
