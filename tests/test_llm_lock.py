@@ -1,5 +1,5 @@
 """One generator per archive: a stage left running by a killed Snakemake and a rerun on the same
-archive. The rerun is refused, naming the running one, instead of sending the same requests."""
+archive. The rerun waits, naming the running one, instead of sending the same requests."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.test_instructions_kill import REPO, stage_command, write_config
 
 
 @pytest.mark.slow
-def test_a_second_generator_on_one_archive_is_refused_while_the_first_runs(tmp_path):
+def test_a_second_generator_on_one_archive_waits_for_the_first(tmp_path):
     env = {**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(REPO)}
     write_notes(tmp_path / "notes.parquet", synthetic_notes(8))
     with OpenAIServer() as server:
@@ -31,13 +31,18 @@ def test_a_second_generator_on_one_archive_is_refused_while_the_first_runs(tmp_p
             server.wait_for(lambda s: s.held() == 1)
             sent_by_orphan = len(server.chat_requests())
             rerun = subprocess.Popen(stage_command(tmp_path, config, "rerun"), env=env)
-            server.wait_for(lambda s: rerun.poll() is not None or len(s.chat_requests()) > sent_by_orphan)
+            rerun_log = tmp_path / "rerun.log"
+            server.wait_for(
+                lambda s: (
+                    (rerun_log.exists() and "in use by pid" in rerun_log.read_text())
+                    or len(s.chat_requests()) > sent_by_orphan
+                )
+            )
+            assert len(server.chat_requests()) == sent_by_orphan, "the rerun sent while the orphan ran"
+            assert f"in use by pid {orphan.pid} on " in rerun_log.read_text()
         finally:
             server.release()
-            assert orphan.wait() == 0 and rerun is not None and rerun.wait() != 0
-        assert f"in use by pid {orphan.pid}" in (tmp_path / "rerun.log").read_text()
+            assert orphan.wait() == 0 and rerun is not None and rerun.wait() == 0
         assert max(server.delivered().values()) == 1, "two generators sent the same request"
-
-        sent = len(server.chat_requests())
-        subprocess.run(stage_command(tmp_path, config, "after"), env=env, check=True)  # the lock went with it
-        assert len(server.chat_requests()) == sent
+        assert "is free; continuing" in rerun_log.read_text(), "the lock goes with its process"
+        assert (tmp_path / "rerun.jsonl").read_bytes() == (tmp_path / "orphan.jsonl").read_bytes()

@@ -6,9 +6,9 @@ Each record is flushed and fsynced under an exclusive lock (two stages may appen
 torn last line from a killed process is ignored on load and cut off by the next append.
 
 One generator per archive: a live stage holds `<archive>.lock` (an flock, so the kernel lets go
-when the process dies, however) for its whole life, and a second process is refused with the
-holder's pid, host and command, so that an orphaned job (its Snakemake killed) and a rerun do
-not both pay for the same requests.
+when the process dies, however) for its whole life. A second process waits for it, saying in its
+log which pid, host and command hold it, so that an orphaned job (its Snakemake killed) and a
+rerun never both pay for the same requests, and the two splits' stages take turns.
 
 Record statuses: `ok` (a usable response, reused forever), `failed` (attempts ran out; a live
 rerun tries again, replay reproduces the failure) and `retry` (a billed response that was not
@@ -83,17 +83,13 @@ class ChatResult:
         return cls(**{k: v for k, v in result.items() if k in known})
 
 
-class ArchiveInUseError(RuntimeError):
-    """Another live process generates into the same archive."""
-
-
 # Archive lock files this process holds -> [open file, users]: two clients of one archive in one
-# process (a stage and its rerun in a test) share the hold; other processes are refused.
+# process (a stage and its rerun in a test) share the hold; other processes wait.
 _HELD: dict[Path, list] = {}
 
 
 def hold_archive(path: str | os.PathLike) -> None:
-    """Hold the archive's lock until `let_go_of_archive`, or raise ArchiveInUseError naming the holder."""
+    """Hold the archive's lock until `let_go_of_archive`, waiting (and saying who holds it) if busy."""
     lock = Path(str(path) + ".lock").resolve()
     if lock in _HELD:
         _HELD[lock][1] += 1
@@ -105,12 +101,15 @@ def hold_archive(path: str | os.PathLike) -> None:
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "a process that has not written its name yet"
-        handle.close()
-        raise ArchiveInUseError(
-            f"the LLM archive {path} is in use by {holder}. Two generators on one archive send (and pay for) "
-            "the same requests twice. If that process is left over from a killed or closed Snakemake, wait for "
-            "it or end it (kill PID), then rerun; the archive keeps everything it received."
-        ) from None
+        log.warning(
+            "the LLM archive %s is in use by %s; waiting for it to finish (two generators on one archive would "
+            "send and pay for the same requests twice). If that process is left over from a killed Snakemake "
+            "and should not finish, end it (kill PID).",
+            path,
+            holder,
+        )
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        log.info("the LLM archive %s is free; continuing", path)
     handle.seek(0)
     handle.truncate()
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
