@@ -24,6 +24,8 @@ OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Read by the openai SDK when an argument is missing; each would change where requests go or
 # what they carry, so a value that the config does not also say is refused.
 SDK_ENDPOINT_VARIABLES = ("OPENAI_BASE_URL", "OPENAI_API_BASE", "AZURE_OPENAI_ENDPOINT", "OPENAI_CUSTOM_HEADERS")
+# Read by the SDK only when no argument is given; the workflow always gives one.
+SDK_IGNORED_VARIABLES = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN", "OPENAI_API_VERSION")
 # Honoured by HTTP clients that trust the environment; ours does not (see `llm.proxy`).
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
@@ -78,6 +80,14 @@ def check_environment(settings) -> None:
                 "llm.base_url / llm.azure_endpoint point: unset it, or put that endpoint in the config "
                 "(and in llm.approved_endpoints)."
             )
+    unused = [n for n in SDK_IGNORED_VARIABLES if os.environ.get(n) and n != settings.api_key_env]
+    if unused:
+        log.info(
+            "%s set in the environment: not used; the key comes only from the variable llm.api_key_env names (%s) "
+            "and the API version only from llm.api_version.",
+            ", ".join(unused),
+            settings.api_key_env,
+        )
     ignored = [name for name in PROXY_VARIABLES if os.environ.get(name)]
     if ignored:
         log.warning(
