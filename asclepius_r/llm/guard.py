@@ -66,7 +66,7 @@ def _approval_message(identity: str, what: str) -> str:
 
 
 def check_environment(settings) -> None:
-    """Refuse SDK variables that would redirect requests; say that proxy variables are ignored.
+    """Refuse SDK variables that would send requests elsewhere than the config says.
 
     Values are never quoted: a URL in the environment may carry credentials.
     """
@@ -80,6 +80,10 @@ def check_environment(settings) -> None:
                 "llm.base_url / llm.azure_endpoint point: unset it, or put that endpoint in the config "
                 "(and in llm.approved_endpoints)."
             )
+
+
+def _say_what_is_ignored(settings) -> None:
+    """Variables the SDK or HTTP clients would read, which this client does not: said once per client."""
     unused = [n for n in SDK_IGNORED_VARIABLES if os.environ.get(n) and n != settings.api_key_env]
     if unused:
         log.info(
@@ -91,10 +95,11 @@ def check_environment(settings) -> None:
     ignored = [name for name in PROXY_VARIABLES if os.environ.get(name)]
     if ignored:
         log.warning(
-            "%s set in the environment: ignored. Notes go to the endpoint directly, or through the proxy that "
-            "llm.proxy names%s.",
+            "%s set in the environment: ignored. Notes go %s.",
             ", ".join(ignored),
-            f" ({settings.proxy})" if settings.proxy else " (none)",
+            "through the proxy that llm.proxy names"
+            if settings.proxy
+            else "to the endpoint directly (llm.proxy is not set)",
         )
 
 
@@ -119,6 +124,7 @@ def guarded_http_client(settings, **options):
     import httpx2
 
     check_endpoint(settings)
+    _say_what_is_ignored(settings)
     prefix = request_prefix(settings)
 
     async def only_approved(request) -> None:
