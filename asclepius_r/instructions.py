@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from .files import atomic_path, read_jsonl, write_json, write_jsonl
 from .llm import ChatRequest, LLMClient
@@ -283,14 +282,6 @@ def write_dataset(notes_path, records_path, csv_out) -> int:
     return len(frame)
 
 
-def _merge(base: dict, override: dict) -> dict:
-    """`override` laid over `base`, section by section, as Snakemake merges --configfile."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     """The stage without Snakemake: `python -m asclepius_r.instructions --config config.yaml ...`."""
     from . import config as workflow_config
@@ -310,10 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", help="log file (default: stderr)")
     args = parser.parse_args(argv)
     setup_logging(args.log)
-    config = {}
-    for path in args.config:
-        config = _merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    config = workflow_config.resolve(config, require_data=False)
+    config = workflow_config.load_layers(args.config)
     with LLMClient(workflow_config.llm_settings(config)) as client:
         run_instruction_stage(args.notes, args.records, args.stats, client, workflow_config.generation_settings(config))
     if args.dataset:

@@ -44,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from .config import training_settings
+from .errors import UserError
 from .files import atomic_path, sha256_file, write_json
 from .prompts import RELEASED_TEMPLATE
 
@@ -95,8 +96,8 @@ _NOTE_TEXT = re.compile(rb"\[\*\*[^\]\n]{0,80}\d\s*\*\*\]|ROW_ID,\s*SUBJECT_ID")
 _CHECKPOINT_PRIVATE = ("training_args.bin", ".snakemake_timestamp")
 
 
-class ReleaseError(RuntimeError):
-    pass
+class ReleaseError(UserError, RuntimeError):
+    """A release folder that does not verify or cannot be restored; names the file."""
 
 
 # ---------------------------------------------------------------- checksums
@@ -215,35 +216,32 @@ def build_workflow_archive(out_path: Path, source_root: Path, config: dict, forb
 # ---------------------------------------------------------------- model cards and README
 
 
-def _front_matter(meta: dict) -> str:
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
-
-
 def model_card(name: str, base_model: str, stage: str, hyperparameters: dict, data: str) -> str:
-    """A Hugging Face README: YAML front matter, then how the checkpoint was made and is used."""
-    meta = {
-        "license": "other",
-        "license_name": LICENSE,
-        "license_link": LICENSE_URL,
-        "base_model": base_model,
-        "datasets": [data],
-        "language": ["en"],
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["medical", "clinical", "mimic-iii", "asclepius-r"],
-        "training_stage": stage,
-        "hyperparameters": hyperparameters,
-        "prompt_template": RELEASED_TEMPLATE,
-    }
+    """A Hugging Face README: the Hub's metadata block (huggingface_hub's ModelCardData), then how
+    the checkpoint was made and is used."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = ModelCardData(
+        license="other",
+        license_name=LICENSE,
+        license_link=LICENSE_URL,
+        base_model=base_model,
+        datasets=[data],
+        language=["en"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["medical", "clinical", "mimic-iii", "asclepius-r"],
+        training_stage=stage,
+        hyperparameters=hyperparameters,
+        prompt_template=RELEASED_TEMPLATE,
+    )
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items())
     what = (
         "causal language modelling on MIMIC-III discharge summaries (every token in the loss)"
         if stage == "pretrain"
         else "instruction fine-tuning on mimiciii_discharge.csv (loss on the answer and EOS only)"
     )
-    return (
-        _front_matter(meta)
-        + f"""
+    body = f"""
 # {name}
 
 {name} was trained from `{base_model}` by {what}, with the Asclepius-R reproducibility workflow
@@ -272,7 +270,7 @@ prompt = TEMPLATE.format(note=note, question=question)   # TEMPLATE: the text ab
 output = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=400)
 ```
 """
-    )
+    return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
 
 
 def _summary_table(summary: dict) -> str:
@@ -487,13 +485,10 @@ def main(argv: list[str] | None = None) -> None:
     verify_cmd.add_argument("release")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        if args.command == "restore":
-            restore(args.release, args.workdir)
-        else:
-            print(f"{verify_sha256sums(Path(args.release))} files OK")
-    except ReleaseError as err:
-        parser.exit(1, f"error: {err}\n")
+    if args.command == "restore":
+        restore(args.release, args.workdir)
+    else:
+        print(f"{verify_sha256sums(Path(args.release))} files OK")
 
 
 if __name__ == "__main__":

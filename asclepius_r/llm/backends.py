@@ -12,12 +12,13 @@ import json
 import os
 import time
 
+from ..errors import UserError
 from .archive import ChatRequest, ChatResult
 from .guard import base_url, guarded_http_client, refusal
 
 
-class ReplayMissError(LookupError):
-    pass
+class ReplayMissError(UserError, LookupError):
+    """`backend: replay` met a request that the archive does not hold."""
 
 
 class RetryableError(Exception):

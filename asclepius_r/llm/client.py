@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
+from ..config import ConfigError
+from ..errors import UserError
 from .archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
 from .backends import FatalError, ReplayMissError, RetryableError, make_backend
 from .guard import check_endpoint
@@ -92,7 +94,7 @@ class LLMSettings:
         """Settings that only make sense together; the message names the config keys."""
         if not ENV_NAME.fullmatch(self.api_key_env) or (len(self.api_key_env) >= 24 and "_" not in self.api_key_env):
             # Users paste the key itself here; the message must not repeat it.
-            raise ValueError(
+            raise ConfigError(
                 "llm.api_key_env must name an environment variable (capital letters, digits, '_'), such as "
                 "OPENAI_API_KEY; its value looks like a key itself and is not shown. Put the key in that "
                 "variable, never in a config file, and revoke a key that was written into one."
@@ -100,24 +102,36 @@ class LLMSettings:
         if self.backend == "azure":
             missing = [k for k in ("azure_endpoint", "azure_deployment", "api_version") if not getattr(self, k)]
             if missing:
-                raise ValueError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
+                raise ConfigError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
         if self.budget_usd is not None and self.backend != "replay" and self.model not in self.prices_per_million:
-            raise ValueError(
+            raise ConfigError(
                 f"llm.budget_usd is set but model {self.model!r} has no price in llm.prices_per_million, so the "
                 f"budget could not count its cost; add `{self.model}: {{input: USD, output: USD}}` (per million tokens)"
             )
         if self.backend == "replay" and not self.archive:
-            raise ValueError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
+            raise ConfigError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
         if self.mode == "batch" and self.backend == "replay":
-            raise ValueError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
+            raise ConfigError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
+
+    def price(self, usage: dict, batch: bool = False, model: str | None = None) -> float:
+        """Dollars for `usage` (prompt and completion tokens) of `model` (default: llm.model) at
+        `prices_per_million`; 0 when the model has no price. The one pricing rule: the client's
+        accounting, its budget over the archive and the plan all use it."""
+        table = self.prices_per_million.get(model or self.model)
+        if not table or not usage:
+            return 0.0
+        cost = (
+            usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]
+        ) / 1e6
+        return cost * (self.batch_discount if batch else 1.0)
 
 
 # The shape of an environment variable's name; an API key never has it (dashes, lower case).
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
-class BudgetExceededError(RuntimeError):
-    pass
+class BudgetExceededError(UserError, RuntimeError):
+    """The next request would cross `llm.budget_usd`."""
 
 
 def estimate_tokens(request: ChatRequest) -> int:
@@ -350,13 +364,7 @@ class LLMClient:
 
     # -- accounting ------------------------------------------------------------------------
     def price(self, usage: dict, batch: bool = False, model: str | None = None) -> float:
-        table = self.settings.prices_per_million.get(model or self.settings.model)
-        if not table or not usage:
-            return 0.0
-        cost = (
-            usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]
-        ) / 1e6
-        return cost * (self.settings.batch_discount if batch else 1.0)
+        return self.settings.price(usage, batch, model)
 
     def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
         return self.price(

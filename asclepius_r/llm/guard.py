@@ -18,6 +18,8 @@ import logging
 import os
 from urllib.parse import urlsplit
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -30,8 +32,8 @@ SDK_IGNORED_VARIABLES = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
-class UnapprovedEndpointError(PermissionError):
-    pass
+class UnapprovedEndpointError(UserError, PermissionError):
+    """The endpoint is not listed in `llm.approved_endpoints`."""
 
 
 def endpoint_identity(settings) -> str:
