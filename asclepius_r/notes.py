@@ -257,9 +257,11 @@ class _Filter:
         values, counts = np.unique(all_ids, return_counts=True)
         if (counts > 1).any():
             duplicate = int(values[counts > 1][0])
-            rows = ", ".join(str(i + 1) for i in np.flatnonzero(all_ids == duplicate)[:5])
+            rows = np.flatnonzero(all_ids == duplicate)[:5] + 1
+            where = locate_record(self.path, data_row=int(rows[1]))  # the second copy is the wrong one
             raise NoteEventsError(
-                f"{self.path}: duplicate ROW_ID {duplicate} (data rows {rows}); ROW_ID is the primary key of NOTEEVENTS"
+                f"{self.path}: {where}: duplicate ROW_ID {duplicate} (data rows {', '.join(map(str, rows.tolist()))}); "
+                "ROW_ID is the primary key of NOTEEVENTS"
             )
 
 

@@ -9,8 +9,9 @@ a paid one (instructions or the judge through a live endpoint). It checks:
   job is given, with the memory its model and micro-batch need; without a GPU, that the CPU
   fallback is meant for the model (the demo's tiny ones) and fits in memory;
 - base models: each real base folder complete (config, tokenizer.model, every weight file);
-- LLM: the paid stages' endpoints approved, their keys set and priced, and the plan's dollars
-  (responses already archived are not paid again) within `llm.budget_usd`.
+- LLM: the paid stages' endpoints approved, their keys set and priced, and each archive's
+  spending so far plus the plan's dollars for the rest (archived responses are not paid again)
+  within `llm.budget_usd`, which is the archive's across runs.
 A failed check raises PreflightError naming every failure and what to change; no job has run.
 `ASCLEPIUS_FREE_DISK_GB` replaces the measured free disk (to keep a reserve, or in tests).
 """
@@ -214,17 +215,24 @@ def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -
     return problems
 
 
-def _archived_fraction(archive: str | None, requests: int) -> float:
-    """The share of the planned requests already answered in an archive (not paid again)."""
+def _archive_state(archive: str | None, settings, requests: int) -> tuple[float, float]:
+    """(share of the planned requests already answered, dollars already billed) of an archive;
+    the budget is the archive's, across runs, as the client counts it."""
     from .llm.archive import Archive
 
-    if not archive or not Path(archive).exists() or not requests:
-        return 0.0
-    answered = sum(result["status"] == "ok" for result in Archive(archive).results.values())
-    return min(1.0, answered / requests)
+    if not archive or not Path(archive).exists():
+        return 0.0, 0.0
+    store = Archive(archive)
+    answered = sum(result["status"] == "ok" for result in store.results.values())
+    spent = sum(settings.price(usage, batch, model) for (model, batch), usage in store.billed.items())
+    return (min(1.0, answered / requests) if requests else 0.0), spent
 
 
 def _money_problems(config: dict, plan: dict, jobs: list[Job], summary: list[str]) -> list[str]:
+    """The paid stages' LLM problems (approval, key, price) and each archive's spending so far
+    plus the plan's upper bound for the rest against `llm.budget_usd`."""
+    from .judge import judge_llm_settings
+
     rules = {job.rule for job in jobs} & paid_rules(config)
     if not rules:
         return []
@@ -235,26 +243,28 @@ def _money_problems(config: dict, plan: dict, jobs: list[Job], summary: list[str
         or (item.startswith("judge:") and "judge_heldout" in rules)
     ]
     batch = config["llm"]["mode"] == "batch"
-    spend, parts = 0.0, []
-    for rule, stage, archive in (
-        ("generate_instructions", "instructions", config["llm"]["archive"]),
-        ("judge_heldout", "judge", config["judge"]["archive"]),
-    ):
+    budget = config["llm"]["budget_usd"]
+    stages = (
+        ("generate_instructions", "instructions", workflow_config.llm_settings(config)),
+        ("judge_heldout", "judge", judge_llm_settings(config)),
+    )
+    for rule, stage, settings in stages:
         row = next((r for r in plan["stages"] if r["stage"] == stage), None)
         if rule not in rules or row is None or row["usd_online"] is None:
             continue
-        usd = (row["usd_batch"] if batch else row["usd_online"]) * (1 - _archived_fraction(archive, row["requests"]))
-        spend += usd
-        parts.append(f"{stage} ${usd:,.2f}")
-    budget = config["llm"]["budget_usd"]
-    if budget is not None and spend > budget:
-        cheaper = "" if batch else f"; llm.mode: batch would cost about ${spend * config['llm']['batch_discount']:,.2f}"
-        problems.append(
-            f"budget: the plan's upper bound is ${spend:,.2f} ({', '.join(parts)}; every completion at "
-            f"max_tokens) but llm.budget_usd is ${budget:,.2f}: raise llm.budget_usd, lower llm.max_tokens or "
-            f"judge.max_tokens, or choose a cheaper model{cheaper}"
+        answered, spent = _archive_state(settings.archive, settings, row["requests"])
+        rest = (row["usd_batch"] if batch else row["usd_online"]) * (1 - answered)
+        summary.append(
+            f"{stage}: at most ${rest:,.2f} more, ${spent:,.2f} spent in {settings.archive}; budget {budget}"
         )
-    summary.append(f"LLM: at most ${spend:,.2f} ({', '.join(parts) or 'nothing priced'}), llm.budget_usd {budget}")
+        if budget is not None and spent + rest > budget:
+            cheaper = "" if batch else f"; llm.mode: batch would cost about ${rest * settings.batch_discount:,.2f}"
+            problems.append(
+                f"budget: {stage} needs at most ${rest:,.2f} by the plan's upper bound (every completion at "
+                f"max_tokens) beside ${spent:,.2f} already spent in {settings.archive}, over llm.budget_usd "
+                f"${budget:,.2f}: raise llm.budget_usd, lower llm.max_tokens or judge.max_tokens, or choose a "
+                f"cheaper model{cheaper}"
+            )
     return problems
 
 

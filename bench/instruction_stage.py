@@ -114,7 +114,7 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath
     command += ["--log", str(work / f"{tag}.log")]
     env = {**os.environ, KEY_ENV: "bench-key", "PYTHONPATH": str(pythonpath or REPO)}
     logged = len(server.requests)
-    started = time.monotonic()
+    started, started_epoch = time.monotonic(), time.time()
     stderr = open(work / f"{tag}.stderr", "wb")  # the progress bar, and a traceback if it fails
     stage = subprocess.Popen(command, env=env, stderr=stderr, cwd=work)  # not the checkout: it would come first
     rss: list[tuple[float, int]] = []
@@ -130,6 +130,7 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath
     outcomes: dict[str, int] = {}
     for entry in server.requests[logged:]:
         outcomes[entry.outcome] = outcomes.get(entry.outcome, 0) + 1
+    received = [entry.received for entry in server.requests[logged:]]
     quarters = [max((kb for t, kb in rss if t <= wall * q / 4), default=0) // 1024 for q in (1, 2, 3, 4)]
     return {
         "wall_s": wall,
@@ -139,6 +140,9 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath
         "peak_rss_mb": usage.ru_maxrss // 1024,
         "rss_quarters_mb": quarters,
         "busy_share": (usage.ru_utime + usage.ru_stime) / wall,
+        # the stage's start-up (imports, notes) and its last answers after the last request went out
+        "first_request_s": min(received) - started_epoch,
+        "drain_s": wall - (max(received) - started_epoch),
     }
 
 
@@ -179,6 +183,7 @@ def describe(tag: str, run: dict, rpm: float) -> str:
         f"{tag:9s} {run['ok']} answers in {run['wall_s']:.1f} s = {run['rpm']:.0f} RPM "
         f"({run['rpm'] / rpm:.3f} of the limit), peak RSS {run['peak_rss_mb']} MB "
         f"(by quarter {run['rss_quarters_mb']}), busy {run['busy_share']:.2f} of the wall time, "
+        f"first request at {run['first_request_s']:.1f} s, {run['drain_s']:.1f} s after the last one sent, "
         f"server outcomes {dict(sorted(run['outcomes'].items()))}"
     )
 

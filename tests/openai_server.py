@@ -241,6 +241,7 @@ class OpenAIServer:
         rpm_window_s: float = 60.0,
         seed: int = 0,
         batch_delay_s: float = 0.0,
+        chars_per_token: int = 4,
     ):
         self.latency_s = latency_s
         self.latency_sigma = latency_sigma
@@ -249,6 +250,7 @@ class OpenAIServer:
         self.rpm_limit = rpm_limit
         self.rpm_window_s = rpm_window_s
         self.batch_delay_s = batch_delay_s
+        self.chars_per_token = chars_per_token  # how the server bills: fewer characters per token cost more
         self.faults: list[Fault] = []
         self.requests: list[LoggedRequest] = []
         self.files: dict[str, dict] = {}
@@ -462,8 +464,8 @@ class OpenAIServer:
             text, finish = text[: max(1, len(text) // 3)], "length"
         elif kind == "content_filter":
             text, finish = None, "content_filter"
-        prompt_tokens = len(prompt_text(body)) // 4 + 1
-        completion_tokens = len(text or "") // 4 + 1
+        prompt_tokens = len(prompt_text(body)) // self.chars_per_token + 1
+        completion_tokens = len(text or "") // self.chars_per_token + 1
         payload = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion",

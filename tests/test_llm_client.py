@@ -118,10 +118,10 @@ def test_requests_are_paced_to_the_requests_per_minute_limit(server, tmp_path):
 
 def test_requests_in_flight_follow_littles_law_within_the_cap():
     limit = InFlightLimit(requests_per_minute=600, cap=64)  # 10 requests a second
-    assert limit.limit == 15  # nothing observed yet: 1 s assumed
+    assert limit.limit == 40  # nothing observed yet: 2 s assumed
     for _ in range(10):
-        limit.observe(2.0)
-    assert limit.limit == 30  # 10/s x 2 s x 1.5
+        limit.observe(1.5)
+    assert limit.limit == 30  # 10/s x 1.5 s x 2
     for _ in range(InFlightLimit.WINDOW):
         limit.observe(0.01)
     assert limit.limit == InFlightLimit.FLOOR  # only the latest answers count

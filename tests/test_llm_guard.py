@@ -11,7 +11,7 @@ from asclepius_r import config as workflow_config
 from asclepius_r.judge import judge_client
 from asclepius_r.llm import LLMClient, UnapprovedEndpointError
 from asclepius_r.llm.guard import OPENAI_DEFAULT_BASE_URL
-from tests.llm_fixtures import KEY_ENV, live_settings, requests, server  # noqa: F401 (fixture)
+from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, requests, server  # noqa: F401 (fixture)
 from tests.openai_server import OpenAIServer
 
 
@@ -73,6 +73,15 @@ def test_environment_proxies_are_ignored(server, rogue, tmp_path, monkeypatch, c
     assert "HTTPS_PROXY" in caplog.text and "ignored" in caplog.text
 
 
+def test_sdk_credential_variables_are_not_used_and_said_so(server, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    with caplog.at_level(logging.INFO):
+        LLMClient(live_settings(server, tmp_path / "a.jsonl")).run(requests(1))
+    assert [r.authorization for r in server.chat_requests()] == [f"Bearer {API_KEY}"]
+    assert "OPENAI_API_KEY set in the environment: not used" in caplog.text
+    assert "sk-from-the-environment" not in caplog.text
+
+
 def test_a_named_proxy_of_a_plain_http_endpoint_must_be_approved(server, rogue, tmp_path):
     settings = live_settings(server, tmp_path / "a.jsonl", proxy=rogue.endpoint, max_attempts=1)
     with pytest.raises(UnapprovedEndpointError, match="llm.proxy"):
@@ -82,8 +91,9 @@ def test_a_named_proxy_of_a_plain_http_endpoint_must_be_approved(server, rogue, 
     assert [r.path for r in rogue.requests] == [f"{server.url}/chat/completions"], "the named proxy carries it"
 
 
-def test_a_request_outside_the_approved_endpoint_is_refused_unsent(server, rogue, tmp_path):
-    client = LLMClient(live_settings(server, tmp_path / "a.jsonl"))
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_a_request_outside_the_approved_endpoint_is_refused_unsent(server, rogue, tmp_path, mode):
+    client = LLMClient(live_settings(server, tmp_path / "a.jsonl", mode=mode))
     client.backend.client.base_url = rogue.url  # as if the SDK chose another host by itself
     with pytest.raises(UnapprovedEndpointError, match=str(rogue.port)):
         client.run(requests(1))

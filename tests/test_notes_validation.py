@@ -57,7 +57,7 @@ BAD_FILES = {
     "NUL byte": (GOOD_BYTES + _row(4, b"first\nsec\x00ond"), r"line 10 \(ROW_ID 4\): NUL byte at line 11, column 4"),
     "duplicate ROW_ID": (
         GOOD_BYTES + csv_bytes([note(2, "other text")]).split(b"\n", 1)[1],
-        r"duplicate ROW_ID 2 \(data rows 2, 4\)",
+        r"line 10 \(ROW_ID 2\): duplicate ROW_ID 2 \(data rows 2, 4\)",
     ),
     "ROW_ID not an integer": (
         GOOD_BYTES.replace(b"\n2,", b"\nabc,", 1),

@@ -165,7 +165,7 @@ def test_preflight_stops_a_paid_run_over_budget(tmp_path, monkeypatch):
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "budget: the plan's upper bound is $" in output and "llm.budget_usd is $0.00" in output
+    assert "budget: instructions needs at most $" in output and "over llm.budget_usd $0.00" in output
     assert "llm.mode: batch would cost about" in output
     assert not (workdir / "results/llm/archive.jsonl").exists() and not (workdir / "results/notes").exists()
 

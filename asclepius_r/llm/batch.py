@@ -13,7 +13,7 @@ it again. Batch input files hold the prompts, that is the notes: they stay on th
 side until deleted, which this module does after collecting (`llm.batch_delete_files`), and at
 once when the batch cannot be created. Each is named after its archive, so that input files an
 earlier run could not delete (killed, network down) are found by name and removed at the start
-of the next run, unless a batch in the journal still waits on them.
+of the next run (with `llm.batch_delete_files`), unless a batch in the journal still waits on them.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class BatchRunner:
         attempts = dict.fromkeys(todo, 0)
         last_error: dict[str, tuple[str, str]] = {}
         results: dict[str, object] = {}
-        if self.journal.path is not None:
+        if self.journal.path is not None and self.settings.batch_delete_files:
             await self._remove_leftovers()
         while todo and not self.client._budget_hit:
             waiting = {bid: rec for bid, rec in self.journal.open.items() if set(rec["keys"]) & todo.keys()}
@@ -160,11 +160,16 @@ class BatchRunner:
     async def _remove_leftovers(self) -> None:
         """Delete this archive's input files that no batch in the journal waits on."""
         waited_on = {record["input_file_id"] for record in self.journal.open.values()}
-        leftovers = [
-            f.id
-            async for f in self.api.files.list(purpose="batch")
-            if f.filename == self.input_name and f.id not in waited_on
-        ]
+        try:
+            leftovers = [
+                f.id
+                async for f in self.api.files.list(purpose="batch")
+                if f.filename == self.input_name and f.id not in waited_on
+            ]
+        except self.backend.openai.APIConnectionError as err:
+            if refusal(err):
+                raise refusal(err) from None
+            raise
         if leftovers:
             log.warning("deleting %d batch input file(s) an earlier run left on the provider", len(leftovers))
             for file_id in leftovers:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError
 from ..errors import UserError
-from .archive import Archive, ChatRequest, ChatResult
+from .archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
 from .backends import FatalError, ReplayMissError, RetryableError, make_backend
 from .guard import check_endpoint
 
@@ -103,15 +103,21 @@ class LLMSettings:
             missing = [k for k in ("azure_endpoint", "azure_deployment", "api_version") if not getattr(self, k)]
             if missing:
                 raise ConfigError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
+        if self.budget_usd is not None and self.backend != "replay" and self.model not in self.prices_per_million:
+            raise ConfigError(
+                f"llm.budget_usd is set but model {self.model!r} has no price in llm.prices_per_million, so the "
+                f"budget could not count its cost; add `{self.model}: {{input: USD, output: USD}}` (per million tokens)"
+            )
         if self.backend == "replay" and not self.archive:
             raise ConfigError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
         if self.mode == "batch" and self.backend == "replay":
             raise ConfigError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
 
-    def price(self, usage: dict, batch: bool = False) -> float:
-        """Dollars for `usage` (prompt and completion tokens) at `prices_per_million`; 0 when the model
-        has no price. The one pricing rule: the client's accounting and the plan both use it."""
-        table = self.prices_per_million.get(self.model)
+    def price(self, usage: dict, batch: bool = False, model: str | None = None) -> float:
+        """Dollars for `usage` (prompt and completion tokens) of `model` (default: llm.model) at
+        `prices_per_million`; 0 when the model has no price. The one pricing rule: the client's
+        accounting, its budget over the archive and the plan all use it."""
+        table = self.prices_per_million.get(model or self.model)
         if not table or not usage:
             return 0.0
         cost = (
@@ -132,6 +138,17 @@ def estimate_tokens(request: ChatRequest) -> int:
     """An upper-ish estimate before sending: ~4 characters per token plus the output cap."""
     chars = sum(len(content) for _, content in request.messages)
     return chars // 4 + 8 * len(request.messages) + request.max_tokens
+
+
+# Chat formatting tokens per message and for the reply's start; OpenAI's chat models use 3-4 and 3.
+MESSAGE_OVERHEAD_TOKENS = 8
+
+
+def prompt_token_bound(request: ChatRequest) -> int:
+    """Prompt tokens no tokenizer exceeds: one per UTF-8 byte (a byte-level BPE token holds at
+    least one byte), plus the chat formatting. Spending is checked against this, never an average."""
+    size = sum(len(content.encode("utf-8")) for _, content in request.messages)
+    return size + MESSAGE_OVERHEAD_TOKENS * (len(request.messages) + 1)
 
 
 class Pacer:
@@ -167,17 +184,19 @@ class InFlightLimit:
 
     Sustaining `rate` requests per second when each takes `latency` seconds on average needs
     rate x latency of them in flight; the count fluctuates around that (by about its square root,
-    more under a long tail), so the limit keeps `MARGIN` times as many, never more than `cap`.
+    more under a long tail) and the first answers back are the fast ones, which make the mean
+    too low for a while, so the limit keeps `MARGIN` times as many, never more than `cap`. Those
+    beyond what the rate needs wait in the pacer, costing nothing.
     The mean is over the latest `WINDOW` attempts, so it follows the endpoint as it slows down or
     speeds up. Until the first answer it assumes `INITIAL_LATENCY_S`, not the cap: at a high limit
     hundreds of requests would enter the SDK's connection pool at once, whose bookkeeping costs CPU
     in proportion to the requests waiting in it; a slower endpoint raises the limit one latency later.
     """
 
-    MARGIN = 1.5
+    MARGIN = 2.0
     WINDOW = 512
     FLOOR = 4
-    INITIAL_LATENCY_S = 1.0
+    INITIAL_LATENCY_S = 2.0
 
     def __init__(self, requests_per_minute: float, cap: int):
         self.rate = requests_per_minute / 60
@@ -284,14 +303,33 @@ class LLMClient:
         settings.check()
         self.settings = settings
         check_endpoint(settings)
-        self.backend = backend or make_backend(settings)
-        self.archive = archive if archive is not None else Archive(settings.archive)  # an empty one is falsy
+        # Held for the client's (the stage's) life; replay sends nothing, so it may share an archive.
+        self._held = settings.archive if settings.backend != "replay" else None
+        if self._held:
+            hold_archive(self._held)
+        try:
+            self.backend = backend or make_backend(settings)
+            self.archive = archive if archive is not None else Archive(settings.archive)  # an empty one is falsy
+        except BaseException:
+            self._let_go()
+            raise
         if settings.mode == "batch":
             from .batch import warn_provider_storage
 
             warn_provider_storage(settings)
         self.counts: Counter = Counter()
         self.cost_usd = 0.0
+        # The budget is the archive's: what earlier runs, jobs and retries spent counts too.
+        self.spent_before_usd = sum(
+            self.price(usage, batch, model) for (model, batch), usage in self.archive.billed.items()
+        )
+        if settings.budget_usd is not None:
+            log.info(
+                "llm.budget_usd = %s; the archive %s holds $%.4f spent by earlier runs",
+                settings.budget_usd,
+                settings.archive,
+                self.spent_before_usd,
+            )
         self.bar: tqdm | None = None
         self._reserved_usd = 0.0
         self._budget_hit = False
@@ -304,13 +342,19 @@ class LLMClient:
         self._gathering: asyncio.Future | None = None
 
     def close(self) -> None:
-        """Close the SDK's connections inside the loop they belong to, then the loop."""
+        """Close the SDK's connections inside the loop they belong to, then the loop; let go of the archive."""
         if self._loop is not None:
             aclose = getattr(getattr(self.backend, "client", None), "close", None)
             if aclose is not None:
                 self._loop.run_until_complete(aclose())
             self._loop.close()
             self._loop = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        if self._held:
+            let_go_of_archive(self._held)
+            self._held = None
 
     def __enter__(self) -> LLMClient:
         return self
@@ -319,19 +363,19 @@ class LLMClient:
         self.close()
 
     # -- accounting ------------------------------------------------------------------------
-    def price(self, usage: dict, batch: bool = False) -> float:
-        return self.settings.price(usage, batch)
+    def price(self, usage: dict, batch: bool = False, model: str | None = None) -> float:
+        return self.settings.price(usage, batch, model)
 
     def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
-        estimate = estimate_tokens(request)
         return self.price(
-            {"prompt_tokens": estimate - request.max_tokens, "completion_tokens": request.max_tokens}, batch
+            {"prompt_tokens": prompt_token_bound(request), "completion_tokens": request.max_tokens}, batch
         )
 
     def reserve(self, worst: float) -> bool:
         """Set aside the worst-case cost of one attempt; False (and stop) if the budget would be crossed."""
         budget = self.settings.budget_usd
-        if self._budget_hit or (budget is not None and self.cost_usd + self._reserved_usd + worst > budget):
+        spent = self.spent_before_usd + self.cost_usd + self._reserved_usd
+        if self._budget_hit or (budget is not None and spent + worst > budget):
             self._budget_hit = True
             return False
         self._reserved_usd += worst
@@ -469,9 +513,9 @@ class LLMClient:
                     results[i] = result
         if self._budget_hit:
             raise BudgetExceededError(
-                f"llm.budget_usd = {self.settings.budget_usd} would be crossed: stopped after spending "
-                f"${self.cost_usd:.2f}; everything received is archived, so raising the budget and "
-                "rerunning continues where this run stopped"
+                f"llm.budget_usd = {self.settings.budget_usd} would be crossed: the archive {self.settings.archive} "
+                f"holds ${self.spent_before_usd + self.cost_usd:.4f} of spending (${self.cost_usd:.4f} in this run); "
+                "everything received is archived, so raising the budget and rerunning continues where this run stopped"
             )
         return results
 

@@ -26,6 +26,8 @@ OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Read by the openai SDK when an argument is missing; each would change where requests go or
 # what they carry, so a value that the config does not also say is refused.
 SDK_ENDPOINT_VARIABLES = ("OPENAI_BASE_URL", "OPENAI_API_BASE", "AZURE_OPENAI_ENDPOINT", "OPENAI_CUSTOM_HEADERS")
+# Read by the SDK only when no argument is given; the workflow always gives one.
+SDK_IGNORED_VARIABLES = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN", "OPENAI_API_VERSION")
 # Honoured by HTTP clients that trust the environment; ours does not (see `llm.proxy`).
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
@@ -66,7 +68,7 @@ def _approval_message(identity: str, what: str) -> str:
 
 
 def check_environment(settings) -> None:
-    """Refuse SDK variables that would redirect requests; say that proxy variables are ignored.
+    """Refuse SDK variables that would send requests elsewhere than the config says.
 
     Values are never quoted: a URL in the environment may carry credentials.
     """
@@ -80,13 +82,26 @@ def check_environment(settings) -> None:
                 "llm.base_url / llm.azure_endpoint point: unset it, or put that endpoint in the config "
                 "(and in llm.approved_endpoints)."
             )
+
+
+def _say_what_is_ignored(settings) -> None:
+    """Variables the SDK or HTTP clients would read, which this client does not: said once per client."""
+    unused = [n for n in SDK_IGNORED_VARIABLES if os.environ.get(n) and n != settings.api_key_env]
+    if unused:
+        log.info(
+            "%s set in the environment: not used; the key comes only from the variable llm.api_key_env names (%s) "
+            "and the API version only from llm.api_version.",
+            ", ".join(unused),
+            settings.api_key_env,
+        )
     ignored = [name for name in PROXY_VARIABLES if os.environ.get(name)]
     if ignored:
         log.warning(
-            "%s set in the environment: ignored. Notes go to the endpoint directly, or through the proxy that "
-            "llm.proxy names%s.",
+            "%s set in the environment: ignored. Notes go %s.",
             ", ".join(ignored),
-            f" ({settings.proxy})" if settings.proxy else " (none)",
+            "through the proxy that llm.proxy names"
+            if settings.proxy
+            else "to the endpoint directly (llm.proxy is not set)",
         )
 
 
@@ -111,6 +126,7 @@ def guarded_http_client(settings, **options):
     import httpx2
 
     check_endpoint(settings)
+    _say_what_is_ignored(settings)
     prefix = request_prefix(settings)
 
     async def only_approved(request) -> None:
