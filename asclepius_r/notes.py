@@ -12,6 +12,7 @@ Every dropped row is counted under one reason in stats.json; near misses of the 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import hashlib
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from .files import atomic_path, write_json
-from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError
+from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError, locate_record
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,11 @@ class _Filter:
         """The chunk's notes that pass the row-level policies (all columns but TEXT, ROW_ID and
         SUBJECT_ID as integers), where their records lie and their TEXT hashes."""
         if chunk.bad_row_id:
-            row, value = chunk.bad_row_id
+            row, _ = chunk.bad_row_id  # the value is not shown: in a shifted row it is note text
+            data_row = self.rows_read + row + 1
             raise NoteEventsError(
-                f"{self.path}: data row {self.rows_read + row + 1}: ROW_ID {value!r} is not an integer"
+                f"{self.path}: {locate_record(self.path, data_row=data_row)}, data row {data_row}: ROW_ID is not "
+                "an integer (a stray quote or comma may have shifted the row's fields; the value is not shown)"
             )
         self.rows_read += chunk.rows
         self.row_ids.append(chunk.row_ids)
@@ -205,7 +208,8 @@ class _Filter:
             subjects = _to_int(kept.column("SUBJECT_ID"))
         except pa.ArrowInvalid:
             raise NoteEventsError(
-                f"{self.path}: a SUBJECT_ID of a discharge summary near data row {self.rows_read} is not an integer"
+                f"{self.path}: {locate_record(self.path, row_id=self._bad_subject(kept))}: SUBJECT_ID is not an "
+                "integer (the value is not shown)"
             ) from None
         table = pa.table(
             [
@@ -216,6 +220,16 @@ class _Filter:
             schema=NOTE_SCHEMA.remove(NOTE_SCHEMA.get_field_index("TEXT")),
         )
         return table, chunk.spans[keep], chunk.text_hashes[keep]
+
+    @staticmethod
+    def _bad_subject(kept: pa.Table) -> int:
+        """The ROW_ID of the first note whose SUBJECT_ID does not convert (the error path only)."""
+        for row_id, subject in zip(kept.column("ROW_ID").to_pylist(), kept.column("SUBJECT_ID").to_pylist()):
+            try:
+                _to_int(pa.chunked_array([[subject]], pa.string()))
+            except pa.ArrowInvalid:
+                return int(row_id)
+        raise AssertionError("a SUBJECT_ID failed to convert, but none does alone")
 
     def first_copies(self, source: NoteEvents, hashes: np.ndarray, spans: np.ndarray) -> np.ndarray:
         """Whether each note is the first, in file order, with its exact TEXT; counts the others.
@@ -243,9 +257,11 @@ class _Filter:
         values, counts = np.unique(all_ids, return_counts=True)
         if (counts > 1).any():
             duplicate = int(values[counts > 1][0])
-            rows = ", ".join(str(i + 1) for i in np.flatnonzero(all_ids == duplicate)[:5])
+            rows = np.flatnonzero(all_ids == duplicate)[:5] + 1
+            where = locate_record(self.path, data_row=int(rows[1]))  # the second copy is the wrong one
             raise NoteEventsError(
-                f"{self.path}: duplicate ROW_ID {duplicate} (data rows {rows}); ROW_ID is the primary key of NOTEEVENTS"
+                f"{self.path}: {where}: duplicate ROW_ID {duplicate} (data rows {', '.join(map(str, rows.tolist()))}); "
+                "ROW_ID is the primary key of NOTEEVENTS"
             )
 
 
@@ -334,6 +350,17 @@ def _cyclic_gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def stage_outputs(folder: str | Path) -> dict[str, Path]:
+    """The stage's outputs inside `folder`, named as the workflow names them in results/notes/."""
+    folder = Path(folder)
+    return {
+        "discharge_out": folder / "discharge.parquet",
+        "heldout_out": folder / "heldout.parquet",
+        "heldout_ids_out": folder / "heldout_row_ids.txt",
+        "stats_out": folder / "stats.json",
+    }
 
 
 def run_notes_stage(
@@ -437,3 +464,41 @@ def read_notes(path: str | Path) -> list[dict]:
             table.column("ROW_ID").to_pylist(), table.column("SUBJECT_ID").to_pylist(), table.column("TEXT").to_pylist()
         )
     ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The stage without Snakemake: `python -m asclepius_r.notes --config config.yaml [--out DIR]`."""
+    from . import config as workflow_config
+    from .logs import setup_logging
+
+    parser = argparse.ArgumentParser(description="NOTEEVENTS.csv(.gz) -> discharge and held-out notes.")
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="config file; repeat to lay one over another (like snakemake --configfile)",
+    )
+    parser.add_argument("--noteevents", help="NOTEEVENTS.csv(.gz) (default: the config's noteevents)")
+    parser.add_argument("--out", default="results/notes", help="output folder (default: results/notes)")
+    parser.add_argument("--threads", type=int, help="scan and writer threads (default: the core count)")
+    parser.add_argument("--log", help="log file (default: stderr)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    try:
+        config = workflow_config.load_layers(args.config)
+        if args.noteevents:
+            config["noteevents"] = args.noteevents
+        workflow_config.check_data_paths(config, ["noteevents"])
+        run_notes_stage(
+            config["noteevents"],
+            **stage_outputs(args.out),
+            policy=workflow_config.note_policy(config),
+            split=workflow_config.split_policy(config),
+            threads=args.threads,
+        )
+    except (workflow_config.ConfigError, NoteEventsError) as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

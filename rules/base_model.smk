@@ -4,6 +4,7 @@
 rule build_tiny_llama:
     input:
         notes="results/notes/discharge.parquet",
+        tokenizer=config["tiny_model"]["tokenizer_model"] or [],
     output:
         directory("results/base_models/{size}"),
     log:

@@ -12,6 +12,23 @@ rule synthesize_demo_noteevents:
         "../scripts/synthesize_demo_noteevents.py"
 
 
+# The rehearsal's notes: discharge summaries as long as MIMIC-III's, in the tiny LLaMA's tokens.
+rule synthesize_long_noteevents:
+    input:
+        tokenizer=long_notes_tokenizer,
+    output:
+        "results/rehearsal/NOTEEVENTS.csv",
+    log:
+        "logs/notes/synthesize_long_noteevents.log",
+    conda:
+        "../envs/train.yaml"
+    params:
+        notes=config["synthetic_notes"],
+        seed=config["seed"],
+    script:
+        "../scripts/synthesize_long_noteevents.py"
+
+
 # One compiled pass over the memory-mapped file (asclepius_r/record_scanner.c), then the kept notes'
 # texts read back into the outputs: memory stays flat at any input size (figures against pandas,
 # polars and pyarrow: BENCHMARKS.md, issue 3). Scan workers: threads + 1.

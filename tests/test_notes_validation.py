@@ -57,9 +57,21 @@ BAD_FILES = {
     "NUL byte": (GOOD_BYTES + _row(4, b"first\nsec\x00ond"), r"line 10 \(ROW_ID 4\): NUL byte at line 11, column 4"),
     "duplicate ROW_ID": (
         GOOD_BYTES + csv_bytes([note(2, "other text")]).split(b"\n", 1)[1],
-        r"duplicate ROW_ID 2 \(data rows 2, 4\)",
+        r"line 10 \(ROW_ID 2\): duplicate ROW_ID 2 \(data rows 2, 4\)",
     ),
-    "ROW_ID not an integer": (GOOD_BYTES.replace(b"\n2,", b"\nabc,", 1), "data row 2: ROW_ID 'abc' is not an integer"),
+    "ROW_ID not an integer": (
+        GOOD_BYTES.replace(b"\n2,", b"\nabc,", 1),
+        "line 4, data row 2: ROW_ID is not an integer",
+    ),
+    "shifted row, note text in ROW_ID": (
+        GOOD_BYTES.replace(b"\n2,", b'\n"%s ",' % SECRET.encode(), 1),
+        "line 4, data row 2: ROW_ID is not an integer",
+    ),
+    "CR-only line endings": (GOOD_BYTES.replace(b"\n", b"\r"), "line 1 .*CR-only"),
+    "SUBJECT_ID not an integer": (
+        GOOD_BYTES.replace(b"\n2,2,", b"\n2,x2,", 1),
+        r"line 4 \(ROW_ID 2\): SUBJECT_ID is not an integer",
+    ),
 }
 
 

@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 from ..base_model import check_base_model
 from ..files import atomic_path, read_jsonl
+from ..prompts import DEFAULT_TRUNCATION
 from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
-from .throughput import FlopModel, Window, batch_counts
+from .throughput import FlopModel, Window, batch_counts, peak_tflops_of
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,10 @@ class TrainRun:
     save_total_limit: int = 2
     logging_steps: int = 10
     save_dtype: str = "bfloat16"
-    peak_tflops_per_device: float = 989.0
+    peak_tflops_per_device: float | None = None  # None: from the device's name (throughput.peak_tflops_of)
+    truncation: str = DEFAULT_TRUNCATION
+    truncation_file: str | None = None
+    data_cache_dir: str | None = None
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainRun:
@@ -126,6 +130,20 @@ def load_model_and_tokenizer(run: TrainRun):
     return model, tokenizer
 
 
+def mfu_peak(run: TrainRun, device_name: str) -> float | None:
+    """The peak MFU divides by: the run's setting, else the one known for the device's name, else None."""
+    if run.peak_tflops_per_device is not None:
+        return run.peak_tflops_per_device
+    peak = peak_tflops_of(device_name)
+    if peak is None:
+        log.warning(
+            "MFU unknown: no bf16 dense peak is known for device %r; set peak_tflops_per_device "
+            "(TFLOP/s per device) in the pretrain/finetune section of the config to record it",
+            device_name,
+        )
+    return peak
+
+
 class MeasuredTrainer(Trainer):
     """A Trainer that counts real tokens and useful FLOPs and appends one metrics record per log.
 
@@ -136,6 +154,9 @@ class MeasuredTrainer(Trainer):
     def __init__(self, *args, run: TrainRun, **kwargs):
         super().__init__(*args, **kwargs)
         self.run = run
+        device = self.args.device
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        self.peak_tflops = mfu_peak(run, self.device_name)
         self.flop_model = FlopModel.of(self.model)
         self.window_counts = torch.zeros(3, dtype=torch.float64, device=self.args.device)
         self.window_start = time.perf_counter()
@@ -156,9 +177,13 @@ class MeasuredTrainer(Trainer):
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "real_tokens": int(real),
-                **window.record(self.flop_model, self.run.peak_tflops_per_device),
+                **window.record(self.flop_model, self.peak_tflops),
+                "device": self.device_name,
+                "peak_tflops_per_device": self.peak_tflops,
             }
-            logs = {**logs, "tokens_per_s": round(record["tokens_per_s"], 1), "mfu": round(record["mfu"], 4)}
+            logs = {**logs, "tokens_per_s": round(record["tokens_per_s"], 1)}
+            if record["mfu"] is not None:
+                logs["mfu"] = round(record["mfu"], 4)
             if self.is_world_process_zero():
                 with open(self.run.running_metrics, "a") as out:
                     out.write(json.dumps(record) + "\n")
