@@ -1,8 +1,8 @@
 """The notes stage's compiled record scanner (record_scanner.c), built on first use and called with ctypes.
 
 Why C and not numba (which an earlier version used): numba's import and the loading of its cached
-kernels cost 0.8 s in every process, a third of the whole stage on a 2 GB file, and its first
-compilation 4-7 s. The C file is compiled once per install with the system's C compiler (`cc`, or
+kernels cost a large share of the stage in every process, and its first compilation more than the
+whole stage (BENCHMARKS.md, issue 3). The C file is compiled once per install with the system's C compiler (`cc`, or
 $CC) into a shared library named by the hash of the source and flags, next to this module or,
 where that is read-only, in the user's cache folder; loading it takes a millisecond. ctypes
 releases the GIL during each call, so worker threads scan in parallel.

@@ -1,12 +1,15 @@
 """How entry points end on an error: an expected one (a UserError) with its message as one log line
-and exit status 1, anything else with its traceback. The Snakemake side is in test_notes_workflow."""
+and exit status 1, anything else with its traceback, once. The Snakemake side is in test_notes_workflow."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pandas as pd
+
 from tests.conftest import REPO
+from tests.train_support import build_fixture_data, launch_command, launch_env, write_run
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -32,3 +35,15 @@ def test_an_unexpected_error_keeps_its_traceback_in_the_log(tmp_path):
     assert text.startswith("Traceback (most recent call last):") and text.rstrip().endswith(
         "ZeroDivisionError: division by zero"
     )
+
+
+def test_a_failed_training_process_leaves_its_own_traceback_and_one_launcher_line(tmp_path):
+    data = build_fixture_data(tmp_path)
+    pd.read_csv(data["sft"]).drop(columns="answer").to_csv(data["sft"], index=False)
+    run_file = write_run(tmp_path, "finetune", data)
+    result = subprocess.run(launch_command("finetune", run_file), env=launch_env(), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.count("Traceback") == 1, "the training process's traceback, not a second one of the launcher"
+    assert "missing column(s) ['answer']" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "ERROR asclepius_r: finetune for " in last and "exited with status 1" in last

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from asclepius_r.generation import generate_answers, load_for_generation
 from asclepius_r.tasks import TASKS
 
 pytestmark = pytest.mark.slow
@@ -47,14 +49,24 @@ def test_dataset_has_one_row_per_training_note_and_every_task(demo_run):
 @pytest.mark.parametrize("stage", ["Asclepius-R-{}-Pretrained-Only", "Asclepius-R-{}"])
 def test_checkpoints_load_and_generate(demo_run, stage, size):
     folder = demo_run / "results/models" / stage.format(size)
+    started_from = (
+        "results/base_models/{}" if "Pretrained" in stage else "results/models/Asclepius-R-{}-Pretrained-Only"
+    )
     assert (folder / "tokenizer.model").exists(), "every checkpoint keeps the SentencePiece model"
     assert list(folder.glob("*.safetensors"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model, loading = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], "every weight comes from the checkpoint"
+    start = AutoModelForCausalLM.from_pretrained(demo_run / started_from.format(size)).state_dict()
+    assert any(not torch.equal(value, start[name]) for name, value in model.state_dict().items()), (
+        "training changed the weights it started from"
+    )
     inputs = tokenizer("Discharge Diagnosis:", return_tensors="pt")
+    logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert output.shape[1] > inputs["input_ids"].shape[1]
-    assert torch.isfinite(model(**inputs).logits).all()
+    # Greedy generation follows the model's own most likely next token.
+    assert output[0, inputs["input_ids"].shape[1]] == logits[0, -1].argmax()
 
 
 def test_training_metrics_recorded(demo_run):
@@ -62,16 +74,25 @@ def test_training_metrics_recorded(demo_run):
         for size in SIZES:
             lines = (demo_run / f"results/metrics/{stage}-{size}.jsonl").read_text().splitlines()
             records = [json.loads(line) for line in lines]
-            assert records and all("loss" in r for r in records)
+            steps = [r["step"] for r in records]
+            assert len(records) >= 2 and steps == sorted(set(steps)), f"{stage}-{size}: one record per logged step"
+            assert all(math.isfinite(r["loss"]) and r["real_tokens"] > 0 for r in records)
     pretrain = [json.loads(x) for x in (demo_run / "results/metrics/pretrain-7B.jsonl").read_text().splitlines()]
     assert pretrain[-1]["loss"] < pretrain[0]["loss"], "pretraining should lower the loss on the demo notes"
 
 
 def test_evaluation_scores_every_model(demo_run):
     summary = json.loads((demo_run / "results/evaluation/summary.json").read_text())
+    records = [json.loads(line) for line in (demo_run / "results/instructions/heldout.jsonl").read_text().splitlines()]
+    questions = sum(r["status"] == "ok" for r in records)
+    assert questions > 0
     for size in SIZES:
         for name in (f"LLaMA-{size}", f"Asclepius-R-{size}-Pretrained-Only", f"Asclepius-R-{size}"):
-            assert summary[name]["n"] > 0
+            scores = summary[name]
+            assert scores["n"] == questions, f"{name} answered every held-out question"
+            assert scores["judge_scored"] + scores["judge_failed"] == questions
+            assert sum(scores["judge_distribution"].values()) == scores["judge_scored"]
+            assert scores["judge_scored"] == 0 or 1 <= scores["judge_score"] <= 4
 
 
 def test_release_checksums_verify(demo_run):
@@ -87,13 +108,14 @@ def test_release_checksums_verify(demo_run):
 def test_ask_answers_with_a_demo_checkpoint(demo_run, tmp_path):
     note = tmp_path / "note.txt"
     note.write_text("Discharge Diagnosis: community-acquired pneumonia.")
+    model_dir = demo_run / "results/models/Asclepius-R-7B"
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "asclepius_r.ask",
             "--model",
-            str(demo_run / "results/models/Asclepius-R-7B"),
+            str(model_dir),
             "--note",
             str(note),
             "--question",
@@ -105,4 +127,6 @@ def test_ask_answers_with_a_demo_checkpoint(demo_run, tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() != ""
+    model, tokenizer = load_for_generation(str(model_dir))
+    expected = generate_answers(model, tokenizer, [(note.read_text(), "What is the diagnosis?")], 8)[0]
+    assert result.stdout == expected + "\n", "the CLI answers as the evaluation does (released template, greedy)"

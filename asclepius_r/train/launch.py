@@ -23,12 +23,19 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..errors import UserError
 from ..gpus import claim_for_job
 from ..logs import setup_logging
 from .checkpoints import file_identity, prepare_checkpoint_dir
 from .run import TrainRun
 
 log = logging.getLogger(__name__)
+
+
+class TrainingProcessError(UserError, RuntimeError):
+    """The training process failed; it has logged its own error (a message, or a traceback for a bug),
+    so the launcher adds one line instead of a second traceback."""
+
 
 STAGES = ("pretrain", "finetune")
 # Where a run writes; moving them does not change what the checkpoints hold.
@@ -82,7 +89,12 @@ def launch(
             if threads:
                 env["OMP_NUM_THREADS"] = str(max(1, threads // cpu_processes))
             log.info("no GPU: %s", " ".join(command))
-        subprocess.run(command, env=env, check=True)
+        status = subprocess.run(command, env=env).returncode
+    if status:
+        raise TrainingProcessError(
+            f"{stage} for {run.output_dir}: the training process exited with status {status}; "
+            "its own error is above in this log"
+        )
 
 
 def cpu_command(module: str, run_file: Path, cpu_processes: int) -> list[str]:
