@@ -131,4 +131,6 @@ def training_settings(config: dict, stage: str, size: str) -> dict:
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise ConfigError(f"config key models.{size}.{stage}: unknown key(s) {', '.join(unknown)}")
+    if stage != "pretrain" and "note_attention" in merged:
+        raise ConfigError(f"config key {stage}.note_attention: pretraining only (fine-tuning never mixes its examples)")
     return {"seed": config["seed"], **merged}
