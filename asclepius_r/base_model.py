@@ -28,6 +28,7 @@ class TinyLlamaSpec:
     num_attention_heads: int = 4
     max_position_embeddings: int = 2048
     seed: int = 0
+    tokenizer_model: str | None = None  # a SentencePiece file to use instead of training one
 
 
 def train_llama1_style_tokenizer(texts: list[str], vocab_size: int) -> bytes:
@@ -84,8 +85,24 @@ def build_tiny_llama(notes_path: str | Path, out_dir: str | Path, spec: TinyLlam
     build_tiny_llama_from_texts([n["text"] for n in read_notes(notes_path)], out_dir, spec)
 
 
+def tiny_llama_tokenizer(texts: list[str], spec: TinyLlamaSpec) -> bytes:
+    """The spec's SentencePiece model (its size checked against vocab_size), or one trained on `texts`."""
+    if not spec.tokenizer_model:
+        return train_llama1_style_tokenizer(texts, spec.vocab_size)
+    import sentencepiece as spm
+
+    model = Path(spec.tokenizer_model).read_bytes()
+    size = spm.SentencePieceProcessor(model_proto=model).vocab_size()
+    if size != spec.vocab_size:
+        raise ValueError(
+            f"config key tiny_model.vocab_size: {spec.vocab_size}, but tiny_model.tokenizer_model "
+            f"{spec.tokenizer_model} has {size} pieces"
+        )
+    return model
+
+
 def build_tiny_llama_from_texts(texts: list[str], out_dir: str | Path, spec: TinyLlamaSpec) -> None:
-    """Train the tokenizer on `texts` and save a random-init LLaMA in HF format."""
+    """A random-init LLaMA in HF format with the spec's tokenizer (or one trained on `texts`)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -102,10 +119,11 @@ def build_tiny_llama_from_texts(texts: list[str], out_dir: str | Path, spec: Tin
         pad_token_id=None,
         tie_word_embeddings=False,
     )
+    tokenizer = tiny_llama_tokenizer(texts, spec)
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        save_tokenizer_folder(tmp, train_llama1_style_tokenizer(texts, spec.vocab_size))
+        save_tokenizer_folder(tmp, tokenizer)
         model.save_pretrained(tmp)
     log.info(
         "tiny LLaMA: %d parameters, vocabulary %d, saved to %s",

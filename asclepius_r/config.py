@@ -12,10 +12,12 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .errors import UserError
+
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that is missing or wrong; the message names the key."""
 
 
@@ -56,25 +58,58 @@ def resolve(config: dict, require_data: bool = True) -> dict:
     return config
 
 
-def check_data_paths(config: dict) -> None:
-    """Raise, saying what to set, if the notes file or a base model is not configured."""
-    unset = [] if config["noteevents"] else ["noteevents (path to NOTEEVENTS.csv or .csv.gz)"]
-    unset += [
-        f"models.{size}.base (LLaMA-{size} folder in HF format, or 'tiny')"
-        for size, model in config["models"].items()
-        if not model.get("base")
-    ]
-    if unset:
-        raise ConfigError(
-            "config.yaml is the paper run and needs real inputs; set:\n  "
-            + "\n  ".join(unset)
-            + "\n(edit config.yaml or pass --config noteevents=PATH). To try the workflow without "
-            "MIMIC data, run `make demo`: it needs no data."
-        )
+def data_paths(config: dict) -> dict[str, str]:
+    """Each data key of the config (dotted) -> what it must name."""
+    paths = {"noteevents": "path to NOTEEVENTS.csv or .csv.gz"}
+    paths.update({f"models.{size}.base": f"LLaMA-{size} folder in HF format, or 'tiny'" for size in config["models"]})
+    return paths
+
+
+def config_value(config: dict, key: str):
+    """The value at a dotted key (`models.7B.base`), None where any part is missing."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def check_data_paths(config: dict, needed: list[str] | None = None) -> None:
+    """Raise, saying what to set, if a data key in `needed` (default: all of them) is not set.
+
+    A single stage needs only its own: the notes stage asks for `noteevents`, not the models.
+    """
+    described = data_paths(config)
+    unset = [key for key in (needed or described) if not config_value(config, key)]
+    if not unset:
+        return
+    later = [key for key in described if key not in unset and not config_value(config, key)]
+    raise ConfigError(
+        "config.yaml is the paper run and needs real inputs; set:\n  "
+        + "\n  ".join(f"{key} ({described[key]})" for key in unset)
+        + "\n(edit config.yaml or pass --config noteevents=PATH). "
+        + (f"Also unset, for other stages: {', '.join(later)}. " if later else "")
+        + "To try the workflow without MIMIC data, run `make demo`: it needs no data."
+    )
 
 
 def load(path: str | Path, require_data: bool = True) -> dict:
     return resolve(yaml.safe_load(Path(path).read_text()) or {}, require_data)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` laid over `base`, section by section, as Snakemake merges --configfile."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_layers(paths: list[str | Path], require_data: bool = False) -> dict:
+    """Config files laid one over another (like repeated `snakemake --configfile`), then resolved."""
+    config: dict = {}
+    for path in paths:
+        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return resolve(config, require_data)
 
 
 def note_policy(config: dict):
@@ -112,7 +147,7 @@ def generation_settings(config: dict):
     section = config["instructions"]
     return GenerationSettings(
         seed=config["seed"],
-        wave_size=section["wave_size"],
+        pool_lag=section["pool_lag"],
         near_duplicate_rouge=section["near_duplicate_rouge"],
         seed_questions=section["seed_questions"] or DEFAULT_SEED_QUESTIONS,
     )
@@ -124,13 +159,35 @@ def llm_settings(config: dict):
     return LLMSettings.from_config(config["llm"])
 
 
+# Training keys that only one stage reads; elsewhere they are an error rather than silently unused.
+STAGE_ONLY_KEYS = {"truncation": "finetune", "note_attention": "pretrain"}
+
+
 def training_settings(config: dict, stage: str, size: str) -> dict:
     """The stage's settings with the size's overrides applied; unknown keys name their place."""
     merged = {**config[stage], **config["models"][size].get(stage, {})}
     allowed = set(yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["training"]["properties"])
+    allowed -= {key for key, only in STAGE_ONLY_KEYS.items() if only != stage}
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise ConfigError(f"config key models.{size}.{stage}: unknown key(s) {', '.join(unknown)}")
-    if stage != "pretrain" and "note_attention" in merged:
-        raise ConfigError(f"config key {stage}.note_attention: pretraining only (fine-tuning never mixes its examples)")
     return {"seed": config["seed"], **merged}
+
+
+def truncation_policy(config: dict) -> str:
+    """finetune.truncation, which also shapes evaluation prompts."""
+    from .prompts import DEFAULT_TRUNCATION
+
+    return config["finetune"].get("truncation", DEFAULT_TRUNCATION)
+
+
+def decoding_settings(section: dict):
+    """The evaluate section's decoding settings."""
+    from .generation import Decoding
+
+    return Decoding(
+        max_new_tokens=section["max_new_tokens"],
+        num_beams=section["num_beams"],
+        do_sample=section["do_sample"],
+        temperature=section["temperature"],
+    )

@@ -1,14 +1,20 @@
 """Instruction generation: one question and one answer per note, self-instruct style.
 
 Each note gets a task drawn with a fixed seed. Its question prompt shows three of the task's
-seed questions and up to two questions already generated for that task. Notes go out in waves
-of fixed size in ROW_ID order and the pools grow only between waves, so the prompts, and thus
-the archive keys, are the same however many requests are in flight.
+seed questions and up to two questions accepted for that task from notes at least `pool_lag`
+notes before it in ROW_ID order. Requests flow continuously: a note's answer is asked as soon as
+its question is back, and a note starts as soon as every note `pool_lag` before it is settled
+(accepted or not, in ROW_ID order), so up to `pool_lag` notes are in progress and the rate limit
+stays busy through slow answers. What a prompt shows depends only on settled notes, so the
+prompts, the archive keys and the dataset are the same whatever the latency, the requests in
+flight or the crashes and reruns.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import bisect
 import logging
 import random
 import re
@@ -17,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from .files import atomic_path, read_jsonl, write_json, write_jsonl
 from .llm import ChatRequest, LLMClient
@@ -39,7 +44,7 @@ class GenerationSettings:
     """The `instructions` section of the config, plus the workflow seed."""
 
     seed: int = 42
-    wave_size: int = 256
+    pool_lag: int = 2048
     seeds_per_prompt: int = 3
     pool_per_prompt: int = 2
     near_duplicate_rouge: float | None = None  # self-instruct used 0.7; the 2023 run had none
@@ -133,64 +138,29 @@ def _rejection(note: dict, question: str, answer: str, earlier: NearDuplicateInd
     return None
 
 
+class _Pools:
+    """Accepted questions per task with the position of their note, in note order, so that a
+    note is shown only those of notes at least `lag` before it, however far settling has got."""
+
+    def __init__(self, lag: int):
+        self.lag = lag
+        self.questions: dict[str, list[str]] = defaultdict(list)
+        self.positions: dict[str, list[int]] = defaultdict(list)
+
+    def add(self, task: str, position: int, question: str) -> None:
+        self.questions[task].append(question)
+        self.positions[task].append(position)
+
+    def visible(self, task: str, position: int) -> list[str]:
+        return self.questions[task][: bisect.bisect_right(self.positions[task], position - self.lag)]
+
+
 def generate(notes: list[dict], client: LLMClient, settings: GenerationSettings) -> tuple[list[dict], dict]:
     """Return one record per note (accepted or with the reason it was not) and the counts."""
-    seeds = load_seed_questions(settings.seed_questions)
-    pools: dict[str, list[str]] = defaultdict(list)  # grows only between waves: prompts stay fixed
-    earlier = (
-        {task: NearDuplicateIndex(settings.near_duplicate_rouge, seeds[task]) for task in seeds}
-        if settings.near_duplicate_rouge is not None
-        else {}
-    )
-    records: list[dict] = []
-    counts: Counter = Counter()
     notes = sorted(notes, key=lambda n: n["row_id"])
     with client.progress(2 * len(notes), "instructions") as bar:
-        for start in range(0, len(notes), settings.wave_size):
-            wave = notes[start : start + settings.wave_size]
-            tasks, q_requests = [], []
-            for note in wave:
-                task = draw_task(note["row_id"], settings.seed)
-                rng = random.Random(f"{settings.seed}:{note['row_id']}")
-                examples = rng.sample(seeds[task], settings.seeds_per_prompt)
-                pool = pools[task]
-                examples += rng.sample(pool, min(settings.pool_per_prompt, len(pool)))
-                tasks.append(task)
-                q_requests.append(question_request(note, task, examples, client))
-            q_results = client.run(q_requests)
-            questions = [clean_question(r.text or "") if r.ok else None for r in q_results]
-            a_index = [i for i, q in enumerate(questions) if q]
-            bar.total -= len(wave) - len(a_index)  # no answer is asked for a missing question
-            a_results = client.run([answer_request(wave[i], tasks[i], questions[i], client) for i in a_index])
-            answers = dict(zip(a_index, a_results))
-            accepted: list[tuple[str, str]] = []
-            for i, note in enumerate(wave):
-                record = {
-                    "row_id": note["row_id"],
-                    "task": tasks[i],
-                    "question": questions[i],
-                    "answer": None,
-                    "question_key": q_requests[i].key,
-                }
-                if not q_results[i].ok:
-                    record["status"] = "failed_question"
-                elif not questions[i]:
-                    record["status"] = "rejected_empty_question"
-                elif not answers[i].ok:
-                    record["status"] = "failed_answer"
-                else:
-                    record["answer"] = (answers[i].text or "").strip()
-                    record["answer_key"] = answers[i].key
-                    reason = _rejection(note, questions[i], record["answer"], earlier.get(tasks[i]))
-                    record["status"] = f"rejected_{reason}" if reason else "ok"
-                    if not reason:
-                        accepted.append((tasks[i], questions[i]))
-                        if earlier:  # later notes of this wave are compared with it too (note order)
-                            earlier[tasks[i]].add(questions[i])
-                counts[record["status"]] += 1
-                records.append(record)
-            for task, question in accepted:
-                pools[task].append(question)
+        records = client.drive(_generate(notes, client, settings, bar))
+    counts = Counter(r["status"] for r in records)
     stats = {
         "notes": len(notes),
         "outcomes": dict(sorted(counts.items())),
@@ -198,6 +168,81 @@ def generate(notes: list[dict], client: LLMClient, settings: GenerationSettings)
         "llm": client.stats,
     }
     return records, stats
+
+
+async def _generate(notes: list[dict], client: LLMClient, settings: GenerationSettings, bar) -> list[dict]:
+    seeds = load_seed_questions(settings.seed_questions)
+    pools = _Pools(settings.pool_lag)
+    earlier = (
+        {task: NearDuplicateIndex(settings.near_duplicate_rouge, seeds[task]) for task in seeds}
+        if settings.near_duplicate_rouge is not None
+        else {}
+    )
+
+    async def ask_note(position: int) -> dict:
+        note = notes[position]
+        task = draw_task(note["row_id"], settings.seed)
+        rng = random.Random(f"{settings.seed}:{note['row_id']}")
+        examples = rng.sample(seeds[task], settings.seeds_per_prompt)
+        pool = pools.visible(task, position)
+        examples += rng.sample(pool, min(settings.pool_per_prompt, len(pool)))
+        q_request = question_request(note, task, examples, client)
+        record = {
+            "row_id": note["row_id"],
+            "task": task,
+            "question": None,
+            "answer": None,
+            "question_key": q_request.key,
+        }
+        q_result = await client.ask(q_request)
+        if not q_result.ok:
+            record["status"] = "failed_question"
+        else:
+            record["question"] = clean_question(q_result.text or "")
+            if not record["question"]:
+                record["status"] = "rejected_empty_question"
+        if "status" in record:
+            bar.total -= 1  # no answer is asked for a missing question
+            return record
+        a_result = await client.ask(answer_request(note, task, record["question"], client))
+        if not a_result.ok:
+            record["status"] = "failed_answer"
+        else:
+            record["answer"] = (a_result.text or "").strip()
+            record["answer_key"] = a_result.key
+        return record
+
+    def settle(position: int, record: dict) -> None:
+        """Judge a note against the notes before it (in order); accepted questions join the pool."""
+        if "status" in record:
+            return
+        task, question = record["task"], record["question"]
+        reason = _rejection(notes[position], question, record["answer"], earlier.get(task))
+        record["status"] = f"rejected_{reason}" if reason else "ok"
+        if not reason:
+            pools.add(task, position, question)
+            if earlier:
+                earlier[task].add(question)
+
+    records: list[dict] = []
+    running: dict[int, asyncio.Task] = {}
+    try:
+        for position in range(len(notes)):
+            # note `position` may start once every note `pool_lag` or more before it is settled
+            while len(records) <= position - settings.pool_lag:
+                settled = len(records)
+                record = await running.pop(settled)
+                settle(settled, record)
+                records.append(record)
+            running[position] = asyncio.create_task(ask_note(position))
+        for settled in range(len(records), len(notes)):
+            record = await running.pop(settled)
+            settle(settled, record)
+            records.append(record)
+    finally:
+        # a failure (budget, replay miss) stops new notes; those in flight finish and are archived
+        await asyncio.gather(*running.values(), return_exceptions=True)
+    return records
 
 
 def run_instruction_stage(notes_path, records_out, stats_out, client: LLMClient, settings: GenerationSettings) -> dict:
@@ -237,14 +282,6 @@ def write_dataset(notes_path, records_path, csv_out) -> int:
     return len(frame)
 
 
-def _merge(base: dict, override: dict) -> dict:
-    """`override` laid over `base`, section by section, as Snakemake merges --configfile."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     """The stage without Snakemake: `python -m asclepius_r.instructions --config config.yaml ...`."""
     from . import config as workflow_config
@@ -264,10 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", help="log file (default: stderr)")
     args = parser.parse_args(argv)
     setup_logging(args.log)
-    config = {}
-    for path in args.config:
-        config = _merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    config = workflow_config.resolve(config, require_data=False)
+    config = workflow_config.load_layers(args.config)
     with LLMClient(workflow_config.llm_settings(config)) as client:
         run_instruction_stage(args.notes, args.records, args.stats, client, workflow_config.generation_settings(config))
     if args.dataset:

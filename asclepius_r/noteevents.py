@@ -35,6 +35,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from . import record_scanner
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ COLUMNS = (
 DISCHARGE_CATEGORY = "Discharge summary"
 GZIP_MAGIC = b"\x1f\x8b"
 READ_SIZE = 64 << 20  # bytes per window (a stretch of the file for one worker); memory holds a few
-MAX_SCAN_WORKERS = 8  # so that at most about 0.6 GB of windows are mapped, however many cores
+MAX_SCAN_WORKERS = 8  # bounds the windows mapped at once (READ_SIZE each), however many cores
 # A gzip stream's windows (scanned one after another, as decompressed) and the compressed input fed
-# to zlib at a time. Both keep allocations under glibc's 32 MB mmap ceiling, so that freed buffers are
-# reused instead of fresh pages faulted in (measured, 550 MB: 3.9 s with 64 MB and 8 MB, 2.9 s).
+# to zlib at a time. Both keep allocations under glibc's 32 MB mmap threshold, so that freed buffers
+# are reused instead of fresh pages faulted in (BENCHMARKS.md, issue 3).
 STREAM_READ_SIZE = 16 << 20
 COMPRESSED_READ_SIZE = 2 << 20
 # A record longer than this cannot be a note: the file has a quote that never closes.
@@ -73,7 +74,7 @@ PROBE_STEP = 16 << 10
 MAX_FIELD_BYTES = 16 << 20
 
 
-class NoteEventsError(ValueError):
+class NoteEventsError(UserError, ValueError):
     """A NOTEEVENTS file that cannot be read as the MIMIC-III schema; names the file and the line."""
 
 
@@ -109,7 +110,15 @@ def read_header(path: str | os.PathLike) -> list[str]:
         text = first.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         raise NoteEventsError(f"{path}: line 1 (the header) is not valid UTF-8") from None
-    header = next(csv.reader([text]))
+    if "\r" in text.rstrip("\r\n"):
+        raise NoteEventsError(
+            f"{path}: line 1 holds carriage returns but no line feed: the file has CR-only (classic Mac) line "
+            "endings, so it reads as a single line. Convert them to LF (or CRLF) line endings."
+        )
+    try:
+        header = next(csv.reader([text]))
+    except csv.Error as err:
+        raise NoteEventsError(f"{path}: line 1 (the header) is not valid CSV ({err})") from None
     if not set(header) & set(COLUMNS):
         raise NoteEventsError(
             f"{path}: line 1 holds none of the MIMIC-III column names {', '.join(COLUMNS)}; is the header line missing?"
@@ -285,9 +294,8 @@ class _Stream:
     """Windows of a gzip file's decompressed bytes, in order: the partial record left over plus
     fresh blocks, which a reader thread decompresses ahead while the current window is scanned.
 
-    zlib is fed 2 MB of compressed input at a time: GzipFile's 8 kB steps take the GIL 25,000
-    times per 200 MB (measured: 2.9 s against 2.3 s for 550 MB, before any contention). Every
-    gzip member is read in turn, as gzip does.
+    zlib is fed COMPRESSED_READ_SIZE of input at a time: GzipFile's 8 kB steps would take the GIL
+    for every step (BENCHMARKS.md, issue 3). Every gzip member is read in turn, as gzip does.
     """
 
     def __init__(self, compressed: BinaryIO, path: Path, start: int):
@@ -503,8 +511,7 @@ class NoteEvents:
         NOTEEVENTS file, including a header-only file.
         """
         # One worker more than cores: a worker waiting on page faults or the GIL leaves a core idle
-        # otherwise (measured: 0.76-0.80 s against 0.98 s on 2 cores, 2.2 GB). Each holds a window
-        # in memory, hence the cap.
+        # otherwise (BENCHMARKS.md, issue 3). Each holds a window in memory, hence the cap.
         path, raw, rows, workers = self.path, self._raw, 0, min(pa.cpu_count() + 1, MAX_SCAN_WORKERS)
         with (
             ThreadPoolExecutor(workers, thread_name_prefix="noteevents-scan") as pool,
@@ -550,7 +557,7 @@ class NoteEvents:
 
         The bytes go into `into` where given (at least text_bytes(spans) long), else into a new
         array. A caller that reuses its arrays spares the kernel zeroing fresh pages for every
-        call: a tenth of the notes stage's CPU time, measured.
+        call (BENCHMARKS.md, issue 3).
         """
         if self._records is None:
             raise RuntimeError("NoteEvents.texts() needs a finished scan()")
@@ -652,6 +659,30 @@ def locate_problem(path: str | os.PathLike) -> str:
     finally:
         csv.field_size_limit(limit)
     return "malformed CSV that the strict pass could not pin down"
+
+
+def locate_record(path: str | os.PathLike, data_row: int | None = None, row_id: int | None = None) -> str:
+    """'line N (ROW_ID n)' of a record known by its data row number (1-based) or its ROW_ID.
+
+    A slow pass like locate_problem's, run only to word an error; the ROW_ID appears only when
+    it is an integer, so a shifted row's content is never quoted.
+    """
+    limit = csv.field_size_limit(MAX_FIELD_BYTES)
+    try:
+        with open_bytes(path) as raw:
+            lines = _Lines(raw)
+            reader = csv.reader(lines)
+            header = [name.removeprefix("\ufeff") for name in next(reader)]
+            column = header.index("ROW_ID")
+            start = lines.number + 1
+            for number, record in enumerate(reader, start=1):
+                value = record[column].strip() if len(record) > column else ""
+                if number == data_row or (row_id is not None and value == str(row_id)):
+                    return f"line {start}" + (f" (ROW_ID {value})" if value.isdigit() else "")
+                start = lines.number + 1
+    finally:
+        csv.field_size_limit(limit)
+    return f"data row {data_row}" if data_row is not None else f"ROW_ID {row_id}"
 
 
 def _row_id(first_line: str | None, header: list[str]) -> str:

@@ -12,7 +12,7 @@ Every dropped row is counted under one reason in stats.json; near misses of the 
 
 from __future__ import annotations
 
-import atexit
+import argparse
 import contextlib
 import gc
 import hashlib
@@ -29,24 +29,19 @@ import numpy as np
 import pyarrow as pa
 
 from .files import atomic_path, write_json
-from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError
+from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError, locate_record
 
 log = logging.getLogger(__name__)
-
-# Arrow's and numpy's objects (and the stage's) form reference cycles that the interpreter's last
-# collection tears down one by one at exit, 0.2-0.3 s measured, for memory the OS frees anyway.
-# Frozen objects are left alone (Python never promises finalizers at exit).
-atexit.register(gc.freeze)
 
 KEPT_COLUMNS = ("ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR", "TEXT")
 # Why rows are dropped, in the order the checks apply: a row counts under the first that fits.
 DROP_REASONS = ("other_category", "iserror", "addendum", "excluded", "duplicate_text")
-OUTPUT_ROW_GROUP = 2048  # notes per Parquet row group of the outputs (about 20 MB of text)
+OUTPUT_ROW_GROUP = 2048  # notes per Parquet row group of the outputs
 # Each output is a Parquet dataset: a folder of part files of this many notes, in file order, which
-# threads write in parallel. A single file would be compressed by one thread, and that was half the
-# stage's time on 2 cores (bench/notes_filter.py). A fixed size keeps the layout machine-independent.
+# threads write in parallel: Arrow compresses a single file on one thread (BENCHMARKS.md, issue 3).
+# A fixed size keeps the layout machine-independent.
 OUTPUT_PART_NOTES = 4 * OUTPUT_ROW_GROUP
-MAX_PART_WRITERS = 4  # each holds a row group or two (about 60 MB): memory stays well under 1 GB
+MAX_PART_WRITERS = 4  # each holds a row group or two in memory: the cap bounds the stage's memory
 # Dictionary-encoding long, unique texts only costs time.
 OUTPUT_PARQUET = {"compression": "zstd", "use_dictionary": ["HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR"]}
 NOTE_SCHEMA = pa.schema(
@@ -108,8 +103,8 @@ def _is_near_miss(category: str) -> bool:
     return category != DISCHARGE_CATEGORY and category.strip().lower() == DISCHARGE_CATEGORY.lower()
 
 
-# pa.array, pa.scalar and to_numpy would do for these five, but they import pandas: a third of a
-# second, a tenth of the stage on a 2 GB file.
+# pa.array, pa.scalar and to_numpy would do for these five, but they import pandas, an import the
+# stage otherwise avoids (its cost: BENCHMARKS.md, issue 3).
 def _int64_array(values: np.ndarray) -> pa.Array:
     """numpy int64 -> Arrow, without a copy."""
     values = np.ascontiguousarray(values, np.int64)
@@ -176,9 +171,11 @@ class _Filter:
         """The chunk's notes that pass the row-level policies (all columns but TEXT, ROW_ID and
         SUBJECT_ID as integers), where their records lie and their TEXT hashes."""
         if chunk.bad_row_id:
-            row, value = chunk.bad_row_id
+            row, _ = chunk.bad_row_id  # the value is not shown: in a shifted row it is note text
+            data_row = self.rows_read + row + 1
             raise NoteEventsError(
-                f"{self.path}: data row {self.rows_read + row + 1}: ROW_ID {value!r} is not an integer"
+                f"{self.path}: {locate_record(self.path, data_row=data_row)}, data row {data_row}: ROW_ID is not "
+                "an integer (a stray quote or comma may have shifted the row's fields; the value is not shown)"
             )
         self.rows_read += chunk.rows
         self.row_ids.append(chunk.row_ids)
@@ -187,8 +184,8 @@ class _Filter:
         self.counts["other_category"] += chunk.rows - (selected.num_rows if selected else 0)
         if selected is None:
             return None
-        # Imported here, where first used: that is while the scan's workers run, which takes its
-        # 0.1 s off the stage's wall time.
+        # Imported here, where first used: that is while the scan's workers run, which hides its
+        # import time behind the scan.
         import pyarrow.compute as pc
 
         policy = self.policy
@@ -211,7 +208,8 @@ class _Filter:
             subjects = _to_int(kept.column("SUBJECT_ID"))
         except pa.ArrowInvalid:
             raise NoteEventsError(
-                f"{self.path}: a SUBJECT_ID of a discharge summary near data row {self.rows_read} is not an integer"
+                f"{self.path}: {locate_record(self.path, row_id=self._bad_subject(kept))}: SUBJECT_ID is not an "
+                "integer (the value is not shown)"
             ) from None
         table = pa.table(
             [
@@ -222,6 +220,16 @@ class _Filter:
             schema=NOTE_SCHEMA.remove(NOTE_SCHEMA.get_field_index("TEXT")),
         )
         return table, chunk.spans[keep], chunk.text_hashes[keep]
+
+    @staticmethod
+    def _bad_subject(kept: pa.Table) -> int:
+        """The ROW_ID of the first note whose SUBJECT_ID does not convert (the error path only)."""
+        for row_id, subject in zip(kept.column("ROW_ID").to_pylist(), kept.column("SUBJECT_ID").to_pylist()):
+            try:
+                _to_int(pa.chunked_array([[subject]], pa.string()))
+            except pa.ArrowInvalid:
+                return int(row_id)
+        raise AssertionError("a SUBJECT_ID failed to convert, but none does alone")
 
     def first_copies(self, source: NoteEvents, hashes: np.ndarray, spans: np.ndarray) -> np.ndarray:
         """Whether each note is the first, in file order, with its exact TEXT; counts the others.
@@ -331,8 +339,7 @@ def _cyclic_gc_paused():
     """Pause Python's cyclic garbage collector while the stage runs.
 
     The stage's own objects are freed by reference counting; the collector would only traverse,
-    again and again, the ~10^5 objects that numba and Arrow hold (about a tenth of the stage's
-    CPU time, measured).
+    again and again, the many long-lived objects that the imported libraries hold.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -341,6 +348,17 @@ def _cyclic_gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def stage_outputs(folder: str | Path) -> dict[str, Path]:
+    """The stage's outputs inside `folder`, named as the workflow names them in results/notes/."""
+    folder = Path(folder)
+    return {
+        "discharge_out": folder / "discharge.parquet",
+        "heldout_out": folder / "heldout.parquet",
+        "heldout_ids_out": folder / "heldout_row_ids.txt",
+        "stats_out": folder / "stats.json",
+    }
 
 
 def run_notes_stage(
@@ -444,3 +462,41 @@ def read_notes(path: str | Path) -> list[dict]:
             table.column("ROW_ID").to_pylist(), table.column("SUBJECT_ID").to_pylist(), table.column("TEXT").to_pylist()
         )
     ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The stage without Snakemake: `python -m asclepius_r.notes --config config.yaml [--out DIR]`."""
+    from . import config as workflow_config
+    from .logs import setup_logging
+
+    parser = argparse.ArgumentParser(description="NOTEEVENTS.csv(.gz) -> discharge and held-out notes.")
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="config file; repeat to lay one over another (like snakemake --configfile)",
+    )
+    parser.add_argument("--noteevents", help="NOTEEVENTS.csv(.gz) (default: the config's noteevents)")
+    parser.add_argument("--out", default="results/notes", help="output folder (default: results/notes)")
+    parser.add_argument("--threads", type=int, help="scan and writer threads (default: the core count)")
+    parser.add_argument("--log", help="log file (default: stderr)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    try:
+        config = workflow_config.load_layers(args.config)
+        if args.noteevents:
+            config["noteevents"] = args.noteevents
+        workflow_config.check_data_paths(config, ["noteevents"])
+        run_notes_stage(
+            config["noteevents"],
+            **stage_outputs(args.out),
+            policy=workflow_config.note_policy(config),
+            split=workflow_config.split_policy(config),
+            threads=args.threads,
+        )
+    except (workflow_config.ConfigError, NoteEventsError) as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

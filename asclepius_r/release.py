@@ -44,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from .config import training_settings
+from .errors import UserError
 from .files import atomic_path, sha256_file, write_json
 from .prompts import RELEASED_TEMPLATE
 
@@ -71,7 +72,20 @@ WORKFLOW_SOURCES = (
     "requirements.lock",
     "README.md",
 )
-_NOT_SOURCE = re.compile(r"(^|/)(__pycache__|\.[^/]*)(/|$)|\.pyc$")
+# Caches, hidden files and build outputs (the notes scanner compiles into asclepius_r/_build/).
+_NOT_SOURCE = re.compile(r"(^|/)(__pycache__|_build|\.[^/]*)(/|$)|\.(pyc|so|o|pyd|dylib)$")
+# Data formats that the text checks below cannot see into, by their first bytes.
+_BINARY_FORMATS = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x04\x22\x4d\x18": "lz4-compressed",
+    b"PK\x03\x04": "zip-compressed",
+    b"7z\xbc\xaf\x27\x1c": "7z-compressed",
+    b"PAR1": "Parquet",
+    b"ARROW1": "Arrow",
+}
 _PATIENT_DATA_NAME = re.compile(r"noteevents[^/]*\.(csv|gz|zip|bz2|xz|parquet|feather|tsv|txt|jsonl?)$", re.IGNORECASE)
 # Signs of note text in a file: a filled-in de-identification placeholder (a date, or a name
 # or hospital with its number, closed by "**]"), or the NOTEEVENTS header. Written so that
@@ -82,8 +96,8 @@ _NOTE_TEXT = re.compile(rb"\[\*\*[^\]\n]{0,80}\d\s*\*\*\]|ROW_ID,\s*SUBJECT_ID")
 _CHECKPOINT_PRIVATE = ("training_args.bin", ".snakemake_timestamp")
 
 
-class ReleaseError(RuntimeError):
-    pass
+class ReleaseError(UserError, RuntimeError):
+    """A release folder that does not verify or cannot be restored; names the file."""
 
 
 # ---------------------------------------------------------------- checksums
@@ -141,17 +155,35 @@ def workflow_files(source_root: Path, forbidden: list[Path]) -> list[Path]:
                 continue
             if not file.is_file():
                 continue
-            if (
-                _PATIENT_DATA_NAME.search(relative)
-                or file.resolve() in forbidden
-                or _NOTE_TEXT.search(file.read_bytes())
-            ):
+            data = file.read_bytes()
+            binary = _binary_format(data)
+            if binary:
+                raise ReleaseError(
+                    f"refusing to put {relative} into the workflow archive: it is {binary} data, which "
+                    "cannot be checked for note text, whatever its name. The archive holds source text only; "
+                    "move it out of the workflow's source folders."
+                )
+            if _PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden or _NOTE_TEXT.search(data):
                 raise ReleaseError(
                     f"refusing to put {relative} into the workflow archive: it is, is named like "
                     "or contains note data. Move it out of the workflow's source folders."
                 )
             files.append(file)
     return files
+
+
+def _binary_format(data: bytes) -> str | None:
+    """The data's format if it is not plain UTF-8 text (compressed, columnar or other binary)."""
+    for magic, name in _BINARY_FORMATS.items():
+        if data.startswith(magic):
+            return name
+    if b"\0" in data:
+        return "binary"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary (not UTF-8 text)"
+    return None
 
 
 def build_workflow_archive(out_path: Path, source_root: Path, config: dict, forbidden: list[Path]) -> list[str]:
@@ -184,35 +216,32 @@ def build_workflow_archive(out_path: Path, source_root: Path, config: dict, forb
 # ---------------------------------------------------------------- model cards and README
 
 
-def _front_matter(meta: dict) -> str:
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
-
-
 def model_card(name: str, base_model: str, stage: str, hyperparameters: dict, data: str) -> str:
-    """A Hugging Face README: YAML front matter, then how the checkpoint was made and is used."""
-    meta = {
-        "license": "other",
-        "license_name": LICENSE,
-        "license_link": LICENSE_URL,
-        "base_model": base_model,
-        "datasets": [data],
-        "language": ["en"],
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["medical", "clinical", "mimic-iii", "asclepius-r"],
-        "training_stage": stage,
-        "hyperparameters": hyperparameters,
-        "prompt_template": RELEASED_TEMPLATE,
-    }
+    """A Hugging Face README: the Hub's metadata block (huggingface_hub's ModelCardData), then how
+    the checkpoint was made and is used."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = ModelCardData(
+        license="other",
+        license_name=LICENSE,
+        license_link=LICENSE_URL,
+        base_model=base_model,
+        datasets=[data],
+        language=["en"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["medical", "clinical", "mimic-iii", "asclepius-r"],
+        training_stage=stage,
+        hyperparameters=hyperparameters,
+        prompt_template=RELEASED_TEMPLATE,
+    )
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items())
     what = (
         "causal language modelling on MIMIC-III discharge summaries (every token in the loss)"
         if stage == "pretrain"
         else "instruction fine-tuning on mimiciii_discharge.csv (loss on the answer and EOS only)"
     )
-    return (
-        _front_matter(meta)
-        + f"""
+    body = f"""
 # {name}
 
 {name} was trained from `{base_model}` by {what}, with the Asclepius-R reproducibility workflow
@@ -241,7 +270,7 @@ prompt = TEMPLATE.format(note=note, question=question)   # TEMPLATE: the text ab
 output = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=400)
 ```
 """
-    )
+    return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
 
 
 def _summary_table(summary: dict) -> str:
@@ -456,13 +485,10 @@ def main(argv: list[str] | None = None) -> None:
     verify_cmd.add_argument("release")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        if args.command == "restore":
-            restore(args.release, args.workdir)
-        else:
-            print(f"{verify_sha256sums(Path(args.release))} files OK")
-    except ReleaseError as err:
-        parser.exit(1, f"error: {err}\n")
+    if args.command == "restore":
+        restore(args.release, args.workdir)
+    else:
+        print(f"{verify_sha256sums(Path(args.release))} files OK")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,15 @@
 rule build_tiny_llama:
     input:
         notes="results/notes/discharge.parquet",
+        tokenizer=config["tiny_model"]["tokenizer_model"] or [],
     output:
         directory("results/base_models/{size}"),
     log:
         "logs/base_model/{size}.log",
+    conda:
+        "../envs/train.yaml"
     params:
         spec=config["tiny_model"],
         seed=config["seed"],
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/build_tiny_llama.py"

@@ -23,23 +23,24 @@ wildcard_constraints:
 
 
 def data_path(key):
-    """The configured data path; unset data stops the DAG (dry runs too), saying what to set.
-
-    Checked here rather than at parse time so that `snakemake --lint` works on config.yaml.
+    """The data path at a dotted config key; unset, it stops the DAG (dry runs too), saying
+    what to set. Only the keys of the jobs in the DAG are asked for, so one stage runs alone
+    (the notes stage needs no base model). Checked here rather than at parse time so that
+    `snakemake --lint` works on config.yaml.
     """
     try:
-        workflow_config.check_data_paths(config)
+        workflow_config.check_data_paths(config, [key])
     except workflow_config.ConfigError as error:
         raise WorkflowError(str(error)) from None
-    return key(config)
+    return workflow_config.config_value(config, key)
 
 
 def noteevents_path(wildcards):
-    return data_path(lambda c: c["noteevents"])
+    return data_path("noteevents")
 
 
 def base_model_dir(wildcards):
-    base = data_path(lambda c: c["models"][wildcards.size]["base"])
+    base = data_path(f"models.{wildcards.size}.base")
     return f"results/base_models/{wildcards.size}" if base == "tiny" else base
 
 
@@ -83,10 +84,18 @@ def evaluated_model_dir(wildcards):
 
 
 def training_params(stage):
-    return lambda wildcards: workflow_config.training_settings(
-        config, stage, wildcards.size
-    )
+    return lambda wildcards: workflow_config.training_settings(config, stage, wildcards.size)
 
 
 def final_outputs():
     return ["release", "results/evaluation/summary.json", *REPORT_ITEMS]
+
+
+def long_notes_tokenizer(wildcards):
+    tokenizer = config["tiny_model"]["tokenizer_model"]
+    if not tokenizer:
+        raise WorkflowError(
+            "results/rehearsal/NOTEEVENTS.csv counts note lengths in tokens: set "
+            "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
+        )
+    return tokenizer

@@ -11,22 +11,22 @@ rule answer_heldout:
         "results/evaluation/answers/{model}.jsonl",
     log:
         "logs/evaluate/answer_{model}.log",
-    params:
-        evaluate=config["evaluate"],
+    conda:
+        "../envs/train.yaml"
     threads: config["launch"]["threads"]
     resources:
         gpu=1,
-    conda:
-        "../envs/train.yaml"
+    params:
+        evaluate=config["evaluate"],
+        truncation=workflow_config.truncation_policy(config),
+        seed=config["seed"],
     script:
         "../scripts/answer_heldout.py"
 
 
 rule judge_heldout:
     input:
-        answers=expand(
-            "results/evaluation/answers/{model}.jsonl", model=evaluated_models()
-        ),
+        answers=expand("results/evaluation/answers/{model}.jsonl", model=evaluated_models()),
         notes="results/notes/heldout.parquet",
         records="results/instructions/heldout.jsonl",
         # Replaying a recorded judge run: its archive is an input, like the dataset's.
@@ -40,22 +40,20 @@ rule judge_heldout:
         stats="results/evaluation/judge/stats.json",
     log:
         "logs/evaluate/judge.log",
+    conda:
+        "../envs/llm.yaml"
     params:
         models=evaluated_models(),
         judge=config["judge"],
         llm=config["llm"],
         seed=config["seed"],
-    conda:
-        "../envs/llm.yaml"
     script:
         "../scripts/judge_heldout.py"
 
 
 rule summarise_evaluation:
     input:
-        answers=expand(
-            "results/evaluation/answers/{model}.jsonl", model=evaluated_models()
-        ),
+        answers=expand("results/evaluation/answers/{model}.jsonl", model=evaluated_models()),
         verdicts="results/evaluation/judge/verdicts.jsonl",
     output:
         summary="results/evaluation/summary.json",
@@ -63,9 +61,9 @@ rule summarise_evaluation:
         per_task="results/evaluation/scores_per_task.tsv",
     log:
         "logs/evaluate/summary.log",
-    params:
-        models=evaluated_models(),
     conda:
         "../envs/data.yaml"
+    params:
+        models=evaluated_models(),
     script:
         "../scripts/summarise_evaluation.py"

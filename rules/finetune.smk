@@ -8,16 +8,19 @@ rule finetune:
     output:
         model=directory("results/models/Asclepius-R-{size}"),
         metrics="results/metrics/finetune-{size}.jsonl",
+        truncation="results/metrics/finetune-{size}-truncation.json",
     log:
         "logs/finetune/{size}.log",
+    conda:
+        "../envs/train.yaml"
+    threads: config["launch"]["threads"]
+    resources:
+        gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
     params:
         settings=training_params("finetune"),
         launch=config["launch"],
         checkpoints="results/checkpoints/finetune-{size}",
-    threads: config["launch"]["threads"]
-    resources:
-        gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
-    conda:
-        "../envs/train.yaml"
+        # Tokenised examples (datasets' Arrow cache), kept across reruns and shared by sizes.
+        data_cache="results/cache/finetune-data",
     script:
         "../scripts/train.py"

@@ -10,12 +10,12 @@ rule generate_instructions:
         stats="results/instructions/{split}.stats.json",
     log:
         "logs/instructions/{split}.log",
+    conda:
+        "../envs/llm.yaml"
     params:
         instructions=config["instructions"],
         llm=config["llm"],
         seed=config["seed"],
-    conda:
-        "../envs/llm.yaml"
     script:
         "../scripts/generate_instructions.py"
 

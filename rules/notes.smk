@@ -12,9 +12,26 @@ rule synthesize_demo_noteevents:
         "../scripts/synthesize_demo_noteevents.py"
 
 
+# The rehearsal's notes: discharge summaries as long as MIMIC-III's, in the tiny LLaMA's tokens.
+rule synthesize_long_noteevents:
+    input:
+        tokenizer=long_notes_tokenizer,
+    output:
+        "results/rehearsal/NOTEEVENTS.csv",
+    log:
+        "logs/notes/synthesize_long_noteevents.log",
+    conda:
+        "../envs/train.yaml"
+    params:
+        notes=config["synthetic_notes"],
+        seed=config["seed"],
+    script:
+        "../scripts/synthesize_long_noteevents.py"
+
+
 # One compiled pass over the memory-mapped file (asclepius_r/record_scanner.c), then the kept notes'
-# texts read back into the outputs: 5x faster than pandas, memory under 1 GB at any input size
-# (bench/notes_filter.py). Scan workers: threads + 1.
+# texts read back into the outputs: memory stays flat at any input size (figures against pandas,
+# polars and pyarrow: BENCHMARKS.md, issue 3). Scan workers: threads + 1.
 rule filter_notes:
     input:
         noteevents=noteevents_path,
@@ -27,13 +44,13 @@ rule filter_notes:
         stats="results/notes/stats.json",
     log:
         "logs/notes/filter_notes.log",
-    params:
-        notes=config["notes"],
-        seed=config["seed"],
+    conda:
+        "../envs/data.yaml"
     threads: 4
     resources:
         mem_mb=1500,
-    conda:
-        "../envs/data.yaml"
+    params:
+        notes=config["notes"],
+        seed=config["seed"],
     script:
         "../scripts/filter_notes.py"

@@ -10,14 +10,14 @@ rule pretrain:
         metrics="results/metrics/pretrain-{size}.jsonl",
     log:
         "logs/pretrain/{size}.log",
+    conda:
+        "../envs/train.yaml"
+    threads: config["launch"]["threads"]
+    resources:
+        gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
     params:
         settings=training_params("pretrain"),
         launch=config["launch"],
         checkpoints="results/checkpoints/pretrain-{size}",
-    threads: config["launch"]["threads"]
-    resources:
-        gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/train.py"

@@ -9,10 +9,7 @@ rule release:
         unpack(
             lambda wildcards: {
                 "noteevents": noteevents_path(wildcards),
-                **{
-                    f"base_model_{size}": base_model_dir(SimpleNamespace(size=size))
-                    for size in SIZES
-                },
+                **{f"base_model_{size}": base_model_dir(SimpleNamespace(size=size)) for size in SIZES},
             }
         ),
         pretrained=[pretrained_dir(size) for size in SIZES],
@@ -24,13 +21,13 @@ rule release:
         per_task="results/evaluation/scores_per_task.tsv",
         judge_stats="results/evaluation/judge/stats.json",
         verdicts="results/evaluation/judge/verdicts.jsonl",
-        metrics=expand(
-            "results/metrics/{stage}-{size}.jsonl", stage=["pretrain", "finetune"], size=SIZES
-        ),
+        metrics=expand("results/metrics/{stage}-{size}.jsonl", stage=["pretrain", "finetune"], size=SIZES),
     output:
         directory("release"),
     log:
         "logs/release/release.log",
+    conda:
+        "../envs/data.yaml"
     params:
         config=config,
         source_root=workflow.basedir,
@@ -38,7 +35,5 @@ rule release:
         llm_archive=config["llm"]["archive"],
         judge_archive=config["judge"]["archive"],
         input_names=DATA_INPUTS,
-    conda:
-        "../envs/data.yaml"
     script:
         "../scripts/release.py"

@@ -33,9 +33,7 @@ rule report_dataset:
 
 rule report_training:
     input:
-        lambda wildcards: expand(
-            "results/metrics/{stage}-{size}.jsonl", stage=wildcards.stage, size=SIZES
-        ),
+        lambda wildcards: expand("results/metrics/{stage}-{size}.jsonl", stage=wildcards.stage, size=SIZES),
     output:
         report(
             "results/report/training-{stage}.png",
@@ -47,10 +45,10 @@ rule report_training:
         "logs/report/training-{stage}.log",
     wildcard_constraints:
         stage="pretrain|finetune",
-    params:
-        sizes=SIZES,
     conda:
         "../envs/data.yaml"
+    params:
+        sizes=SIZES,
     script:
         "../scripts/report_training.py"
 

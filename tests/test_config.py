@@ -4,12 +4,16 @@ what to set, and both shipped configs are valid."""
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from asclepius_r import config as workflow_config
 from tests.conftest import REPO, copy_workflow, run_snakemake
+from tests.notes_support import note, write_noteevents
 
 DEMO = yaml.safe_load((REPO / "demo/config.yaml").read_text())
 PAPER = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -45,6 +49,9 @@ def test_paper_config_says_what_to_set_and_that_the_demo_needs_no_data():
         ({"pretrain": {"learning_rate": "fast"}}, "pretrain.learning_rate"),
         ({"models": {"7B": {"base": "tiny", "gpu": 8}}}, "models.7B"),
         ({"unknown_section": 1}, "unknown_section"),
+        ({"finetune": {"truncation": "cut_end"}}, "finetune.truncation"),
+        ({"evaluate": {"num_beams": 0}}, "evaluate.num_beams"),
+        ({"evaluate": {"temperature": 0}}, "evaluate.temperature"),
     ],
 )
 def test_errors_name_the_key(override, key):
@@ -65,6 +72,31 @@ def test_per_size_override_with_a_wrong_key_is_named():
         workflow_config.training_settings(config, "finetune", "13B")
 
 
+def test_truncation_is_a_fine_tuning_setting_only():
+    config = workflow_config.resolve(merged(merged(PAPER, DEMO), {"pretrain": {"truncation": "drop"}}))
+    with pytest.raises(workflow_config.ConfigError, match=r"pretrain: unknown key\(s\) truncation"):
+        workflow_config.training_settings(config, "pretrain", "7B")
+    assert workflow_config.training_settings(config, "finetune", "7B")["truncation"] == "note_middle"
+    assert workflow_config.truncation_policy(config) == "note_middle"
+
+
+def test_decoding_is_greedy_by_default_and_2023_beam_sampling_is_an_option():
+    config = workflow_config.resolve(merged(PAPER, DEMO))
+    assert workflow_config.decoding_settings(config["evaluate"]).generate_kwargs() == {
+        "max_new_tokens": 32,
+        "num_beams": 1,
+        "do_sample": False,
+    }
+    of_2023 = {"evaluate": {"max_new_tokens": 400, "num_beams": 5, "do_sample": True, "temperature": 1.0}}
+    config = workflow_config.resolve(merged(merged(PAPER, DEMO), of_2023))
+    assert workflow_config.decoding_settings(config["evaluate"]).generate_kwargs() == {
+        "max_new_tokens": 400,
+        "num_beams": 5,
+        "do_sample": True,
+        "temperature": 1.0,
+    }
+
+
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     result = run_snakemake(workdir, "-n", "--config", "seed=not-a-number", check=False)
@@ -78,3 +110,40 @@ def test_snakemake_with_the_paper_config_asks_for_data(tmp_path):
     result = run_snakemake(workdir, "-n", demo=False, check=False)
     assert result.returncode != 0
     assert "noteevents" in result.stderr + result.stdout and "make demo" in result.stderr + result.stdout
+
+
+def test_the_notes_stage_runs_alone_with_only_noteevents_set(tmp_path):
+    """The paper config with only `noteevents` set: the notes stage needs no base model."""
+    workdir = copy_workflow(tmp_path / "wf")
+    noteevents = write_noteevents(tmp_path / "NOTEEVENTS.csv", [note(i, subject=i % 7) for i in range(1, 30)])
+    (workdir / "small.yaml").write_text("notes: {heldout_notes: 3}\n")
+    result = run_snakemake(
+        workdir,
+        "results/notes/stats.json",
+        "--configfile",
+        "small.yaml",
+        "--config",
+        f"noteevents={noteevents}",
+        demo=False,
+    )
+    assert json.loads((workdir / "results/notes/stats.json").read_text())["kept"] == 29, result.stderr
+
+
+def test_a_stage_asks_only_for_its_own_data(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    result = run_snakemake(workdir, "-n", "results/models/Asclepius-R-13B-Pretrained-Only", demo=False, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "models.13B.base (LLaMA-13B" in output or "noteevents (path" in output
+    assert "models.7B.base (LLaMA-7B" not in output  # named only as unset for other stages
+
+
+def test_the_notes_stage_has_its_own_command_line(tmp_path):
+    noteevents = write_noteevents(tmp_path / "NOTEEVENTS.csv", [note(i, subject=i % 7) for i in range(1, 30)])
+    (tmp_path / "small.yaml").write_text("notes: {heldout_notes: 3}\n")
+    command = [sys.executable, "-m", "asclepius_r.notes", "--config", str(REPO / "config.yaml")]
+    missing = subprocess.run(command, capture_output=True, text=True)
+    assert missing.returncode == 2 and "noteevents (path" in missing.stderr
+    command += ["--config", str(tmp_path / "small.yaml"), "--noteevents", str(noteevents), "--out", str(tmp_path / "n")]
+    subprocess.run(command, check=True, capture_output=True)
+    assert json.loads((tmp_path / "n/stats.json").read_text())["kept_heldout"] >= 3

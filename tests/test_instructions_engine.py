@@ -1,6 +1,7 @@
-"""The instruction engine against the local server: prompts independent of concurrency, pools
-grown only between waves, post-filters, the exact near-duplicate index, stage stats with every
-failure kind, no secrets or note text in logs, and replay re-deriving the CSV byte for byte."""
+"""The instruction engine against the local server: the same dataset whatever the latency and the
+requests in flight, pools seen only from notes far enough before, post-filters, the exact
+near-duplicate index, stage stats with every failure kind, no secrets or note text in logs, and
+replay re-deriving the CSV byte for byte."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from asclepius_r.instructions import (
 from asclepius_r.llm import LLMClient, LLMSettings
 from asclepius_r.logs import setup_logging
 from asclepius_r.rouge import rouge_l
-from tests.llm_fixtures import API_KEY, live_settings, server  # noqa: F401 (fixture)
-from tests.openai_server import default_responder, prompt_text
+from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, server  # noqa: F401 (fixture)
+from tests.openai_server import OpenAIServer, default_responder, prompt_text
 
 CONDITIONS = (
     "community-acquired pneumonia",
@@ -64,30 +65,33 @@ def question_examples(prompt: str) -> list[str]:
     return [line[2:] for line in block.splitlines()]
 
 
-def test_prompts_do_not_depend_on_requests_in_flight_and_pools_grow_only_between_waves(server, tmp_path):
-    notes = synthetic_notes(24)
-    settings = GenerationSettings(seed=42, wave_size=6)
-    runs = {}
-    for concurrency in (1, 12):
-        archive = tmp_path / f"archive-{concurrency}.jsonl"
-        records, _ = generate(notes, LLMClient(live_settings(server, archive, max_concurrency=concurrency)), settings)
-        runs[concurrency] = (records, sorted(line["key"] for line in read_jsonl(archive)))
-    assert runs[1] == runs[12]
+def test_latency_and_concurrency_change_nothing_and_pools_come_only_from_notes_far_enough_before(monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    notes = synthetic_notes(40)
+    write_notes(tmp_path / "notes.parquet", notes)
+    settings = GenerationSettings(seed=42, pool_lag=6)
+    for seed, concurrency in ((1, 1), (2, 16)):  # log-normal latencies, drawn differently
+        with OpenAIServer(latency_s=0.005, latency_sigma=1.0, seed=seed) as server:
+            client = LLMClient(live_settings(server, tmp_path / f"{seed}.jsonl", max_concurrency=concurrency))
+            run_instruction_stage(
+                tmp_path / "notes.parquet", tmp_path / f"{seed}.jsonl.out", tmp_path / "s.json", client, settings
+            )
+        write_dataset(tmp_path / "notes.parquet", tmp_path / f"{seed}.jsonl.out", tmp_path / f"{seed}.csv")
+    assert (tmp_path / "1.csv").read_bytes() == (tmp_path / "2.csv").read_bytes()
+    assert read_jsonl(tmp_path / "1.jsonl.out") == read_jsonl(tmp_path / "2.jsonl.out")
 
-    records = runs[1][0]
-    generated_by_wave = [{r["question"] for r in records[w : w + 6]} for w in range(0, 24, 6)]
+    records = read_jsonl(tmp_path / "1.jsonl.out")
+    position_of = {r["question"]: i for i, r in enumerate(records)}
     prompts = {
         line["meta"]["row_id"]: line["request"]["messages"][0][1]
-        for line in read_jsonl(tmp_path / "archive-1.jsonl")
+        for line in read_jsonl(tmp_path / "1.jsonl")
         if line["meta"]["phase"] == "question"
     }
     from_pool = 0
     for position, note in enumerate(notes):
-        wave = position // 6
         examples = question_examples(prompts[note["row_id"]])
         generated = [q for q in examples if q.startswith("Which finding")]
-        earlier = set().union(*generated_by_wave[:wave])
-        assert set(generated) <= earlier  # only questions of earlier waves, never of this one
+        assert all(position_of[q] <= position - 6 for q in generated)  # settled before this note began
         assert 3 <= len(examples) <= 5
         from_pool += len(generated)
     assert from_pool > 0
@@ -106,7 +110,7 @@ def test_post_filters_reject_model_talk_and_answers_that_ask_back(server, tmp_pa
 
     server.responder = responder
     records, stats = generate(
-        synthetic_notes(4), LLMClient(live_settings(server, tmp_path / "a.jsonl")), GenerationSettings(wave_size=4)
+        synthetic_notes(4), LLMClient(live_settings(server, tmp_path / "a.jsonl")), GenerationSettings(pool_lag=4)
     )
     assert [r["status"] for r in records] == ["ok", "rejected_model_mention", "rejected_answer_is_question", "ok"]
     assert stats["outcomes"] == {"ok": 2, "rejected_answer_is_question": 1, "rejected_model_mention": 1}
@@ -132,12 +136,12 @@ def test_near_duplicate_filter_in_the_engine(server, tmp_path):
     records, _ = generate(
         synthetic_notes(16),
         LLMClient(live_settings(server, tmp_path / "a.jsonl")),
-        GenerationSettings(wave_size=16, near_duplicate_rouge=0.7),
+        GenerationSettings(pool_lag=16, near_duplicate_rouge=0.7),
     )
     statuses = {}
     for record in records:
         statuses.setdefault(record["task"], []).append(record["status"])
-    # within one wave, the first of each task is kept and every later identical question dropped
+    # the first of each task is kept and every later identical question dropped
     assert all(s[0] == "ok" and set(s[1:]) <= {"rejected_near_duplicate"} for s in statuses.values())
     assert sum(s.count("ok") for s in statuses.values()) == len(statuses) < 16
 
@@ -157,7 +161,7 @@ def test_stage_stats_count_failures_and_logs_hold_neither_key_nor_note(server, t
             tmp_path / "records.jsonl",
             tmp_path / "stats.json",
             LLMClient(live_settings(server, tmp_path / "a.jsonl")),
-            GenerationSettings(wave_size=4),
+            GenerationSettings(pool_lag=4),
         )
     finally:
         setup_logging()
@@ -180,7 +184,7 @@ def test_replay_re_derives_the_dataset_byte_for_byte(server, tmp_path):
     server.add_fault("server_error", times=None, match="Synthetic patient 4 ")  # a failure replay must repeat
     server.add_fault("length", times=2)
     archive = tmp_path / "archive.jsonl"
-    settings = GenerationSettings(wave_size=8)
+    settings = GenerationSettings(pool_lag=8)
     run_instruction_stage(
         tmp_path / "notes.parquet",
         tmp_path / "live.jsonl",
@@ -200,3 +204,13 @@ def test_replay_re_derives_the_dataset_byte_for_byte(server, tmp_path):
     assert read_jsonl(tmp_path / "replay.jsonl") == read_jsonl(tmp_path / "live.jsonl")
     assert len(server.requests) == sent and stats["llm"]["archived"] == stats["llm"]["requests"]
     assert stats["outcomes"]["failed_question"] == 1 and b"\r\n" not in (tmp_path / "live.csv").read_bytes()
+
+
+def test_batch_mode_gathers_each_round_of_requests_into_one_batch_and_gives_the_same_dataset(server, tmp_path):
+    notes = synthetic_notes(12)
+    settings = GenerationSettings(pool_lag=6)
+    online, _ = generate(notes, LLMClient(live_settings(server, tmp_path / "online.jsonl")), settings)
+    batched, _ = generate(notes, LLMClient(live_settings(server, tmp_path / "batch.jsonl", mode="batch")), settings)
+    assert batched == online
+    # questions of notes 0-5, their answers, then the same for notes 6-11: four batches
+    assert sum(1 for r in server.requests if r.method == "POST" and r.path == "/batches") == 4

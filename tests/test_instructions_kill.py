@@ -45,7 +45,7 @@ def write_config(work: Path, server: OpenAIServer, archive: Path) -> Path:
         "noteevents": None,
         "models": {"7B": {"base": "tiny"}},
         "seed": 42,
-        "instructions": {"wave_size": 8},
+        "instructions": {"pool_lag": 8},
         "llm": {
             "backend": "openai",
             "model": "gpt-4o-mini",
@@ -77,7 +77,7 @@ def test_kill_9_mid_stage_then_rerun_sends_nothing_twice_and_gives_the_same_csv(
     with OpenAIServer() as server:
         config = write_config(tmp_path, server, archive)
         server.add_fault("server_error", times=3)
-        server.hold(after=25)  # 22 answers and 3 errors of 60 requests: in the second wave's answers
+        server.hold(after=25)  # 22 answers and 3 errors of 60 requests, then held
         stage = subprocess.Popen(stage_command(tmp_path, config, "killed"), env=env)
         try:
             # kill once requests are held and everything answered so far is archived

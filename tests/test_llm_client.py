@@ -18,7 +18,7 @@ from asclepius_r.llm import (
     ReplayMissError,
     UnapprovedEndpointError,
 )
-from asclepius_r.llm.client import RateLimiter, parse_duration
+from asclepius_r.llm.client import InFlightLimit, RateLimiter, parse_duration
 from tests.llm_fixtures import API_KEY, live_settings, requests, server  # noqa: F401 (fixture)
 
 
@@ -114,6 +114,36 @@ def test_requests_are_paced_to_the_requests_per_minute_limit(server, tmp_path):
     # one every 0.1 s: 25 requests need 2.4 s, and no second holds more than 10 (+1 at its edges)
     assert elapsed >= 2.3
     assert max(sum(1 for t in times if s <= t < s + 1.0) for s in times) <= 11
+
+
+def test_requests_in_flight_follow_littles_law_within_the_cap():
+    limit = InFlightLimit(requests_per_minute=600, cap=64)  # 10 requests a second
+    assert limit.limit == 15  # nothing observed yet: 1 s assumed
+    for _ in range(10):
+        limit.observe(2.0)
+    assert limit.limit == 30  # 10/s x 2 s x 1.5
+    for _ in range(InFlightLimit.WINDOW):
+        limit.observe(0.01)
+    assert limit.limit == InFlightLimit.FLOOR  # only the latest answers count
+    limit.observe(10_000.0)  # a stuck request pulls the mean up: never past the cap
+    assert limit.limit == 64
+
+
+def test_slots_wait_for_the_limit_and_wake_when_one_is_freed():
+    async def scenario():
+        limit = InFlightLimit(requests_per_minute=60, cap=2)
+        most = 0
+
+        async def one():
+            nonlocal most
+            async with limit.slot():
+                most = max(most, limit.running)
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(one() for _ in range(7)))
+        return most, limit.running
+
+    assert asyncio.run(scenario()) == (2, 0)
 
 
 def test_token_limit_waits_for_the_estimate_and_is_corrected_by_reported_usage():

@@ -15,6 +15,7 @@ from asclepius_r.demo.noteevents import (
     CATEGORY_MIX,
     DISCHARGE_ROW_ID_BASE,
     MEAN_TEXT_CHARS,
+    LongDischargeNotes,
     ScaledNotes,
     demo_rows,
     load_demo_notes,
@@ -78,6 +79,24 @@ def test_same_seed_same_file():
     first = [row for _, row in zip(range(300), ScaledNotes(notes, seed=5))]
     assert first == [row for _, row in zip(range(300), ScaledNotes(notes, seed=5))]
     assert first != [row for _, row in zip(range(300), ScaledNotes(notes, seed=6))]
+
+
+def test_long_notes_follow_the_token_length_distribution():
+    """Stratified lengths: median and tail share hold for a few dozen notes (words and newlines as
+    tokens here; the rehearsal counts LLaMA tokens), and shortened notes keep their last lines."""
+    notes = load_demo_notes()
+
+    def count(text):
+        return len(text.split()) + text.count("\n")
+
+    rows = list(LongDischargeNotes(notes, count, 40, median_tokens=300, sigma=0.5))
+    reports = [r for r in csv.reader(rows) if r[6] == "Discharge summary" and r[7] == "Report"]
+    assert len(reports) == 40
+    lengths = sorted(count(r[10]) for r in reports)
+    assert 270 <= lengths[20] <= 330
+    assert 4 <= sum(n > 500 for n in lengths) <= 8  # about 15% over 500/300 = 1.67x the median
+    endings = {note.text.rsplit("\n", 1)[-1] for note in notes if note.amends is None}
+    assert all(r[10].rsplit("\n", 1)[-1] in endings for r in reports)
 
 
 @pytest.mark.parametrize("gzipped", [False, True])

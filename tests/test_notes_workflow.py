@@ -1,6 +1,6 @@
 """The notes stage as the workflow runs it: `snakemake results/notes/discharge.parquet --config
 noteevents=PATH` in a scratch copy keeps exactly the rows the policies say, and a bad file
-fails the job with the file and line in its log and no outputs left."""
+fails the job with one message naming the file and line in its log (no traceback) and no outputs left."""
 
 from __future__ import annotations
 
@@ -83,6 +83,8 @@ def test_workflow_job_fails_cleanly_on_a_truncated_file(workflow, tmp_path):
     )
     assert result.returncode != 0
     log = (workflow / "logs/notes/filter_notes.log").read_text()
-    assert f"{noteevents}: line " in log and "never closed" in log
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"{noteevents}: line " in errors[0] and "never closed" in errors[0]
+    assert "Traceback" not in log, "an expected error ends the rule with its message, not a traceback"
     out = workflow / "results/notes"
     assert not out.exists() or not list(out.iterdir()), "no output or temporary file may be left behind"

@@ -1,7 +1,7 @@
 """Rebuild the demo's LLM archive from the hand-written responses in demo/responses/.
 
 The demo's questions and answers were written by people for this project, not by a model.
-This command runs the real instruction engine (same prompts, waves and client) with a backend
+This command runs the real instruction engine (same prompts, pools and client) with a backend
 that answers from those files, and records every request and response into the archive that
 the demo then replays. Rerun it whenever a prompt, the seed questions or the demo notes change:
 

@@ -8,7 +8,11 @@ de-identification placeholders. `--rows N` or `--gb X` writes a file of any size
 (ScaledNotes): the real category mix, log-normal note lengths per category, addenda, ISERROR
 rows and duplicate texts in realistic shares; the benchmark and the tests use it.
 
-    python -m asclepius_r.demo.noteevents OUT.csv [--rows N | --gb X] [--gzip]
+`--long-notes N --tokenizer tokenizer.model` writes the rehearsal's file (LongDischargeNotes): N
+discharge summaries whose lengths in that tokenizer's tokens follow MIMIC-III's.
+
+    python -m asclepius_r.demo.noteevents OUT.csv [--rows N | --gb X [--discharge-only] | --long-notes N --tokenizer T]
+        [--gzip]
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
-from ..noteevents import COLUMNS
+from ..noteevents import COLUMNS, DISCHARGE_CATEGORY
 
 DEMO_NOTES_DIR = Path(__file__).resolve().parents[2] / "demo" / "discharge_summaries"
 DISCHARGE_ROW_ID_BASE = 50000  # note NN of the demo is ROW_ID 50000 + NN
@@ -277,13 +282,15 @@ class ScaledNotes:
     and unicode); other categories start from their own template and grow the same way.
     """
 
-    def __init__(self, notes: list[DemoNote], seed: int = 7, n_subjects: int = 100_000):
+    def __init__(
+        self, notes: list[DemoNote], seed: int = 7, n_subjects: int = 100_000, mix: dict[str, int] = CATEGORY_MIX
+    ):
         self.rng = random.Random(seed)
         self.notes = notes
         self.n_subjects = max(10, n_subjects)
         self.lines = [line for note in notes for line in note.text.splitlines() if line.strip()]
         self.mean_line = sum(len(line) + 1 for line in self.lines) / len(self.lines)
-        self.categories, self.weights = zip(*CATEGORY_MIX.items())
+        self.categories, self.weights = zip(*mix.items())
         self.recent_discharge: list[str] = []
 
     def _length(self, mean: float) -> int:
@@ -296,15 +303,18 @@ class ScaledNotes:
         section = "\n".join(rng.choices(self.lines, k=k))
         return f"{text}\n\n{rng.choice(_SECTIONS)} [**{_date(rng)}**]:\n{section}"
 
+    def _discharge_text(self, description: str) -> str:
+        mean = ADDENDUM_MEAN_CHARS if description == "Addendum" else MEAN_TEXT_CHARS["Discharge summary"]
+        start = "Addendum:" if description == "Addendum" else self.rng.choice(self.notes).text
+        return self._grow(start, self._length(mean))
+
     def _discharge(self, row_id: int) -> str:
         rng = self.rng
         if self.recent_discharge and rng.random() < DUPLICATE_TEXT_FRACTION:
             text, description = rng.choice(self.recent_discharge)
         else:
             description = "Addendum" if rng.random() < ADDENDUM_FRACTION else "Report"
-            mean = ADDENDUM_MEAN_CHARS if description == "Addendum" else MEAN_TEXT_CHARS["Discharge summary"]
-            start = "Addendum:" if description == "Addendum" else rng.choice(self.notes).text
-            text = self._grow(start, self._length(mean))
+            text = self._discharge_text(description)
             self.recent_discharge = (self.recent_discharge + [(text, description)])[-100:]
         return _row(
             row_id,
@@ -369,6 +379,78 @@ _SECTIONS = [
 ]
 
 
+class LongDischargeNotes(ScaledNotes):
+    """ScaledNotes whose discharge summaries have paper-shaped lengths in a model's tokens.
+
+    Report lengths are log-normal in tokens (`median_tokens`, `sigma`; MIMIC-III discharge
+    summaries: median about 1,800 LLaMA tokens, 10-20% over 3,000), drawn as stratified quantiles
+    in shuffled order, so even a few dozen notes follow the distribution. A note starts from a demo
+    note (about 2,100 tokens): a shorter one keeps its first and last lines (the end holds the
+    discharge medications and follow-up), a longer one gets extra dated sections in the middle.
+    The stream ends after `discharge_notes` reports; the other categories keep the real mix.
+    """
+
+    def __init__(
+        self,
+        notes: list[DemoNote],
+        count_tokens,
+        discharge_notes: int,
+        median_tokens: float = 1800,
+        sigma: float = 0.5,
+        seed: int = 7,
+        n_subjects: int = 100,
+    ):
+        super().__init__(notes, seed, n_subjects)
+        self.count_tokens = count_tokens
+        self.reports = [note for note in notes if note.amends is None]
+        self.line_tokens: dict[str, int] = {}
+        lengths = NormalDist(math.log(median_tokens), sigma)
+        self.targets = [round(math.exp(lengths.inv_cdf((i + 0.5) / discharge_notes))) for i in range(discharge_notes)]
+        self.rng.shuffle(self.targets)
+
+    def _tokens(self, line: str) -> int:
+        """Tokens of a line and its newline (a sum over lines is within a few % of the note's count)."""
+        if line not in self.line_tokens:
+            self.line_tokens[line] = self.count_tokens(line) + 1
+        return self.line_tokens[line]
+
+    def _fit(self, lines: list[str], budget: int) -> list[str]:
+        """The leading `lines` whose tokens add up closest to `budget`."""
+        kept = []
+        for line in lines:
+            if budget <= 0 or self._tokens(line) > 2 * budget:
+                break
+            kept.append(line)
+            budget -= self._tokens(line)
+        return kept
+
+    def _discharge_text(self, description: str) -> str:
+        if description == "Addendum" or not self.targets:
+            return super()._discharge_text(description)
+        rng, target = self.rng, self.targets.pop()
+        lines = rng.choice(self.reports).text.split("\n")
+        head, tail = lines[: len(lines) // 2], lines[len(lines) // 2 :]
+        missing = target - self.count_tokens("\n".join(lines))
+        if missing < 0:
+            # About 60% of the budget from the start, the rest from the end.
+            head = self._fit(head, round(target * 0.6))
+            tail = self._fit(tail[::-1], target - sum(map(self._tokens, head)))[::-1]
+            return "\n".join(head + tail)
+        middle = []
+        while missing > 0:
+            section = [f"\n{rng.choice(_SECTIONS)} [**{_date(rng)}**]:"]
+            section += self._fit(rng.choices(self.lines, k=40), min(missing, 400))
+            middle += section
+            missing -= sum(self._tokens(line) for line in section)
+        return "\n".join(head + middle + tail)
+
+    def __iter__(self):
+        for row in super().__iter__():
+            yield row
+            if not self.targets:
+                return
+
+
 def write_noteevents(
     out: str | Path, rows, gzip_output: bool = False, max_rows: int | None = None, max_bytes: int | None = None
 ) -> tuple[int, int]:
@@ -391,20 +473,71 @@ def write_noteevents(
     return n_rows, n_bytes
 
 
+def write_long_noteevents(
+    out: str | Path,
+    tokenizer_model: str | Path,
+    discharge_summaries: int,
+    median_tokens: float = 1800,
+    sigma: float = 0.5,
+    seed: int = 7,
+) -> tuple[int, int]:
+    """A NOTEEVENTS.csv of LongDischargeNotes, lengths counted by a SentencePiece model; returns (rows, bytes)."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    rows = LongDischargeNotes(
+        load_demo_notes(),
+        lambda text: len(processor.encode(text)),
+        discharge_summaries,
+        median_tokens,
+        sigma,
+        seed,
+        # about MIMIC's rows per patient: 1 discharge summary in 35 rows, 45 rows per patient
+        n_subjects=max(10, discharge_summaries * 35 // ROWS_PER_SUBJECT),
+    )
+    return write_noteevents(out, iter(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--rows", type=int, help="rows to write, in the real category mix")
     size.add_argument("--gb", type=float, help="approximate size to write, in GB (10^9 bytes, uncompressed)")
+    size.add_argument(
+        "--long-notes",
+        type=int,
+        metavar="N",
+        help="N discharge summaries with paper-shaped token lengths (and other categories in their mix)",
+    )
+    parser.add_argument(
+        "--tokenizer", help="with --long-notes: the SentencePiece tokenizer.model lengths are counted in"
+    )
+    parser.add_argument("--median-tokens", type=float, default=1800)
+    parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--gzip", action="store_true", help="write NOTEEVENTS.csv.gz")
+    parser.add_argument(
+        "--discharge-only",
+        action="store_true",
+        help="with --rows or --gb: discharge summaries only (fewer, longer records than the real mix)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
+    if args.long_notes:
+        if not args.tokenizer:
+            parser.error("--long-notes needs --tokenizer")
+        n_rows, n_bytes = write_long_noteevents(
+            args.out, args.tokenizer, args.long_notes, args.median_tokens, args.sigma, args.seed
+        )
+        print(f"{args.out}: {n_rows} rows, {n_bytes / 1e6:.1f} MB uncompressed")
+        return
     notes = load_demo_notes()
     if args.rows or args.gb:
-        # Mean row is about 1.9 kB, so this keeps patients' note counts near MIMIC's at any size.
-        expected_rows = args.rows or int(args.gb * 1e9 / 1900)
-        rows = iter(ScaledNotes(notes, args.seed, n_subjects=expected_rows // ROWS_PER_SUBJECT))
+        # Mean row is about 1.9 kB in the real mix, so this keeps patients' note counts near MIMIC's at any size.
+        mix = {DISCHARGE_CATEGORY: 1} if args.discharge_only else CATEGORY_MIX
+        row_bytes = MEAN_TEXT_CHARS[DISCHARGE_CATEGORY] if args.discharge_only else 1900
+        expected_rows = args.rows or int(args.gb * 1e9 / row_bytes)
+        rows = iter(ScaledNotes(notes, args.seed, n_subjects=expected_rows // ROWS_PER_SUBJECT, mix=mix))
     else:
         rows = iter(demo_rows(notes, args.seed))
     n_rows, n_bytes = write_noteevents(
@@ -414,4 +547,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from ..logs import setup_logging
+
+    setup_logging()
     main()

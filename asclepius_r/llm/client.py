@@ -1,8 +1,10 @@
 """The asynchronous LLM client: archive first, then pacing, retries, accounting and a budget.
 
-`LLMClient.run(requests)` returns one ChatResult per request, in order. Archived successes are
-reused and never sent again; everything sent is archived (fsynced) before it is used. Online,
-requests go out concurrently, paced to the request-per-minute and token-per-minute limits;
+`LLMClient.run(requests)` returns one ChatResult per request, in order; `await client.ask(request)`
+returns one, for pipelines whose next requests depend on earlier answers (run them with
+`client.drive`). Archived successes are reused and never sent again; everything sent is archived
+(fsynced) before it is used. Online, requests go out concurrently, paced to the request-per-minute
+and token-per-minute limits, with as many in flight as the rate needs at the observed latency;
 failures are retried with jittered backoff (honouring Retry-After) and, when attempts run out,
 recorded as failed, never dropped. `llm.mode: batch` sends the same requests through the Batch
 API instead (see batch.py). Logs name requests by key and ROW_ID only, never by their text.
@@ -13,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
+import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
+from ..config import ConfigError
+from ..errors import UserError
 from .archive import Archive, ChatRequest, ChatResult
 from .backends import FatalError, ReplayMissError, RetryableError, make_backend
 from .guard import check_endpoint
@@ -43,6 +49,7 @@ RETRY_KINDS = (
     "batch_missing",
 )
 FAILURE_KINDS = RETRY_KINDS + ("content_filter_prompt", "http_400", "http_401", "http_403", "http_404")
+ERROR_CHARS = 500  # of a server's error text kept in the archive
 
 
 @dataclass
@@ -53,6 +60,7 @@ class LLMSettings:
     mode: str = "online"
     model: str = "gpt-4o-mini"
     base_url: str | None = None
+    proxy: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     azure_endpoint: str | None = None
     azure_deployment: str | None = None
@@ -61,7 +69,7 @@ class LLMSettings:
     archive: str | None = None
     temperature: float = 1.0
     max_tokens: int = 512
-    max_concurrency: int = 16
+    max_concurrency: int = 512  # a cap: the client keeps the rate times the latency in flight
     requests_per_minute: float = 500
     tokens_per_minute: float = 200_000
     max_attempts: int = 6
@@ -84,18 +92,40 @@ class LLMSettings:
 
     def check(self) -> None:
         """Settings that only make sense together; the message names the config keys."""
+        if not ENV_NAME.fullmatch(self.api_key_env) or (len(self.api_key_env) >= 24 and "_" not in self.api_key_env):
+            # Users paste the key itself here; the message must not repeat it.
+            raise ConfigError(
+                "llm.api_key_env must name an environment variable (capital letters, digits, '_'), such as "
+                "OPENAI_API_KEY; its value looks like a key itself and is not shown. Put the key in that "
+                "variable, never in a config file, and revoke a key that was written into one."
+            )
         if self.backend == "azure":
             missing = [k for k in ("azure_endpoint", "azure_deployment", "api_version") if not getattr(self, k)]
             if missing:
-                raise ValueError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
+                raise ConfigError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
         if self.backend == "replay" and not self.archive:
-            raise ValueError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
+            raise ConfigError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
         if self.mode == "batch" and self.backend == "replay":
-            raise ValueError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
+            raise ConfigError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
+
+    def price(self, usage: dict, batch: bool = False) -> float:
+        """Dollars for `usage` (prompt and completion tokens) at `prices_per_million`; 0 when the model
+        has no price. The one pricing rule: the client's accounting and the plan both use it."""
+        table = self.prices_per_million.get(self.model)
+        if not table or not usage:
+            return 0.0
+        cost = (
+            usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]
+        ) / 1e6
+        return cost * (self.batch_discount if batch else 1.0)
 
 
-class BudgetExceededError(RuntimeError):
-    pass
+# The shape of an environment variable's name; an API key never has it (dashes, lower case).
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+class BudgetExceededError(UserError, RuntimeError):
+    """The next request would cross `llm.budget_usd`."""
 
 
 def estimate_tokens(request: ChatRequest) -> int:
@@ -130,6 +160,56 @@ class Pacer:
     def refund(self, cost: float) -> None:
         if self.clock is not None:
             self.clock -= cost * self.interval
+
+
+class InFlightLimit:
+    """How many requests may be in flight: by Little's law, the rate times the mean latency.
+
+    Sustaining `rate` requests per second when each takes `latency` seconds on average needs
+    rate x latency of them in flight; the count fluctuates around that (by about its square root,
+    more under a long tail), so the limit keeps `MARGIN` times as many, never more than `cap`.
+    The mean is over the latest `WINDOW` attempts, so it follows the endpoint as it slows down or
+    speeds up. Until the first answer it assumes `INITIAL_LATENCY_S`, not the cap: at a high limit
+    hundreds of requests would enter the SDK's connection pool at once, whose bookkeeping costs CPU
+    in proportion to the requests waiting in it; a slower endpoint raises the limit one latency later.
+    """
+
+    MARGIN = 1.5
+    WINDOW = 512
+    FLOOR = 4
+    INITIAL_LATENCY_S = 1.0
+
+    def __init__(self, requests_per_minute: float, cap: int):
+        self.rate = requests_per_minute / 60
+        self.cap = cap
+        self.latencies: deque[float] = deque(maxlen=self.WINDOW)
+        self.latency_sum = 0.0
+        self.running = 0
+        self.changed = asyncio.Condition()
+
+    @property
+    def limit(self) -> int:
+        mean = self.latency_sum / len(self.latencies) if self.latencies else self.INITIAL_LATENCY_S
+        return max(min(self.FLOOR, self.cap), min(self.cap, math.ceil(self.rate * mean * self.MARGIN)))
+
+    def observe(self, seconds: float) -> None:
+        if len(self.latencies) == self.latencies.maxlen:
+            self.latency_sum -= self.latencies[0]
+        self.latencies.append(seconds)
+        self.latency_sum += seconds
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.running < self.limit)
+            self.running += 1
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.running -= 1
+                # wake as many waiters as there are free slots (the limit may have grown), not all
+                self.changed.notify(max(1, self.limit - self.running))
 
 
 class RateLimiter:
@@ -205,7 +285,7 @@ class LLMClient:
         self.settings = settings
         check_endpoint(settings)
         self.backend = backend or make_backend(settings)
-        self.archive = archive or Archive(settings.archive)
+        self.archive = archive if archive is not None else Archive(settings.archive)  # an empty one is falsy
         if settings.mode == "batch":
             from .batch import warn_provider_storage
 
@@ -217,6 +297,11 @@ class LLMClient:
         self._budget_hit = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._limiter: RateLimiter | None = None
+        self._in_flight: InFlightLimit | None = None
+        self._sent_at: deque[float] = deque()  # attempts of the last minute, for the progress bar
+        self._asked: dict[str, asyncio.Future] = {}  # key -> the one ask sending it
+        self._gathered: list[ChatRequest] = []  # batch mode: asked, not yet submitted
+        self._gathering: asyncio.Future | None = None
 
     def close(self) -> None:
         """Close the SDK's connections inside the loop they belong to, then the loop."""
@@ -235,13 +320,7 @@ class LLMClient:
 
     # -- accounting ------------------------------------------------------------------------
     def price(self, usage: dict, batch: bool = False) -> float:
-        table = self.settings.prices_per_million.get(self.settings.model)
-        if not table or not usage:
-            return 0.0
-        cost = (
-            usage.get("prompt_tokens", 0) * table["input"] + usage.get("completion_tokens", 0) * table["output"]
-        ) / 1e6
-        return cost * (self.settings.batch_discount if batch else 1.0)
+        return self.settings.price(usage, batch)
 
     def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
         estimate = estimate_tokens(request)
@@ -269,7 +348,9 @@ class LLMClient:
         self.counts["billed_responses"] += 1
 
     def redact(self, text: str) -> str:
-        return self.backend.redact(text) if hasattr(self.backend, "redact") else text
+        """Error text fit for the archive: the API key removed first, then cut to ERROR_CHARS (a
+        cut first could leave part of the key where redaction no longer recognises it)."""
+        return (self.backend.redact(text) if hasattr(self.backend, "redact") else text)[:ERROR_CHARS]
 
     @property
     def stats(self) -> dict:
@@ -306,18 +387,60 @@ class LLMClient:
     def _advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            self.bar.set_postfix(failed=self.counts["failed"], usd=f"{self.cost_usd:.2f}", refresh=False)
+            postfix = {"failed": self.counts["failed"], "usd": f"{self.cost_usd:.2f}"}
+            if self._sent_at:  # requests per minute sent, against the limit (tqdm shows the time left)
+                postfix["rpm"] = f"{self._recent_rpm():.0f}/{self.settings.requests_per_minute:g}"
+                postfix["in_flight"] = f"{self._in_flight.running}/{self._in_flight.limit}"
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def _recent_rpm(self) -> float:
+        now = time.monotonic()
+        while self._sent_at and self._sent_at[0] < now - 60:
+            self._sent_at.popleft()
+        return len(self._sent_at) / max(now - self._sent_at[0], 1.0) * 60 if self._sent_at else 0.0
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, requests: list[ChatRequest], desc: str = "LLM requests") -> list[ChatResult]:
-        """Run synchronously; every call uses the client's one event loop, to which the SDK's
-        connection pool is bound (a fresh loop per call would strand it on a closed one)."""
+    def drive(self, coroutine):
+        """Run a coroutine to its end on the client's one event loop, to which the SDK's connection
+        pool is bound (a fresh loop per call would strand it on a closed one)."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coroutine)
+
+    def run(self, requests: list[ChatRequest], desc: str = "LLM requests") -> list[ChatResult]:
+        """Run a list of requests synchronously (see `drive`)."""
         if self.bar is None:
             with self.progress(len(requests), desc):
-                return self._loop.run_until_complete(self.run_async(requests))
-        return self._loop.run_until_complete(self.run_async(requests))
+                return self.drive(self.run_async(requests))
+        return self.drive(self.run_async(requests))
+
+    async def ask(self, request: ChatRequest) -> ChatResult | None:
+        """One request's result, as soon as it is back: online it goes out at once (within the
+        limits and the requests in flight); in batch mode the requests asked while every asker
+        waits are submitted together. Asking for a request already on its way shares its answer."""
+        shared = self._asked.get(request.key)
+        if shared is None:
+            shared = self._asked[request.key] = asyncio.ensure_future(self._ask_once(request))
+            shared.add_done_callback(lambda _: self._asked.pop(request.key, None))
+        return await asyncio.shield(shared)
+
+    async def _ask_once(self, request: ChatRequest) -> ChatResult | None:
+        if self.settings.mode != "batch":
+            return (await self.run_async([request]))[0]
+        self._gathered.append(request)
+        if self._gathering is None:
+            self._gathering = asyncio.ensure_future(self._submit_gathered())
+        return (await asyncio.shield(self._gathering))[request.key]
+
+    async def _submit_gathered(self, quiet_s: float = 0.2) -> dict[str, ChatResult | None]:
+        """Wait until no request has been asked for `quiet_s` (every asker waits for an answer),
+        then run all of them as one batch run: a batch takes hours, this wait nothing."""
+        asked = -1
+        while asked != len(self._gathered):
+            asked = len(self._gathered)
+            await asyncio.sleep(quiet_s)
+        requests, self._gathered, self._gathering = self._gathered, [], None
+        return dict(zip((r.key for r in requests), await self.run_async(requests)))
 
     async def run_async(self, requests: list[ChatRequest]) -> list[ChatResult]:
         replay = self.settings.backend == "replay"
@@ -355,11 +478,11 @@ class LLMClient:
     async def _run_online(self, requests: list[ChatRequest], weights: dict[str, int]) -> list[ChatResult | None]:
         if self._limiter is None:  # one for the client's life: pacing carries over from run to run
             self._limiter = RateLimiter(self.settings.requests_per_minute, self.settings.tokens_per_minute)
+            self._in_flight = InFlightLimit(self.settings.requests_per_minute, self.settings.max_concurrency)
         limiter = self._limiter
-        semaphore = asyncio.Semaphore(self.settings.max_concurrency)
 
         async def one(request: ChatRequest) -> ChatResult | None:
-            async with semaphore:
+            async with self._in_flight.slot():
                 result = await self._send_with_retries(request, limiter)
             self._advance(weights[request.key])
             return result
@@ -380,7 +503,12 @@ class LLMClient:
             try:
                 await limiter.acquire(estimate)
                 self.counts["attempts"] += 1
-                result, headers = await self.backend.send(request)
+                sent = time.monotonic()
+                self._sent_at.append(sent)
+                try:
+                    result, headers = await self.backend.send(request)
+                finally:
+                    self._in_flight.observe(time.monotonic() - sent)
             except ReplayMissError:
                 raise
             except RetryableError as err:
@@ -421,7 +549,7 @@ class LLMClient:
         failed = ChatResult(
             key=request.key,
             status="failed",
-            error=self.redact(f"{kind}: {error}")[:500],
+            error=self.redact(f"{kind}: {error}"),
             attempts=attempts,
             started=started,
             finished=time.time(),

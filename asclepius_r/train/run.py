@@ -26,6 +26,7 @@ from accelerate import init_empty_weights
 
 from ..base_model import check_base_model
 from ..files import atomic_path, read_jsonl
+from ..prompts import DEFAULT_TRUNCATION
 from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
 from .throughput import FlopModel, Window, batch_counts, peak_tflops_of
 
@@ -61,6 +62,9 @@ class TrainRun:
     save_dtype: str = "bfloat16"
     note_attention: str = "across_notes"  # pretraining only: across_notes (2023) or within_note
     peak_tflops_per_device: float | None = None  # None: from the device's name (throughput.peak_tflops_of)
+    truncation: str = DEFAULT_TRUNCATION
+    truncation_file: str | None = None
+    data_cache_dir: str | None = None
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainRun:

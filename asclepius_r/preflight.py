@@ -1,0 +1,300 @@
+"""Preflight: the plan checked against this machine and the config before the first GPU or paid job.
+
+Snakemake calls `check` from its onstart hook (rules/plan.smk), once the DAG is built and before
+any job starts, when the jobs to run include a GPU stage (pretrain, finetune, answer_heldout) or
+a paid one (instructions or the judge through a live endpoint). It checks:
+- disk: free space where results/ lies against what the jobs to run will write, with the
+  checkpoints of as many training jobs as the GPUs let run at once;
+- GPUs (local execution only; a cluster's nodes are not this machine): as many visible as each
+  job is given, with the memory its model and micro-batch need; without a GPU, that the CPU
+  fallback is meant for the model (the demo's tiny ones) and fits in memory;
+- base models: each real base folder complete (config, tokenizer.model, every weight file);
+- LLM: the paid stages' endpoints approved, their keys set and priced, and the plan's dollars
+  (responses already archived are not paid again) within `llm.budget_usd`.
+A failed check raises PreflightError naming every failure and what to change; no job has run.
+`ASCLEPIUS_FREE_DISK_GB` replaces the measured free disk (to keep a reserve, or in tests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as workflow_config
+from .files import write_json
+from .plan import (
+    DTYPE_BYTES,
+    GB,
+    GIB,
+    USABLE_MEMORY_FRACTION,
+    ensure_notes,
+    make_plan,
+    model_shape,
+    parameter_counts,
+    size_text,
+    training_memory_bytes,
+    visible_gpus,
+)
+
+log = logging.getLogger(__name__)
+
+GPU_RULES = ("pretrain", "finetune", "answer_heldout")
+# Training on CPU processes is for the demo's tiny models; a real LLaMA would take years.
+CPU_TRAINING_MAX_PARAMS = 1e9
+FREE_DISK_ENV = "ASCLEPIUS_FREE_DISK_GB"
+# The plan row holding the disk each rule writes.
+ROW_OF_RULE = {
+    "filter_notes": "notes",
+    "generate_instructions": "instructions",
+    "answer_heldout": "answer_heldout",
+    "judge_heldout": "judge",
+    "release": "release",
+}
+
+
+class PreflightError(RuntimeError):
+    """The run would fail or overspend; the message lists each reason and what to change."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job of the DAG that is about to run: its rule, wildcards and the GPUs it is given."""
+
+    rule: str
+    wildcards: dict
+    gpus: int = 0
+
+
+def paid_rules(config: dict) -> set[str]:
+    """Rules that send requests to a live endpoint (and so may cost money)."""
+    if config["llm"]["backend"] == "replay":
+        return set()
+    return {"generate_instructions"} | ({"judge_heldout"} if config["judge"]["backend"] == "llm" else set())
+
+
+def base_folder_problems(size: str, folder: Path, shape: dict) -> list[str]:
+    """A real base folder must hold its config, tokenizer.model and every weight file, complete."""
+    where = f"models.{size}.base ({folder})"
+    if not folder.is_dir():
+        return [f"{where} does not exist"]
+    missing = [name for name in ("config.json", "tokenizer.model") if not (folder / name).exists()]
+    indexes = [folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")]
+    index = next((path for path in indexes if path.exists()), None)
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing += [name for name in shards if not (folder / name).exists()]
+        weights = [folder / name for name in shards if (folder / name).exists()]
+    else:
+        weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+        if not weights:
+            missing.append("model.safetensors (no weight file)")
+    if missing:
+        return [f"{where} is incomplete: missing {', '.join(missing)}"]
+    expected = parameter_counts(shape)[0] * DTYPE_BYTES.get(str(shape.get("torch_dtype", "float16")), 2)
+    found = sum(path.stat().st_size for path in weights)
+    if found < 0.95 * expected:
+        return [
+            f"{where} is incomplete: its weight files hold {found / GB:.1f} GB where "
+            f"{expected / GB:.1f} GB are expected (an interrupted download?)"
+        ]
+    return []
+
+
+def free_disk_bytes(folder: Path) -> float:
+    override = os.environ.get(FREE_DISK_ENV)
+    if override is not None:
+        return float(override) * GB
+    return shutil.disk_usage(folder).free
+
+
+def _disk_problem(config: dict, plan: dict, jobs: list[Job], workdir: Path, gpu_limit: int | None) -> list[str]:
+    rows = plan["stages"]
+    needed, parts = 0, []
+    for job in jobs:
+        if job.rule in ("pretrain", "finetune"):
+            row = next(r for r in rows if r["stage"] == job.rule and r.get("size") == job.wildcards["size"])
+            label = f"{job.rule} {job.wildcards['size']} export"
+        elif job.rule in ROW_OF_RULE:
+            row = next((r for r in rows if r["stage"] == ROW_OF_RULE[job.rule]), None)
+            label = ROW_OF_RULE[job.rule]
+            if row is None or job.rule == "answer_heldout":  # one row for all answer jobs
+                continue
+        else:
+            continue
+        needed += row.get("disk_bytes", 0) + row.get("archive_bytes", 0) / max(1, row.get("jobs", 1))
+        parts.append(label)
+    if any(job.rule == "answer_heldout" for job in jobs):
+        needed += next(r for r in rows if r["stage"] == "answer_heldout")["disk_bytes"]
+    # Checkpoints: of as many training jobs at once as the GPUs allow, largest first.
+    training = sorted(
+        (
+            (r["checkpoint_bytes"], job.gpus)
+            for job in jobs
+            if job.rule in ("pretrain", "finetune")
+            for r in rows
+            if r["stage"] == job.rule and r.get("size") == job.wildcards["size"]
+        ),
+        reverse=True,
+    )
+    checkpoints, gpus_in_use = 0, 0
+    for size, gpus in training:
+        if checkpoints and gpu_limit is not None and gpus_in_use + gpus > gpu_limit:
+            break
+        checkpoints += size
+        gpus_in_use += gpus
+    needed += checkpoints
+    free = free_disk_bytes(workdir)
+    if needed <= free:
+        log.info(
+            "preflight: disk %.1f GB needed (checkpoints %.1f GB), %.1f GB free",
+            needed / GB,
+            checkpoints / GB,
+            free / GB,
+        )
+        return []
+    return [
+        f"disk: the jobs to run need about {size_text(needed)} ({', '.join(parts) or 'outputs'}; training "
+        f"checkpoints {size_text(checkpoints)} while they run) but {size_text(free)} are free on "
+        f"{workdir.resolve()}: free space or run in a larger folder, lower save_total_limit in pretrain/finetune "
+        "(checkpoints kept per job), or run fewer training jobs at once (--resources gpu)"
+    ]
+
+
+def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -> list[str]:
+    problems = []
+    memory = min((g["memory_bytes"] for g in gpus), default=0)
+    sharded = bool(config["launch"]["accelerate_config"])
+    for job in jobs:
+        if job.rule not in GPU_RULES:
+            continue
+        if job.rule == "answer_heldout":
+            row = next(r for r in plan["stages"] if r["stage"] == "answer_heldout")
+            name, params, need, devices = (
+                job.wildcards.get("model", "answer_heldout"),
+                row["params"],
+                row["memory_per_gpu_bytes"],
+                1,
+            )
+        else:
+            size = job.wildcards["size"]
+            shape, _ = model_shape(config, size)
+            params = parameter_counts(shape)[0]
+            settings = workflow_config.training_settings(config, job.rule, size)
+            devices = job.gpus if gpus else config["launch"]["cpu_processes"]
+            need = training_memory_bytes(shape, params, settings, job.rule, max(1, devices), sharded and devices > 1)
+            name = f"{job.rule} {size}"
+        if not gpus:
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if params > CPU_TRAINING_MAX_PARAMS:
+                problems.append(
+                    f"GPUs: none is visible (nvidia-smi lists none here), so {name} would run on CPU with "
+                    f"{params / 1e9:.1f}B parameters: run on a GPU machine, or with a cluster profile"
+                )
+            elif need * max(1, devices) > USABLE_MEMORY_FRACTION * host:
+                problems.append(
+                    f"memory: {name} on CPU needs about {need * devices / GIB:.1f} GiB, {host / GIB:.1f} are here"
+                )
+            continue
+        if job.gpus > len(gpus):
+            problems.append(
+                f"GPUs: {name} is given {job.gpus} GPU(s) but {len(gpus)} are visible: lower models.<size>.gpus "
+                "or --resources gpu, or run where more are visible"
+            )
+        if need > USABLE_MEMORY_FRACTION * memory:
+            problems.append(
+                f"GPU memory: {name} needs about {need / GIB:.1f} GiB per GPU on {devices} GPU(s)"
+                f"{' (FSDP)' if sharded and devices > 1 else ''} but the visible GPUs have {memory / GIB:.1f} GiB: "
+                "give it more GPUs (models.<size>.gpus and --resources gpu), lower per_device_batch_size "
+                "(raise gradient_accumulation_steps to keep the batch), or use GPUs with more memory"
+            )
+    return problems
+
+
+def _archived_fraction(archive: str | None, requests: int) -> float:
+    """The share of the planned requests already answered in an archive (not paid again)."""
+    from .llm.archive import Archive
+
+    if not archive or not Path(archive).exists() or not requests:
+        return 0.0
+    answered = sum(result["status"] == "ok" for result in Archive(archive).results.values())
+    return min(1.0, answered / requests)
+
+
+def _money_problems(config: dict, plan: dict, jobs: list[Job]) -> list[str]:
+    rules = {job.rule for job in jobs} & paid_rules(config)
+    if not rules:
+        return []
+    problems = [
+        item
+        for item in plan["missing"]
+        if (item.startswith("llm:") and "generate_instructions" in rules)
+        or (item.startswith("judge:") and "judge_heldout" in rules)
+    ]
+    batch = config["llm"]["mode"] == "batch"
+    spend, parts = 0.0, []
+    for rule, stage, archive in (
+        ("generate_instructions", "instructions", config["llm"]["archive"]),
+        ("judge_heldout", "judge", config["judge"]["archive"]),
+    ):
+        row = next((r for r in plan["stages"] if r["stage"] == stage), None)
+        if rule not in rules or row is None or row["usd_online"] is None:
+            continue
+        usd = (row["usd_batch"] if batch else row["usd_online"]) * (1 - _archived_fraction(archive, row["requests"]))
+        spend += usd
+        parts.append(f"{stage} ${usd:,.2f}")
+    budget = config["llm"]["budget_usd"]
+    if budget is not None and spend > budget:
+        cheaper = "" if batch else f"; llm.mode: batch would cost about ${spend * config['llm']['batch_discount']:,.2f}"
+        problems.append(
+            f"budget: the plan's upper bound is ${spend:,.2f} ({', '.join(parts)}; every completion at "
+            f"max_tokens) but llm.budget_usd is ${budget:,.2f}: raise llm.budget_usd, lower llm.max_tokens or "
+            f"judge.max_tokens, or choose a cheaper model{cheaper}"
+        )
+    log.info(
+        "preflight: LLM spend of this run at most $%.2f (%s), budget %s", spend, ", ".join(parts) or "none", budget
+    )
+    return problems
+
+
+def check(config: dict, jobs: list[Job], workdir: str | Path = ".", local: bool = True, gpu_limit: int | None = None):
+    """Check the jobs about to run; return the plan checked (None when no job is a GPU or paid
+    one) or raise PreflightError. The plan is also written to results/plan/preflight.json."""
+    workdir = Path(workdir)
+    checked = [job for job in jobs if job.rule in GPU_RULES or job.rule in paid_rules(config)]
+    if not checked:
+        return None
+    gpus = visible_gpus() if local else []
+    notes_dir = workdir / "results/notes"
+    (workdir / "results").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir / "results", prefix=".preflight-notes.") as scratch:
+        # The notes as the run will see them: results/notes if the DAG keeps it, else the notes
+        # stage run into a scratch folder (seconds; the rule makes its own outputs).
+        current = "filter_notes" not in {job.rule for job in jobs} and notes_dir.is_dir()
+        plan = make_plan(config, notes_dir if current else ensure_notes(config, scratch), compute=False, gpus=gpus)
+    problems = []
+    for size in sorted(
+        {job.wildcards.get("size") or job.wildcards.get("model", "").removeprefix("LLaMA-") for job in checked}
+    ):
+        base = config["models"].get(size, {}).get("base")
+        if base and base != "tiny":
+            problems += base_folder_problems(size, Path(base), model_shape(config, size)[0])
+    problems += _disk_problem(config, plan, jobs, workdir, gpu_limit)
+    if local:
+        problems += _gpu_problems(config, plan, checked, gpus)
+    else:
+        log.info("preflight: GPUs not checked here (jobs run on cluster nodes, not on this machine)")
+    problems += _money_problems(config, plan, checked)
+    plan["preflight"] = {"jobs": [job.rule for job in checked], "problems": problems}
+    write_json(workdir / "results/plan/preflight.json", plan)
+    if problems:
+        raise PreflightError(
+            "preflight stopped the run before any job:\n  - "
+            + "\n  - ".join(problems)
+            + "\nThe plan it checked: results/plan/preflight.json (`make plan` prints it)."
+        )
+    return plan

@@ -1,0 +1,34 @@
+"""How entry points end on an error: an expected one (a UserError) with its message as one log line
+and exit status 1, anything else with its traceback. The Snakemake side is in test_notes_workflow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_a_cli_ends_an_expected_error_with_one_message_and_no_traceback(tmp_path):
+    result = _run("-m", "asclepius_r.release", "verify", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        f"ERROR asclepius_r: {tmp_path}/SHA256SUMS is missing: not a release folder"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unexpected_error_keeps_its_traceback_in_the_log(tmp_path):
+    log = tmp_path / "rule.log"
+    code = f"from asclepius_r.logs import setup_logging; setup_logging({str(log)!r}); 1 / 0"
+    result = _run("-c", code)
+    assert result.returncode == 1
+    text = log.read_text()
+    assert text.startswith("Traceback (most recent call last):") and text.rstrip().endswith(
+        "ZeroDivisionError: division by zero"
+    )
