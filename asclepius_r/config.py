@@ -160,7 +160,7 @@ def llm_settings(config: dict):
 
 
 # Training keys that only one stage reads; elsewhere they are an error rather than silently unused.
-STAGE_ONLY_KEYS = {"truncation": "finetune"}
+STAGE_ONLY_KEYS = {"truncation": "finetune", "note_attention": "pretrain"}
 
 
 def training_settings(config: dict, stage: str, size: str) -> dict:
