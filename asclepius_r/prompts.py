@@ -75,10 +75,12 @@ def fit_prompt(
     if policy == "drop":
         return None
     note_ids = tokenizer(note, add_special_tokens=False)["input_ids"]
+    # Room for the cut mark, and for the token or two that decoding and re-tokenising a cut note
+    # can shift at the seams, so that the first cut usually fits.
+    slack = 2 + len(tokenizer(f"\n{CUT_MARK}\n", add_special_tokens=False)["input_ids"])
     keep = len(note_ids)
     while keep > 0:
-        # Decoding and re-tokenising a cut note can shift a token or two at the seams.
-        keep = max(0, keep - (len(ids) - max_tokens) - 2)
+        keep = max(0, keep - (len(ids) - max_tokens) - slack)
         text = render_released(cut_note(tokenizer, note_ids, keep, policy), question)
         ids = tokenizer(text)["input_ids"]
         if len(ids) <= max_tokens:
