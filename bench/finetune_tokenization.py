@@ -60,8 +60,10 @@ def tokenise_once(csv: str, tokenizer_dir: str, cache: str, out: str) -> None:
 
 def build_inputs(workdir: Path, examples: int) -> tuple[Path, Path]:
     """LLaMA-1's tokenizer folder and a fine-tuning CSV of `examples` paper-shaped rows (made once)."""
+    import sentencepiece as spm
+
     from asclepius_r.base_model import save_tokenizer_folder
-    from asclepius_r.demo.noteevents import write_long_noteevents
+    from asclepius_r.demo.noteevents import LongDischargeNotes, load_demo_notes
     from asclepius_r.gguf_vocab import build_llama_tokenizer
 
     tokenizer_dir = workdir / "llama-tokenizer"
@@ -71,21 +73,15 @@ def build_inputs(workdir: Path, examples: int) -> tuple[Path, Path]:
         save_tokenizer_folder(tokenizer_dir, model.read_bytes())
     csv = workdir / f"sft-{examples}.csv"
     if not csv.exists():
-        notes = workdir / "NOTEEVENTS.csv"
-        write_long_noteevents(notes, tokenizer_dir / "tokenizer.model", examples)
-        frame = pd.read_csv(notes, dtype=str, keep_default_na=False)
-        texts = frame.loc[frame.CATEGORY == "Discharge summary", "TEXT"].tolist()[:examples]
+        processor = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+        notes = LongDischargeNotes(load_demo_notes(), lambda text: len(processor.encode(text)), examples)
         rng = random.Random(0)
         rows = []
-        for text in texts:
+        # Only the discharge summaries are needed, not a whole NOTEEVENTS around them.
+        for text in (notes._discharge_text("Report") for _ in range(examples)):
             lines = [line for line in text.split("\n") if len(line) > 30] or [text[:200]]
-            rows.append(
-                {
-                    "note": text,
-                    "question": rng.choice(QUESTIONS),
-                    "answer": " ".join(rng.sample(lines, min(len(lines), rng.randint(2, 3)))),
-                }
-            )
+            answer = " ".join(rng.sample(lines, min(len(lines), rng.randint(2, 3))))
+            rows.append({"note": text, "question": rng.choice(QUESTIONS), "answer": answer})
         pd.DataFrame(rows).to_csv(csv, index=False)
     return tokenizer_dir, csv
 
