@@ -2,6 +2,8 @@
 
 python -m asclepius_r.ask --model DIR --note NOTE.txt --question "What is the diagnosis?"
 python -m asclepius_r.ask --model DIR --note NOTE.txt --question "..." --print-prompt
+
+A note too long for the model's context is cut (`--truncation`), never the question.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", required=True, help="a text file holding the note ('-' for stdin)")
     parser.add_argument("--question", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=400)
+    parser.add_argument(
+        "--truncation",
+        choices=["note_middle", "note_tail"],
+        default="note_middle",
+        help="how a note too long for the model's context is cut (the question is always kept)",
+    )
     parser.add_argument("--print-prompt", action="store_true", help="print the exact model input and stop")
     args = parser.parse_args(argv)
     note = sys.stdin.read() if args.note == "-" else Path(args.note).read_text(encoding="utf-8")
@@ -27,10 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (Path(args.model) / "config.json").exists():
         parser.error(f"--model {args.model}: no config.json there (not a Hugging Face checkpoint folder)")
-    from .generation import generate_answers, load_for_generation
+    from .generation import Decoding, fit_prompts, generate_answers, load_for_generation, prompt_budget
 
     model, tokenizer = load_for_generation(args.model)
-    print(generate_answers(model, tokenizer, [(note, args.question)], args.max_new_tokens)[0])
+    budget = prompt_budget(model, args.max_new_tokens)
+    prompt = fit_prompts(tokenizer, [(note, args.question)], budget, args.truncation)[0]
+    if prompt.truncated:
+        print(f"note cut ({args.truncation}) to fit {budget} prompt tokens", file=sys.stderr)
+    print(generate_answers(model, tokenizer, [prompt.text], Decoding(max_new_tokens=args.max_new_tokens))[0])
     return 0
 
 

@@ -124,11 +124,35 @@ def llm_settings(config: dict):
     return LLMSettings.from_config(config["llm"])
 
 
+# Training keys that only one stage reads; elsewhere they are an error rather than silently unused.
+STAGE_ONLY_KEYS = {"truncation": "finetune"}
+
+
 def training_settings(config: dict, stage: str, size: str) -> dict:
     """The stage's settings with the size's overrides applied; unknown keys name their place."""
     merged = {**config[stage], **config["models"][size].get(stage, {})}
     allowed = set(yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["training"]["properties"])
+    allowed -= {key for key, only in STAGE_ONLY_KEYS.items() if only != stage}
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise ConfigError(f"config key models.{size}.{stage}: unknown key(s) {', '.join(unknown)}")
     return {"seed": config["seed"], **merged}
+
+
+def truncation_policy(config: dict) -> str:
+    """finetune.truncation, which also shapes evaluation prompts."""
+    from .prompts import DEFAULT_TRUNCATION
+
+    return config["finetune"].get("truncation", DEFAULT_TRUNCATION)
+
+
+def decoding_settings(section: dict):
+    """The evaluate section's decoding settings."""
+    from .generation import Decoding
+
+    return Decoding(
+        max_new_tokens=section["max_new_tokens"],
+        num_beams=section["num_beams"],
+        do_sample=section["do_sample"],
+        temperature=section["temperature"],
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter, defaultdict
+from pathlib import Path
 from statistics import mean
 
 from .files import atomic_path, read_jsonl, write_json, write_jsonl
@@ -63,18 +64,29 @@ def answer_heldout(
     notes_path,
     records_path,
     answers_out,
-    max_new_tokens: int = 400,
+    decoding=None,
     batch_size: int = 8,
     max_prompt_tokens: int | None = None,
+    truncation: str = "note_middle",
+    job: str | None = None,
+    gpus: int = 1,
+    seed: int = 0,
 ) -> None:
-    """Generate one answer per held-out question with the model in `model_dir`."""
-    from .generation import generate_answers, load_for_generation
+    """Generate one answer per held-out question with the model in `model_dir`, on a claimed GPU.
 
+    Each row records the prompt's length and whether its note was cut (`truncation`) to fit
+    the model's context with `decoding.max_new_tokens`.
+    """
+    from .generation import Decoding, fit_prompts, generate_answers, load_for_generation, prompt_budget
+    from .gpus import claim_for_job
+
+    decoding = decoding or Decoding()
     items = heldout_items(notes_path, records_path)
-    model, tokenizer = load_for_generation(str(model_dir))
-    answers = generate_answers(
-        model, tokenizer, [(i["note"], i["question"]) for i in items], max_new_tokens, batch_size, max_prompt_tokens
-    )
+    with claim_for_job(job or f"answer_heldout-{Path(model_dir).name}", gpus) as claim:
+        model, tokenizer = load_for_generation(str(model_dir), claim.torch_device() if claim else "cpu")
+        budget = prompt_budget(model, decoding.max_new_tokens, max_prompt_tokens)
+        prompts = fit_prompts(tokenizer, [(i["note"], i["question"]) for i in items], budget, truncation)
+        answers = generate_answers(model, tokenizer, [p.text for p in prompts], decoding, batch_size, seed)
     write_jsonl(
         answers_out,
         [
@@ -83,14 +95,23 @@ def answer_heldout(
                 "task": i["task"],
                 "question": i["question"],
                 "answer": a,
+                "prompt_tokens": len(p.input_ids),
+                "prompt_truncated": p.truncated,
                 "rouge_l": rouge_l(a, i["reference"]),
                 "token_f1": token_f1(a, i["reference"]),
                 "answer_words": len(a.split()),
             }
-            for i, a in zip(items, answers)
+            for i, p, a in zip(items, prompts, answers)
         ],
     )
-    log.info("%s: answered %d held-out questions", model_dir, len(items))
+    log.info(
+        "%s: answered %d held-out questions (%d prompts cut to %d tokens, policy %s)",
+        model_dir,
+        len(items),
+        sum(p.truncated for p in prompts),
+        budget,
+        truncation,
+    )
 
 
 def _metrics(rows: list[dict]) -> dict:

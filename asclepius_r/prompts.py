@@ -1,8 +1,14 @@
 """Every prompt text of the project: the released inference template, the question and answer
 generation prompts and the judge prompt. Prompts are data; changing one changes archive keys.
+
+A released-template prompt that does not fit a token budget is shaped by a truncation policy
+(`fit_prompt`), the same for fine-tuning examples and evaluation prompts: the template, the
+question and `[Instruction End] ` are always kept whole and only the note is cut.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 # The released Asclepius-R template, byte for byte: the "languge" typo and the space after
 # "[Instruction End]" are part of the interface the published checkpoints were used with.
@@ -24,6 +30,68 @@ The response should provide the accurate answer to the instruction, while being 
 def render_released(note: str, question: str) -> str:
     """The model input for a note and a question, exactly as the release documents it."""
     return RELEASED_TEMPLATE.format(note=note, question=question)
+
+
+# drop: leave the example out (what 2023 effectively did when its answer was cut off);
+# note_middle: keep the note's start and end; note_tail: keep its start (cut the end).
+TRUNCATION_POLICIES = ("drop", "note_middle", "note_tail")
+DEFAULT_TRUNCATION = "note_middle"  # why: README, "Truncation"
+# Stands where note text was cut, so a model can tell an omission from a note that says nothing.
+CUT_MARK = "[...]"
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    text: str
+    input_ids: list[int]
+    truncated: bool
+
+
+def cut_note(tokenizer, note_ids: list[int], keep: int, policy: str) -> str:
+    """The note shown when only `keep` of its tokens fit: its start, or its start and end."""
+    if policy == "note_tail":
+        return f"{tokenizer.decode(note_ids[:keep])}\n{CUT_MARK}"
+    if policy == "note_middle":
+        tail = keep // 2
+        head = tokenizer.decode(note_ids[: keep - tail])
+        return f"{head}\n{CUT_MARK}\n{tokenizer.decode(note_ids[len(note_ids) - tail :]) if tail else ''}"
+    raise ValueError(f"truncation policy {policy!r} cuts no note (expected note_middle or note_tail)")
+
+
+def fit_prompt(
+    tokenizer, note: str, question: str, max_tokens: int, policy: str, prompt_ids: list[int] | None = None
+) -> FittedPrompt | None:
+    """The released prompt in at most `max_tokens` tokens (BOS included), cut by `policy`.
+
+    None when it does not fit and the policy is `drop`, or when even an empty note does not fit.
+    `prompt_ids` are the untruncated prompt's ids when the caller has them already.
+    """
+    if policy not in TRUNCATION_POLICIES:
+        raise ValueError(f"unknown truncation policy {policy!r} (expected one of {TRUNCATION_POLICIES})")
+    text = render_released(note, question)
+    ids = tokenizer(text)["input_ids"] if prompt_ids is None else prompt_ids
+    if len(ids) <= max_tokens:
+        return FittedPrompt(text, ids, False)
+    if policy == "drop":
+        return None
+    note_ids = tokenizer(note, add_special_tokens=False)["input_ids"]
+    # Room for the cut mark, and for the token or two that decoding and re-tokenising a cut note
+    # can shift at the seams, so that the first cut usually fits.
+    slack = 2 + len(tokenizer(f"\n{CUT_MARK}\n", add_special_tokens=False)["input_ids"])
+    keep = len(note_ids)
+    while keep > 0:
+        keep = max(0, keep - (len(ids) - max_tokens) - slack)
+        text = render_released(cut_note(tokenizer, note_ids, keep, policy), question)
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) <= max_tokens:
+            return FittedPrompt(text, ids, True)
+    return None
+
+
+def fit_released_prompt(tokenizer, note: str, question: str, max_prompt_tokens: int, policy: str) -> str | None:
+    """The text of `fit_prompt`: what a model is given for this note and question under `policy`."""
+    fitted = fit_prompt(tokenizer, note, question, max_prompt_tokens, policy)
+    return None if fitted is None else fitted.text
 
 
 QUESTION_PROMPT = """You are a healthcare professional who uses a clinical language model to work with patients' discharge summaries.

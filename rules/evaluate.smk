@@ -13,6 +13,8 @@ rule answer_heldout:
         "logs/evaluate/answer_{model}.log",
     params:
         evaluate=config["evaluate"],
+        truncation=workflow_config.truncation_policy(config),
+        seed=config["seed"],
     threads: config["launch"]["threads"]
     resources:
         gpu=1,

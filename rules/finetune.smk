@@ -8,12 +8,15 @@ rule finetune:
     output:
         model=directory("results/models/Asclepius-R-{size}"),
         metrics="results/metrics/finetune-{size}.jsonl",
+        truncation="results/metrics/finetune-{size}-truncation.json",
     log:
         "logs/finetune/{size}.log",
     params:
         settings=training_params("finetune"),
         launch=config["launch"],
         checkpoints="results/checkpoints/finetune-{size}",
+        # Tokenised examples (datasets' Arrow cache), kept across reruns and shared by sizes.
+        data_cache="results/cache/finetune-data",
     threads: config["launch"]["threads"]
     resources:
         gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],

@@ -1,9 +1,10 @@
-"""Rule answer_heldout: one model's answers to the held-out questions, with ROUGE-L."""
+"""Rule answer_heldout: one model's answers to the held-out questions, with ROUGE-L, on a claimed GPU."""
 
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
+from asclepius_r.config import decoding_settings
 from asclepius_r.evaluate import answer_heldout
 
 options = snakemake.params.evaluate
@@ -12,7 +13,11 @@ answer_heldout(
     snakemake.input.notes,
     snakemake.input.records,
     snakemake.output[0],
-    max_new_tokens=options["max_new_tokens"],
+    decoding=decoding_settings(options),
     batch_size=options["batch_size"],
     max_prompt_tokens=options["max_prompt_tokens"],
+    truncation=snakemake.params.truncation,
+    job=f"{snakemake.rule}-{snakemake.wildcards.model}",
+    gpus=snakemake.resources.gpu,
+    seed=snakemake.params.seed,
 )

@@ -13,6 +13,8 @@ run = TrainRun(
     output_dir=snakemake.output.model,
     checkpoint_dir=snakemake.params.checkpoints,
     metrics_file=snakemake.output.metrics,
+    truncation_file=snakemake.output.get("truncation"),
+    data_cache_dir=snakemake.params.get("data_cache"),
     **snakemake.params.settings,
 )
 launch(

@@ -45,6 +45,9 @@ def test_paper_config_says_what_to_set_and_that_the_demo_needs_no_data():
         ({"pretrain": {"learning_rate": "fast"}}, "pretrain.learning_rate"),
         ({"models": {"7B": {"base": "tiny", "gpu": 8}}}, "models.7B"),
         ({"unknown_section": 1}, "unknown_section"),
+        ({"finetune": {"truncation": "cut_end"}}, "finetune.truncation"),
+        ({"evaluate": {"num_beams": 0}}, "evaluate.num_beams"),
+        ({"evaluate": {"temperature": 0}}, "evaluate.temperature"),
     ],
 )
 def test_errors_name_the_key(override, key):
@@ -63,6 +66,31 @@ def test_per_size_override_with_a_wrong_key_is_named():
     config = workflow_config.resolve(merged(merged(PAPER, DEMO), {"models": {"13B": {"finetune": {"lr": 1}}}}))
     with pytest.raises(workflow_config.ConfigError, match=r"models\.13B\.finetune: unknown key\(s\) lr"):
         workflow_config.training_settings(config, "finetune", "13B")
+
+
+def test_truncation_is_a_fine_tuning_setting_only():
+    config = workflow_config.resolve(merged(merged(PAPER, DEMO), {"pretrain": {"truncation": "drop"}}))
+    with pytest.raises(workflow_config.ConfigError, match=r"pretrain: unknown key\(s\) truncation"):
+        workflow_config.training_settings(config, "pretrain", "7B")
+    assert workflow_config.training_settings(config, "finetune", "7B")["truncation"] == "note_middle"
+    assert workflow_config.truncation_policy(config) == "note_middle"
+
+
+def test_decoding_is_greedy_by_default_and_2023_beam_sampling_is_an_option():
+    config = workflow_config.resolve(merged(PAPER, DEMO))
+    assert workflow_config.decoding_settings(config["evaluate"]).generate_kwargs() == {
+        "max_new_tokens": 32,
+        "num_beams": 1,
+        "do_sample": False,
+    }
+    of_2023 = {"evaluate": {"max_new_tokens": 400, "num_beams": 5, "do_sample": True, "temperature": 1.0}}
+    config = workflow_config.resolve(merged(merged(PAPER, DEMO), of_2023))
+    assert workflow_config.decoding_settings(config["evaluate"]).generate_kwargs() == {
+        "max_new_tokens": 400,
+        "num_beams": 5,
+        "do_sample": True,
+        "temperature": 1.0,
+    }
 
 
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):

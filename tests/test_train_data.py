@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from asclepius_r.base_model import copy_tokenizer_model
-from asclepius_r.prompts import render_released
+from asclepius_r.prompts import CUT_MARK, render_released
 from asclepius_r.train.finetune import (
     IGNORE_INDEX,
     Example,
@@ -66,8 +66,8 @@ def test_packed_logits_equal_separate_runs(data, tokenizer, attn_implementation)
 
 def test_loss_only_on_answer_and_eos(tokenizer):
     answer = "Aspirin and metoprolol."
-    example, truncated = encode_example(tokenizer, "Short note.", "List the medications.", answer, 512)
-    assert not truncated
+    example, status = encode_example(tokenizer, "Short note.", "List the medications.", answer, 512)
+    assert status == "whole"
     prompt = tokenizer(render_released("Short note.", "List the medications."))["input_ids"]
     assert example.input_ids[: len(prompt)] == prompt and example.input_ids[0] == tokenizer.bos_token_id
     assert all(label == IGNORE_INDEX for label in example.labels[: len(prompt)])
@@ -76,30 +76,67 @@ def test_loss_only_on_answer_and_eos(tokenizer):
     assert tokenizer.decode(trained[:-1]).strip() == answer
 
 
-def test_long_note_is_truncated_answer_kept_and_counted(tmp_path, tokenizer):
-    long_note = " ".join(demo_texts())
-    answer = "The patient went home on aspirin."
+LONG_ANSWER = "The patient went home on aspirin."
+
+
+@pytest.fixture
+def long_rows(tmp_path):
+    """A note far over 512 tokens, a short one, and an answer that alone exceeds 512 tokens."""
     rows = [
-        {"note": long_note, "question": "What medication?", "answer": answer},
-        {"note": "Brief note.", "question": "What medication?", "answer": answer},
+        {"note": " ".join(demo_texts()), "question": "What medication?", "answer": LONG_ANSWER},
+        {"note": "Brief note.", "question": "What medication?", "answer": LONG_ANSWER},
         {"note": "Brief note.", "question": "What medication?", "answer": "word " * 400},
     ]
     csv = tmp_path / "sft.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
-    examples, counts = encode_dataset(str(csv), tokenizer, 512)
-    assert counts == {"rows": 3, "truncated_note": 1, "dropped_answer_too_long": 1}
-    assert len(examples) == 2
+    return csv
+
+
+@pytest.mark.parametrize(
+    "policy,whole,truncated,dropped", [("note_middle", 1, 1, 1), ("note_tail", 1, 1, 1), ("drop", 1, 0, 2)]
+)
+def test_long_note_is_counted_and_cut_or_dropped_by_the_policy(
+    tmp_path, tokenizer, long_rows, policy, whole, truncated, dropped
+):
+    examples, counts = encode_dataset(str(long_rows), tokenizer, 512, str(tmp_path / "cache"), policy)
+    assert counts == {
+        "policy": policy,
+        "max_length": 512,
+        "examples": 3,
+        "whole": whole,
+        "truncated": truncated,
+        "dropped": dropped,
+    }
+    assert len(examples) == whole + truncated
     for example in examples:
         assert len(example.input_ids) <= 512
         trained = [t for t in example.labels if t != IGNORE_INDEX]
-        assert tokenizer.decode(trained[:-1]).strip() == answer
-    shown = tokenizer.decode(examples[0].input_ids)
-    assert "[Discharge Summary End]" in shown and "[Instruction End]" in shown
+        assert tokenizer.decode(trained[:-1]).strip() == LONG_ANSWER
+        prompt = tokenizer.decode(example.input_ids[: example.prompt_tokens])
+        assert prompt.rstrip().endswith("What medication?\n[Instruction End]"), "the question is never cut"
+    if truncated:
+        cut = max(examples, key=lambda e: len(e.input_ids))
+        shown = tokenizer.decode(cut.input_ids)
+        note = " ".join(demo_texts())
+        assert note[:60] in shown and CUT_MARK in shown
+        assert (note.rstrip()[-60:] in shown) == (policy == "note_middle"), "note_middle keeps the note's end"
+
+
+def test_tokenised_examples_are_cached_on_disk(tmp_path, tokenizer, long_rows):
+    cache = tmp_path / "cache"
+    first = encode_dataset(str(long_rows), tokenizer, 512, str(cache), "note_middle")
+    arrow = sorted(p.name for p in cache.rglob("cache-*.arrow"))
+    assert arrow, "the map's result is an Arrow file in the cache folder"
+    again = encode_dataset(str(long_rows), tokenizer, 512, str(cache), "note_middle")
+    assert again[1] == first[1] and [list(e.input_ids) for e in again[0]] == [list(e.input_ids) for e in first[0]]
+    assert sorted(p.name for p in cache.rglob("cache-*.arrow")) == arrow, "read back, not redone"
+    encode_dataset(str(long_rows), tokenizer, 512, str(cache), "note_tail")
+    assert len(list(cache.rglob("cache-*.arrow"))) == len(arrow) + 1, "another policy is another cache entry"
 
 
 def test_first_fit_decreasing_packs_every_example_once():
     sizes = [700, 300, 1000, 24, 500, 512, 1024, 1, 400, 600]
-    examples = [Example([i] * n, [i] * n) for i, n in enumerate(sizes)]
+    examples = [Example([i] * n, 0) for i, n in enumerate(sizes)]
     packs = pack_examples(examples, 1024, seed=1)
     assert sorted(e.input_ids[0] for pack in packs for e in pack) == list(range(len(sizes)))
     assert all(sum(len(e.input_ids) for e in pack) <= 1024 for pack in packs)

@@ -1,9 +1,16 @@
 """Instruction fine-tuning on mimiciii_discharge.csv (-> Asclepius-R-{size}).
 
 Each example is the released template filled with the note and question, then the answer and
-EOS; only the answer and EOS count in the loss. Too-long examples lose the end of the note, not
-the answer (2023 lost the answer); the count is logged and kept in the model's
-training_run.json. Examples are packed without padding (first-fit decreasing): a pack is one
+EOS; only the answer and EOS count in the loss. An example longer than `max_length` is shaped by
+the run's truncation policy (`prompts.fit_prompt`): `drop` leaves it out, `note_middle` keeps the
+note's start and end, `note_tail` its start; the answer and question are never cut. The counts
+(whole, truncated, dropped) go to `truncation_file` and the model's training_run.json.
+
+Tokenisation is a batched `datasets` map cached on disk under `data_cache_dir`: the main process
+tokenises while the other ranks wait, then they all read its cache (one pass, not one per rank),
+and a rerun or resume with the same data, tokenizer and settings reuses it.
+
+Examples are packed without padding (first-fit decreasing): a pack is one
 flat row of at most `max_length` tokens whose position_ids restart at 0 for each example, so
 examples never attend to each other and every position is a real token. A pack takes the place
 of a padded row of 2023: each device trains one pack per micro-batch and accumulates
@@ -15,74 +22,156 @@ holds at least as many examples as 2023's and no pack's attention is wider than 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import datasets
+import numpy as np
 import pandas as pd
 import torch
 
+from accelerate import PartialState
+
+from ..files import atomic_path
 from ..logs import setup_logging
-from ..prompts import render_released
+from ..prompts import DEFAULT_TRUNCATION, fit_prompt, render_released
 from .run import TrainRun, load_model_and_tokenizer, train_and_save
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+STATUSES = ("whole", "truncated", "dropped")
+COLUMNS = ("note", "question", "answer")
+ENCODED = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "prompt_tokens": datasets.Value("int32"),
+        "status": datasets.Value("string"),
+    }
+)
 
 
 @dataclass
 class Example:
-    input_ids: list[int]
-    labels: list[int]
+    """One example's tokens; the first `prompt_tokens` (the prompt) are not trained on.
+
+    `input_ids` is a list or an int32 view into the tokenised dataset's one flat array, so 57k
+    examples of ~2k tokens take ~0.5 GB per rank rather than several GB of Python ints.
+    """
+
+    input_ids: Sequence[int]
+    prompt_tokens: int
+
+    @property
+    def labels(self) -> np.ndarray:
+        labels = np.array(self.input_ids, dtype=np.int64)
+        labels[: self.prompt_tokens] = IGNORE_INDEX
+        return labels
 
 
-def encode_example(tokenizer, note: str, question: str, answer: str, max_length: int) -> tuple[Example | None, bool]:
-    """Tokenise one row; returns (example or None if even an empty note cannot fit, truncated?)."""
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    note_ids = tokenizer(note, add_special_tokens=False)["input_ids"]
-    truncated = False
-    keep = len(note_ids)
-    while True:
-        shown = note if keep == len(note_ids) else tokenizer.decode(note_ids[:keep])
-        prompt_ids = tokenizer(render_released(shown, question))["input_ids"]
-        overflow = len(prompt_ids) + len(answer_ids) - max_length
-        if overflow <= 0:
-            break
-        if keep == 0:
-            return None, True
-        truncated = True
-        keep = max(0, keep - overflow - 2)  # re-tokenising the cut note can shift a token or two
-    return Example(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids), truncated
+def encode_example(
+    tokenizer,
+    note: str,
+    question: str,
+    answer: str,
+    max_length: int,
+    policy: str = DEFAULT_TRUNCATION,
+    prompt_ids: list[int] | None = None,
+    answer_ids: list[int] | None = None,
+) -> tuple[Example | None, str]:
+    """One row as (example or None, status): whole, truncated (note cut by `policy`) or dropped.
+
+    `prompt_ids` and `answer_ids` (answer + EOS) are the row's tokens when a batch has them already.
+    """
+    if answer_ids is None:
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = fit_prompt(tokenizer, note, question, max_length - len(answer_ids), policy, prompt_ids)
+    if prompt is None:
+        return None, "dropped"
+    example = Example(prompt.input_ids + answer_ids, len(prompt.input_ids))
+    return example, "truncated" if prompt.truncated else "whole"
 
 
-def encode_dataset(csv_path: str, tokenizer, max_length: int) -> tuple[list[Example], dict]:
-    """Examples of every row; counts of rows, truncated notes and dropped (answer alone too long) rows."""
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    missing = {"note", "question", "answer"} - set(frame.columns)
+def encode_batch(batch: dict[str, list], tokenizer, max_length: int, policy: str) -> dict[str, list]:
+    """A `datasets.map` batch of rows -> input_ids, prompt_tokens (unlabelled prefix) and status."""
+    prompts = tokenizer([render_released(n, q) for n, q in zip(batch["note"], batch["question"])])["input_ids"]
+    answers = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
+    out = {"input_ids": [], "prompt_tokens": [], "status": []}
+    for note, question, prompt_ids, answer_ids in zip(batch["note"], batch["question"], prompts, answers):
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+        example, status = encode_example(tokenizer, note, question, "", max_length, policy, prompt_ids, answer_ids)
+        out["input_ids"].append(example.input_ids if example else [])
+        out["prompt_tokens"].append(example.prompt_tokens if example else 0)
+        out["status"].append(status)
+    return out
+
+
+def read_rows(csv_path: str, cache_dir: str) -> datasets.Dataset:
+    """The CSV's note, question and answer columns as an Arrow-backed Dataset cached in `cache_dir`."""
+    missing = set(COLUMNS) - set(pd.read_csv(csv_path, nrows=0).columns)
     if missing:
         raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
-    examples, counts = [], {"rows": len(frame), "truncated_note": 0, "dropped_answer_too_long": 0}
-    for row in frame.itertuples(index=False):
-        example, truncated = encode_example(tokenizer, row.note, row.question, row.answer, max_length)
-        counts["truncated_note"] += truncated and example is not None
-        if example is None:
-            counts["dropped_answer_too_long"] += 1
-            continue
-        examples.append(example)
-    if counts["truncated_note"] or counts["dropped_answer_too_long"]:
-        log.warning(
-            "fine-tuning data: %d of %d notes truncated to keep the answer within max_length=%d; "
-            "%d rows dropped because the question and answer alone exceed it",
-            counts["truncated_note"],
-            counts["rows"],
-            max_length,
-            counts["dropped_answer_too_long"],
+    return datasets.Dataset.from_csv(
+        csv_path,
+        cache_dir=cache_dir,
+        usecols=list(COLUMNS),
+        features=datasets.Features({c: datasets.Value("string") for c in COLUMNS}),
+        keep_default_na=False,  # an answer "None" or "NA" is text, not missing
+    )
+
+
+def encode_dataset(
+    csv_path: str, tokenizer, max_length: int, cache_dir: str, policy: str = DEFAULT_TRUNCATION
+) -> tuple[list[Example], dict]:
+    """Examples of every row that fits and the truncation counts (the contract of `truncation_file`).
+
+    The CSV's Arrow copy and the tokenised examples are cached in `cache_dir`, keyed by the
+    file's path and modification time, the tokenizer, the function's code and its settings.
+    """
+    # Ranks share one pass: the main process reads and maps (filling the cache) first, the
+    # others then load its files.
+    with PartialState().main_process_first():
+        rows = read_rows(csv_path, cache_dir)
+        encoded = rows.map(
+            encode_batch,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "policy": policy},
+            remove_columns=rows.column_names,
+            features=ENCODED,
+            desc="tokenizing fine-tuning examples",
         )
+    status = encoded["status"]
+    counts = {
+        "policy": policy,
+        "max_length": max_length,
+        "examples": len(status),
+        **{name: status.count(name) for name in STATUSES},
+    }
     log.info("fine-tuning data: %s", counts)
+    if counts["truncated"] or counts["dropped"]:
+        log.warning(
+            "fine-tuning data: %d of %d examples exceed max_length=%d: %d truncated (%s), %d dropped",
+            counts["truncated"] + counts["dropped"],
+            counts["examples"],
+            max_length,
+            counts["truncated"],
+            policy,
+            counts["dropped"],
+        )
+    column = encoded.data.column("input_ids").combine_chunks()
+    flat, offsets = column.values.to_numpy(), column.offsets.to_numpy()
+    examples = [
+        Example(flat[offsets[i] : offsets[i + 1]], n)
+        for i, (n, s) in enumerate(zip(encoded["prompt_tokens"], status))
+        if s != "dropped"
+    ]
     if not examples:
-        raise ValueError(f"{csv_path}: no row fits max_length={max_length} even with its note removed")
+        raise ValueError(f"{csv_path}: no row fits max_length={max_length} under truncation policy {policy!r}")
     return examples, counts
 
 
@@ -108,15 +197,11 @@ def collate_packed(packs: list[list[Example]]) -> dict[str, torch.Tensor]:
     """One flat row per pack (the Trainer's per-device batch is one pack); no attention mask,
     so the model derives the per-example causal mask from the restarting position_ids."""
     assert len(packs) == 1, "fine-tuning packs are batched one per device"
-    ids, labels, positions = [], [], []
-    for example in packs[0]:
-        ids += example.input_ids
-        labels += example.labels
-        positions += range(len(example.input_ids))
+    pack = packs[0]
     return {
-        "input_ids": torch.tensor([ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([positions]),
+        "input_ids": torch.from_numpy(np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in pack]))[None],
+        "labels": torch.from_numpy(np.concatenate([e.labels for e in pack]))[None],
+        "position_ids": torch.from_numpy(np.concatenate([np.arange(len(e.input_ids)) for e in pack]))[None],
     }
 
 
@@ -133,26 +218,37 @@ class PackDataset(torch.utils.data.Dataset):
         return self.packs[i]
 
 
+def write_counts(path: str, counts: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(counts, indent=2) + "\n")
+
+
 def main(run_file: str) -> None:
     run = TrainRun.from_json(run_file)
     model, tokenizer = load_model_and_tokenizer(run)
-    examples, counts = encode_dataset(run.data, tokenizer, run.max_length)
+    cache_dir = run.data_cache_dir or str(Path(run.checkpoint_dir) / "data-cache")
+    examples, counts = encode_dataset(run.data, tokenizer, run.max_length, cache_dir, run.truncation)
+    if run.truncation_file and PartialState().is_main_process:
+        write_counts(run.truncation_file, counts)
     packs = pack_examples(examples, run.max_length, run.seed)
     tokens = sum(len(e.input_ids) for e in examples)
-    counts.update(
-        examples=len(examples), packs=len(packs), tokens=tokens, pack_fill=tokens / max(1, run.max_length * len(packs))
-    )
+    summary = {
+        **counts,
+        "packs": len(packs),
+        "tokens": tokens,
+        "pack_fill": tokens / max(1, run.max_length * len(packs)),
+    }
     log.info(
         "fine-tuning: %d examples (%d tokens) in %d packs of at most %d tokens, %.1f%% full",
         len(examples),
         tokens,
         len(packs),
         run.max_length,
-        100 * counts["pack_fill"],
+        100 * summary["pack_fill"],
     )
     run.gradient_accumulation_steps *= run.per_device_batch_size
     run.per_device_batch_size = 1
-    train_and_save(run, model, tokenizer, PackDataset(packs), collate_packed, data_summary=counts)
+    train_and_save(run, model, tokenizer, PackDataset(packs), collate_packed, data_summary=summary)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """Start a training stage on the GPUs a rule was given, or on CPU processes without GPUs.
 
-With CUDA, the job claims `gpus` devices through per-GPU lock files (Snakemake never sets
-CUDA_VISIBLE_DEVICES, so two GPU jobs on one machine would otherwise share GPU 0) and runs
-`accelerate launch --num_processes <gpus>` with the repository's accelerate config. Locks are
-named by the physical device (the entries of an inherited CUDA_VISIBLE_DEVICES, e.g. from
-SLURM, or the index), so jobs that see different devices never block each other. Without
-CUDA it runs one process, or `cpu_processes` gloo processes (torchrun).
+With CUDA, the job claims `gpus` devices (`asclepius_r.gpus`: per-GPU lock files, since
+Snakemake never sets CUDA_VISIBLE_DEVICES) and runs `accelerate launch --num_processes <gpus>`
+with the repository's accelerate config. Without CUDA it runs one process, or `cpu_processes`
+gloo processes (torchrun); under ASCLEPIUS_FAKE_GPUS it claims fake devices first, so the
+rehearsal sees which GPUs the job would have held.
 
 Before starting, the checkpoint folder is checked against the run's fingerprint (settings
 and input files): a rerun after a crash resumes, a run with anything changed starts afresh.
@@ -16,18 +15,15 @@ and input files): a rerun after a crash resumes, a run with anything changed sta
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..gpus import claim_for_job
 from ..logs import setup_logging
 from .checkpoints import file_identity, prepare_checkpoint_dir
 from .run import TrainRun
@@ -35,61 +31,13 @@ from .run import TrainRun
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune")
-
-
-def gpu_lock_dir() -> Path:
-    return Path(os.environ.get("ASCLEPIUS_GPU_LOCK_DIR", Path(tempfile.gettempdir()) / "asclepius-gpu-locks"))
-
-
-def visible_devices(count: int) -> list[str]:
-    """Names of the devices this process can use: the inherited CUDA_VISIBLE_DEVICES, or 0..count-1."""
-    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if inherited:
-        return [d.strip() for d in inherited.split(",") if d.strip()][:count]
-    return [str(i) for i in range(count)]
-
-
-@contextlib.contextmanager
-def claim_gpus(count: int, devices: list[str], poll_s: float = 5.0):
-    """Hold exclusive locks on `count` of `devices`; yield the claimed device names.
-
-    flock locks vanish with their process, so a killed job never leaves a GPU claimed.
-    """
-    if count > len(devices):
-        raise RuntimeError(f"the rule asks for {count} GPUs but this machine shows {len(devices)}")
-    lock_dir = gpu_lock_dir()
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    waited = False
-    while True:
-        held = []
-        for device in devices:
-            handle = open(lock_dir / f"gpu-{device}.lock", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                held.append((device, handle))
-            except BlockingIOError:
-                handle.close()
-            if len(held) == count:
-                break
-        if len(held) == count:
-            try:
-                yield [device for device, _ in held]
-            finally:
-                for _, handle in held:
-                    handle.close()
-            return
-        # Release partial claims, so two waiting jobs cannot deadlock each holding half.
-        for _, handle in held:
-            handle.close()
-        if not waited:
-            log.info("waiting for %d free GPU(s) among %s (locks in %s)", count, devices, lock_dir)
-            waited = True
-        time.sleep(poll_s)
+# Where a run writes; moving them does not change what the checkpoints hold.
+OUTPUT_PATHS = ("output_dir", "checkpoint_dir", "metrics_file", "truncation_file", "data_cache_dir")
 
 
 def run_fingerprint(stage: str, run: TrainRun) -> dict:
     """What the checkpoints depend on: settings and input files, but not where outputs go."""
-    settings = {k: v for k, v in asdict(run).items() if k not in ("output_dir", "checkpoint_dir", "metrics_file")}
+    settings = {k: v for k, v in asdict(run).items() if k not in OUTPUT_PATHS}
     return {
         "stage": stage,
         "settings": settings,
@@ -117,44 +65,43 @@ def launch(
     threads: int | None = None,
 ) -> None:
     """Run the stage's module for `run`, over `gpus` devices if CUDA is present, else on CPU."""
-    import torch
-
     run_file = prepare_run(stage, run)
     module = f"asclepius_r.train.{stage}"
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     env = dict(os.environ)
-    available = torch.cuda.device_count()
-    if available and gpus > 0:
-        with claim_gpus(gpus, visible_devices(available)) as devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-            command = accelerate + ["--num_processes", str(gpus)]
+    with claim_for_job(f"{stage}-{Path(run.output_dir).name}", gpus) as claim:
+        if claim:
+            env["CUDA_VISIBLE_DEVICES"] = claim.cuda_visible_devices
+        if claim and not claim.fake:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
             if accelerate_config:
                 command += ["--config_file", accelerate_config]
             command += ["-m", module, str(run_file)]
             log.info("GPUs %s: %s", env["CUDA_VISIBLE_DEVICES"], " ".join(command))
-            subprocess.run(command, env=env, check=True)
-        return
-    if threads:
-        env["OMP_NUM_THREADS"] = str(max(1, threads // cpu_processes))
-    if cpu_processes > 1:
-        # `accelerate launch --cpu --num_processes N` starts a single process in accelerate 1.15
-        # (its simple launcher only fans out through mpirun); torchrun starts N, and accelerate
-        # turns its RANK/WORLD_SIZE variables into a gloo process group.
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(cpu_processes),
-            "-m",
-            module,
-            str(run_file),
-        ]
-    else:
-        command = [sys.executable, "-m", module, str(run_file)]
-    log.info("no GPU: %s", " ".join(command))
-    subprocess.run(command, env=env, check=True)
+        else:
+            command = cpu_command(module, run_file, cpu_processes)
+            if threads:
+                env["OMP_NUM_THREADS"] = str(max(1, threads // cpu_processes))
+            log.info("no GPU: %s", " ".join(command))
+        subprocess.run(command, env=env, check=True)
+
+
+def cpu_command(module: str, run_file: Path, cpu_processes: int) -> list[str]:
+    if cpu_processes == 1:
+        return [sys.executable, "-m", module, str(run_file)]
+    # `accelerate launch --cpu --num_processes N` starts a single process in accelerate 1.15
+    # (its simple launcher only fans out through mpirun); torchrun starts N, and accelerate
+    # turns its RANK/WORLD_SIZE variables into a gloo process group.
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(cpu_processes),
+        "-m",
+        module,
+        str(run_file),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

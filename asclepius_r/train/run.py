@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 from ..base_model import check_base_model
 from ..files import atomic_path, read_jsonl
+from ..prompts import DEFAULT_TRUNCATION
 from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
 from .throughput import FlopModel, Window, batch_counts
 
@@ -57,6 +58,9 @@ class TrainRun:
     logging_steps: int = 10
     save_dtype: str = "bfloat16"
     peak_tflops_per_device: float = 989.0
+    truncation: str = DEFAULT_TRUNCATION
+    truncation_file: str | None = None
+    data_cache_dir: str | None = None
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainRun:
