@@ -35,7 +35,7 @@ def render_released(note: str, question: str) -> str:
 # drop: leave the example out (what 2023 effectively did when its answer was cut off);
 # note_middle: keep the note's start and end; note_tail: keep its start (cut the end).
 TRUNCATION_POLICIES = ("drop", "note_middle", "note_tail")
-DEFAULT_TRUNCATION = "note_middle"  # why: README, "Truncation"
+DEFAULT_TRUNCATION = "drop"  # why: README, "Long examples: the truncation policy"
 # Stands where note text was cut, so a model can tell an omission from a note that says nothing.
 CUT_MARK = "[...]"
 

@@ -9,7 +9,7 @@ the peak of the device). The model is LLaMA-shaped with random weights: `--size 
 AdamW states. The reference is 2023's implied 15-23% MFU (8x A100, original-method.md); the
 goal is 45% on one H100.
 
-    python bench/gpu_mfu.py [--size 1b] [--steps 30] [--peak-tflops 989]   (about 3 minutes on an H100)
+    python bench/gpu_mfu.py [--size 1b] [--steps 30] [--peak-tflops T]      (about 3 minutes on an H100)
     python bench/gpu_mfu.py --tiny --device cpu                              (smoke test, seconds)
 Last line: RESULT tokens_per_s=<f> mfu=<f> device=<name>
 """
@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2, help="per-device batch (2023: 2)")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense; A100: 312")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="bf16 dense peak of the device (default: from its name, as in training)"
+    )
     parser.add_argument("--attn", default="sdpa")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -108,15 +110,16 @@ def main() -> None:
         records = [json.loads(line) for line in run.running_metrics.read_text().splitlines()]
     steady = records[1:] or records  # the first window holds start-up and compilation
     tokens_per_s = float(np.mean([r["tokens_per_s"] for r in steady]))
-    mfu = float(np.mean([r["mfu"] for r in steady]))
+    mfu = float(np.mean([r["mfu"] for r in steady])) if trainer.peak_tflops else float("nan")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     params = trainer.flop_model.matmul_params
     print(
         f"model: {params / 1e9:.2f}B matmul parameters, seq {seq}, batch {args.batch}, {args.steps} steps, "
-        f"attention {args.attn}, peak {args.peak_tflops} TFLOP/s"
+        f"attention {args.attn}, peak {trainer.peak_tflops} TFLOP/s ({trainer.device_name})"
     )
     for r in records:
-        print(f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.3f}")
+        mfu_text = "unknown" if r["mfu"] is None else f"{r['mfu']:.3f}"
+        print(f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu_text}")
     if args.device == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"RESULT tokens_per_s={tokens_per_s:.1f} mfu={mfu:.4f} device={device.replace(' ', '_')}")

@@ -11,9 +11,12 @@ Everything else (sharding, sharded checkpoints, resume, the merge) is the real c
 
     accelerate launch --config_file CPU_FSDP.yaml tests/fsdp_cpu_entry.py MODULE RUN.json PROBE_DIR [CRASH_AFTER_STEP]
 
-Each rank writes PROBE_DIR/rank-<r>.json: the distributed type, whether the Trainer saw FSDP,
-the parameter types and shard shapes, whether decoder layers are checkpoint-wrapped, and the
-files of every checkpoint just after it was saved. At the end of training rank 0 also writes
+Each rank writes PROBE_DIR/rank-<r>.json: how much its resident memory grew while it loaded the
+model (current and peak RSS, from /proc and getrusage), the distributed type, whether the Trainer saw FSDP, the
+parameter types and shard shapes, whether decoder layers are checkpoint-wrapped, each sharded
+parameter's mixed-precision dtypes as FSDP2 applies them, the dtypes of the gradients held between
+micro-batches (accumulation without sync) and of every gradient reduce-scatter, and the files of
+every checkpoint just after it was saved. At the end of training rank 0 also writes
 PROBE_DIR/gathered.pt, the full parameters all-gathered from the shards (the reference for the
 merged model). With CRASH_AFTER_STEP, every rank dies (os._exit) right after that step's
 checkpoint is on disk, as a job killed between checkpoints would.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import runpy
 import sys
 from pathlib import Path
@@ -31,12 +35,59 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback
 
+import asclepius_r.train.run as train_run
 from accelerate import PartialState
 
 CRASH_EXIT_CODE = 17
+
+
+def resident_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+
+
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def fsdp_params(model: torch.nn.Module) -> list:
+    """FSDP2's per-parameter state (torch internals: what the collectives really use)."""
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)]
+    return [param for group in groups if group is not None for param in group.fsdp_params]
+
+
+class Observed:
+    """What a rank saw outside the Trainer's callbacks: the loaded weights and the reduce-scatters."""
+
+    load_memory: dict[str, int] = {}
+    reduce_scatter_dtypes: set[str] = set()
+
+    @classmethod
+    def install(cls) -> None:
+        load = train_run.load_model_and_tokenizer
+
+        def load_and_measure(run):
+            rss, peak = resident_bytes(), peak_resident_bytes()
+            model, tokenizer = load(run)
+            cls.load_memory = {
+                "rss_growth": resident_bytes() - rss,
+                "peak_rss_growth": peak_resident_bytes() - peak,
+                "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            }
+            return model, tokenizer
+
+        train_run.load_model_and_tokenizer = load_and_measure
+        reduce_scatter = dist.reduce_scatter_single  # what FSDP2's default reduce-scatter calls
+
+        def reduce_scatter_and_record(*args, **kwargs):
+            cls.reduce_scatter_dtypes.add(str(kwargs.get("input", args[1] if len(args) > 1 else None).dtype))
+            return reduce_scatter(*args, **kwargs)
+
+        dist.reduce_scatter_single = reduce_scatter_and_record
 
 
 class Probe(TrainerCallback):
@@ -47,7 +98,13 @@ class Probe(TrainerCallback):
         self.probe_dir = probe_dir
         self.crash_after_step = crash_after_step
         self.rank = dist.get_rank()
-        self.record = {"rank": self.rank, "world_size": dist.get_world_size(), "saves": {}}
+        self.record = {
+            "rank": self.rank,
+            "world_size": dist.get_world_size(),
+            "load_memory": Observed.load_memory,
+            "accumulated_grad_dtypes": [],
+            "saves": {},
+        }
 
     def write(self) -> None:
         (self.probe_dir / f"rank-{self.rank}.json").write_text(json.dumps(self.record, indent=1))
@@ -70,6 +127,27 @@ class Probe(TrainerCallback):
                 for name, p in wrapped.named_parameters()
             },
         )
+        self.write()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        """After a micro-batch whose gradients were not synchronised: where FSDP2 keeps them."""
+        held = set()
+        for param in fsdp_params(self.trainer.model_wrapped):
+            grad = param.unsharded_accumulated_grad
+            grad = grad if grad is not None else param._unsharded_param.grad
+            if grad is not None:
+                held.add(str(grad.dtype))
+        self.record["accumulated_grad_dtypes"] = sorted(set(self.record["accumulated_grad_dtypes"]) | held)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # FSDP2 settles each parameter's dtypes at its first forward.
+        self.record["mixed_precision"] = sorted(
+            {
+                (str(p.orig_dtype), str(p.param_dtype), str(p.reduce_dtype))
+                for p in fsdp_params(self.trainer.model_wrapped)
+            }
+        )
+        self.record["reduce_scatter_dtypes"] = sorted(Observed.reduce_scatter_dtypes)
         self.write()
 
     def on_save(self, args, state, control, **kwargs):
@@ -110,6 +188,7 @@ def lift_cpu_fsdp_gate() -> None:
 
 def main(module: str, run_file: str, probe_dir: str, crash_after_step: str | None = None) -> None:
     lift_cpu_fsdp_gate()
+    Observed.install()
     crash = int(crash_after_step) if crash_after_step else None
     original_train = Trainer.train
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -125,6 +126,7 @@ def test_long_note_is_counted_and_cut_or_dropped_by_the_policy(
 def test_tokenised_examples_are_cached_on_disk(tmp_path, tokenizer, long_rows):
     cache = tmp_path / "cache"
     first = encode_dataset(str(long_rows), tokenizer, 512, str(cache), "note_middle")
+    assert first[0][0].input_ids.dtype == np.int32, "views into the tokenised dataset, not lists of Python ints"
     arrow = sorted(p.name for p in cache.rglob("cache-*.arrow"))
     assert arrow, "the map's result is an Arrow file in the cache folder"
     again = encode_dataset(str(long_rows), tokenizer, 512, str(cache), "note_middle")

@@ -16,22 +16,44 @@ import json
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from accelerate.utils import FullyShardedDataParallelPlugin
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
 from asclepius_r.train.launch import prepare_run
-from asclepius_r.train.run import TrainRun
+from asclepius_r.train.run import TrainRun, configure_fsdp, training_arguments
 
 from .fsdp_cpu_entry import CRASH_EXIT_CODE
-from .train_support import REPO, build_fixture_data, launch_env, run_launch, write_run
+from .train_support import REPO, TINY, build_fixture_data, launch_env, run_launch, write_run
 
 TOLERANCE = 1e-4
 STEPS, CRASH_STEP = 4, 2
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_gradient_checkpointing_follows_the_run_with_and_without_fsdp(monkeypatch, checkpointing):
+    run = TrainRun(
+        base_model="", data="", output_dir="", checkpoint_dir="", metrics_file="", gradient_checkpointing=checkpointing
+    )
+    assert training_arguments(run).activation_checkpointing is checkpointing, "on every device, a CPU too"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", str(not checkpointing).lower())  # the accelerate config's
+    assert training_arguments(run).activation_checkpointing is False, "under FSDP, FSDP's own does it"
+    plugin = FullyShardedDataParallelPlugin()
+    configure_fsdp(plugin, "bf16", run)
+    assert plugin.activation_checkpointing is checkpointing
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        configure_fsdp(FullyShardedDataParallelPlugin(), "bf16", run)
 
 
 def free_port() -> int:
@@ -40,18 +62,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cpu_fsdp_config(folder: Path) -> Path:
+def cpu_fsdp_config(folder: Path, mixed_precision: str = "no", **fsdp_settings) -> Path:
     config = yaml.safe_load((REPO / "accelerate" / "fsdp_full_shard.yaml").read_text())
     assert (
         config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     )
-    config.update(use_cpu=True, num_processes=2, mixed_precision="no", main_process_port=free_port())
-    path = folder / "fsdp_cpu.yaml"
+    assert config["mixed_precision"] == "bf16" and config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]
+    config.update(use_cpu=True, num_processes=2, mixed_precision=mixed_precision, main_process_port=free_port())
+    config["fsdp_config"].update(fsdp_settings)
+    path = folder / f"fsdp_cpu_{mixed_precision}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def launch_fsdp(config: Path, run_file: Path, probe: Path, crash_after_step: int | None = None):
+def launch_fsdp(
+    config: Path, run_file: Path, probe: Path, crash_after_step: int | None = None, stage: str = "finetune"
+):
     probe.mkdir(parents=True)
     command = [
         sys.executable,
@@ -60,7 +86,7 @@ def launch_fsdp(config: Path, run_file: Path, probe: Path, crash_after_step: int
         "--config_file",
         str(config),
         str(REPO / "tests" / "fsdp_cpu_entry.py"),
-        "asclepius_r.train.finetune",
+        f"asclepius_r.train.{stage}",
         str(run_file),
         str(probe),
     ]
@@ -77,7 +103,7 @@ def assert_trained_sharded(records: list[dict]) -> None:
         assert record["world_size"] == 2
         assert record["distributed_type"] == "DistributedType.FSDP" and record["is_fsdp_enabled"]
         assert record["fsdp_version"] == 2 and record["state_dict_type"] == "StateDictType.SHARDED_STATE_DICT"
-        assert record["checkpoint_wrapped_layers"] == 2, "FSDP activation checkpointing wraps each decoder layer"
+        assert record["checkpoint_wrapped_layers"] == 2, "gradient_checkpointing: FSDP wraps each decoder layer"
         for name, parameter in record["parameters"].items():
             assert parameter["dtensor"], name
             assert parameter["local_shape"][0] * 2 == parameter["shape"][0], f"{name}: each rank holds half"
@@ -112,7 +138,14 @@ def losses(metrics: Path) -> list[float]:
 @pytest.mark.slow
 def test_fsdp_cpu_trains_sharded_resumes_from_shards_and_merges(tmp_path):
     data = build_fixture_data(tmp_path)
-    settings = dict(max_steps=STEPS, max_length=1024, learning_rate=3e-3, save_steps=CRASH_STEP, save_total_limit=3)
+    settings = dict(
+        max_steps=STEPS,
+        max_length=1024,
+        learning_rate=3e-3,
+        save_steps=CRASH_STEP,
+        save_total_limit=3,
+        gradient_checkpointing=True,
+    )
     # As in test_train_distributed: 2 ranks x 1 pack == 1 process x 2 packs per optimizer step.
     run_file = write_run(tmp_path / "fsdp", "finetune", data, per_device_batch_size=1, **settings)
     single_file = write_run(tmp_path / "one", "finetune", data, per_device_batch_size=2, **settings)
@@ -160,3 +193,44 @@ def test_fsdp_cpu_trains_sharded_resumes_from_shards_and_merges(tmp_path):
     for name, tensor in gathered.items():
         assert torch.allclose(single[name], tensor, rtol=1e-3, atol=1e-5), f"{name}: FSDP and one process diverged"
     assert (output / "tokenizer.model").read_bytes() == (data["model"] / "tokenizer.model").read_bytes()
+    assert json.loads((output / "config.json").read_text())["use_cache"] is True
+
+
+@pytest.mark.slow
+def test_fsdp_cpu_bf16_reduces_and_accumulates_in_fp32_and_follows_gradient_checkpointing(tmp_path):
+    """The repository's bf16 policy for real (bf16 compute on CPU), under an accelerate config that
+    turns FSDP activation checkpointing on while the run says gradient_checkpointing: false."""
+    # Wide enough (39M parameters, 157 MB in fp32) that holding the weights shows in a process's RSS,
+    # and saved in bf16 as LLaMA's 16-bit checkpoints are: fp32 loading copies rather than maps the file.
+    data = build_fixture_data(tmp_path, replace(TINY, hidden_size=768, intermediate_size=3072, num_hidden_layers=4))
+    AutoModelForCausalLM.from_pretrained(data["model"], dtype=torch.bfloat16).save_pretrained(data["model"])
+    run_file = write_run(
+        tmp_path / "bf16",
+        "pretrain",
+        data,
+        max_steps=2,
+        max_length=128,
+        per_device_batch_size=1,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=False,
+    )
+    run = TrainRun.from_json(run_file)
+    config = cpu_fsdp_config(tmp_path, mixed_precision="bf16", fsdp_activation_checkpointing=True)
+    prepare_run("pretrain", run)
+    result = launch_fsdp(config, run_file, tmp_path / "probe", stage="pretrain")
+    assert result.returncode == 0, result.stderr[-6000:]
+    records = probes(tmp_path / "probe")
+    loads = [r["load_memory"] for r in records]
+    weights = loads[0]["parameter_bytes"]
+    assert weights > 150e6
+    assert loads[0]["rss_growth"] > 0.9 * weights, loads
+    assert loads[1]["peak_rss_growth"] < 0.25 * weights, f"rank 1 held the weights while loading: {loads}"
+    for record in records:
+        assert record["checkpoint_wrapped_layers"] == 0, "config.yaml's gradient_checkpointing decides, not the YAML"
+        # (orig, param, reduce) dtypes of every sharded parameter: fp32 master, bf16 compute, fp32 reduction.
+        assert record["mixed_precision"] == [["torch.float32", "torch.bfloat16", "torch.float32"]]
+        assert record["accumulated_grad_dtypes"] == ["torch.float32"], "between micro-batches"
+        assert record["reduce_scatter_dtypes"] == ["torch.float32"]
+    metrics = [json.loads(line) for line in Path(run.metrics_file).read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
+    assert json.loads((Path(run.output_dir) / "config.json").read_text())["use_cache"] is True

@@ -27,17 +27,14 @@ def demo_texts() -> list[str]:
     return [p.read_text() for p in DEMO_NOTES]
 
 
-def build_fixture_data(root: Path) -> dict[str, Path]:
-    """A tiny model, a notes parquet and a fine-tuning CSV under `root`."""
+TINY = TinyLlamaSpec(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def build_fixture_data(root: Path, spec: TinyLlamaSpec = TINY) -> dict[str, Path]:
+    """A tiny model (of `spec`'s shape), a notes parquet and a fine-tuning CSV under `root`."""
     texts = demo_texts()
     model = root / "tiny"
-    build_tiny_llama_from_texts(
-        texts,
-        model,
-        TinyLlamaSpec(
-            vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
-        ),
-    )
+    build_tiny_llama_from_texts(texts, model, spec)
     notes = root / "notes.parquet"
     pq.write_table(
         pa.table({"ROW_ID": list(range(len(texts))), "SUBJECT_ID": list(range(len(texts))), "TEXT": texts}), notes
@@ -68,6 +65,8 @@ def write_run(root: Path, stage: str, data: dict[str, Path], **settings) -> Path
         save_steps=1000,
         save_dtype="float32",
         peak_tflops_per_device=1.0,
+        truncation="note_middle",  # the fixture's notes are far over these CPU-size max_lengths
+        gradient_checkpointing=False,  # on a CPU, recomputation only costs time
     )
     run = TrainRun(
         base_model=str(data["model"]),

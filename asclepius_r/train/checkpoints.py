@@ -9,7 +9,8 @@ settings) trains afresh instead of "resuming" a finished run.
 
 `export_checkpoint` is the merge step: it turns a checkpoint (plain safetensors, or FSDP
 SHARDED_STATE_DICT shards that no single rank ever held whole) into a Hugging Face folder with
-safetensors weights in the release dtype, the tokenizer and the base model's `tokenizer.model`.
+safetensors weights in the release dtype, `use_cache: true`, the tokenizer and the base model's
+`tokenizer.model`.
 
     python -m asclepius_r.train.checkpoints CHECKPOINT BASE_MODEL OUT [--dtype bfloat16]
 """
@@ -129,6 +130,9 @@ def export_checkpoint(
         model = model.to(getattr(torch, dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype))
+    # Training turns the KV cache off (packed examples would attend to each other through it);
+    # the released model generates, where the cache saves recomputing every earlier token.
+    model.config.use_cache = True
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)

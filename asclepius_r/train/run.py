@@ -19,13 +19,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+from accelerate import init_empty_weights
 
 from ..base_model import check_base_model
 from ..files import atomic_path, read_jsonl
 from ..prompts import DEFAULT_TRUNCATION
 from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
-from .throughput import FlopModel, Window, batch_counts
+from .throughput import FlopModel, Window, batch_counts, peak_tflops_of
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ class TrainRun:
     save_total_limit: int = 2
     logging_steps: int = 10
     save_dtype: str = "bfloat16"
-    peak_tflops_per_device: float = 989.0
+    note_attention: str = "across_notes"  # pretraining only: across_notes (2023) or within_note
+    peak_tflops_per_device: float | None = None  # None: from the device's name (throughput.peak_tflops_of)
     truncation: str = DEFAULT_TRUNCATION
     truncation_file: str | None = None
     data_cache_dir: str | None = None
@@ -76,19 +80,25 @@ class TrainRun:
         return Path(self.checkpoint_dir) / "metrics.jsonl"
 
 
-def fsdp_checkpoints_activations() -> bool:
-    """`accelerate launch` with an FSDP config exports its settings as FSDP_* variables."""
+def launched_with_fsdp() -> bool:
+    """`accelerate launch` with an FSDP config exports its settings as ACCELERATE_USE_FSDP and FSDP_* variables."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def loads_weights_on_rank_0_only() -> bool:
+    """FSDP with `fsdp_cpu_ram_efficient_loading`: global rank 0 reads the weights, the others get them by broadcast."""
     return (
-        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+        launched_with_fsdp()
+        and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"
+        and int(os.environ.get("RANK", "0")) != 0
     )
 
 
 def training_arguments(run: TrainRun) -> TrainingArguments:
     cuda = torch.cuda.is_available()
-    # FSDP's own activation checkpointing replaces the Trainer's (both at once is an error and a
-    # redundant all-gather); on CPU it only costs time.
-    checkpoint_activations = run.gradient_checkpointing and cuda and not fsdp_checkpoints_activations()
+    # Under FSDP, FSDP's own activation checkpointing does it instead (set from the same setting
+    # in MeasuredTrainer; both at once is an error in the Trainer and a redundant all-gather).
+    checkpoint_activations = run.gradient_checkpointing and not launched_with_fsdp()
     return TrainingArguments(
         output_dir=run.checkpoint_dir,
         per_device_train_batch_size=run.per_device_batch_size,
@@ -117,17 +127,78 @@ def training_arguments(run: TrainRun) -> TrainingArguments:
     )
 
 
+def unfilled_model(run: TrainRun):
+    """The run's model with real buffers and parameters whose storage is allocated but never written.
+
+    transformers 5.23 reads the whole checkpoint on every rank even under FSDP's
+    cpu_ram_efficient_loading (13B in fp32: 52 GB of host RAM per rank). accelerate instead
+    broadcasts rank 0's weights into the shards, so the other ranks need only the parameters'
+    shapes. They cannot stay on the meta device: accelerate finds the optimizer's parameters
+    again by data_ptr(), which is 0 for every meta tensor, and the optimizer would then hold
+    one parameter many times. Untouched storage costs no memory (the kernel maps pages on first
+    write), and accelerate moves these parameters to the meta device before it shards. The
+    buffers are built for real: the non-persistent ones (rotary frequencies) are not broadcast.
+    """
+    config = AutoConfig.from_pretrained(run.base_model)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation=run.attn_implementation
+        )
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            unfilled = torch.empty_like(param, device="cpu")
+            setattr(module, name, torch.nn.Parameter(unfilled, requires_grad=param.requires_grad))
+    model.tie_weights()
+    return model
+
+
 def load_model_and_tokenizer(run: TrainRun):
     check_base_model(run.base_model)
     tokenizer = AutoTokenizer.from_pretrained(run.base_model, padding_side="right")
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.bos_token_id:
         raise ValueError(f"{run.base_model}: the pad token is BOS (the 2023 defect); fix its tokenizer_config.json")
-    # fp32 master weights; bf16 autocast does the fast math on GPUs.
-    model = AutoModelForCausalLM.from_pretrained(
-        run.base_model, dtype=torch.float32, attn_implementation=run.attn_implementation
-    )
+    # fp32 master weights; the bf16 math comes from autocast, or under FSDP from its mixed-precision policy.
+    if loads_weights_on_rank_0_only():
+        model = unfilled_model(run)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            run.base_model, dtype=torch.float32, attn_implementation=run.attn_implementation
+        )
     model.config.use_cache = False  # with a KV cache, packed examples would attend to each other
     return model, tokenizer
+
+
+def configure_fsdp(plugin, mixed_precision: str, run: TrainRun) -> None:
+    """What the run decides in accelerate's FSDP plugin, before the Trainer wraps the model.
+
+    accelerate turns `mixed_precision: bf16` into FSDP2's MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=bf16, output_dtype=bf16): gradients are reduce-scattered in bf16 and, between the
+    micro-batches of an accumulation (no gradient sync), summed in bf16. With reduce_dtype fp32,
+    FSDP2 upcasts each micro-batch's gradient and accumulates and reduces in fp32; the forward and
+    backward still run on bf16 weights. output_dtype stays unset, so the loss is not cast to bf16.
+    Activation checkpointing follows the run's `gradient_checkpointing`, whatever the accelerate
+    config says.
+    """
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"the accelerate config must set fsdp_version: 2 (FSDP2), not {plugin.fsdp_version}")
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if compute is not None:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    plugin.activation_checkpointing = run.gradient_checkpointing
+
+
+def mfu_peak(run: TrainRun, device_name: str) -> float | None:
+    """The peak MFU divides by: the run's setting, else the one known for the device's name, else None."""
+    if run.peak_tflops_per_device is not None:
+        return run.peak_tflops_per_device
+    peak = peak_tflops_of(device_name)
+    if peak is None:
+        log.warning(
+            "MFU unknown: no bf16 dense peak is known for device %r; set peak_tflops_per_device "
+            "(TFLOP/s per device) in the pretrain/finetune section of the config to record it",
+            device_name,
+        )
+    return peak
 
 
 class MeasuredTrainer(Trainer):
@@ -138,11 +209,19 @@ class MeasuredTrainer(Trainer):
     """
 
     def __init__(self, *args, run: TrainRun, **kwargs):
+        self.run = run  # read by create_accelerator_and_postprocess, which the Trainer's __init__ calls
         super().__init__(*args, **kwargs)
-        self.run = run
+        device = self.args.device
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        self.peak_tflops = mfu_peak(run, self.device_name)
         self.flop_model = FlopModel.of(self.model)
         self.window_counts = torch.zeros(3, dtype=torch.float64, device=self.args.device)
         self.window_start = time.perf_counter()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.is_fsdp_enabled:
+            configure_fsdp(self.accelerator.state.fsdp_plugin, self.accelerator.mixed_precision, self.run)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.window_counts += batch_counts(inputs).to(self.window_counts.device)
@@ -160,9 +239,13 @@ class MeasuredTrainer(Trainer):
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "real_tokens": int(real),
-                **window.record(self.flop_model, self.run.peak_tflops_per_device),
+                **window.record(self.flop_model, self.peak_tflops),
+                "device": self.device_name,
+                "peak_tflops_per_device": self.peak_tflops,
             }
-            logs = {**logs, "tokens_per_s": round(record["tokens_per_s"], 1), "mfu": round(record["mfu"], 4)}
+            logs = {**logs, "tokens_per_s": round(record["tokens_per_s"], 1)}
+            if record["mfu"] is not None:
+                logs["mfu"] = round(record["mfu"], 4)
             if self.is_world_process_zero():
                 with open(self.run.running_metrics, "a") as out:
                     out.write(json.dumps(record) + "\n")

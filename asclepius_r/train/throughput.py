@@ -7,13 +7,35 @@ plus 12 * layers * hidden * context per token for attention scores and values. O
 count: padding does no useful work, and a token of a packed example attends only to its own
 example, so an example of s tokens contributes s (weights) and s^2 (attention) token units.
 Recomputation by activation checkpointing is not counted (this is MFU, not hardware FLOPs).
+
+MFU divides by the device's bf16 dense peak, looked up from its name (`peak_tflops_of`) unless
+the run sets one; a device whose peak is not known gets no MFU (None), never a guessed number.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+
+# bf16 dense tensor-core peaks in TFLOP/s per GPU, from NVIDIA's datasheets: A100 (SXM and PCIe,
+# 40 and 80 GB) 312 as stated; the Hopper figures are half the datasheets' "with sparsity" ones:
+# H100 SXM and H200 SXM 1,979, H100 NVL and H200 NVL 1,671, H100 PCIe 1,513. The most specific
+# pattern comes first; names are those torch.cuda.get_device_name reports, e.g. "NVIDIA A100-SXM4-80GB",
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H200". A GH200 (its own name) or an
+# H800/H20 (other clocks and limits) does not match and stays unknown.
+DEVICE_PEAKS_TFLOPS = (
+    (re.compile(r"\bA100\b"), 312.0),
+    (re.compile(r"\bH[12]00\b.*\bNVL\b"), 835.5),
+    (re.compile(r"\bH100\b.*\bPCIe\b", re.IGNORECASE), 756.5),
+    (re.compile(r"\bH[12]00\b"), 989.5),
+)
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """bf16 dense peak TFLOP/s of a device named as CUDA names it, or None when not known."""
+    return next((peak for pattern, peak in DEVICE_PEAKS_TFLOPS if pattern.search(device_name)), None)
 
 
 @dataclass(frozen=True)
@@ -72,13 +94,15 @@ class Window:
     seconds: float
     devices: int
 
-    def record(self, flop_model: FlopModel, peak_tflops_per_device: float) -> dict:
+    def record(self, flop_model: FlopModel, peak_tflops_per_device: float | None) -> dict:
+        """Rates of the window; `mfu` is None when the device's peak is unknown."""
         rate = self.real_tokens / self.seconds if self.seconds > 0 else float("nan")
         achieved = flop_model.flops(self.real_tokens, self.attended_pairs) / self.seconds if self.seconds > 0 else 0.0
+        mfu = None if peak_tflops_per_device is None else achieved / (peak_tflops_per_device * 1e12 * self.devices)
         return {
             "tokens_per_s": rate,
             "tokens_per_s_per_device": rate / self.devices,
             "real_token_fraction": self.real_tokens / self.positions if self.positions else float("nan"),
             "tflops_per_device": achieved / self.devices / 1e12,
-            "mfu": achieved / (peak_tflops_per_device * 1e12 * self.devices),
+            "mfu": mfu,
         }
