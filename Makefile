@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test venv lock report release lint clean chromium compiler
+.PHONY: demo test rehearsal venv lock report release lint clean chromium compiler
 
 venv: $(STAMP)
 
@@ -28,6 +28,16 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
+
+# The paper run's shape on a CPU (rehearsal/config.yaml over config.yaml): LLaMA-1's tokenizer rebuilt
+# from llama.cpp's GGUF vocabulary (the llama-cpp-python sdist, fetched once into ~/.cache/asclepius-r),
+# notes of MIMIC-III's lengths, the local LLM server with latency and faults, 8 fake GPUs; then the
+# checks of rehearsal/check.py. Shares results/ with the demo (each reruns what the other changed).
+REHEARSAL_TOKENIZER := results/rehearsal/llama-spm/tokenizer.model
+rehearsal: $(STAMP) $(REHEARSAL_TOKENIZER)
+	$(BIN)/python -m rehearsal.run --cores $(CORES)
+$(REHEARSAL_TOKENIZER): asclepius_r/gguf_vocab.py | $(STAMP)
+	$(BIN)/python -m asclepius_r.gguf_vocab $@
 
 # The paper run (config.yaml): its release folder, then its HTML report.
 release: $(STAMP)

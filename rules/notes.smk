@@ -12,16 +12,6 @@ rule synthesize_demo_noteevents:
         "../scripts/synthesize_demo_noteevents.py"
 
 
-def long_notes_tokenizer(wildcards):
-    tokenizer = config["tiny_model"]["tokenizer_model"]
-    if not tokenizer:
-        raise WorkflowError(
-            "results/rehearsal/NOTEEVENTS.csv counts note lengths in tokens: set "
-            "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
-        )
-    return tokenizer
-
-
 # The rehearsal's notes: discharge summaries as long as MIMIC-III's, in the tiny LLaMA's tokens.
 rule synthesize_long_noteevents:
     input:

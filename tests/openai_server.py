@@ -27,7 +27,8 @@ Faults apply to the requests inside batches too (as per-line errors or finish re
 
 `hold(after=n)` keeps every chat request after the first n waiting until `release()` (or
 `release(drop=True)`: never answered), to stop a client at a known point; `rpm_limit` makes the server enforce a
-request-per-minute limit itself, with x-ratelimit headers, as providers do.
+request-per-minute limit itself, with x-ratelimit headers, as providers do. `latency_s` may be a
+function drawing each request's latency (a long-tailed distribution, as the rehearsal uses).
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class OpenAIServer:
 
     def __init__(
         self,
-        latency_s: float = 0.0,
+        latency_s: float | Callable[[], float] = 0.0,
         responder: Callable[[dict], str] = default_responder,
         rpm_limit: float | None = None,
         rpm_window_s: float = 60.0,
@@ -385,8 +386,9 @@ class OpenAIServer:
         if over:
             entry.outcome = "over_rpm"
             return 429, {**headers, "retry-after": "1"}, _error("Rate limit reached for requests", "requests")
-        if self.latency_s:
-            self._stopping.wait(self.latency_s)
+        latency = self.latency_s() if callable(self.latency_s) else self.latency_s
+        if latency:
+            self._stopping.wait(latency)
         fault = self._pick_fault(body)
         status, payload = self._complete(body, fault, entry.authorization)
         if fault is not None:
