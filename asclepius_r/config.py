@@ -167,10 +167,12 @@ def training_settings(config: dict, stage: str, size: str) -> dict:
     """The stage's settings with the size's overrides applied; unknown keys name their place."""
     merged = {**config[stage], **config["models"][size].get(stage, {})}
     allowed = set(yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["training"]["properties"])
-    allowed -= {key for key, only in STAGE_ONLY_KEYS.items() if only != stage}
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise ConfigError(f"config key models.{size}.{stage}: unknown key(s) {', '.join(unknown)}")
+    for key in sorted(merged.keys() & STAGE_ONLY_KEYS.keys()):
+        if STAGE_ONLY_KEYS[key] != stage:
+            raise ConfigError(f"config key {stage}.{key}: a {STAGE_ONLY_KEYS[key]} setting only")
     return {"seed": config["seed"], **merged}
 
 

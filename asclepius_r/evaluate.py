@@ -17,6 +17,7 @@ from statistics import mean
 from .files import atomic_path, read_jsonl, write_json, write_jsonl
 from .judge import SCORES
 from .notes import read_notes
+from .prompts import DEFAULT_TRUNCATION
 from .rouge import rouge_l, tokens
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def answer_heldout(
     decoding=None,
     batch_size: int = 8,
     max_prompt_tokens: int | None = None,
-    truncation: str = "note_middle",
+    truncation: str = DEFAULT_TRUNCATION,
     job: str | None = None,
     gpus: int = 1,
     seed: int = 0,

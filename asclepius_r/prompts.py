@@ -35,7 +35,7 @@ def render_released(note: str, question: str) -> str:
 # drop: leave the example out (what 2023 effectively did when its answer was cut off);
 # note_middle: keep the note's start and end; note_tail: keep its start (cut the end).
 TRUNCATION_POLICIES = ("drop", "note_middle", "note_tail")
-DEFAULT_TRUNCATION = "note_middle"  # why: README, "Truncation"
+DEFAULT_TRUNCATION = "drop"  # why: README, "Long examples: the truncation policy"
 # Stands where note text was cut, so a model can tell an omission from a note that says nothing.
 CUT_MARK = "[...]"
 
@@ -75,10 +75,12 @@ def fit_prompt(
     if policy == "drop":
         return None
     note_ids = tokenizer(note, add_special_tokens=False)["input_ids"]
+    # Room for the cut mark, and for the token or two that decoding and re-tokenising a cut note
+    # can shift at the seams, so that the first cut usually fits.
+    slack = 2 + len(tokenizer(f"\n{CUT_MARK}\n", add_special_tokens=False)["input_ids"])
     keep = len(note_ids)
     while keep > 0:
-        # Decoding and re-tokenising a cut note can shift a token or two at the seams.
-        keep = max(0, keep - (len(ids) - max_tokens) - 2)
+        keep = max(0, keep - (len(ids) - max_tokens) - slack)
         text = render_released(cut_note(tokenizer, note_ids, keep, policy), question)
         ids = tokenizer(text)["input_ids"]
         if len(ids) <= max_tokens:

@@ -41,7 +41,7 @@ def discharge_like_examples(n: int, vocab: int, seed: int) -> list[Example]:
         note = max(50, int(rng.lognormvariate(7.5, 0.55)))  # median ~1,800 tokens
         prompt = min(MAX_LENGTH - answer - 1, TEMPLATE_TOKENS + note + question)  # the note is truncated
         ids = [1] + [rng.randrange(3, vocab) for _ in range(prompt + answer - 1)] + [2]
-        examples.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+        examples.append(Example(ids, prompt))
     return examples
 
 
@@ -58,7 +58,7 @@ def padded_batches(examples: list[Example], batch_size: int, seed: int) -> list[
             {
                 "input_ids": torch.tensor([r.input_ids + [0] * p for r, p in zip(rows, pad)]),
                 "attention_mask": torch.tensor([[1] * len(r.input_ids) + [0] * p for r, p in zip(rows, pad)]),
-                "labels": torch.tensor([r.labels + [IGNORE_INDEX] * p for r, p in zip(rows, pad)]),
+                "labels": torch.tensor([r.labels.tolist() + [IGNORE_INDEX] * p for r, p in zip(rows, pad)]),
             }
         )
     return batches

@@ -183,6 +183,8 @@ def check_eval_prompts(config: dict, models: list[str]) -> str:
 def check_gpu_claims(config: dict, sizes: list[str], models: list[str], devices: list[str]) -> str:
     path = OUT / "gpu-locks" / "claims.jsonl"
     assert path.exists(), f"{path} missing: GPU rules did not claim devices (ASCLEPIUS_FAKE_GPUS)"
+    # Claims of earlier runs stay in the file (their times cannot overlap this run's); the last
+    # claim of each job is this run's.
     claims = read_jsonl(path)
     # Jobs are named <rule or stage>-<model>, as the models' folders are.
     expected = {f"pretrain-Asclepius-R-{size}-Pretrained-Only": config["models"][size]["gpus"] for size in sizes}
@@ -202,7 +204,7 @@ def check_gpu_claims(config: dict, sizes: list[str], models: list[str], devices:
     ]
     assert not shared, f"{path}: concurrent jobs shared devices: {shared}"
     concurrent = max(sum(c["start"] <= a["start"] < c["end"] for c in claims) for a in claims)
-    return f"{len(claims)} GPU jobs, up to {concurrent} at once, never sharing a device"
+    return f"{len(by_job)} GPU jobs, up to {concurrent} at once, never sharing a device"
 
 
 def check_checkpoints(sizes: list[str]) -> str:
@@ -229,15 +231,22 @@ def check_checkpoints(sizes: list[str]) -> str:
 
 
 def check_llm(outcomes: dict | None) -> str:
-    stats = {
-        split: json.loads(Path(f"results/instructions/{split}.stats.json").read_text())
-        for split in ("discharge", "heldout")
-    }
+    """Every note got its question and answer and every held-out question its verdict, through the
+    server's faults (`outcomes`: what the server answered, None when checking a finished run)."""
+    lines = []
+    for split in ("discharge", "heldout"):
+        stats = json.loads(Path(f"results/instructions/{split}.stats.json").read_text())
+        assert stats["outcomes"] == {"ok": stats["notes"]}, f"instructions ({split}): {stats['outcomes']}"
+        retries = sum(stats["llm"]["retries"].values())
+        lines.append(f"{split}: {stats['notes']} notes ok after {retries} retries")
     judge = json.loads(Path("results/evaluation/judge/stats.json").read_text())
-    faults = {kind: n for kind, n in (outcomes or {}).items() if kind not in ("ok", "pending")}
+    assert judge["outcomes"] == {"ok": judge["items"]}, f"judge: {judge['outcomes']}"
+    lines.append(f"judge: {judge['items']} questions scored, attempts {judge['attempts']}")
     if outcomes is not None:
+        faults = {kind: n for kind, n in outcomes.items() if kind not in ("ok", "pending")}
         assert faults, "the server injected no faults"
-    return f"instructions {stats}, judge {judge}, faults survived {faults}"
+        lines.append(f"server faults {faults}")
+    return "; ".join(lines)
 
 
 def run_all(config: dict, devices: list[str], outcomes: dict | None = None) -> list[str]:

@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     lock_dir = OUT / "gpu-locks"
     lock_dir.mkdir(exist_ok=True)
-    (lock_dir / "claims.jsonl").unlink(missing_ok=True)
     started = time.monotonic()
     with rehearsal_server(config["seed"], config["llm"]["timeout_s"]) as server:
         endpoint = OUT / "endpoint.yaml"

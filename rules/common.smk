@@ -43,6 +43,17 @@ def noteevents_path(wildcards):
     return data_path("noteevents")
 
 
+def long_notes_tokenizer(wildcards):
+    """The tokenizer the rehearsal's note lengths are counted in (rule synthesize_long_noteevents)."""
+    tokenizer = config["tiny_model"]["tokenizer_model"]
+    if not tokenizer:
+        raise WorkflowError(
+            "results/rehearsal/NOTEEVENTS.csv counts note lengths in tokens: set "
+            "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
+        )
+    return tokenizer
+
+
 def base_model_dir(wildcards):
     base = data_path(f"models.{wildcards.size}.base")
     return f"results/base_models/{wildcards.size}" if base == "tiny" else base

@@ -74,10 +74,11 @@ def test_per_size_override_with_a_wrong_key_is_named():
 
 def test_truncation_is_a_fine_tuning_setting_only():
     config = workflow_config.resolve(merged(merged(PAPER, DEMO), {"pretrain": {"truncation": "drop"}}))
-    with pytest.raises(workflow_config.ConfigError, match=r"pretrain: unknown key\(s\) truncation"):
+    with pytest.raises(workflow_config.ConfigError, match=r"pretrain\.truncation: a finetune setting only"):
         workflow_config.training_settings(config, "pretrain", "7B")
-    assert workflow_config.training_settings(config, "finetune", "7B")["truncation"] == "note_middle"
-    assert workflow_config.truncation_policy(config) == "note_middle"
+    assert workflow_config.training_settings(config, "finetune", "7B")["truncation"] == "note_middle"  # the demo's
+    del config["finetune"]["truncation"]
+    assert workflow_config.truncation_policy(config) == "drop", "the default"
 
 
 def test_decoding_is_greedy_by_default_and_2023_beam_sampling_is_an_option():

@@ -61,6 +61,16 @@ def test_transformers_reads_it_and_differs_only_on_a_leading_space(llama_spm, tm
     assert differing and all(text.startswith(" ") for text in differing)
 
 
+def test_tiny_llama_refuses_a_tokenizer_of_another_size(llama_spm, tmp_path):
+    from asclepius_r.base_model import TinyLlamaSpec, tiny_llama_tokenizer
+
+    model = tmp_path / "tokenizer.model"
+    model.write_bytes(sentencepiece_model(GgufVocab.from_gguf(llama_spm)))
+    assert tiny_llama_tokenizer([], TinyLlamaSpec(vocab_size=32000, tokenizer_model=str(model))) == model.read_bytes()
+    with pytest.raises(ValueError, match=r"tiny_model.vocab_size: 600, but tiny_model.tokenizer_model .* 32000"):
+        tiny_llama_tokenizer([], TinyLlamaSpec(vocab_size=600, tokenizer_model=str(model)))
+
+
 def test_not_a_gguf_file_names_it(tmp_path):
     bad = tmp_path / "vocab.gguf"
     bad.write_bytes(b"GGML" + bytes(20))

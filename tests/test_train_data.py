@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_long_note_is_counted_and_cut_or_dropped_by_the_policy(
         assert len(example.input_ids) <= 512
         trained = [t for t in example.labels if t != IGNORE_INDEX]
         assert tokenizer.decode(trained[:-1]).strip() == LONG_ANSWER
-        prompt = tokenizer.decode(example.input_ids[: example.labels.count(IGNORE_INDEX)])
+        prompt = tokenizer.decode(example.input_ids[: example.prompt_tokens])
         assert prompt.rstrip().endswith("What medication?\n[Instruction End]"), "the question is never cut"
     if truncated:
         cut = max(examples, key=lambda e: len(e.input_ids))
@@ -125,17 +126,19 @@ def test_long_note_is_counted_and_cut_or_dropped_by_the_policy(
 def test_tokenised_examples_are_cached_on_disk(tmp_path, tokenizer, long_rows):
     cache = tmp_path / "cache"
     first = encode_dataset(str(long_rows), tokenizer, 512, str(cache), "note_middle")
+    assert first[0][0].input_ids.dtype == np.int32, "views into the tokenised dataset, not lists of Python ints"
     arrow = sorted(p.name for p in cache.rglob("cache-*.arrow"))
     assert arrow, "the map's result is an Arrow file in the cache folder"
     again = encode_dataset(str(long_rows), tokenizer, 512, str(cache), "note_middle")
-    assert again == first and sorted(p.name for p in cache.rglob("cache-*.arrow")) == arrow, "read back, not redone"
+    assert again[1] == first[1] and [list(e.input_ids) for e in again[0]] == [list(e.input_ids) for e in first[0]]
+    assert sorted(p.name for p in cache.rglob("cache-*.arrow")) == arrow, "read back, not redone"
     encode_dataset(str(long_rows), tokenizer, 512, str(cache), "note_tail")
     assert len(list(cache.rglob("cache-*.arrow"))) == len(arrow) + 1, "another policy is another cache entry"
 
 
 def test_first_fit_decreasing_packs_every_example_once():
     sizes = [700, 300, 1000, 24, 500, 512, 1024, 1, 400, 600]
-    examples = [Example([i] * n, [i] * n) for i, n in enumerate(sizes)]
+    examples = [Example([i] * n, 0) for i, n in enumerate(sizes)]
     packs = pack_examples(examples, 1024, seed=1)
     assert sorted(e.input_ids[0] for pack in packs for e in pack) == list(range(len(sizes)))
     assert all(sum(len(e.input_ids) for e in pack) <= 1024 for pack in packs)

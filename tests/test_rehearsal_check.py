@@ -1,0 +1,64 @@
+"""The rehearsal's checker (rehearsal/check.py) catches what it is there to catch.
+
+`make rehearsal` runs the checks on a real run; here they see small hand-made results, so a check
+that could never fail would show.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rehearsal.check import check_gpu_claims, policy_counts
+
+CONFIG = {"models": {"7B": {"gpus": 2}}}
+MODELS = ["LLaMA-7B"]
+
+
+def write_claims(folder, claims):
+    path = folder / "results" / "rehearsal" / "gpu-locks" / "claims.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps({"pid": 1, **claim}) + "\n" for claim in claims))
+
+
+def claims(answer_devices, answer_start):
+    return [
+        {"job": "pretrain-Asclepius-R-7B-Pretrained-Only", "devices": ["0", "1"], "start": 0, "end": 10},
+        {"job": "finetune-Asclepius-R-7B", "devices": ["0", "1"], "start": 10, "end": 20},
+        {"job": "answer_heldout-LLaMA-7B", "devices": answer_devices, "start": answer_start, "end": answer_start + 5},
+    ]
+
+
+def test_gpu_claims_pass_when_concurrent_jobs_use_other_devices(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_claims(tmp_path, claims(["2"], 12))
+    assert "3 GPU jobs, up to 2 at once" in check_gpu_claims(CONFIG, ["7B"], MODELS, [str(i) for i in range(4)])
+
+
+@pytest.mark.parametrize(
+    ("devices", "start", "message"),
+    [
+        (["1"], 12, "shared devices"),  # runs during fine-tuning on its GPU 1
+        (["7"], 30, "not all in ASCLEPIUS_FAKE_GPUS"),
+        (["2", "3"], 30, r"expected 1 device"),
+    ],
+)
+def test_gpu_claims_fail_on_shared_unknown_or_miscounted_devices(tmp_path, monkeypatch, devices, start, message):
+    monkeypatch.chdir(tmp_path)
+    write_claims(tmp_path, claims(devices, start))
+    with pytest.raises(AssertionError, match=message):
+        check_gpu_claims(CONFIG, ["7B"], MODELS, [str(i) for i in range(4)])
+
+
+def test_policy_counts():
+    # (whole example, note) tokens at max_length 100: one fits, two need their note cut, and one
+    # would not fit even with an empty note.
+    counts = policy_counts([(90, 50), (150, 100), (120, 40), (180, 60)], 100)
+    assert counts["drop"] == {"whole": 1, "truncated": 0, "dropped": 3, "examples": 4, "median_note_share_cut": 0.5}
+    for policy in ("note_middle", "note_tail"):
+        assert {k: counts[policy][k] for k in ("whole", "truncated", "dropped")} == {
+            "whole": 1,
+            "truncated": 2,
+            "dropped": 1,
+        }
