@@ -36,7 +36,6 @@ log = logging.getLogger("rehearsal.check")
 OUT = Path("results/rehearsal")
 # What follows the question in the released template: "\n[Instruction End] \n".
 TEMPLATE_END = RELEASED_TEMPLATE.split("{question}")[1]
-POLICIES = ("drop", "note_middle", "note_tail")
 
 
 def _tokenizer(folder):
@@ -50,7 +49,8 @@ def check_tokenizer(config: dict, sizes: list[str]) -> str:
     for size in sizes:
         folder = Path(f"results/base_models/{size}")
         assert (folder / "tokenizer.model").read_bytes() == source, f"{folder}: not the rebuilt LLaMA-1 tokenizer.model"
-        assert len(_tokenizer(folder)) == 32000, f"{folder}: vocabulary of {len(_tokenizer(folder))}, not 32000"
+        size_of = len(_tokenizer(folder))
+        assert size_of == 32000, f"{folder}: vocabulary of {size_of}, not 32000"
     return f"{len(sizes)} base models carry LLaMA-1's tokenizer (32000 pieces)"
 
 
@@ -176,6 +176,8 @@ def check_eval_prompts(config: dict, models: list[str]) -> str:
             assert tokens + evaluate["max_new_tokens"] <= context, (
                 f"{where}: {tokens} prompt tokens + {evaluate['max_new_tokens']} new > context {context}"
             )
+            whole = prompt == render_released(item["note"], item["question"])
+            assert row["prompt_truncated"] != whole, f"{where}: prompt_truncated {row['prompt_truncated']}"
             cut += row["prompt_truncated"]
     return f"{len(models)} models x {len(items)} prompts end with the question and fit the context ({cut} cut)"
 
