@@ -118,9 +118,7 @@ def run_preflight():
         for job in workflow.dag.needrun_jobs()
     ]
     try:
-        checked = preflight.check(
-            config, jobs, local=workflow.local_exec, gpu_limit=getattr(limit, "value", limit)
-        )
+        checked = preflight.check(config, jobs, local=workflow.local_exec, gpu_limit=getattr(limit, "value", limit))
     except preflight.PreflightError as error:
         raise WorkflowError(str(error)) from None
     if checked:

@@ -2,6 +2,7 @@
 # against this machine before the first GPU or paid job, and the report page that puts the
 # plan beside what the run then used. `make plan` prints the same plan without Snakemake.
 
+
 rule plan:
     input:
         notes="results/notes/discharge.parquet",
@@ -12,10 +13,10 @@ rule plan:
         "results/plan/plan.json",
     log:
         "logs/plan/plan.log",
-    params:
-        config=config,
     conda:
         "../envs/train.yaml"
+    params:
+        config=config,
     script:
         "../scripts/plan.py"
 
@@ -24,9 +25,7 @@ rule report_plan:
     input:
         plan="results/plan/plan.json",
         records=expand("results/instructions/{split}.jsonl", split=["discharge", "heldout"]),
-        instruction_stats=expand(
-            "results/instructions/{split}.stats.json", split=["discharge", "heldout"]
-        ),
+        instruction_stats=expand("results/instructions/{split}.stats.json", split=["discharge", "heldout"]),
         judge_stats="results/evaluation/judge/stats.json",
         # Both lists in the order of params.names.
         models=[
@@ -34,11 +33,7 @@ rule report_plan:
             for size in SIZES
             for stage in ("pretrain", "finetune")
         ],
-        metrics=[
-            f"results/metrics/{stage}-{size}.jsonl"
-            for size in SIZES
-            for stage in ("pretrain", "finetune")
-        ],
+        metrics=[f"results/metrics/{stage}-{size}.jsonl" for size in SIZES for stage in ("pretrain", "finetune")],
     output:
         report(
             "results/report/plan.html",
@@ -47,13 +42,13 @@ rule report_plan:
         ),
     log:
         "logs/report/plan.log",
+    conda:
+        "../envs/data.yaml"
     params:
         # The archives are appended to by their stages, never made by a rule: read, not tracked.
         llm_archive=config["llm"]["archive"],
         judge_archive=config["judge"]["archive"],
         names=[f"{stage} {size}" for size in SIZES for stage in ("pretrain", "finetune")],
-    conda:
-        "../envs/data.yaml"
     script:
         "../scripts/report_plan.py"
 
