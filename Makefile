@@ -46,7 +46,8 @@ chromium:
 # Debian's SLURM (slurmctld, slurmd, munge) with slurmdbd and MariaDB, so that sacct answers, for
 # the tests that run the workflow through a local cluster (tests/slurm_cluster.py; apt needs root).
 slurm:
-	@command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null || { apt-get update -qq && \
+	@for c in slurmctld slurmd slurmdbd munged mariadbd; do command -v $$c >/dev/null || missing=1; done; \
+	test -z "$$missing" || { apt-get update -qq && \
 		apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client slurmdbd munge mariadb-server; }
 
 # The workflow through SLURM (profiles/slurm) on a local two-node cluster, and the multi-node launch.

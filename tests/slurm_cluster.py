@@ -46,7 +46,9 @@ READY_S = 120
 
 def unavailable_reason() -> str | None:
     """Why this machine cannot run the cluster, or None when it can."""
-    missing = [name for name in (*DAEMONS, "mariadb-install-db", "unshare", "sacctmgr") if not shutil.which(name)]
+    missing = [
+        name for name in (*DAEMONS, "mariadb-install-db", "mariadb", "unshare", "sacctmgr") if not shutil.which(name)
+    ]
     if missing:
         return f"SLURM is not installed ({', '.join(missing)} not found; `make slurm` installs it, as root)"
     if os.geteuid() != 0:
