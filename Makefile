@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test rehearsal venv lock report release plan lint clean chromium compiler
+.PHONY: demo test test-slurm rehearsal venv lock report release plan lint clean chromium compiler slurm
 
 venv: $(STAMP)
 
@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/snakemake --configfile demo/config.yaml --report results/report.html
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slurm"
 
 # What the run will cost, take and need, per stage, before any job (runs the notes stage if its
 # outputs are missing); writes results/plan/plan.json. The demo's: PLAN_CONFIG="config.yaml demo/config.yaml".
@@ -58,6 +58,17 @@ compiler:
 # Debian's chromium, for the test that opens the HTML report headless (apt needs root).
 chromium:
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+# Debian's SLURM (slurmctld, slurmd, munge) with slurmdbd and MariaDB, so that sacct answers, for
+# the tests that run the workflow through a local cluster (tests/slurm_cluster.py; apt needs root).
+slurm:
+	@for c in slurmctld slurmd slurmdbd munged mariadbd; do command -v $$c >/dev/null || missing=1; done; \
+	test -z "$$missing" || { apt-get update -qq && \
+		apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client slurmdbd munge mariadb-server; }
+
+# The workflow through SLURM (profiles/slurm) on a local two-node cluster, and the multi-node launch.
+test-slurm: $(STAMP) slurm
+	$(BIN)/python -m pytest -q -m slurm
 
 # Re-resolve requirements.in into requirements.lock (needs the network).
 lock:

@@ -6,10 +6,15 @@ with the repository's accelerate config. Without CUDA it runs one process, or `c
 gloo processes (torchrun); under ASCLEPIUS_FAKE_GPUS it claims fake devices first, so the
 rehearsal sees which GPUs the job would have held.
 
+Across the nodes of a SLURM step (`srun` with one task per node, `--slurm-nodes`), each node
+runs its share with the step's node count, its node rank and the first node's address as the
+c10d rendezvous: accelerate over its GPUs, or torchrun over CPU processes (gloo) without CUDA.
+
 Before starting, the checkpoint folder is checked against the run's fingerprint (settings
 and input files): a rerun after a crash resumes, a run with anything changed starts afresh.
 
-    python -m asclepius_r.train.launch {pretrain,finetune} RUN.json [--gpus N] [--cpu-processes N] [--prepare-only]
+    python -m asclepius_r.train.launch {pretrain,finetune} RUN.json [--gpus N] [--cpu-processes N]
+        [--prepare-only | --slurm-nodes [--port P]]
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -63,6 +68,105 @@ def prepare_run(stage: str, run: TrainRun) -> Path:
     return run_file
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the processes of one training job spread over several nodes meet."""
+
+    nodes: int
+    node_rank: int
+    host: str
+    port: int
+    job_id: str
+
+
+def slurm_rendezvous(port: int) -> Rendezvous:
+    """The rendezvous of a SLURM step with one task per node: its first node's address (NodeAddr) and port."""
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    head = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    node = subprocess.run(["scontrol", "show", "node", "-o", head], capture_output=True, text=True, check=True).stdout
+    address = dict(field.split("=", 1) for field in node.split() if "=" in field).get("NodeAddr", head)
+    return Rendezvous(
+        nodes=int(os.environ["SLURM_NNODES"]),
+        node_rank=int(os.environ["SLURM_NODEID"]),
+        host=address,
+        port=port,
+        job_id=os.environ["SLURM_JOB_ID"],
+    )
+
+
+def launch_command(
+    stage: str,
+    run_file: Path,
+    gpus: int,
+    accelerate_config: str | None = None,
+    cpu_processes: int = 1,
+    rendezvous: Rendezvous | None = None,
+) -> list[str]:
+    """The command that starts this node's processes: `gpus` GPUs if gpus > 0, else CPU processes.
+
+    With a rendezvous, every node runs this with its own node_rank and all meet at the same
+    host:port (c10d), as one job of nodes x (gpus or cpu_processes) ranks.
+    """
+    module = ["-m", f"asclepius_r.train.{stage}", str(run_file)]
+    if gpus > 0:
+        command = [sys.executable, "-m", "accelerate.commands.launch"]
+        if accelerate_config:
+            command += ["--config_file", accelerate_config]
+        if rendezvous:
+            command += [
+                "--num_machines",
+                str(rendezvous.nodes),
+                "--num_processes",
+                str(gpus * rendezvous.nodes),
+                "--machine_rank",
+                str(rendezvous.node_rank),
+                "--main_process_ip",
+                rendezvous.host,
+                "--main_process_port",
+                str(rendezvous.port),
+                "--rdzv_backend",
+                "c10d",
+            ]
+        else:
+            command += ["--num_processes", str(gpus)]
+        return command + module
+    if rendezvous:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(rendezvous.nodes),
+            "--node_rank",
+            str(rendezvous.node_rank),
+            "--nproc_per_node",
+            str(cpu_processes),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"{rendezvous.host}:{rendezvous.port}",
+            "--rdzv_id",
+            rendezvous.job_id,
+            *module,
+        ]
+    if cpu_processes > 1:
+        # `accelerate launch --cpu --num_processes N` starts a single process in accelerate 1.15
+        # (its simple launcher only fans out through mpirun); torchrun starts N, and accelerate
+        # turns its RANK/WORLD_SIZE variables into a gloo process group.
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(cpu_processes),
+            *module,
+        ]
+    return [sys.executable] + module
+
+
 def launch(
     stage: str,
     run: TrainRun,
@@ -73,19 +177,15 @@ def launch(
 ) -> None:
     """Run the stage's module for `run`, over `gpus` devices if CUDA is present, else on CPU."""
     run_file = prepare_run(stage, run)
-    module = f"asclepius_r.train.{stage}"
     env = dict(os.environ)
     with claim_for_job(f"{stage}-{Path(run.output_dir).name}", gpus) as claim:
         if claim:
             env["CUDA_VISIBLE_DEVICES"] = claim.cuda_visible_devices
         if claim and not claim.fake:
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
-            if accelerate_config:
-                command += ["--config_file", accelerate_config]
-            command += ["-m", module, str(run_file)]
+            command = launch_command(stage, run_file, gpus, accelerate_config)
             log.info("GPUs %s: %s", env["CUDA_VISIBLE_DEVICES"], " ".join(command))
         else:
-            command = cpu_command(module, run_file, cpu_processes)
+            command = launch_command(stage, run_file, 0, cpu_processes=cpu_processes)
             if threads:
                 env["OMP_NUM_THREADS"] = str(max(1, threads // cpu_processes))
             log.info("no GPU: %s", " ".join(command))
@@ -97,23 +197,20 @@ def launch(
         )
 
 
-def cpu_command(module: str, run_file: Path, cpu_processes: int) -> list[str]:
-    if cpu_processes == 1:
-        return [sys.executable, "-m", module, str(run_file)]
-    # `accelerate launch --cpu --num_processes N` starts a single process in accelerate 1.15
-    # (its simple launcher only fans out through mpirun); torchrun starts N, and accelerate
-    # turns its RANK/WORLD_SIZE variables into a gloo process group.
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(cpu_processes),
-        "-m",
-        module,
-        str(run_file),
-    ]
+def launch_node(stage: str, run_file: Path, gpus: int, accelerate_config: str | None, cpu_processes: int, port: int):
+    """This node's share of one job across the nodes of a SLURM step (`srun`, one task per node).
+
+    The run file was written beforehand by `--prepare-only` (once, not by every node at the same
+    time); the node's GPUs are the ones SLURM gave the step, so no GPU locks are taken.
+    """
+    import torch
+
+    rendezvous = slurm_rendezvous(port)
+    command = launch_command(
+        stage, run_file, gpus if torch.cuda.device_count() else 0, accelerate_config, cpu_processes, rendezvous
+    )
+    log.info("node %d of %d: %s", rendezvous.node_rank, rendezvous.nodes, " ".join(command))
+    subprocess.run(command, check=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,9 +226,18 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only check the checkpoints and write the run file (multi-node launches)",
     )
+    parser.add_argument(
+        "--slurm-nodes",
+        action="store_true",
+        help="one task of a SLURM step across nodes: run RUN_FILE (from --prepare-only) on this node's GPUs",
+    )
+    parser.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (--slurm-nodes)")
     args = parser.parse_args(argv)
     if args.prepare_only:
         print(prepare_run(args.stage, TrainRun.from_json(args.run_file)))
+        return
+    if args.slurm_nodes:
+        launch_node(args.stage, Path(args.run_file), args.gpus, args.accelerate_config, args.cpu_processes, args.port)
         return
     launch(
         args.stage,
