@@ -109,7 +109,15 @@ def read_header(path: str | os.PathLike) -> list[str]:
         text = first.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         raise NoteEventsError(f"{path}: line 1 (the header) is not valid UTF-8") from None
-    header = next(csv.reader([text]))
+    if "\r" in text.rstrip("\r\n"):
+        raise NoteEventsError(
+            f"{path}: line 1 holds carriage returns but no line feed: the file has CR-only (classic Mac) line "
+            "endings, so it reads as a single line. Convert them to LF (or CRLF) line endings."
+        )
+    try:
+        header = next(csv.reader([text]))
+    except csv.Error as err:
+        raise NoteEventsError(f"{path}: line 1 (the header) is not valid CSV ({err})") from None
     if not set(header) & set(COLUMNS):
         raise NoteEventsError(
             f"{path}: line 1 holds none of the MIMIC-III column names {', '.join(COLUMNS)}; is the header line missing?"
@@ -652,6 +660,30 @@ def locate_problem(path: str | os.PathLike) -> str:
     finally:
         csv.field_size_limit(limit)
     return "malformed CSV that the strict pass could not pin down"
+
+
+def locate_record(path: str | os.PathLike, data_row: int | None = None, row_id: int | None = None) -> str:
+    """'line N (ROW_ID n)' of a record known by its data row number (1-based) or its ROW_ID.
+
+    A slow pass like locate_problem's, run only to word an error; the ROW_ID appears only when
+    it is an integer, so a shifted row's content is never quoted.
+    """
+    limit = csv.field_size_limit(MAX_FIELD_BYTES)
+    try:
+        with open_bytes(path) as raw:
+            lines = _Lines(raw)
+            reader = csv.reader(lines)
+            header = [name.removeprefix("\ufeff") for name in next(reader)]
+            column = header.index("ROW_ID")
+            start = lines.number + 1
+            for number, record in enumerate(reader, start=1):
+                value = record[column].strip() if len(record) > column else ""
+                if number == data_row or (row_id is not None and value == str(row_id)):
+                    return f"line {start}" + (f" (ROW_ID {value})" if value.isdigit() else "")
+                start = lines.number + 1
+    finally:
+        csv.field_size_limit(limit)
+    return f"data row {data_row}" if data_row is not None else f"ROW_ID {row_id}"
 
 
 def _row_id(first_line: str | None, header: list[str]) -> str:

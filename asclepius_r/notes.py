@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from .files import atomic_path, write_json
-from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError
+from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError, locate_record
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,11 @@ class _Filter:
         """The chunk's notes that pass the row-level policies (all columns but TEXT, ROW_ID and
         SUBJECT_ID as integers), where their records lie and their TEXT hashes."""
         if chunk.bad_row_id:
-            row, value = chunk.bad_row_id
+            row, _ = chunk.bad_row_id  # the value is not shown: in a shifted row it is note text
+            data_row = self.rows_read + row + 1
             raise NoteEventsError(
-                f"{self.path}: data row {self.rows_read + row + 1}: ROW_ID {value!r} is not an integer"
+                f"{self.path}: {locate_record(self.path, data_row=data_row)}, data row {data_row}: ROW_ID is not "
+                "an integer (a stray quote or comma may have shifted the row's fields; the value is not shown)"
             )
         self.rows_read += chunk.rows
         self.row_ids.append(chunk.row_ids)
@@ -211,7 +213,8 @@ class _Filter:
             subjects = _to_int(kept.column("SUBJECT_ID"))
         except pa.ArrowInvalid:
             raise NoteEventsError(
-                f"{self.path}: a SUBJECT_ID of a discharge summary near data row {self.rows_read} is not an integer"
+                f"{self.path}: {locate_record(self.path, row_id=self._bad_subject(kept))}: SUBJECT_ID is not an "
+                "integer (the value is not shown)"
             ) from None
         table = pa.table(
             [
@@ -222,6 +225,16 @@ class _Filter:
             schema=NOTE_SCHEMA.remove(NOTE_SCHEMA.get_field_index("TEXT")),
         )
         return table, chunk.spans[keep], chunk.text_hashes[keep]
+
+    @staticmethod
+    def _bad_subject(kept: pa.Table) -> int:
+        """The ROW_ID of the first note whose SUBJECT_ID does not convert (the error path only)."""
+        for row_id, subject in zip(kept.column("ROW_ID").to_pylist(), kept.column("SUBJECT_ID").to_pylist()):
+            try:
+                _to_int(pa.chunked_array([[subject]], pa.string()))
+            except pa.ArrowInvalid:
+                return int(row_id)
+        raise AssertionError("a SUBJECT_ID failed to convert, but none does alone")
 
     def first_copies(self, source: NoteEvents, hashes: np.ndarray, spans: np.ndarray) -> np.ndarray:
         """Whether each note is the first, in file order, with its exact TEXT; counts the others.

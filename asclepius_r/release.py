@@ -71,7 +71,20 @@ WORKFLOW_SOURCES = (
     "requirements.lock",
     "README.md",
 )
-_NOT_SOURCE = re.compile(r"(^|/)(__pycache__|\.[^/]*)(/|$)|\.pyc$")
+# Caches, hidden files and build outputs (the notes scanner compiles into asclepius_r/_build/).
+_NOT_SOURCE = re.compile(r"(^|/)(__pycache__|_build|\.[^/]*)(/|$)|\.(pyc|so|o|pyd|dylib)$")
+# Data formats that the text checks below cannot see into, by their first bytes.
+_BINARY_FORMATS = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x04\x22\x4d\x18": "lz4-compressed",
+    b"PK\x03\x04": "zip-compressed",
+    b"7z\xbc\xaf\x27\x1c": "7z-compressed",
+    b"PAR1": "Parquet",
+    b"ARROW1": "Arrow",
+}
 _PATIENT_DATA_NAME = re.compile(r"noteevents[^/]*\.(csv|gz|zip|bz2|xz|parquet|feather|tsv|txt|jsonl?)$", re.IGNORECASE)
 # Signs of note text in a file: a filled-in de-identification placeholder (a date, or a name
 # or hospital with its number, closed by "**]"), or the NOTEEVENTS header. Written so that
@@ -141,17 +154,35 @@ def workflow_files(source_root: Path, forbidden: list[Path]) -> list[Path]:
                 continue
             if not file.is_file():
                 continue
-            if (
-                _PATIENT_DATA_NAME.search(relative)
-                or file.resolve() in forbidden
-                or _NOTE_TEXT.search(file.read_bytes())
-            ):
+            data = file.read_bytes()
+            binary = _binary_format(data)
+            if binary:
+                raise ReleaseError(
+                    f"refusing to put {relative} into the workflow archive: it is {binary} data, which "
+                    "cannot be checked for note text, whatever its name. The archive holds source text only; "
+                    "move it out of the workflow's source folders."
+                )
+            if _PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden or _NOTE_TEXT.search(data):
                 raise ReleaseError(
                     f"refusing to put {relative} into the workflow archive: it is, is named like "
                     "or contains note data. Move it out of the workflow's source folders."
                 )
             files.append(file)
     return files
+
+
+def _binary_format(data: bytes) -> str | None:
+    """The data's format if it is not plain UTF-8 text (compressed, columnar or other binary)."""
+    for magic, name in _BINARY_FORMATS.items():
+        if data.startswith(magic):
+            return name
+    if b"\0" in data:
+        return "binary"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary (not UTF-8 text)"
+    return None
 
 
 def build_workflow_archive(out_path: Path, source_root: Path, config: dict, forbidden: list[Path]) -> list[str]:

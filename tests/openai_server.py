@@ -23,13 +23,15 @@ Faults (`add_fault(kind, ...)`), each applied to chat requests whose prompt cont
   no_choices      200 with JSON that has no choices
   length          a completion cut short: finish_reason "length"
   content_filter  finish_reason "content_filter" and no content
+  redirect        307 to `location` (another server), as a hijacked or misconfigured gateway would
 Faults apply to the requests inside batches too (as per-line errors or finish reasons).
 
 `latency_sigma` makes the latency log-normal: `latency_s` is then the median, each request's
 delay is drawn from the seeded generator (so `seed` changes the pattern) and capped at
 `latency_max_s`, as chat APIs answer (a long tail, then the provider's own timeout).
 
-`hold(after=n)` keeps every chat request after the first n waiting until `release()` (or
+`fail_route(method, path)` answers a files or batches call with a 500 (e.g. `batches.create` after
+the upload). `hold(after=n)` keeps every chat request after the first n waiting until `release()` (or
 `release(drop=True)`: never answered), to stop a client at a known point; `rpm_limit` makes the server enforce a
 request-per-minute limit itself, with x-ratelimit headers, as providers do.
 """
@@ -60,6 +62,7 @@ FAULT_KINDS = (
     "no_choices",
     "length",
     "content_filter",
+    "redirect",
 )
 
 
@@ -91,6 +94,8 @@ class Fault:
     status: int = 500
     stall_s: float = 5.0
     echo_request: bool = False
+    message: str = "request rejected"
+    location: str | None = None
 
     def __post_init__(self):
         if self.kind not in FAULT_KINDS:
@@ -163,7 +168,9 @@ class _Handler(BaseHTTPRequestHandler):
         )
         owner._log(entry)
         try:
-            if method == "POST" and path == "/chat/completions":
+            if owner._route_fails(method, path):
+                status, headers, payload = 500, {}, _error("injected failure", "server_error")
+            elif method == "POST" and path == "/chat/completions":
                 body = json.loads(raw)
                 entry.body, entry.identity = body, request_identity(body)
                 status, headers, payload = owner._chat(body, entry)
@@ -175,8 +182,10 @@ class _Handler(BaseHTTPRequestHandler):
                 status, headers, payload = owner._file_info(path.split("/")[2])
             elif method == "DELETE" and re.fullmatch(r"/files/[^/]+", path):
                 status, headers, payload = owner._file_delete(path.split("/")[2])
+            elif method == "GET" and path == "/files":
+                status, headers, payload = owner._file_list(params.get("purpose"))
             elif method == "POST" and path == "/batches":
-                status, headers, payload = owner._batch_create(json.loads(raw))
+                status, headers, payload = owner._batch_create(json.loads(raw), entry.authorization)
             elif method == "GET" and re.fullmatch(r"/batches/[^/]+", path):
                 status, headers, payload = owner._batch_get(path.split("/")[2])
             elif method == "POST" and re.fullmatch(r"/batches/[^/]+/cancel", path):
@@ -232,6 +241,7 @@ class OpenAIServer:
         rpm_window_s: float = 60.0,
         seed: int = 0,
         batch_delay_s: float = 0.0,
+        chars_per_token: int = 4,
     ):
         self.latency_s = latency_s
         self.latency_sigma = latency_sigma
@@ -240,6 +250,7 @@ class OpenAIServer:
         self.rpm_limit = rpm_limit
         self.rpm_window_s = rpm_window_s
         self.batch_delay_s = batch_delay_s
+        self.chars_per_token = chars_per_token  # how the server bills: fewer characters per token cost more
         self.faults: list[Fault] = []
         self.requests: list[LoggedRequest] = []
         self.files: dict[str, dict] = {}
@@ -251,6 +262,7 @@ class OpenAIServer:
         self._release = threading.Event()
         self._drop_held = False
         self._hold_after: int | None = None
+        self._route_faults: dict[tuple[str, str], int | None] = {}
         self._chat_count = 0
         self._httpd: _HTTPServer | None = None
 
@@ -293,6 +305,21 @@ class OpenAIServer:
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def fail_route(self, method: str, path: str, times: int | None = 1) -> None:
+        """Answer the next `times` (None: all) requests of `method` to a path matching the regular
+        expression `path` (e.g. "POST", "/batches") with a 500."""
+        with self._lock:
+            self._route_faults[(method, path)] = times
+
+    def _route_fails(self, method: str, path: str) -> bool:
+        with self._lock:
+            for (fault_method, pattern), left in self._route_faults.items():
+                if fault_method == method and re.fullmatch(pattern, path) and (left is None or left > 0):
+                    if left is not None:
+                        self._route_faults[(fault_method, pattern)] = left - 1
+                    return True
+        return False
 
     def hold(self, after: int) -> None:
         """Answer the first `after` chat requests; keep every later one waiting until `release`."""
@@ -406,6 +433,8 @@ class OpenAIServer:
         status, payload = self._complete(body, fault, entry.authorization)
         if fault is not None:
             entry.outcome = fault.kind
+        if fault is not None and fault.kind == "redirect":
+            headers["Location"] = fault.location
         if fault is not None and fault.kind == "rate_limit":
             headers["retry-after"] = f"{fault.retry_after:g}"
             headers["x-ratelimit-remaining-requests"] = 0
@@ -418,8 +447,10 @@ class OpenAIServer:
             return 429, _error("Rate limit reached", "rate_limit_exceeded")
         if kind == "server_error":
             return fault.status, _error("The server had an error while processing your request", "server_error")
+        if kind == "redirect":
+            return 307, _error("moved")
         if kind == "http_error":
-            message = "request rejected"
+            message = fault.message
             if fault.echo_request:
                 message += f" (authorization: {authorization}; prompt: {prompt_text(body)[:200]})"
             return fault.status, _error(message)
@@ -433,8 +464,8 @@ class OpenAIServer:
             text, finish = text[: max(1, len(text) // 3)], "length"
         elif kind == "content_filter":
             text, finish = None, "content_filter"
-        prompt_tokens = len(prompt_text(body)) // 4 + 1
-        completion_tokens = len(text or "") // 4 + 1
+        prompt_tokens = len(prompt_text(body)) // self.chars_per_token + 1
+        completion_tokens = len(text or "") // self.chars_per_token + 1
         payload = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion",
@@ -486,6 +517,11 @@ class OpenAIServer:
             stored = self.files.get(file_id)
         return (200, {}, stored["info"]) if stored else (404, {}, _error(f"no file {file_id}"))
 
+    def _file_list(self, purpose: str | None):
+        with self._lock:
+            infos = [f["info"] for f in self.files.values() if purpose in (None, f["info"]["purpose"])]
+        return 200, {}, {"object": "list", "data": infos, "has_more": False}
+
     def _file_content(self, file_id: str):
         with self._lock:
             stored = self.files.get(file_id)
@@ -503,7 +539,7 @@ class OpenAIServer:
         )
 
     # -- batches ---------------------------------------------------------------------------
-    def _batch_create(self, body: dict):
+    def _batch_create(self, body: dict, authorization: str | None):
         with self._lock:
             stored = self.files.get(body.get("input_file_id"))
         if stored is None:
@@ -522,10 +558,12 @@ class OpenAIServer:
         }
         with self._lock:
             self.batches[batch["id"]] = {"public": batch, "delivered": Counter(), "cancel": False}
-        threading.Thread(target=self._run_batch, args=(batch["id"], stored["content"]), daemon=True).start()
+        threading.Thread(
+            target=self._run_batch, args=(batch["id"], stored["content"], authorization), daemon=True
+        ).start()
         return 200, {}, dict(batch)
 
-    def _run_batch(self, batch_id: str, content: bytes) -> None:
+    def _run_batch(self, batch_id: str, content: bytes, authorization: str | None) -> None:
         state = self.batches[batch_id]
         batch = state["public"]
         lines = [json.loads(line) for line in content.splitlines() if line.strip()]
@@ -541,7 +579,7 @@ class OpenAIServer:
             fault = self._pick_fault(body)
             if fault is not None and fault.kind == "stall":
                 fault = None  # a batch has no per-request timeout
-            status, payload = self._complete(body, fault, None)
+            status, payload = self._complete(body, fault, authorization)
             if not isinstance(payload, dict):
                 payload = {"error": {"message": "malformed output", "type": "server_error"}}
                 status = 500

@@ -8,11 +8,12 @@ import asyncio
 import json
 import logging
 
+import openai
 import pytest
 
 from asclepius_r.llm import Archive, LLMClient
 from asclepius_r.llm.batch import BatchJournal
-from tests.llm_fixtures import live_settings, requests, server  # noqa: F401 (fixture)
+from tests.llm_fixtures import API_KEY, live_settings, requests, server  # noqa: F401 (fixture)
 
 
 def _batches_created(server) -> int:
@@ -100,3 +101,32 @@ def test_azure_batch_lines_name_the_deployment(server, tmp_path):
     assert {(line["url"], line["body"]["model"]) for line in lines} == {("/chat/completions", "gpt-4o-mini-batch")}
     batch = next(iter(server.batches.values()))["public"]
     assert batch["endpoint"] == "/chat/completions"
+
+
+def test_batch_input_files_go_when_the_batch_cannot_be_created_and_leftovers_next_run(server, tmp_path):
+    archive = tmp_path / "a.jsonl"
+    foreign = server._store_file(b"{}\n", "another-tool.jsonl", "batch")["id"]
+    server.fail_route("POST", "/batches", times=None)
+    with pytest.raises(openai.InternalServerError):
+        LLMClient(live_settings(server, archive, mode="batch", max_attempts=1)).run(requests(3))
+    assert set(server.files) == {foreign}, "the notes stayed on the provider after batches.create failed"
+
+    server.fail_route("DELETE", "/files/.*", times=None)  # and now the clean-up fails too: a leftover
+    with pytest.raises(openai.InternalServerError):
+        LLMClient(live_settings(server, archive, mode="batch", max_attempts=1)).run(requests(3))
+    assert len(server.files) == 2
+    server.fail_route("POST", "/batches", times=0)
+    server.fail_route("DELETE", "/files/.*", times=0)
+    assert all(r.ok for r in LLMClient(live_settings(server, archive, mode="batch")).run(requests(3)))
+    assert set(server.files) == {foreign}, "an earlier run's input file was not found and removed"
+
+
+def test_the_key_is_redacted_before_error_text_is_cut(server, tmp_path):
+    # A proxy echoes the Authorization header; 430 characters before it put the 500-character cut
+    # inside the key, where redaction of the whole key would no longer find it.
+    server.add_fault("http_error", times=None, status=400, echo_request=True, message="x" * 430)
+    archive = tmp_path / "a.jsonl"
+    results = LLMClient(live_settings(server, archive, mode="batch", max_attempts=1)).run(requests(2))
+    assert all(r.status == "failed" and "[API key]" in r.error for r in results)
+    text = archive.read_text()
+    assert not [API_KEY[i : i + 8] for i in range(len(API_KEY) - 7) if API_KEY[i : i + 8] in text]

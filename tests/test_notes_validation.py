@@ -59,7 +59,19 @@ BAD_FILES = {
         GOOD_BYTES + csv_bytes([note(2, "other text")]).split(b"\n", 1)[1],
         r"duplicate ROW_ID 2 \(data rows 2, 4\)",
     ),
-    "ROW_ID not an integer": (GOOD_BYTES.replace(b"\n2,", b"\nabc,", 1), "data row 2: ROW_ID 'abc' is not an integer"),
+    "ROW_ID not an integer": (
+        GOOD_BYTES.replace(b"\n2,", b"\nabc,", 1),
+        "line 4, data row 2: ROW_ID is not an integer",
+    ),
+    "shifted row, note text in ROW_ID": (
+        GOOD_BYTES.replace(b"\n2,", b'\n"%s ",' % SECRET.encode(), 1),
+        "line 4, data row 2: ROW_ID is not an integer",
+    ),
+    "CR-only line endings": (GOOD_BYTES.replace(b"\n", b"\r"), "line 1 .*CR-only"),
+    "SUBJECT_ID not an integer": (
+        GOOD_BYTES.replace(b"\n2,2,", b"\n2,x2,", 1),
+        r"line 4 \(ROW_ID 2\): SUBJECT_ID is not an integer",
+    ),
 }
 
 

@@ -3,8 +3,11 @@ even when NOTEEVENTS.csv (and results/) sit inside the working directory."""
 
 from __future__ import annotations
 
+import gzip
 import tarfile
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from asclepius_r.files import sha256_file
@@ -95,3 +98,27 @@ def test_the_configured_notes_file_is_refused_whatever_its_name(checkout, tmp_pa
     renamed.write_text("plain words only\n")
     with pytest.raises(ReleaseError, match="extra_caption.rst"):
         build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[renamed])
+
+
+@pytest.mark.parametrize("planted", ["asclepius_r/data/cohort.bin", "report/figure_data", "envs/cache.yaml"])
+@pytest.mark.parametrize("packing", ["zstd-parquet", "gzip", "zstd"])
+def test_compressed_or_binary_note_data_is_refused_whatever_its_name(checkout, tmp_path, planted, packing):
+    if packing == "zstd-parquet":
+        # Enough notes that zstd compresses every page (a lone short value is stored as it is).
+        notes = [NOTE.replace("1234", str(1000 + i)) for i in range(200)]
+        table = pa.table({"ROW_ID": list(range(200)), "TEXT": notes})
+        pq.write_table(table, checkout / planted, compression="zstd", write_statistics=False)
+    elif packing == "gzip":
+        (checkout / planted).write_bytes(gzip.compress(NOTEEVENTS.encode()))
+    else:
+        (checkout / planted).write_bytes(pa.compress(NOTEEVENTS.encode(), codec="zstd", asbytes=True))
+    with pytest.raises(ReleaseError, match=planted):
+        build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[])
+
+
+def test_build_outputs_stay_out_of_the_archive(checkout, tmp_path):
+    (checkout / "asclepius_r/_build").mkdir(exist_ok=True)
+    (checkout / "asclepius_r/_build/record_scanner-0123456789abcdef.so").write_bytes(b"\x7fELF\x02\x01\x01\0" * 64)
+    build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[])
+    members = archive_members(tmp_path / "w.tar.gz")
+    assert not [n for n in members if "_build" in n or n.endswith(".so")]

@@ -6,13 +6,14 @@ the archive; `client` runs many requests concurrently within rate limits and a b
 through the Batch API instead.
 """
 
-from .archive import Archive, ChatRequest, ChatResult
+from .archive import Archive, ArchiveInUseError, ChatRequest, ChatResult
 from .backends import ReplayMissError
 from .client import BudgetExceededError, LLMClient, LLMSettings
 from .guard import UnapprovedEndpointError
 
 __all__ = [
     "Archive",
+    "ArchiveInUseError",
     "BudgetExceededError",
     "ChatRequest",
     "ChatResult",

@@ -5,6 +5,11 @@ parameters), so the same prompt is never sent twice and replay re-derives output
 Each record is flushed and fsynced under an exclusive lock (two stages may append at once); a
 torn last line from a killed process is ignored on load and cut off by the next append.
 
+One generator per archive: a live stage holds `<archive>.lock` (an flock, so the kernel lets go
+when the process dies, however) for its whole life, and a second process is refused with the
+holder's pid, host and command, so that an orphaned job (its Snakemake killed) and a rerun do
+not both pay for the same requests.
+
 Record statuses: `ok` (a usable response, reused forever), `failed` (attempts ran out; a live
 rerun tries again, replay reproduces the failure) and `retry` (a billed response that was not
 usable, e.g. finish_reason `length`; kept for audit and accounting, never reused).
@@ -17,7 +22,10 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import sys
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -73,6 +81,53 @@ class ChatResult:
     def from_record(cls, result: dict) -> ChatResult:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in result.items() if k in known})
+
+
+class ArchiveInUseError(RuntimeError):
+    """Another live process generates into the same archive."""
+
+
+# Archive lock files this process holds -> [open file, users]: two clients of one archive in one
+# process (a stage and its rerun in a test) share the hold; other processes are refused.
+_HELD: dict[Path, list] = {}
+
+
+def hold_archive(path: str | os.PathLike) -> None:
+    """Hold the archive's lock until `let_go_of_archive`, or raise ArchiveInUseError naming the holder."""
+    lock = Path(str(path) + ".lock").resolve()
+    if lock in _HELD:
+        _HELD[lock][1] += 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not written its name yet"
+        handle.close()
+        raise ArchiveInUseError(
+            f"the LLM archive {path} is in use by {holder}. Two generators on one archive send (and pay for) "
+            "the same requests twice. If that process is left over from a killed or closed Snakemake, wait for "
+            "it or end it (kill PID), then rerun; the archive keeps everything it received."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({' '.join(sys.argv)[:200]})\n")
+    handle.flush()
+    _HELD[lock] = [handle, 1]
+
+
+def let_go_of_archive(path: str | os.PathLike) -> None:
+    lock = Path(str(path) + ".lock").resolve()
+    held = _HELD.get(lock)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[lock]
+        held[0].close()  # closing the last descriptor releases the flock
 
 
 def append_line(path: Path, line: bytes) -> None:
@@ -147,10 +202,17 @@ class Archive:
         self.path = Path(path) if path else None
         self.results: dict[str, dict] = {}
         self.billed_retries = 0
+        # (model, batch) -> tokens of every billed response archived, for the budget across runs
+        self.billed: dict[tuple[str, bool], Counter] = defaultdict(Counter)
         if self.path and self.path.exists():
             for record in read_records(self.path):
                 if record is None:
                     continue
+                result = record["result"]
+                if result.get("usage"):
+                    self.billed[(record["request"]["model"], "batch" in (result.get("provider") or {}))].update(
+                        result["usage"]
+                    )
                 if record["result"]["status"] == "retry":
                     self.billed_retries += 1
                 else:

@@ -13,6 +13,7 @@ import os
 import time
 
 from .archive import ChatRequest, ChatResult
+from .guard import base_url, guarded_http_client, refusal
 
 
 class ReplayMissError(LookupError):
@@ -92,8 +93,16 @@ class OpenAIBackend:
 
     def _make_client(self, openai, settings):
         return openai.AsyncOpenAI(
-            base_url=settings.base_url, api_key=self.secret, max_retries=0, timeout=settings.timeout_s
+            base_url=base_url(settings),
+            api_key=self.secret,
+            max_retries=0,
+            timeout=settings.timeout_s,
+            http_client=self._http_client(openai, settings),
         )
+
+    @staticmethod
+    def _http_client(openai, settings):
+        return guarded_http_client(settings, timeout=settings.timeout_s, limits=openai.DEFAULT_CONNECTION_LIMITS)
 
     def provider(self) -> dict:
         return {}
@@ -123,6 +132,8 @@ class OpenAIBackend:
         except openai.APITimeoutError:
             raise RetryableError("timeout", f"no answer within llm.timeout_s = {self.settings.timeout_s} s") from None
         except openai.APIConnectionError as err:
+            if refusal(err):
+                raise refusal(err) from None
             raise RetryableError("connection", type(err.__cause__ or err).__name__) from None
         except openai.InternalServerError as err:
             raise RetryableError("server_error", self._describe(err), retry_after(err.response.headers)) from None
@@ -149,12 +160,13 @@ class AzureBackend(OpenAIBackend):
 
     def _make_client(self, openai, settings):
         return openai.AsyncAzureOpenAI(
-            azure_endpoint=settings.azure_endpoint,
+            azure_endpoint=base_url(settings),
             azure_deployment=settings.azure_deployment,
             api_version=settings.api_version,
             api_key=self.secret,
             max_retries=0,
             timeout=settings.timeout_s,
+            http_client=self._http_client(openai, settings),
         )
 
     def provider(self) -> dict:

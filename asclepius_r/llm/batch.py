@@ -10,12 +10,17 @@ in a further batch until `llm.max_attempts`, then recorded as failed.
 A journal next to the archive (`<archive>.batches.jsonl`) records every submitted batch before
 the run waits on it, so a rerun after a crash resumes polling that batch instead of paying for
 it again. Batch input files hold the prompts, that is the notes: they stay on the provider's
-side until deleted, which this module does after collecting (`llm.batch_delete_files`).
+side until deleted, which this module does after collecting (`llm.batch_delete_files`), and at
+once when the batch cannot be created. Each is named after its archive, so that input files an
+earlier run could not delete (killed, network down) are found by name and removed at the start
+of the next run, unless a batch in the journal still waits on them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from .archive import ChatRequest, append_line, read_records
 from .backends import RetryableError, result_from_payload
+from .guard import refusal
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,14 @@ def warn_provider_storage(settings) -> None:
         "them%s; check that the endpoint's data-retention terms cover stored files.",
         "" if settings.batch_delete_files else " only if llm.batch_delete_files is true (it is false)",
     )
+
+
+def input_file_name(archive_path: Path | None) -> str:
+    """The provider-side name of this archive's batch input files (one generator per archive)."""
+    if archive_path is None:
+        return "asclepius-batch.jsonl"
+    tag = hashlib.sha256(str(Path(archive_path).resolve()).encode()).hexdigest()[:12]
+    return f"asclepius-batch-{tag}.jsonl"
 
 
 class BatchJournal:
@@ -83,6 +97,7 @@ class BatchRunner:
         self.backend = client.backend
         self.api = client.backend.client
         self.journal = BatchJournal(client.archive.path)
+        self.input_name = input_file_name(client.archive.path)
 
     async def run(self, requests: list[ChatRequest], weights: dict[str, int]) -> list:
         """One result per request (None if the budget left it unsent); `weights` advance the bar."""
@@ -91,6 +106,8 @@ class BatchRunner:
         attempts = dict.fromkeys(todo, 0)
         last_error: dict[str, tuple[str, str]] = {}
         results: dict[str, object] = {}
+        if self.journal.path is not None:
+            await self._remove_leftovers()
         while todo and not self.client._budget_hit:
             waiting = {bid: rec for bid, rec in self.journal.open.items() if set(rec["keys"]) & todo.keys()}
             in_flight = {k for rec in waiting.values() for k in rec["keys"]}
@@ -140,14 +157,33 @@ class BatchRunner:
         if chunk:
             yield chunk
 
+    async def _remove_leftovers(self) -> None:
+        """Delete this archive's input files that no batch in the journal waits on."""
+        waited_on = {record["input_file_id"] for record in self.journal.open.values()}
+        leftovers = [
+            f.id
+            async for f in self.api.files.list(purpose="batch")
+            if f.filename == self.input_name and f.id not in waited_on
+        ]
+        if leftovers:
+            log.warning("deleting %d batch input file(s) an earlier run left on the provider", len(leftovers))
+            for file_id in leftovers:
+                await self._call(lambda file_id=file_id: self.api.files.delete(file_id))
+
     async def _submit(self, chunk: list[tuple[ChatRequest, bytes]]) -> str:
         data = b"".join(line for _, line in chunk)
-        upload = await self._call(lambda: self.api.files.create(file=("asclepius-batch.jsonl", data), purpose="batch"))
-        batch = await self._call(
-            lambda: self.api.batches.create(
-                input_file_id=upload.id, endpoint=self.backend.batch_endpoint, completion_window="24h"
+        upload = await self._call(lambda: self.api.files.create(file=(self.input_name, data), purpose="batch"))
+        try:
+            batch = await self._call(
+                lambda: self.api.batches.create(
+                    input_file_id=upload.id, endpoint=self.backend.batch_endpoint, completion_window="24h"
+                )
             )
-        )
+        except BaseException:
+            # No batch will ever read it: the notes in it go now (or, if this fails too, at the next run).
+            with contextlib.suppress(Exception):
+                await self._call(lambda: self.api.files.delete(upload.id))
+            raise
         self.journal.submitted(batch.id, upload.id, [r.key for r, _ in chunk])
         self.client.counts["batches_submitted"] += 1
         log.info("submitted batch %s: %d requests, %.1f MB", batch.id, len(chunk), len(data) / 1e6)
@@ -197,9 +233,7 @@ class BatchRunner:
         try:
             if line.get("error") or status != 200:
                 kind = {429: "rate_limited"}.get(status, "server_error" if (status or 500) >= 500 else f"http_{status}")
-                raise RetryableError(
-                    kind, self.client.redact(json.dumps(line.get("error") or response.get("body"))[:500])
-                )
+                raise RetryableError(kind, self.client.redact(json.dumps(line.get("error") or response.get("body"))))
             result = result_from_payload(
                 request, response.get("body"), {**self.backend.provider(), "batch": batch_id}, started=time.time()
             )
@@ -224,6 +258,8 @@ class BatchRunner:
             try:
                 return await make_call()
             except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as err:
+                if refusal(err):
+                    raise refusal(err) from None
                 if attempt == self.settings.max_attempts:
                     raise
                 log.warning("batch API call failed (%s); retrying", type(err).__name__)

@@ -17,13 +17,14 @@ import contextlib
 import logging
 import math
 import random
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
-from .archive import Archive, ChatRequest, ChatResult
+from .archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
 from .backends import FatalError, ReplayMissError, RetryableError, make_backend
 from .guard import check_endpoint
 
@@ -46,6 +47,7 @@ RETRY_KINDS = (
     "batch_missing",
 )
 FAILURE_KINDS = RETRY_KINDS + ("content_filter_prompt", "http_400", "http_401", "http_403", "http_404")
+ERROR_CHARS = 500  # of a server's error text kept in the archive
 
 
 @dataclass
@@ -56,6 +58,7 @@ class LLMSettings:
     mode: str = "online"
     model: str = "gpt-4o-mini"
     base_url: str | None = None
+    proxy: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     azure_endpoint: str | None = None
     azure_deployment: str | None = None
@@ -87,14 +90,30 @@ class LLMSettings:
 
     def check(self) -> None:
         """Settings that only make sense together; the message names the config keys."""
+        if not ENV_NAME.fullmatch(self.api_key_env) or (len(self.api_key_env) >= 24 and "_" not in self.api_key_env):
+            # Users paste the key itself here; the message must not repeat it.
+            raise ValueError(
+                "llm.api_key_env must name an environment variable (capital letters, digits, '_'), such as "
+                "OPENAI_API_KEY; its value looks like a key itself and is not shown. Put the key in that "
+                "variable, never in a config file, and revoke a key that was written into one."
+            )
         if self.backend == "azure":
             missing = [k for k in ("azure_endpoint", "azure_deployment", "api_version") if not getattr(self, k)]
             if missing:
                 raise ValueError("llm.backend is 'azure' but " + ", ".join(f"llm.{k}" for k in missing) + " not set")
+        if self.budget_usd is not None and self.backend != "replay" and self.model not in self.prices_per_million:
+            raise ValueError(
+                f"llm.budget_usd is set but model {self.model!r} has no price in llm.prices_per_million, so the "
+                f"budget could not count its cost; add `{self.model}: {{input: USD, output: USD}}` (per million tokens)"
+            )
         if self.backend == "replay" and not self.archive:
             raise ValueError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
         if self.mode == "batch" and self.backend == "replay":
             raise ValueError("llm.mode 'batch' needs a live backend (openai or azure), not 'replay'")
+
+
+# The shape of an environment variable's name; an API key never has it (dashes, lower case).
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 class BudgetExceededError(RuntimeError):
@@ -105,6 +124,17 @@ def estimate_tokens(request: ChatRequest) -> int:
     """An upper-ish estimate before sending: ~4 characters per token plus the output cap."""
     chars = sum(len(content) for _, content in request.messages)
     return chars // 4 + 8 * len(request.messages) + request.max_tokens
+
+
+# Chat formatting tokens per message and for the reply's start; OpenAI's chat models use 3-4 and 3.
+MESSAGE_OVERHEAD_TOKENS = 8
+
+
+def prompt_token_bound(request: ChatRequest) -> int:
+    """Prompt tokens no tokenizer exceeds: one per UTF-8 byte (a byte-level BPE token holds at
+    least one byte), plus the chat formatting. Spending is checked against this, never an average."""
+    size = sum(len(content.encode("utf-8")) for _, content in request.messages)
+    return size + MESSAGE_OVERHEAD_TOKENS * (len(request.messages) + 1)
 
 
 class Pacer:
@@ -259,14 +289,33 @@ class LLMClient:
         settings.check()
         self.settings = settings
         check_endpoint(settings)
-        self.backend = backend or make_backend(settings)
-        self.archive = archive if archive is not None else Archive(settings.archive)  # an empty one is falsy
+        # Held for the client's (the stage's) life; replay sends nothing, so it may share an archive.
+        self._held = settings.archive if settings.backend != "replay" else None
+        if self._held:
+            hold_archive(self._held)
+        try:
+            self.backend = backend or make_backend(settings)
+            self.archive = archive if archive is not None else Archive(settings.archive)  # an empty one is falsy
+        except BaseException:
+            self._let_go()
+            raise
         if settings.mode == "batch":
             from .batch import warn_provider_storage
 
             warn_provider_storage(settings)
         self.counts: Counter = Counter()
         self.cost_usd = 0.0
+        # The budget is the archive's: what earlier runs, jobs and retries spent counts too.
+        self.spent_before_usd = sum(
+            self.price(usage, batch, model) for (model, batch), usage in self.archive.billed.items()
+        )
+        if settings.budget_usd is not None:
+            log.info(
+                "llm.budget_usd = %s; the archive %s holds $%.4f spent by earlier runs",
+                settings.budget_usd,
+                settings.archive,
+                self.spent_before_usd,
+            )
         self.bar: tqdm | None = None
         self._reserved_usd = 0.0
         self._budget_hit = False
@@ -279,13 +328,19 @@ class LLMClient:
         self._gathering: asyncio.Future | None = None
 
     def close(self) -> None:
-        """Close the SDK's connections inside the loop they belong to, then the loop."""
+        """Close the SDK's connections inside the loop they belong to, then the loop; let go of the archive."""
         if self._loop is not None:
             aclose = getattr(getattr(self.backend, "client", None), "close", None)
             if aclose is not None:
                 self._loop.run_until_complete(aclose())
             self._loop.close()
             self._loop = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        if self._held:
+            let_go_of_archive(self._held)
+            self._held = None
 
     def __enter__(self) -> LLMClient:
         return self
@@ -294,8 +349,8 @@ class LLMClient:
         self.close()
 
     # -- accounting ------------------------------------------------------------------------
-    def price(self, usage: dict, batch: bool = False) -> float:
-        table = self.settings.prices_per_million.get(self.settings.model)
+    def price(self, usage: dict, batch: bool = False, model: str | None = None) -> float:
+        table = self.settings.prices_per_million.get(model or self.settings.model)
         if not table or not usage:
             return 0.0
         cost = (
@@ -304,15 +359,15 @@ class LLMClient:
         return cost * (self.settings.batch_discount if batch else 1.0)
 
     def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
-        estimate = estimate_tokens(request)
         return self.price(
-            {"prompt_tokens": estimate - request.max_tokens, "completion_tokens": request.max_tokens}, batch
+            {"prompt_tokens": prompt_token_bound(request), "completion_tokens": request.max_tokens}, batch
         )
 
     def reserve(self, worst: float) -> bool:
         """Set aside the worst-case cost of one attempt; False (and stop) if the budget would be crossed."""
         budget = self.settings.budget_usd
-        if self._budget_hit or (budget is not None and self.cost_usd + self._reserved_usd + worst > budget):
+        spent = self.spent_before_usd + self.cost_usd + self._reserved_usd
+        if self._budget_hit or (budget is not None and spent + worst > budget):
             self._budget_hit = True
             return False
         self._reserved_usd += worst
@@ -329,7 +384,9 @@ class LLMClient:
         self.counts["billed_responses"] += 1
 
     def redact(self, text: str) -> str:
-        return self.backend.redact(text) if hasattr(self.backend, "redact") else text
+        """Error text fit for the archive: the API key removed first, then cut to ERROR_CHARS (a
+        cut first could leave part of the key where redaction no longer recognises it)."""
+        return (self.backend.redact(text) if hasattr(self.backend, "redact") else text)[:ERROR_CHARS]
 
     @property
     def stats(self) -> dict:
@@ -448,9 +505,9 @@ class LLMClient:
                     results[i] = result
         if self._budget_hit:
             raise BudgetExceededError(
-                f"llm.budget_usd = {self.settings.budget_usd} would be crossed: stopped after spending "
-                f"${self.cost_usd:.2f}; everything received is archived, so raising the budget and "
-                "rerunning continues where this run stopped"
+                f"llm.budget_usd = {self.settings.budget_usd} would be crossed: the archive {self.settings.archive} "
+                f"holds ${self.spent_before_usd + self.cost_usd:.4f} of spending (${self.cost_usd:.4f} in this run); "
+                "everything received is archived, so raising the budget and rerunning continues where this run stopped"
             )
         return results
 
@@ -528,7 +585,7 @@ class LLMClient:
         failed = ChatResult(
             key=request.key,
             status="failed",
-            error=self.redact(f"{kind}: {error}")[:500],
+            error=self.redact(f"{kind}: {error}"),
             attempts=attempts,
             started=started,
             finished=time.time(),

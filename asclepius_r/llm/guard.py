@@ -4,11 +4,28 @@ PhysioNet's credentialed-data rules (24 Sep 2025) allow sending MIMIC notes only
 that retains no data, does not train on it and has no human review (such as an Azure OpenAI
 deployment with abuse monitoring opted out), or to a locally deployed model. The workflow
 cannot verify that contract, so the user states it by listing the endpoint.
+
+The check is on where bytes actually go, not only on the config: the HTTP client under the
+openai SDK is built here, with the base URL always explicit, no redirects followed, no proxy
+from the environment (only `llm.proxy`), and a hook that refuses any request outside the
+approved endpoint before it is sent. Environment variables through which the SDK would pick
+another endpoint are refused. Every backend that talks to a server gets its client here.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Read by the openai SDK when an argument is missing; each would change where requests go or
+# what they carry, so a value that the config does not also say is refused.
+SDK_ENDPOINT_VARIABLES = ("OPENAI_BASE_URL", "OPENAI_API_BASE", "AZURE_OPENAI_ENDPOINT", "OPENAI_CUSTOM_HEADERS")
+# Honoured by HTTP clients that trust the environment; ours does not (see `llm.proxy`).
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
 class UnapprovedEndpointError(PermissionError):
@@ -19,22 +36,103 @@ def endpoint_identity(settings) -> str:
     """The string a user lists in `llm.approved_endpoints` to approve this backend."""
     if settings.backend == "azure":
         return f"{settings.azure_endpoint.rstrip('/')}/openai/deployments/{settings.azure_deployment}"
+    return base_url(settings)
+
+
+def base_url(settings) -> str:
+    """The base URL the SDK client is built with: always explicit, never the SDK's own default."""
+    if settings.backend == "azure":
+        return settings.azure_endpoint.rstrip("/")
     return (settings.base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/")
 
 
-def check_endpoint(settings) -> None:
-    """Raise before the first request if notes would go to an endpoint not listed as approved."""
-    if settings.backend == "replay":
-        return
-    identity = endpoint_identity(settings)
-    approved = [e.rstrip("/") for e in settings.approved_endpoints]
-    if identity in approved:
-        return
-    raise UnapprovedEndpointError(
-        f"refusing to send notes to {identity!r}: it is not listed in llm.approved_endpoints.\n"
+def request_prefix(settings) -> str:
+    """Every request URL starts with this: the chat path, and for batches the files and batches
+    paths (on Azure those belong to the resource, not to the deployment)."""
+    return base_url(settings) + ("/openai/" if settings.backend == "azure" else "/")
+
+
+def _approval_message(identity: str, what: str) -> str:
+    return (
+        f"refusing to send notes to {what}{identity!r}: it is not listed in llm.approved_endpoints.\n"
         "MIMIC notes are credentialed data. PhysioNet's rules allow an LLM service only if it keeps\n"
         "no data (zero retention), does not train on it and has no human review (for Azure OpenAI:\n"
         "abuse monitoring / human review opted out), or a model deployed locally.\n"
         f"Once you have confirmed that for this endpoint, add it to the config:\n"
         f"  llm:\n    approved_endpoints:\n      - {identity}"
     )
+
+
+def check_environment(settings) -> None:
+    """Refuse SDK variables that would redirect requests; say that proxy variables are ignored.
+
+    Values are never quoted: a URL in the environment may carry credentials.
+    """
+    configured = base_url(settings)
+    for name in SDK_ENDPOINT_VARIABLES:
+        value = os.environ.get(name)
+        if value and (name == "OPENAI_CUSTOM_HEADERS" or value.rstrip("/") != configured):
+            raise UnapprovedEndpointError(
+                f"environment variable {name} is set and would make the openai SDK send requests elsewhere "
+                f"than the config says ({configured}). The workflow sends notes only where the config's "
+                "llm.base_url / llm.azure_endpoint point: unset it, or put that endpoint in the config "
+                "(and in llm.approved_endpoints)."
+            )
+    ignored = [name for name in PROXY_VARIABLES if os.environ.get(name)]
+    if ignored:
+        log.warning(
+            "%s set in the environment: ignored. Notes go to the endpoint directly, or through the proxy that "
+            "llm.proxy names%s.",
+            ", ".join(ignored),
+            f" ({settings.proxy})" if settings.proxy else " (none)",
+        )
+
+
+def check_endpoint(settings) -> None:
+    """Raise before the first request if notes would go to an endpoint not listed as approved."""
+    if settings.backend == "replay":
+        return
+    approved = [e.rstrip("/") for e in settings.approved_endpoints]
+    identity = endpoint_identity(settings)
+    if identity not in approved:
+        raise UnapprovedEndpointError(_approval_message(identity, ""))
+    # Through a proxy, a plain-http request (the note included) is readable by the proxy itself;
+    # an https request is tunnelled and the proxy sees only the host name.
+    if settings.proxy and urlsplit(base_url(settings)).scheme == "http" and settings.proxy.rstrip("/") not in approved:
+        raise UnapprovedEndpointError(_approval_message(settings.proxy.rstrip("/"), "the proxy (llm.proxy) of "))
+    check_environment(settings)
+
+
+def guarded_http_client(settings, **options):
+    """The SDK's HTTP client: nothing from the environment, no redirects, requests only under
+    the approved endpoint (a request elsewhere raises UnapprovedEndpointError unsent)."""
+    import httpx2
+
+    check_endpoint(settings)
+    prefix = request_prefix(settings)
+
+    async def only_approved(request) -> None:
+        url = request.url
+        if not str(url).startswith(prefix):
+            port = f":{url.port}" if url.port else ""  # the URL's user and query are not quoted: they may hold secrets
+            raise UnapprovedEndpointError(
+                f"refusing a request to {url.scheme}://{url.host}{port}{url.path}: it is outside the approved "
+                f"endpoint {endpoint_identity(settings)}"
+            )
+
+    return httpx2.AsyncClient(
+        trust_env=False,
+        follow_redirects=False,
+        proxy=settings.proxy or None,
+        event_hooks={"request": [only_approved]},
+        **options,
+    )
+
+
+def refusal(err: BaseException) -> UnapprovedEndpointError | None:
+    """The guard's refusal behind an SDK connection error, if that is what stopped the request."""
+    while err is not None:
+        if isinstance(err, UnapprovedEndpointError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
