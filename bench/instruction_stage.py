@@ -149,6 +149,8 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath
 def _sample_rss(pid: int, samples: list[tuple[float, int]]) -> None:
     started = time.monotonic()
     while True:
+        if samples and int(samples[-1][0]) // 60 != int(time.monotonic() - started) // 60:
+            print(f"  ... {time.monotonic() - started:.0f} s, RSS {samples[-1][1] // 1024} MB", flush=True)
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except (FileNotFoundError, ProcessLookupError):
@@ -160,21 +162,23 @@ def _sample_rss(pid: int, samples: list[tuple[float, int]]) -> None:
         time.sleep(1.0)
 
 
-def filter_cost(questions: list[str]) -> list[tuple[int, float]]:
-    """Seconds to filter the first n questions (one task's index, the worst case), n doubling."""
+def filter_cost(records: list[dict]) -> list[tuple[int, float]]:
+    """CPU seconds of the stage's near-duplicate filtering (one index per task, questions in note
+    order) over the first n notes' questions, n growing fourfold: per question, flat if linear."""
     sizes, n = [], 1000
-    while n < len(questions):
+    while n < len(records):
         sizes.append(n)
         n *= 4
-    sizes.append(len(questions))
+    sizes.append(len(records))
     timings = []
     for size in sizes:
-        index = NearDuplicateIndex(ROUGE)
-        started = time.perf_counter()
-        for question in questions[:size]:
-            if not index.is_near_duplicate(question):
-                index.add(question)
-        timings.append((size, time.perf_counter() - started))
+        indexes: dict[str, NearDuplicateIndex] = {}
+        started = time.process_time()
+        for record in records[:size]:
+            index = indexes.setdefault(record["task"], NearDuplicateIndex(ROUGE))
+            if record["question"] and not index.is_near_duplicate(record["question"]):
+                index.add(record["question"])
+        timings.append((size, time.process_time() - started))
     return timings
 
 
@@ -220,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_baseline:
             baseline = run_stage("baseline", work, server, rpm, package_at(args.baseline_ref, work))
         flow = run_stage("flow", work, server, rpm, None)
-        questions = [r["question"] for r in read_jsonl(work / "flow.jsonl") if r["question"]]
-        accepted = sum(1 for r in read_jsonl(work / "flow.jsonl") if r["status"] == "ok")
+        records = read_jsonl(work / "flow.jsonl")
+        accepted = sum(1 for r in records if r["status"] == "ok")
 
     print(
         f"{args.notes} notes, limit {rpm:.0f} RPM, latency log-normal median {args.latency / args.time_scale:.3f} s "
@@ -230,9 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     if baseline:
         print(describe(f"waves@{args.baseline_ref}", baseline, rpm))
     print(describe("flow", flow, rpm))
-    print(f"accepted {accepted} of {args.notes}; near-duplicate filter alone on the run's questions:")
-    for size, seconds in filter_cost(questions):
-        print(f"  {size:6d} questions: {seconds:.2f} s ({seconds / size * 1e6:.0f} us per question)")
+    print(f"accepted {accepted} of {args.notes}; the near-duplicate filter alone on the run's questions (CPU):")
+    for size, seconds in filter_cost(records):
+        print(f"  {size:6d} notes: {seconds:.2f} s ({seconds / size * 1e6:.0f} us per note)")
     baseline_fraction = f"{baseline['rpm'] / rpm:.3f}" if baseline else "nan"
     print(
         f"RESULT limit_fraction={flow['rpm'] / rpm:.3f} baseline_limit_fraction={baseline_fraction} "

@@ -228,14 +228,21 @@ class Archive:
         return ChatResult.from_record(result)
 
     def append(self, request: ChatRequest, result: ChatResult) -> None:
-        record = {
-            "key": request.key,
-            "request": request.identity(),
-            "meta": request.meta,
-            "result": asdict(result),
-            "archived": time.time(),
-        }
-        if result.status != "retry":
-            self.results[request.key] = record["result"]
+        self.append_many([(request, result)])
+
+    def append_many(self, pairs: list[tuple[ChatRequest, ChatResult]]) -> None:
+        """Append several records with one lock and one fsync (group commit)."""
+        lines = []
+        for request, result in pairs:
+            record = {
+                "key": request.key,
+                "request": request.identity(),
+                "meta": request.meta,
+                "result": asdict(result),
+                "archived": time.time(),
+            }
+            if result.status != "retry":
+                self.results[request.key] = record["result"]
+            lines.append(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
         if self.path is not None:
-            append_line(self.path, (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
+            append_line(self.path, "".join(lines).encode("utf-8"))

@@ -340,6 +340,8 @@ class LLMClient:
         self._asked: dict[str, asyncio.Future] = {}  # key -> the one ask sending it
         self._gathered: list[ChatRequest] = []  # batch mode: asked, not yet submitted
         self._gathering: asyncio.Future | None = None
+        self._unwritten: list[tuple[ChatRequest, ChatResult, asyncio.Future]] = []  # for the archive writer
+        self._writer: asyncio.Task | None = None
 
     def close(self) -> None:
         """Close the SDK's connections inside the loop they belong to, then the loop; let go of the archive."""
@@ -572,7 +574,9 @@ class LLMClient:
             if result.usage:
                 limiter.correct(estimate, result.usage.get("total_tokens", estimate))
             result.attempts, result.started = attempts, started
-            if self.settle(request, result):
+            record, usable = self._settled(request, result)
+            await self._archive(request, record)
+            if usable:
                 return result
             last_kind, last_error = f"finish_{result.finish_reason}", f"finish_reason={result.finish_reason}"
             await asyncio.sleep(self.backoff(attempts, None))
@@ -580,14 +584,43 @@ class LLMClient:
 
     def settle(self, request: ChatRequest, result: ChatResult, batch: bool = False) -> bool:
         """Account and archive a billed response; True if usable, False if it needs another attempt."""
+        record, usable = self._settled(request, result, batch)
+        self.archive.append(request, record)
+        return usable
+
+    def _settled(self, request: ChatRequest, result: ChatResult, batch: bool = False) -> tuple[ChatResult, bool]:
+        """Account a billed response; the record to archive, and whether it is usable."""
         self.account(result, batch)
         if result.finish_reason in self.settings.retry_finish_reasons:
             self.counts[f"retry_finish_{result.finish_reason}"] += 1
-            self.archive.append(request, replace(result, status="retry"))  # billed, so kept for audit
-            return False
-        self.archive.append(request, result)
+            return replace(result, status="retry"), False  # billed, so kept for audit
         self.counts["sent_ok"] += 1
-        return True
+        return result, True
+
+    async def _archive(self, request: ChatRequest, result: ChatResult) -> None:
+        """Archive a response before it is used, through one writer in a thread: the responses that
+        arrive while it writes go together in its next write, with one fsync. Appending each on
+        the event loop blocked it for an fsync per response (7 ms on a shared disk: a quarter of
+        the loop at 35 responses a second)."""
+        written = asyncio.get_running_loop().create_future()
+        self._unwritten.append((request, result, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_archive())
+        await written
+
+    async def _write_archive(self) -> None:
+        while self._unwritten:
+            group, self._unwritten = self._unwritten, []
+            try:
+                await asyncio.to_thread(self.archive.append_many, [(request, result) for request, result, _ in group])
+            except Exception as err:  # each waiting request fails as the append would have
+                for *_, written in group:
+                    if not written.done():  # (an asker cancelled meanwhile)
+                        written.set_exception(err)
+            else:
+                for *_, written in group:
+                    if not written.done():
+                        written.set_result(None)
 
     def record_failure(self, request: ChatRequest, kind: str, error: str, attempts: int, started: float) -> ChatResult:
         failed = ChatResult(
