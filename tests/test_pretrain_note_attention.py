@@ -98,7 +98,7 @@ def test_the_choice_is_a_pretraining_setting_with_2023_as_default(tmp_path):
         "across_notes"
     )
     config["finetune"]["note_attention"] = "within_note"
-    with pytest.raises(ConfigError, match="models.7B.finetune: unknown key.s. note_attention"):
+    with pytest.raises(ConfigError, match="finetune.note_attention: a pretrain setting only"):
         training_settings(config, "finetune", "7B")
     with pytest.raises(ValueError, match="note_attention"):
         pretraining_dataset(run_for(tmp_path, "per_note"), None, [])

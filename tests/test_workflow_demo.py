@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from asclepius_r.generation import generate_answers, load_for_generation
+from asclepius_r.generation import Decoding, fit_prompts, generate_answers, load_for_generation, prompt_budget
 from asclepius_r.tasks import TASKS
 
 pytestmark = pytest.mark.slow
@@ -128,5 +128,8 @@ def test_ask_answers_with_a_demo_checkpoint(demo_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     model, tokenizer = load_for_generation(str(model_dir))
-    expected = generate_answers(model, tokenizer, [(note.read_text(), "What is the diagnosis?")], 8)[0]
+    (prompt,) = fit_prompts(
+        tokenizer, [(note.read_text(), "What is the diagnosis?")], prompt_budget(model, 8), "note_middle"
+    )
+    expected = generate_answers(model, tokenizer, [prompt.text], Decoding(max_new_tokens=8))[0]
     assert result.stdout == expected + "\n", "the CLI answers as the evaluation does (released template, greedy)"
