@@ -159,9 +159,9 @@ def _date(rng: random.Random) -> str:
     return f"{rng.randint(2100, 2199)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
 
 
-def _other_row(rng: random.Random, row_id: int, category: str) -> str:
-    date = _date(rng)
-    text = _OTHER_TEXT[category].format(
+def _other_text(rng: random.Random, category: str, date: str) -> str:
+    """A short note of another category, its blanks filled from `rng`."""
+    return _OTHER_TEXT[category].format(
         date=date,
         time=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}",
         n=rng.randint(100, 9999),
@@ -173,6 +173,11 @@ def _other_row(rng: random.Random, row_id: int, category: str) -> str:
         age=rng.randint(25, 89),
         mode=rng.choice(["CPAP+PS 5/5", "AC 500x14", "2L NC"]),
     )
+
+
+def _other_row(rng: random.Random, row_id: int, category: str) -> str:
+    date = _date(rng)
+    text = _other_text(rng, category, date)
     hadm = rng.randint(100000, 199999) if rng.random() > 0.1 else None  # some outpatient rows lack HADM_ID
     chartdate = date
     charttime = f"{date} {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:00"
@@ -332,18 +337,7 @@ class ScaledNotes:
 
     def _other(self, row_id: int, category: str) -> str:
         rng = self.rng
-        text = _OTHER_TEXT[category].format(
-            date=_date(rng),
-            time=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}",
-            n=rng.randint(100, 9999),
-            finding=rng.choice(_FINDINGS),
-            impression=rng.choice(_IMPRESSIONS),
-            rate=rng.randint(55, 120),
-            ef=rng.randint(20, 65),
-            quote=rng.choice(_QUOTES),
-            age=rng.randint(25, 89),
-            mode=rng.choice(["CPAP+PS 5/5", "AC 500x14", "2L NC"]),
-        )
+        text = _other_text(rng, category, _date(rng))
         target = self._length(MEAN_TEXT_CHARS[category])
         if target > len(text) + self.mean_line:
             text = self._grow(text, target)
