@@ -133,6 +133,11 @@ def test_demo_through_the_slurm_profile(cluster, tmp_path):
         # Logs where the profile README says: logs/slurm/rule_<rule>/<wildcards>/<jobid>.log.
         relative = os.path.relpath(log_path, workdir)
         assert relative.startswith("logs/slurm/rule_") and relative.endswith(f"/{job_id}.log")
+        if not jobs[job_id]["AllocTRES"]:
+            # Still pending when the Ctrl-C cancelled it: it never started, so it has no log and no
+            # allocation (on a fast machine the held-out answers of the base models get that far).
+            assert job_id in before and jobs[job_id]["State"].startswith("CANCELLED"), (job_id, jobs[job_id])
+            continue
         assert (workdir / relative).exists()
         rule = relative.split("/")[2].removeprefix("rule_")
         ran.add(rule)
