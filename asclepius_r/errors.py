@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Base of the errors whose message is the whole story: no traceback is shown for them."""
+
+
+class InputError(UserError, ValueError):
+    """An input file or folder the user gave cannot be used; the message names it (and the line)."""

@@ -7,6 +7,8 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
+from .errors import InputError
+
 # Index order of the 2023 code.
 TASKS = (
     "Named Entity Recognition",
@@ -34,7 +36,7 @@ def load_seed_questions(path: str | Path = DEFAULT_SEED_QUESTIONS) -> dict[str, 
     with open(path, encoding="utf-8", newline="") as rows:
         for line_no, row in enumerate(csv.DictReader(rows, delimiter="\t"), start=2):
             if row.get("task") not in TASKS or not (row.get("question") or "").strip():
-                raise ValueError(f"{path}:{line_no}: expected a known task and a question, got {row}")
+                raise InputError(f"{path}:{line_no}: expected a known task and a question, got {row}")
             seeds[row["task"]].append(row["question"].strip())
     short = [t for t in TASKS if len(seeds[t]) < 3]
     if short:

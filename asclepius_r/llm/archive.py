@@ -29,6 +29,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -187,7 +189,7 @@ def _parse(path: Path, number: int, raw: bytes) -> dict | None:
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
-        raise ValueError(f"{path}:{number}: not valid JSON; the archive is damaged") from None
+        raise InputError(f"{path}:{number}: not valid JSON; the archive is damaged") from None
 
 
 class Archive:

@@ -38,6 +38,7 @@ from transformers import DataCollatorWithFlattening
 
 from accelerate import PartialState
 
+from ..errors import InputError
 from ..files import atomic_path
 from ..logs import setup_logging
 from ..prompts import DEFAULT_TRUNCATION, fit_prompt, render_released
@@ -116,7 +117,7 @@ def read_rows(csv_path: str, cache_dir: str) -> datasets.Dataset:
     """The CSV's note, question and answer columns as an Arrow-backed Dataset cached in `cache_dir`."""
     missing = set(COLUMNS) - set(pd.read_csv(csv_path, nrows=0).columns)
     if missing:
-        raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
+        raise InputError(f"{csv_path}: missing column(s) {sorted(missing)}")
     return datasets.Dataset.from_csv(
         csv_path,
         cache_dir=cache_dir,
@@ -172,7 +173,7 @@ def encode_dataset(
         if s != "dropped"
     ]
     if not examples:
-        raise ValueError(f"{csv_path}: no row fits max_length={max_length} under truncation policy {policy!r}")
+        raise InputError(f"{csv_path}: no row fits max_length={max_length} under truncation policy {policy!r}")
     return examples, counts
 
 

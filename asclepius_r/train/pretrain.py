@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import default_data_collator
 
+from ..errors import InputError
 from ..logs import setup_logging
 from ..notes import read_notes
 from .run import TrainRun, load_model_and_tokenizer, train_and_save
@@ -44,7 +45,7 @@ def pack_notes(texts: list[str], tokenizer, max_length: int, seed: int) -> tuple
     )
     n_blocks = len(stream) // max_length
     if n_blocks == 0:
-        raise ValueError(f"the notes hold {len(stream)} tokens, fewer than one block of max_length={max_length}")
+        raise InputError(f"the notes hold {len(stream)} tokens, fewer than one block of max_length={max_length}")
     counts = {
         "notes": len(texts),
         "tokens": len(stream),

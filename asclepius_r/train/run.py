@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 from accelerate import init_empty_weights
 
 from ..base_model import check_base_model
+from ..errors import InputError
 from ..files import atomic_path, read_jsonl
 from ..prompts import DEFAULT_TRUNCATION
 from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
@@ -71,7 +72,7 @@ class TrainRun:
         values = json.loads(Path(path).read_text())
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"{path}: unknown training setting(s) {sorted(unknown)}")
+            raise InputError(f"{path}: unknown training setting(s) {sorted(unknown)}")
         return cls(**values)
 
     @property
@@ -156,7 +157,7 @@ def load_model_and_tokenizer(run: TrainRun):
     check_base_model(run.base_model)
     tokenizer = AutoTokenizer.from_pretrained(run.base_model, padding_side="right")
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.bos_token_id:
-        raise ValueError(f"{run.base_model}: the pad token is BOS (the 2023 defect); fix its tokenizer_config.json")
+        raise InputError(f"{run.base_model}: the pad token is BOS (the 2023 defect); fix its tokenizer_config.json")
     # fp32 master weights; the bf16 math comes from autocast, or under FSDP from its mixed-precision policy.
     if loads_weights_on_rank_0_only():
         model = unfilled_model(run)
