@@ -34,15 +34,9 @@ def _config(workflow: Path, tmp_path: Path, **notes) -> Path:
     return path
 
 
-def test_workflow_keeps_exactly_what_the_policies_say(workflow, tmp_path):
-    noteevents = tmp_path / "NOTEEVENTS.csv.gz"
-    synthesize([str(noteevents), "--rows", "4000", "--seed", "21", "--gzip"])
-    excluded = tmp_path / "exclude.txt"
-    excluded.write_text("".join(f"{i}\n" for i in range(1, 4000, 9)))
-    config = _config(
-        workflow, tmp_path, keep_addenda=False, drop_iserror=False, exclude_row_ids=str(excluded), heldout_notes=12
-    )
-    run_snakemake(
+def _run_notes_stage(workflow: Path, config: Path, noteevents: Path, check: bool = True):
+    """The notes stage alone through the Snakemake CLI, on `noteevents`."""
+    return run_snakemake(
         workflow,
         "--configfile",
         str(config),
@@ -51,7 +45,19 @@ def test_workflow_keeps_exactly_what_the_policies_say(workflow, tmp_path):
         "--",
         "results/notes/discharge.parquet",
         demo=False,
+        check=check,
     )
+
+
+def test_workflow_keeps_exactly_what_the_policies_say(workflow, tmp_path):
+    noteevents = tmp_path / "NOTEEVENTS.csv.gz"
+    synthesize([str(noteevents), "--rows", "4000", "--seed", "21", "--gzip"])
+    excluded = tmp_path / "exclude.txt"
+    excluded.write_text("".join(f"{i}\n" for i in range(1, 4000, 9)))
+    config = _config(
+        workflow, tmp_path, keep_addenda=False, drop_iserror=False, exclude_row_ids=str(excluded), heldout_notes=12
+    )
+    _run_notes_stage(workflow, config, noteevents)
     out = workflow / "results/notes"
     train, heldout = (pq.read_table(out / f"{name}.parquet").to_pylist() for name in ("discharge", "heldout"))
     policy = NotePolicy(
@@ -70,17 +76,7 @@ def test_workflow_job_fails_cleanly_on_a_truncated_file(workflow, tmp_path):
     data = noteevents.read_bytes()
     noteevents.write_bytes(data[: data.rindex(b'"') - 5])  # cut inside the last row's TEXT
     config = _config(workflow, tmp_path, heldout_notes=2)
-    result = run_snakemake(
-        workflow,
-        "--configfile",
-        str(config),
-        "--config",
-        f"noteevents={noteevents}",
-        "--",
-        "results/notes/discharge.parquet",
-        demo=False,
-        check=False,
-    )
+    result = _run_notes_stage(workflow, config, noteevents, check=False)
     assert result.returncode != 0
     log = (workflow / "logs/notes/filter_notes.log").read_text()
     errors = [line for line in log.splitlines() if " ERROR " in line]
