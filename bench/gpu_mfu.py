@@ -6,10 +6,12 @@ AdamW, the configured attention kernel) on 2048-token pretraining blocks, and MF
 the workflow counts it (6N without the input embedding, plus 12*L*d*S attention FLOPs, over
 the peak of the device). The model is LLaMA-shaped with random weights: `--size 1b` (about
 1.2B parameters: 20 layers of width 2048) fits one H100 with fp32 master weights and
-AdamW states. The reference is 2023's implied 15-23% MFU (8x A100, original-method.md); the
-goal is 45% on one H100.
+AdamW states; `--size llama3-1b` has Llama-3's layout (128,256-token vocabulary, grouped-query
+attention, 8,192-token context) at Llama-3.2-1B's width and depth, for `--seq 8192`. The
+reference is 2023's implied 15-23% MFU (8x A100, original-method.md); the goal is 45% on one H100.
 
     python bench/gpu_mfu.py [--size 1b] [--steps 30] [--peak-tflops T]      (about 3 minutes on an H100)
+    python bench/gpu_mfu.py --size llama3-1b --seq 8192 --batch 1
     python bench/gpu_mfu.py --tiny --device cpu                              (smoke test, seconds)
 Last line: RESULT tokens_per_s=<f> mfu=<f> device=<name>
 """
@@ -30,9 +32,21 @@ from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
 from asclepius_r.train.pretrain import BlockDataset
 from asclepius_r.train.run import MeasuredTrainer, TrainRun, load_model_and_tokenizer, training_arguments
 
+LLAMA1 = dict(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+# Llama-3's layout: a 128,256-token vocabulary, grouped-query attention (8 key/value heads), an
+# 8,192-token context and rope_theta 500,000; the width and depth are Llama-3.2-1B's.
+LLAMA3 = dict(vocab_size=128256, max_position_embeddings=8192, num_key_value_heads=8, rope_theta=500000.0)
 SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=20, num_attention_heads=16),
-    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32),
+    "1b": dict(LLAMA1, hidden_size=2048, intermediate_size=5504, num_hidden_layers=20, num_attention_heads=16),
+    "3b": dict(LLAMA1, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32),
+    "llama3-1b": dict(
+        LLAMA3,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        tie_word_embeddings=True,
+    ),
 }
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,14 +56,7 @@ def build_model(folder: Path, size: str | None) -> None:
     texts = [p.read_text() for p in sorted((REPO / "demo" / "discharge_summaries").glob("*.txt"))]
     build_tiny_llama_from_texts(texts, folder, TinyLlamaSpec())
     if size:
-        config = LlamaConfig(
-            vocab_size=32000,
-            max_position_embeddings=2048,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-            **SHAPES[size],
-        )
+        config = LlamaConfig(bos_token_id=1, eos_token_id=2, **SHAPES[size])
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -66,6 +73,11 @@ def main() -> None:
         "--peak-tflops", type=float, help="bf16 dense peak of the device (default: from its name, as in training)"
     )
     parser.add_argument("--attn", default="sdpa")
+    parser.add_argument(
+        "--no-gradient-checkpointing",
+        action="store_true",
+        help="keep every activation (the workflow checkpoints them by default)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device == "cpu" and torch.cuda.is_available():
@@ -91,6 +103,7 @@ def main() -> None:
             save_steps=10**9,
             attn_implementation=args.attn,
             peak_tflops_per_device=args.peak_tflops,
+            gradient_checkpointing=not args.no_gradient_checkpointing,
         )
         Path(run.checkpoint_dir).mkdir(parents=True)
         model, tokenizer = load_model_and_tokenizer(run)
@@ -115,7 +128,8 @@ def main() -> None:
     params = trainer.flop_model.matmul_params
     print(
         f"model: {params / 1e9:.2f}B matmul parameters, seq {seq}, batch {args.batch}, {args.steps} steps, "
-        f"attention {args.attn}, peak {trainer.peak_tflops} TFLOP/s ({trainer.device_name})"
+        f"attention {args.attn}, activation checkpointing {run.gradient_checkpointing}, "
+        f"peak {trainer.peak_tflops} TFLOP/s ({trainer.device_name})"
     )
     for r in records:
         mfu_text = "unknown" if r["mfu"] is None else f"{r['mfu']:.3f}"
