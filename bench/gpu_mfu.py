@@ -68,6 +68,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2, help="per-device batch (2023: 2)")
+    parser.add_argument(
+        "--accumulation", type=int, default=8, help="micro-batches per optimizer step (2023 and config.yaml: 8)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (TrainingArguments)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument(
         "--peak-tflops", type=float, help="bf16 dense peak of the device (default: from its name, as in training)"
@@ -96,7 +100,7 @@ def main() -> None:
             metrics_file="",
             max_length=seq,
             per_device_batch_size=args.batch,
-            gradient_accumulation_steps=1,
+            gradient_accumulation_steps=args.accumulation,
             max_steps=args.steps,
             warmup_ratio=0.0,
             logging_steps=max(1, args.steps // 3),
@@ -108,9 +112,13 @@ def main() -> None:
         Path(run.checkpoint_dir).mkdir(parents=True)
         model, tokenizer = load_model_and_tokenizer(run)
         vocab = model.config.vocab_size
-        blocks = np.random.default_rng(0).integers(3, vocab, size=(args.batch * (args.steps + 1), seq), dtype=np.int32)
+        blocks = np.random.default_rng(0).integers(
+            3, vocab, size=(args.batch * args.accumulation * (args.steps + 1), seq), dtype=np.int32
+        )
         args_train = training_arguments(run)
         args_train.save_strategy = "no"
+        if args.compile:  # after __post_init__, which would have filled in the backend
+            args_train.torch_compile, args_train.torch_compile_backend = True, "inductor"
         trainer = MeasuredTrainer(
             model=model,
             args=args_train,
@@ -127,7 +135,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     params = trainer.flop_model.matmul_params
     print(
-        f"model: {params / 1e9:.2f}B matmul parameters, seq {seq}, batch {args.batch}, {args.steps} steps, "
+        f"model: {params / 1e9:.2f}B matmul parameters, seq {seq}, batch {args.batch} x {args.accumulation}, "
+        f"{args.steps} steps, compiled {args.compile}, "
         f"attention {args.attn}, activation checkpointing {run.gradient_checkpointing}, "
         f"peak {trainer.peak_tflops} TFLOP/s ({trainer.device_name})"
     )
