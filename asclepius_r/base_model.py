@@ -112,18 +112,18 @@ def _vocabulary(folder: Path, files: tuple[str, ...], settings: dict, problems: 
             if index >= 0
         }
         return "sentencepiece", vocab, own
-    from tokenizers import Tokenizer
-
     path = folder / "tokenizer.json"
     try:
-        kind = json.loads(path.read_text())["model"]["type"]
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as error:  # tokenizers raises a bare Exception on a malformed file
-        problems.append(f"tokenizer.json unreadable ({error})")
+        data = json.loads(path.read_text())
+        kind = data["model"]["type"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problems.append(f"tokenizer.json unreadable ({error!r})")
         return "bpe", {}, {}
     if kind != "BPE":
         problems.append(f"tokenizer.json is a {kind} tokenizer; only SentencePiece or BPE ones are handled")
-    return "bpe", tokenizer.get_vocab(with_added_tokens=True), {}
+        return "bpe", {}, {}
+    # Read as JSON rather than loaded by `tokenizers`, which would also build every merge (BENCHMARKS.md).
+    return "bpe", data["model"]["vocab"] | {token["content"]: token["id"] for token in data.get("added_tokens", [])}, {}
 
 
 def describe_base(folder: str | Path) -> BaseInfo:

@@ -23,6 +23,7 @@ from asclepius_r.base_model import (
     tiny_llama_tokenizer,
 )
 
+from .conftest import copy_workflow, run_snakemake
 from .train_support import demo_texts
 
 FAMILIES = {"llama1": "sentencepiece", "llama3": "bpe"}
@@ -181,3 +182,15 @@ def test_check_base_model_wants_weights(tiny, tmp_path):
 def test_a_llama3_vocabulary_too_small_for_the_bytes_is_refused():
     with pytest.raises(ValueError, match=r"tiny_model\.vocab_size: 200 asks for 184 regular tokens"):
         tiny_llama_tokenizer(demo_texts()[:2], TinyLlamaSpec(vocab_size=200, family="llama3"))
+
+
+def test_snakemake_builds_the_base_of_a_tiny_llama3_model(tmp_path):
+    workdir = copy_workflow(tmp_path / "workflow")
+    (workdir / "llama3.yaml").write_text("models:\n  llama3-8B: {base: tiny-llama3, gpus: 1}\n")
+    run_snakemake(
+        workdir, "--configfile", "demo/config.yaml", "llama3.yaml", "--", "results/base_models/llama3-8B", demo=False
+    )
+    folder = workdir / "results/base_models/llama3-8B"
+    info = describe_base(folder)
+    assert (info.family, info.bos_token, info.vocab_size) == ("bpe", LLAMA3_BOS, 600)
+    assert AutoTokenizer.from_pretrained(folder)("Discharged home.")["input_ids"][0] == info.bos_id
