@@ -22,8 +22,8 @@ from asclepius_r.base_model import (
     llama3_special_tokens,
     tiny_llama_tokenizer,
 )
+from tests.conftest import copy_workflow, run_snakemake
 
-from .conftest import copy_workflow, run_snakemake
 from .train_support import demo_texts
 
 FAMILIES = {"llama1": "sentencepiece", "llama3": "bpe"}
