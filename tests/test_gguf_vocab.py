@@ -157,7 +157,9 @@ def test_tiny_llama3_with_the_real_vocabulary(llama3_folder, tmp_path):
     assert (info.bos_id, info.eos_id, info.pad_id) == (128000, 128001, None)
     assert (tmp_path / "base/tokenizer.json").read_text() == (llama3_folder / "tokenizer.json").read_text()
     with pytest.raises(ValueError, match=r"tiny_model.vocab_size: 600, but tiny_model.tokenizer_model .* 128256"):
-        tiny_llama_tokenizer([], TinyLlamaSpec(vocab_size=600, tokenizer_model=str(llama3_folder), family="llama3"))
+        tiny_llama_tokenizer(
+            [], TinyLlamaSpec(vocab_size=600, tokenizer_model=str(llama3_folder / "tokenizer.json"), family="llama3")
+        )
 
 
 def test_a_sentencepiece_vocabulary_is_not_llama3(llama_spm):
