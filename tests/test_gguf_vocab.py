@@ -71,6 +71,11 @@ def test_rebuilt_tokenizer_reproduces_llama_cpp_references(llama_spm):
     assert processor.encode("Hello world", add_bos=True) == [1, 15043, 3186]
 
 
+def test_the_cli_writes_llama1_by_default(llama_spm, tmp_path):
+    main([str(tmp_path / "tokenizer.model")])
+    assert (tmp_path / "tokenizer.model").read_bytes() == sentencepiece_model(GgufVocab.from_gguf(llama_spm))
+
+
 def test_transformers_reads_it_and_differs_only_on_a_leading_space(llama_spm, tmp_path):
     """transformers 5 converts tokenizer.model to a Rust tokenizer that drops the dummy prefix's
     extra '▁' before a leading space (platform notes); every other reference case agrees."""
