@@ -89,6 +89,13 @@ def test_tiny_model_loads_and_its_tokenizer_adds_bos_once(tiny):
     assert model(input_ids=torch.tensor([ids])).logits.shape[-1] == 600
 
 
+def test_a_tiny_model_is_rebuilt_byte_for_byte(tiny, tmp_path):
+    family, folder = tiny
+    build_tiny_llama_from_texts(demo_texts(), tmp_path / "again", tiny_spec(family))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert all(p.read_bytes() == (tmp_path / "again" / p.name).read_bytes() for p in folder.iterdir())
+
+
 def test_llama3_tiny_has_llama3_special_token_layout(folders):
     folder = folders["llama3"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
