@@ -1,15 +1,20 @@
-"""The real LLaMA-1 tokenizer, rebuilt from the vocabulary that llama.cpp ships as GGUF.
+"""The real LLaMA-1 and Llama-3 tokenizers, rebuilt from the vocabularies that llama.cpp ships as GGUF.
 
 llama.cpp keeps vocabulary-only GGUF files (`models/ggml-vocab-<name>.gguf`) with reference
 tokenizations beside them (`.gguf.inp`: texts separated by `__ggml_vocab_test__` lines,
 `.gguf.out`: one line of token ids per text), and the PyPI source distribution of
 `llama-cpp-python` vendors them. This module fetches that sdist once with pip (cached outside the
-repository, never committed), reads a vocabulary's GGUF metadata, writes it as the tokenizer file
-its family uses (LLaMA-1's `llama` model: a SentencePiece `tokenizer.model`), and checks the result
-against the reference tokenizations, so the rehearsal's tiny LLaMA has LLaMA-1's exact 32000-token
-vocabulary without any model download.
+repository, never committed), reads a vocabulary's GGUF metadata, writes it as the tokenizer files
+its family uses, and checks the result against every reference tokenization, so the rehearsal's
+tiny models have the exact vocabularies without any model download:
+- `llama1` (`ggml-vocab-llama-spm.gguf`, tokenizer model `llama`): LLaMA-1's SentencePiece
+  `tokenizer.model`, 32,000 pieces;
+- `llama3` (`ggml-vocab-llama-bpe.gguf`, model `gpt2`, pre-tokenizer `llama-bpe`): a Hugging Face
+  folder (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`) with Llama-3's
+  byte-level BPE, 128,000 regular tokens and 256 special ones, BOS `<|begin_of_text|>`.
 
-    python -m asclepius_r.gguf_vocab OUT/tokenizer.model [--cache DIR]
+    python -m asclepius_r.gguf_vocab [--family llama1] OUT/tokenizer.model [--cache DIR]
+    python -m asclepius_r.gguf_vocab --family llama3 OUT_FOLDER [--cache DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +40,11 @@ log = logging.getLogger(__name__)
 LLAMA_CPP_PYTHON = ("llama-cpp-python", "0.3.36")
 VOCAB_DIR_IN_SDIST = "vendor/llama.cpp/models"
 TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
+# The llama.cpp vocabulary of each tokenizer family.
+FAMILY_VOCABS = {"llama1": "llama-spm", "llama3": "llama-bpe"}
+# llama.cpp's token types (its llama_token_type): regular tokens, and the special ones a BPE
+# tokenizer adds after them (control and user-defined).
+_NORMAL, _SPECIAL = 1, (3, 4)
 
 
 def cache_dir() -> Path:
@@ -143,7 +154,9 @@ def read_gguf_metadata(path: str | Path) -> dict:
 class GgufVocab:
     """A tokenizer as llama.cpp stores it (the `tokenizer.ggml.*` keys)."""
 
-    model: str  # "llama": SentencePiece; "gpt2": byte-level BPE (merges), for a later tokenizer.json
+    model: str  # "llama": SentencePiece; "gpt2": byte-level BPE (merges)
+    pre: str | None  # the BPE pre-tokenizer's name ("llama-bpe": Llama-3's)
+    context_length: int | None  # the model's, from `<architecture>.context_length`
     tokens: list[str]
     scores: list[float]
     token_types: list[int]  # llama.cpp's types equal SentencePiece's piece types (1 normal .. 6 byte)
@@ -160,6 +173,8 @@ class GgufVocab:
             tokens = meta["tokenizer.ggml.tokens"]
             return cls(
                 model=meta["tokenizer.ggml.model"],
+                pre=meta.get("tokenizer.ggml.pre"),
+                context_length=meta.get(f"{meta.get('general.architecture')}.context_length"),
                 tokens=tokens,
                 scores=meta.get("tokenizer.ggml.scores", [0.0] * len(tokens)),
                 token_types=meta.get("tokenizer.ggml.token_type", [1] * len(tokens)),
@@ -215,41 +230,81 @@ def reference_tokenizations(gguf: str | Path) -> list[tuple[str, list[int]]]:
     return list(zip(texts, ids, strict=True))
 
 
-def reference_mismatches(model: bytes, gguf: str | Path) -> list[tuple[str, list[int], list[int]]]:
-    """(text, expected, got) for every reference case that a SentencePiece model tokenizes differently."""
-    import sentencepiece as spm
+def bpe_tokenizer(vocab: GgufVocab):
+    """Llama-3's tokenizer (a `tokenizers.Tokenizer`) from a `gpt2` vocabulary with the `llama-bpe`
+    pre-tokenizer: regular tokens and merges as stored, the special tokens after them."""
+    from .base_model import llama3_tokenizer
 
-    processor = spm.SentencePieceProcessor(model_proto=model)
-    cases = reference_tokenizations(gguf)
-    return [(text, ids, got) for text, ids in cases if (got := processor.encode(text)) != ids]
+    if (vocab.model, vocab.pre) != ("gpt2", "llama-bpe"):
+        raise ValueError(f"a {vocab.model!r} vocabulary with pre-tokenizer {vocab.pre!r}: only 'gpt2' with 'llama-bpe'")
+    regular = [token for token, kind in zip(vocab.tokens, vocab.token_types, strict=True) if kind == _NORMAL]
+    special = [token for token, kind in zip(vocab.tokens, vocab.token_types, strict=True) if kind in _SPECIAL]
+    if vocab.tokens != regular + special:
+        raise ValueError("the vocabulary's special tokens do not all follow its regular ones")
+    merges = [tuple(merge.split(" ")) for merge in vocab.merges]
+    return llama3_tokenizer({token: i for i, token in enumerate(regular)}, merges, special)
+
+
+def reference_mismatches(
+    encode: Callable[[str], list[int]], gguf: str | Path
+) -> list[tuple[str, list[int], list[int]]]:
+    """(text, expected, got) for every reference case that `encode` (text -> ids, no BOS) tokenizes differently."""
+    return [(text, ids, got) for text, ids in reference_tokenizations(gguf) if (got := encode(text)) != ids]
+
+
+def _check_references(encode: Callable[[str], list[int]], gguf: Path) -> None:
+    mismatches = reference_mismatches(encode, gguf)
+    if mismatches:
+        text, expected, got = mismatches[0]
+        raise ValueError(
+            f"{gguf}: the rebuilt tokenizer differs on {len(mismatches)} reference cases, "
+            f"first {text!r}: expected {expected}, got {got}"
+        )
 
 
 def build_llama_tokenizer(out: str | Path, cache: Path | None = None) -> Path:
     """Write LLaMA-1's tokenizer.model to `out`, after checking every llama.cpp reference case."""
-    gguf = extract_vocab("llama-spm", cache)
+    import sentencepiece as spm
+
+    gguf = extract_vocab(FAMILY_VOCABS["llama1"], cache)
     model = sentencepiece_model(GgufVocab.from_gguf(gguf))
-    mismatches = reference_mismatches(model, gguf)
-    if mismatches:
-        text, expected, got = mismatches[0]
-        raise ValueError(
-            f"{gguf}: the rebuilt tokenizer.model differs on {len(mismatches)} reference cases, "
-            f"first {text!r}: expected {expected}, got {got}"
-        )
+    _check_references(spm.SentencePieceProcessor(model_proto=model).encode, gguf)
     with atomic_path(out) as tmp:
         Path(tmp).write_bytes(model)
     log.info("%s: LLaMA-1 tokenizer (32000 pieces) from %s, reference tokenizations reproduced", out, gguf.name)
     return Path(out)
 
 
+def build_llama3_tokenizer(out: str | Path, cache: Path | None = None) -> Path:
+    """Write Llama-3's tokenizer folder to `out`, after checking every llama.cpp reference case."""
+    from .base_model import save_llama3_tokenizer_folder
+
+    gguf = extract_vocab(FAMILY_VOCABS["llama3"], cache)
+    vocab = GgufVocab.from_gguf(gguf)
+    tokenizer = bpe_tokenizer(vocab)
+    _check_references(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, gguf)
+    with atomic_path(out, is_dir=True) as tmp:
+        save_llama3_tokenizer_folder(tmp, tokenizer, vocab.context_length)
+    log.info(
+        "%s: Llama-3 tokenizer (%d tokens) from %s, reference tokenizations reproduced",
+        out,
+        tokenizer.get_vocab_size(with_added_tokens=True),
+        gguf.name,
+    )
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="where to write tokenizer.model")
+    parser.add_argument("out", help="where to write tokenizer.model (llama1) or the tokenizer folder (llama3)")
+    parser.add_argument("--family", choices=sorted(FAMILY_VOCABS), default="llama1", help="default: llama1")
     parser.add_argument("--cache", type=Path, help="cache folder (default $ASCLEPIUS_CACHE or ~/.cache/asclepius-r)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    build_llama_tokenizer(out, args.cache)
+    build = build_llama_tokenizer if args.family == "llama1" else build_llama3_tokenizer
+    build(out, args.cache)
 
 
 if __name__ == "__main__":

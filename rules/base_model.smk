@@ -14,5 +14,6 @@ rule build_tiny_llama:
     params:
         spec=config["tiny_model"],
         seed=config["seed"],
+        family=lambda wildcards: TINY_BASES[config["models"][wildcards.size]["base"]],
     script:
         "../scripts/build_tiny_llama.py"

@@ -12,6 +12,7 @@ from snakemake.logging import logger
 
 from asclepius_r import config as workflow_config
 from asclepius_r import preflight
+from asclepius_r.base_model import TINY_BASES
 
 try:
     workflow_config.resolve(config, require_data=False)
@@ -56,7 +57,7 @@ def long_notes_tokenizer(wildcards):
 
 def base_model_dir(wildcards):
     base = data_path(f"models.{wildcards.size}.base")
-    return f"results/base_models/{wildcards.size}" if base == "tiny" else base
+    return f"results/base_models/{wildcards.size}" if base in TINY_BASES else base
 
 
 def replayed_archive(wildcards):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from asclepius_r.base_model import copy_tokenizer_model
+from asclepius_r.base_model import BaseModelError, copy_tokenizer_model
 from asclepius_r.prompts import CUT_MARK, render_released
 from asclepius_r.train.finetune import (
     IGNORE_INDEX,
@@ -214,5 +214,5 @@ def test_a_base_model_folder_without_tokenizer_model_is_refused(tmp_path):
     run = TrainRun(
         base_model=str(tmp_path), data="unused", output_dir="unused", checkpoint_dir="unused", metrics_file="unused"
     )
-    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+    with pytest.raises(BaseModelError, match="tokenizer.model"):
         load_model_and_tokenizer(run)
