@@ -132,7 +132,8 @@ def describe_base(folder: str | Path) -> BaseInfo:
     max_position_embeddings, else the tokenizer's model_max_length), the vocabulary size and the
     architecture. Raises BaseModelError naming the folder and everything missing: config.json, a
     tokenizer it can handle, a LlamaForCausalLM-compatible architecture, special tokens in the
-    vocabulary, a tokenizer as large as the model's embedding."""
+    vocabulary, an embedding with a row for every token (it may have more: padded embeddings are
+    common and harmless)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BaseModelError(f"base model {folder}: not a folder")
@@ -175,9 +176,9 @@ def describe_base(folder: str | Path) -> BaseInfo:
     embedding = config.get("vocab_size")
     if not isinstance(embedding, int):
         problems.append("no vocab_size in config.json")
-    elif vocab and embedding != size:
+    elif vocab and size > embedding:
         problems.append(
-            f"the tokenizer has {size} tokens but the model's embedding {embedding} (config.json vocab_size)"
+            f"the tokenizer has {size} tokens but the model's embedding only {embedding} (config.json vocab_size)"
         )
     if problems:
         raise BaseModelError(f"base model {folder}: {'; '.join(problems)}")

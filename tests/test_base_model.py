@@ -149,8 +149,8 @@ BROKEN = {
         r"architecture MistralForCausalLM is not LlamaForCausalLM-compatible",
     ),
     "embedding size": (
-        lambda f: _edit_json(f / "config.json", vocab_size=700),
-        r"the tokenizer has 600 tokens but the model's embedding 700 \(config\.json vocab_size\)",
+        lambda f: _edit_json(f / "config.json", vocab_size=500),
+        r"the tokenizer has 600 tokens but the model's embedding only 500 \(config\.json vocab_size\)",
     ),
     "context length": (
         lambda f: (
@@ -175,6 +175,14 @@ def test_describe_base_refuses_a_broken_folder_naming_what_is_missing(tiny, tmp_
     damage(broken)
     with pytest.raises(BaseModelError, match=rf"base model {broken}: .*{message}"):
         describe_base(broken)
+
+
+def test_an_embedding_padded_beyond_the_tokenizer_is_accepted(tiny, tmp_path):
+    _, folder = tiny
+    padded = tmp_path / "base"
+    shutil.copytree(folder, padded)
+    _edit_json(padded / "config.json", vocab_size=640)
+    assert describe_base(padded).vocab_size == 600
 
 
 def test_a_tokenizer_json_that_is_not_bpe_and_a_missing_folder_are_refused(tmp_path):
