@@ -70,7 +70,10 @@ def data_paths(config: dict) -> dict[str, str]:
     """Each data key of the config (dotted) -> what it must name."""
     paths = {"noteevents": "path to NOTEEVENTS.csv or .csv.gz"}
     paths.update(
-        {f"models.{name}.base": f"the {name} base model's folder in HF format, or 'tiny'" for name in config["models"]}
+        {
+            f"models.{name}.base": f"the {name} base model's folder in HF format, 'tiny' or 'tiny-llama3'"
+            for name in config["models"]
+        }
     )
     return paths
 
