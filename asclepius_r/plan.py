@@ -508,7 +508,7 @@ def _missing_inputs(config: dict) -> list[str]:
         value = workflow_config.config_value(config, key)
         if not value:
             problems.append(f"{key} is not set")
-        elif value != "tiny" and not Path(value).exists():
+        elif value not in workflow_config.TINY_BASES and not Path(value).exists():
             problems.append(f"{key}: {value} does not exist")
     return problems
 

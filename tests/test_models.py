@@ -96,6 +96,15 @@ def test_the_paper_config_keeps_2048_for_llama1_and_gives_a_llama3_base_8192(tmp
     assert lengths == {"7B": 2048, "llama3-8B": 8192}
 
 
+def test_the_plan_takes_both_tiny_bases_for_built_ones():
+    from asclepius_r.plan import _missing_inputs
+
+    config = with_models({"7B": {"base": "tiny"}, "llama3": {"base": "tiny-llama3"}, "real": {"base": "/nowhere"}})
+    assert [p for p in _missing_inputs(config) if p.startswith("models.")] == [
+        "models.real.base: /nowhere does not exist"
+    ]
+
+
 def test_a_missing_base_and_no_cap_say_what_to_set():
     config = with_models({"llama3-8B": {"base": "/nowhere/llama3"}}, finetune={"max_length": None})
     with pytest.raises(workflow_config.ConfigError, match=r"models\.llama3-8B\.finetune\.max_length"):
