@@ -3,9 +3,10 @@
 Times rebuilding each real vocabulary from llama.cpp's GGUF (`gguf_vocab`, sdist cached), building
 the tiny base models (`base: tiny` and `base: tiny-llama3` on the demo notes, and a Llama-3 one
 with the real 128,256-token vocabulary at the rehearsal's layer sizes) and `describe_base` on
-each. Then counts note tokens in both real vocabularies: the 44 demo discharge summaries and the
-rehearsal's synthetic notes (log-normal lengths in LLaMA-1 tokens, median 1,800, sigma 0.5, as
-rehearsal/config.yaml), with the notes longer than 2,048 and 8,192 tokens.
+each (best of 3). Then counts note tokens in both real vocabularies: the 44 demo discharge
+summaries and the rehearsal's synthetic ones (the "Discharge summary" rows, log-normal lengths in
+LLaMA-1 tokens, median 1,800, sigma 0.5, as rehearsal/config.yaml), with the notes longer than
+2,048 and 8,192 tokens.
 
     python bench/tokenizer_families.py [--long-notes 200]
 Prints Markdown tables for BENCHMARKS.md.
@@ -86,7 +87,10 @@ def main() -> None:
         long = notes.loc[notes["CATEGORY"] == "Discharge summary", "TEXT"].tolist()
         print("\n| notes | tokenizer | median tokens | characters per token | over 2,048 | over 8,192 |")
         print("|---|---|---|---|---|---|")
-        for label, texts in ((f"{len(demo)} demo discharge summaries", demo), (f"{len(long)} synthetic", long)):
+        for label, texts in (
+            (f"{len(demo)} demo discharge summaries", demo),
+            (f"{len(long)} synthetic discharge summaries", long),
+        ):
             for family in ("llama1", "llama3"):
                 tokenizer = AutoTokenizer.from_pretrained(scratch / family)
                 print(f"| {label} | {family} | {token_counts(tokenizer, texts)} |")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from asclepius_r.base_model import (
     llama3_special_tokens,
     tiny_llama_tokenizer,
 )
+from asclepius_r.train.checkpoints import export_checkpoint
 from tests.conftest import copy_workflow, run_snakemake
 
 from .train_support import demo_texts
@@ -87,6 +89,13 @@ def test_tiny_model_loads_and_its_tokenizer_adds_bos_once(tiny):
     assert model(input_ids=torch.tensor([ids])).logits.shape[-1] == 600
 
 
+def test_a_tiny_model_is_rebuilt_byte_for_byte(tiny, tmp_path):
+    family, folder = tiny
+    build_tiny_llama_from_texts(demo_texts(), tmp_path / "again", tiny_spec(family))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert all(p.read_bytes() == (tmp_path / "again" / p.name).read_bytes() for p in folder.iterdir())
+
+
 def test_llama3_tiny_has_llama3_special_token_layout(folders):
     folder = folders["llama3"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -104,6 +113,14 @@ def test_copy_tokenizer_model_carries_the_base_files(tiny, tmp_path):
     names = describe_base(folder).tokenizer_files
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert all((tmp_path / name).read_bytes() == (folder / name).read_bytes() for name in names)
+
+
+def test_an_exported_checkpoint_carries_the_base_tokenizer_files(tiny, tmp_path):
+    _, folder = tiny
+    export_checkpoint(folder, folder, tmp_path / "out", "float32")
+    info = describe_base(tmp_path / "out")
+    assert info == replace(describe_base(folder), folder=str(tmp_path / "out"))
+    assert all((tmp_path / "out" / name).read_bytes() == (folder / name).read_bytes() for name in info.tokenizer_files)
 
 
 def _edit_json(path, **changes):

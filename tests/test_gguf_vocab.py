@@ -71,6 +71,11 @@ def test_rebuilt_tokenizer_reproduces_llama_cpp_references(llama_spm):
     assert processor.encode("Hello world", add_bos=True) == [1, 15043, 3186]
 
 
+def test_the_cli_writes_llama1_by_default(llama_spm, tmp_path):
+    main([str(tmp_path / "tokenizer.model")])
+    assert (tmp_path / "tokenizer.model").read_bytes() == sentencepiece_model(GgufVocab.from_gguf(llama_spm))
+
+
 def test_transformers_reads_it_and_differs_only_on_a_leading_space(llama_spm, tmp_path):
     """transformers 5 converts tokenizer.model to a Rust tokenizer that drops the dummy prefix's
     extra '▁' before a leading space (platform notes); every other reference case agrees."""
@@ -157,7 +162,9 @@ def test_tiny_llama3_with_the_real_vocabulary(llama3_folder, tmp_path):
     assert (info.bos_id, info.eos_id, info.pad_id) == (128000, 128001, None)
     assert (tmp_path / "base/tokenizer.json").read_text() == (llama3_folder / "tokenizer.json").read_text()
     with pytest.raises(ValueError, match=r"tiny_model.vocab_size: 600, but tiny_model.tokenizer_model .* 128256"):
-        tiny_llama_tokenizer([], TinyLlamaSpec(vocab_size=600, tokenizer_model=str(llama3_folder), family="llama3"))
+        tiny_llama_tokenizer(
+            [], TinyLlamaSpec(vocab_size=600, tokenizer_model=str(llama3_folder / "tokenizer.json"), family="llama3")
+        )
 
 
 def test_a_sentencepiece_vocabulary_is_not_llama3(llama_spm):
