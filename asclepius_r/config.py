@@ -61,6 +61,9 @@ def resolve(config: dict, require_data: bool = True) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_message(error) for error in errors))
+    for name, model in config["models"].items():
+        if model["base"] in TINY_BASES:
+            tiny_spec(config, name)
     if require_data:
         check_data_paths(config)
     return config
@@ -180,13 +183,14 @@ def base_dir(config: dict, name: str) -> str | None:
 
 def tiny_spec(config: dict, name: str) -> dict:
     """The tiny base of model `name`: the tiny_model section with models.NAME.tiny_model over it
-    (TinyLlamaSpec's fields; the family comes from `base`, TINY_BASES)."""
-    section = yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["tiny_model"]["properties"]
-    override = config["models"][name].get("tiny_model", {})
-    unknown = sorted(set(override) - set(section))
-    if unknown:
-        raise ConfigError(f"config key models.{name}.tiny_model: unknown key(s) {', '.join(unknown)}")
-    return {**config["tiny_model"], **override}
+    (TinyLlamaSpec's fields; the family comes from `base`, TINY_BASES), checked against the schema."""
+    spec = {**config["tiny_model"], **config["models"][name].get("tiny_model", {})}
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["tiny_model"]
+    for error in jsonschema.Draft202012Validator(schema).iter_errors(spec):
+        # The section itself passed `resolve`, so what fails here is the model's override.
+        where = ".".join(["models", name, "tiny_model", *map(str, error.absolute_path)])
+        raise ConfigError(f"config key {where}: {_message(error).removeprefix(f'config key {_key(error)}: ')}")
+    return spec
 
 
 def base_context(config: dict, name: str) -> int | None:

@@ -111,10 +111,16 @@ def test_a_missing_base_and_no_cap_say_what_to_set():
         workflow_config.training_settings(config, "finetune", "llama3-8B")
 
 
-def test_a_wrong_tiny_model_override_is_named():
-    config = with_models({"llama3": {"base": "tiny-llama3", "tiny_model": {"layers": 2}}})
-    with pytest.raises(workflow_config.ConfigError, match=r"models\.llama3\.tiny_model: unknown key\(s\) layers"):
-        workflow_config.tiny_spec(config, "llama3")
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"layers": 2}, r"models\.llama3\.tiny_model: unknown key\(s\) layers"),
+        ({"vocab_size": "large"}, r"models\.llama3\.tiny_model\.vocab_size: 'large' is not of type 'integer'"),
+    ],
+)
+def test_a_wrong_tiny_model_override_is_named(override, message):
+    with pytest.raises(workflow_config.ConfigError, match=message):
+        with_models({"llama3": {"base": "tiny-llama3", "tiny_model": override}})
 
 
 @pytest.fixture(scope="module", params=["llama1", "llama3"])
