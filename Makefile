@@ -35,15 +35,18 @@ PLAN_CONFIG ?= config.yaml
 plan: $(STAMP)
 	$(BIN)/python -m asclepius_r.plan $(foreach file,$(PLAN_CONFIG),--config $(file))
 
-# The paper run's shape on a CPU (rehearsal/config.yaml over config.yaml): LLaMA-1's tokenizer rebuilt
+# The paper run's shape on a CPU (rehearsal/config.yaml over config.yaml): LLaMA-1's and Llama-3's tokenizers rebuilt
 # from llama.cpp's GGUF vocabulary (the llama-cpp-python sdist, fetched once into ~/.cache/asclepius-r),
 # notes of MIMIC-III's lengths, the local LLM server with latency and faults, 8 fake GPUs; then the
 # checks of rehearsal/check.py. Shares results/ with the demo (each reruns what the other changed).
 REHEARSAL_TOKENIZER := results/rehearsal/llama-spm/tokenizer.model
-rehearsal: $(STAMP) $(REHEARSAL_TOKENIZER)
+REHEARSAL_LLAMA3_TOKENIZER := results/rehearsal/llama-bpe/tokenizer.json
+rehearsal: $(STAMP) $(REHEARSAL_TOKENIZER) $(REHEARSAL_LLAMA3_TOKENIZER)
 	$(BIN)/python -m rehearsal.run --cores $(CORES)
 $(REHEARSAL_TOKENIZER): asclepius_r/gguf_vocab.py | $(STAMP)
-	$(BIN)/python -m asclepius_r.gguf_vocab $@
+	$(BIN)/python -m asclepius_r.gguf_vocab --family llama1 $@
+$(REHEARSAL_LLAMA3_TOKENIZER): asclepius_r/gguf_vocab.py | $(STAMP)
+	$(BIN)/python -m asclepius_r.gguf_vocab --family llama3 $(@D)
 
 # The paper run (config.yaml): its release folder, then its HTML report.
 release: $(STAMP)

@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .base_model import TINY_BASES
 from .errors import UserError
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
@@ -39,20 +40,30 @@ def _key(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
+def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"config key {_key(error)}: unknown key(s) {', '.join(extra)}"
+    if "propertyNames" in error.schema_path:
+        # jsonschema reports the bad name against the pattern, which does not say what is allowed.
+        return (
+            f"config key {_key(error)}: model name {error.instance!r} is not allowed; a name is used in paths, "
+            "wildcards, dotted config keys and release names (Asclepius-R-NAME): letters, digits and '_', in parts "
+            "joined by single '-', at most 64 characters, not ending in -Pretrained-Only (e.g. 7B, llama3-8B)"
+        )
+    return f"config key {_key(error)}: {error.message}"
+
+
 def resolve(config: dict, require_data: bool = True) -> dict:
     """Validate `config` in place against the schema (filling defaults); raise ConfigError by key."""
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = []
-        for error in errors:
-            if error.validator == "additionalProperties":
-                extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-                lines.append(f"config key {_key(error)}: unknown key(s) {', '.join(extra)}")
-            else:
-                lines.append(f"config key {_key(error)}: {error.message}")
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_message(error) for error in errors))
+    for name, model in config["models"].items():
+        if model["base"] in TINY_BASES:
+            tiny_spec(config, name)
     if require_data:
         check_data_paths(config)
     return config
@@ -61,7 +72,12 @@ def resolve(config: dict, require_data: bool = True) -> dict:
 def data_paths(config: dict) -> dict[str, str]:
     """Each data key of the config (dotted) -> what it must name."""
     paths = {"noteevents": "path to NOTEEVENTS.csv or .csv.gz"}
-    paths.update({f"models.{size}.base": f"LLaMA-{size} folder in HF format, or 'tiny'" for size in config["models"]})
+    paths.update(
+        {
+            f"models.{name}.base": f"the {name} base model's folder in HF format, 'tiny' or 'tiny-llama3'"
+            for name in config["models"]
+        }
+    )
     return paths
 
 
@@ -159,21 +175,81 @@ def llm_settings(config: dict):
     return LLMSettings.from_config(config["llm"])
 
 
+def base_dir(config: dict, name: str) -> str | None:
+    """The base model folder of model `name`: built under results/ for a tiny base, else the configured one."""
+    base = config["models"][name]["base"]
+    return f"results/base_models/{name}" if base in TINY_BASES else base
+
+
+def tiny_spec(config: dict, name: str) -> dict:
+    """The tiny base of model `name`: the tiny_model section with models.NAME.tiny_model over it
+    (TinyLlamaSpec's fields; the family comes from `base`, TINY_BASES), checked against the schema."""
+    spec = {**config["tiny_model"], **config["models"][name].get("tiny_model", {})}
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["tiny_model"]
+    for error in jsonschema.Draft202012Validator(schema).iter_errors(spec):
+        # The section itself passed `resolve`, so what fails here is the model's override.
+        where = ".".join(["models", name, "tiny_model", *map(str, error.absolute_path)])
+        raise ConfigError(f"config key {where}: {_message(error).removeprefix(f'config key {_key(error)}: ')}")
+    return spec
+
+
+def base_context(config: dict, name: str) -> int | None:
+    """Positions the base of model `name` has; None while a real base folder is not there yet."""
+    base = config["models"][name]["base"]
+    if base in TINY_BASES:
+        return tiny_spec(config, name)["max_position_embeddings"]
+    if not base or not (Path(base) / "config.json").exists():
+        return None
+    from .base_model import describe_base
+
+    try:
+        return describe_base(base).context_length
+    except UserError as error:
+        raise ConfigError(f"config key models.{name}.base: {error}") from None
+
+
 # Training keys that only one stage reads; elsewhere they are an error rather than silently unused.
 STAGE_ONLY_KEYS = {"truncation": "finetune", "note_attention": "pretrain"}
 
 
-def training_settings(config: dict, stage: str, size: str) -> dict:
-    """The stage's settings with the size's overrides applied; unknown keys name their place."""
-    merged = {**config[stage], **config["models"][size].get(stage, {})}
+def training_settings(config: dict, stage: str, name: str, context: int | None = None) -> dict:
+    """The stage's settings with model `name`'s overrides applied; unknown keys name their place.
+
+    `max_length` is a cap: the model trains at the smaller of it and its base's context (given, or
+    `base_context`), so LLaMA-1 keeps 2048 and Llama-3 gets its 8,192 under one config.
+    """
+    merged = {**config[stage], **config["models"][name].get(stage, {})}
     allowed = set(yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]["training"]["properties"])
     unknown = sorted(set(merged) - allowed)
     if unknown:
-        raise ConfigError(f"config key models.{size}.{stage}: unknown key(s) {', '.join(unknown)}")
+        raise ConfigError(f"config key models.{name}.{stage}: unknown key(s) {', '.join(unknown)}")
     for key in sorted(merged.keys() & STAGE_ONLY_KEYS.keys()):
         if STAGE_ONLY_KEYS[key] != stage:
             raise ConfigError(f"config key {stage}.{key}: a {STAGE_ONLY_KEYS[key]} setting only")
-    return {"seed": config["seed"], **merged}
+    context = context or base_context(config, name)
+    lengths = [n for n in (merged.get("max_length"), context) if n is not None]
+    if not lengths:
+        raise ConfigError(
+            f"config key models.{name}.{stage}.max_length: the base folder is not there to read its context "
+            f"from; set {stage}.max_length"
+        )
+    return {"seed": config["seed"], **merged, "max_length": min(lengths)}
+
+
+def release_names(name: str) -> tuple[str, str]:
+    """(pretrained-only, fine-tuned) release names of model `name`."""
+    return f"Asclepius-R-{name}-Pretrained-Only", f"Asclepius-R-{name}"
+
+
+# The evaluation's name for a model's base, beside its Asclepius-R checkpoints.
+BASE_PREFIX = "Base-"
+
+
+def evaluated_models(config: dict) -> list[str]:
+    """Every model the evaluation compares: per configured model its base, pretrained-only and
+    Asclepius-R, then the extra models."""
+    names = [n for name in config["models"] for n in (BASE_PREFIX + name, *release_names(name))]
+    return names + list(config["evaluate"]["extra_models"])
 
 
 def truncation_policy(config: dict) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .prompts import FittedPrompt, fit_prompt
+from .prompts import FittedPrompt, check_adds_bos_once, fit_prompt
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,11 @@ def load_for_generation(model_dir: str, device: str | None = None):
     """The model on `device` (default: the first CUDA device if any, else CPU) and its tokenizer."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    check_adds_bos_once(tokenizer, model_dir)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token  # batching needs a pad id; BOS would be wrong
+        # Batching needs a pad id (masked, left of the prompt); BOS would be wrong. LLaMA-1 has
+        # <unk>; Llama-3 has none, and its EOS, where generation stops anyway, serves.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.to(device).eval()

@@ -104,11 +104,11 @@ def ensure_notes(config: dict, notes_dir: str | Path) -> Path | None:
 
 
 def model_shape(config: dict, size: str) -> tuple[dict, str]:
-    """The LLaMA shape of a size and where it came from: the base folder's config.json, the
-    demo's `tiny_model` section, or LLaMA-1's published shape."""
+    """The LLaMA shape of a model and where it came from: the base folder's config.json, the
+    demo's `tiny_model` section (with the model's overrides), or LLaMA-1's published shape."""
     base = config["models"][size]["base"]
-    if base == "tiny":
-        return {**config["tiny_model"], "max_position_embeddings": 2048, "tie_word_embeddings": False}, "tiny_model"
+    if base in workflow_config.TINY_BASES:
+        return {**workflow_config.tiny_spec(config, size), "tie_word_embeddings": False}, "tiny_model"
     if base and (Path(base) / "config.json").exists():
         return json.loads((Path(base) / "config.json").read_text()), f"{base}/config.json"
     if size in LLAMA1_SHAPES:
@@ -239,8 +239,7 @@ def instruction_row(config: dict, train_chars: np.ndarray, heldout_chars: np.nda
 
 
 def evaluated_model_count(config: dict) -> int:
-    """Base, pretrained-only and Asclepius-R per size, plus the extra models (common.smk's list)."""
-    return 3 * len(config["models"]) + len(config["evaluate"]["extra_models"])
+    return len(workflow_config.evaluated_models(config))
 
 
 def judge_row(config: dict, heldout_chars: np.ndarray) -> dict:
@@ -307,7 +306,7 @@ def training_rows(config: dict, shapes: dict[str, tuple[dict, str]]) -> list[dic
     sharded_config = bool(config["launch"]["accelerate_config"])
     for stage in ("pretrain", "finetune"):
         for size, (shape, _) in shapes.items():
-            settings = workflow_config.training_settings(config, stage, size)
+            settings = workflow_config.training_settings(config, stage, size, shape.get("max_position_embeddings"))
             params, _ = parameter_counts(shape)
             gpus = config["models"][size]["gpus"]
             devices = gpus or config["launch"]["cpu_processes"]
@@ -334,7 +333,7 @@ def training_rows(config: dict, shapes: dict[str, tuple[dict, str]]) -> list[dic
 def _side_files(config: dict, size: str) -> int:
     """Bytes of what an export copies from the base folder besides weights (tokenizer, configs)."""
     base = config["models"][size]["base"]
-    folder = Path(f"results/base_models/{size}" if base == "tiny" else base or "")
+    folder = Path(workflow_config.base_dir(config, size) or "")
     weights = (".safetensors", ".bin", ".pt", ".index.json")
     if not base or not folder.is_dir():
         return 0
@@ -365,7 +364,7 @@ class NoteTokens:
     def __init__(self, notes_path: Path, base: str | None):
         self.notes_path = notes_path
         self.tokenizer = None
-        if base and (Path(base) / "tokenizer.model").exists():
+        if base and any((Path(base) / name).exists() for name in ("tokenizer.model", "tokenizer.json")):
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(base)
@@ -418,13 +417,12 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
     for row in rows:
         size, stage = row["size"], row["stage"]
         shape = shapes[size][0]
-        base = config["models"][size]["base"]
-        folder = f"results/base_models/{size}" if base == "tiny" else base
+        folder = workflow_config.base_dir(config, size)
         if folder not in counted:
             counter = NoteTokens(notes_dir / "discharge.parquet", folder)
             counted[folder] = (counter, counter.notes())
         counter, tokens = counted[folder]
-        settings = workflow_config.training_settings(config, stage, size)
+        settings = workflow_config.training_settings(config, stage, size, shape.get("max_position_embeddings"))
         length = settings["max_length"]
         # Without GPUs (or with the rehearsal's fake ones) the launcher trains in cpu_processes processes.
         devices = config["launch"]["cpu_processes"] if not row["gpus"] or fake_devices() else row["gpus"]
@@ -510,7 +508,7 @@ def _missing_inputs(config: dict) -> list[str]:
         value = workflow_config.config_value(config, key)
         if not value:
             problems.append(f"{key} is not set")
-        elif value != "tiny" and not Path(value).exists():
+        elif value not in workflow_config.TINY_BASES and not Path(value).exists():
             problems.append(f"{key}: {value} does not exist")
     return problems
 

@@ -8,7 +8,8 @@ a paid one (instructions or the judge through a live endpoint). It checks:
 - GPUs (local execution only; a cluster's nodes are not this machine): as many visible as each
   job is given, with the memory its model and micro-batch need; without a GPU, that the CPU
   fallback is meant for the model (the demo's tiny ones) and fits in memory;
-- base models: each real base folder complete (config, tokenizer.model, every weight file);
+- base models: each real base folder one the workflow handles (config, a SentencePiece or BPE
+  tokenizer, a LLaMA architecture; `describe_base`) and complete (every weight file);
 - LLM: the paid stages' endpoints approved, their keys set and priced, and each archive's
   spending so far plus the plan's dollars for the rest (archived responses are not paid again)
   within `llm.budget_usd`, which is the archive's across runs.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as workflow_config
+from .errors import UserError
 from .files import write_json
 from .plan import (
     DTYPE_BYTES,
@@ -75,12 +77,20 @@ def paid_rules(config: dict) -> set[str]:
     return {"generate_instructions"} | ({"judge_heldout"} if config["judge"]["backend"] == "llm" else set())
 
 
-def base_folder_problems(size: str, folder: Path, shape: dict) -> list[str]:
-    """A real base folder must hold its config, tokenizer.model and every weight file, complete."""
+def base_folder_problems(size: str, folder: Path) -> list[str]:
+    """A real base folder must hold a config, tokenizer and architecture the workflow handles
+    (`describe_base`), and every weight file, complete."""
+    from .base_model import describe_base
+
     where = f"models.{size}.base ({folder})"
     if not folder.is_dir():
         return [f"{where} does not exist"]
-    missing = [name for name in ("config.json", "tokenizer.model") if not (folder / name).exists()]
+    try:
+        describe_base(folder)
+    except UserError as error:
+        return [f"{where} cannot be used: {error}"]
+    shape = json.loads((folder / "config.json").read_text())
+    missing = []
     indexes = [folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")]
     index = next((path for path in indexes if path.exists()), None)
     if index is not None:
@@ -286,11 +296,14 @@ def check(config: dict, jobs: list[Job], workdir: str | Path = ".", local: bool 
         plan = make_plan(config, notes_dir if current else ensure_notes(config, scratch), compute=False, gpus=gpus)
     problems = []
     for size in sorted(
-        {job.wildcards.get("size") or job.wildcards.get("model", "").removeprefix("LLaMA-") for job in checked}
+        {
+            job.wildcards.get("size") or job.wildcards.get("model", "").removeprefix(workflow_config.BASE_PREFIX)
+            for job in checked
+        }
     ):
         base = config["models"].get(size, {}).get("base")
-        if base and base != "tiny":
-            problems += base_folder_problems(size, Path(base), model_shape(config, size)[0])
+        if base and base not in workflow_config.TINY_BASES:
+            problems += base_folder_problems(size, Path(base))
     summary: list[str] = []
     problems += _disk_problem(config, plan, jobs, workdir, gpu_limit, summary)
     if local:

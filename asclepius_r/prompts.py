@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InputError
+
 # The released Asclepius-R template, byte for byte: the "languge" typo and the space after
 # "[Instruction End]" are part of the interface the published checkpoints were used with.
 RELEASED_TEMPLATE = """You are an intelligent clinical languge model.
@@ -30,6 +32,19 @@ The response should provide the accurate answer to the instruction, while being 
 def render_released(note: str, question: str) -> str:
     """The model input for a note and a question, exactly as the release documents it."""
     return RELEASED_TEMPLATE.format(note=note, question=question)
+
+
+def check_adds_bos_once(tokenizer, where: str) -> None:
+    """Prompts are plain text, never a chat template: the base's tokenizer must put its own BOS
+    once before a text and nothing after it, as LLaMA-1/2's and Llama-3's base tokenizers do."""
+    ids = tokenizer("x")["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or ids[:1] != [bos] or bos in ids[1:] or (eos is not None and eos in ids):
+        raise InputError(
+            f"{where}: its tokenizer must add its BOS token ({tokenizer.bos_token!r}) once at the start of a "
+            f"text and no EOS; it encodes 'x' as {ids} (check add_bos_token/add_eos_token in tokenizer_config.json "
+            "or the post-processor in tokenizer.json)"
+        )
 
 
 # drop: leave the example out (what 2023 effectively did when its answer was cut off);

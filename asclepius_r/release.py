@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import training_settings
+from .config import TINY_BASES, release_names, training_settings
 from .errors import UserError
 from .files import atomic_path, sha256_file, write_json
 from .prompts import RELEASED_TEMPLATE
@@ -379,13 +379,18 @@ def manifest(config: dict, source_root: Path, inputs: dict[str, str]) -> dict:
 # ---------------------------------------------------------------- the release
 
 
-def _base_model_name(config: dict, size: str) -> str:
-    base = config["models"][size]["base"]
-    return (
-        f"tiny LLaMA built by the workflow (demo, {size} slot)"
-        if base == "tiny"
-        else f"LLaMA-{size} ({Path(base).name})"
+def base_model_description(config: dict, name: str, trained: dict) -> str:
+    """The base of model `name` as its model card names it: what training read from the base
+    folder itself (`trained`: the pretrained-only checkpoint's training_run.json)."""
+    base = trained["base"]
+    tokenizer = "SentencePiece" if base["tokenizer"] == "sentencepiece" else "byte-level BPE"
+    what = (
+        f"{base['architecture']}, {tokenizer} vocabulary of {base['vocab_size']:,}, "
+        f"{base['context_length']:,}-token context"
     )
+    if config["models"][name]["base"] in TINY_BASES:
+        return f"a tiny random model built by the workflow (demo; {what})"
+    return f"{base['folder']} ({what})"
 
 
 def build_release(
@@ -403,13 +408,14 @@ def build_release(
         for name, folder in sorted(checkpoints.items()):
             size, stage = _size_and_stage(name)
             shutil.copytree(folder, tmp / name, ignore=shutil.ignore_patterns(*_CHECKPOINT_PRIVATE))
-            base = _base_model_name(config, size) if stage == "pretrain" else f"Asclepius-R-{size}-Pretrained-Only"
+            trained = json.loads((Path(folder) / "training_run.json").read_text())
+            base = base_model_description(config, size, trained) if stage == "pretrain" else release_names(size)[0]
             data = (
                 "MIMIC-III NOTEEVENTS discharge summaries (training split)"
                 if stage == "pretrain"
                 else "mimiciii_discharge.csv"
             )
-            hyperparameters = training_settings(config, stage, size)
+            hyperparameters = training_settings(config, stage, size, context=trained["base"]["context_length"])
             (tmp / name / "README.md").write_text(model_card(name, base, stage, hyperparameters, data))
         for name, path in sorted(files.items()):
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)

@@ -164,3 +164,35 @@ def evaluation_tables(per_model_tsv, per_task_tsv, judge_stats, out_html) -> Non
         )
     )
     _write_html(out_html, "Evaluation", tables)
+
+
+def models_table(training_runs: dict[str, tuple[str, str]], out_html) -> None:
+    """Every configured model side by side: its base (read from the base folder by training), the
+    max_length each stage trained at, and what fine-tuning did with examples longer than that.
+
+    `training_runs`: model name -> (pretrained-only, fine-tuned) checkpoint folders.
+    """
+    rows = []
+    for name, folders in training_runs.items():
+        pretrained, finetuned = (json.loads((Path(f) / "training_run.json").read_text()) for f in folders)
+        base, data = pretrained["base"], finetuned["data"]  # fine-tuning's base is the pretrained-only checkpoint
+        rows.append(
+            [
+                name,
+                base["folder"],
+                base["tokenizer"],
+                f"{base['vocab_size']:,}",
+                f"{base['context_length']:,}",
+                pretrained["settings"]["max_length"],
+                finetuned["settings"]["max_length"],
+                data["policy"],
+                data["examples"],
+                data["whole"],
+                data["truncated"],
+                data["dropped"],
+            ]
+        )
+    header = ["model", "base", "tokenizer", "vocabulary", "context", "pretrain max_length", "finetune max_length"]
+    header += ["truncation", "examples", "whole", "truncated", "dropped"]
+    caption = "Models (training_run.json of results/models/Asclepius-R-NAME and -Pretrained-Only)"
+    _write_html(out_html, "Models", [_table(caption, header, rows)])

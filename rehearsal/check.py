@@ -1,10 +1,12 @@
 """What the paper run needs, checked on the rehearsal's results (the last step of `make rehearsal`).
 
 Each check reads the files the workflow wrote and recomputes what it can independently:
-- the tiny LLaMA has LLaMA-1's tokenizer (32000 pieces, the rebuilt tokenizer.model);
+- each tiny base model carries the real tokenizer of its family: LLaMA-1's (32000 pieces, the
+  rebuilt tokenizer.model) or Llama-3's (128256, the rebuilt tokenizer.json);
 - the discharge summaries have MIMIC-III's token lengths (median near 1,800, 10-20% over 3,000);
 - fine-tuning examples are whole, truncated or dropped exactly as the truncation policy says: the
-  counts in results/metrics/finetune-{size}-truncation.json agree with a recount here;
+  counts in results/metrics/finetune-{name}-truncation.json agree with a recount here, per model,
+  at each model's own max_length (its base's context under the config's cap);
 - every evaluation prompt ends with the question and `[Instruction End] `, has the recorded
   length, and fits the model's context with max_new_tokens;
 - every GPU job claimed its devices from the fake list, and no two jobs that ran at the same time
@@ -27,7 +29,15 @@ from pathlib import Path
 
 import yaml
 
-from asclepius_r.config import resolve, training_settings
+from asclepius_r.config import (
+    BASE_PREFIX,
+    TINY_BASES,
+    base_dir,
+    evaluated_models,
+    resolve,
+    tiny_spec,
+    training_settings,
+)
 from asclepius_r.files import read_jsonl
 from asclepius_r.prompts import RELEASED_TEMPLATE, render_released
 
@@ -45,13 +55,23 @@ def _tokenizer(folder):
 
 
 def check_tokenizer(config: dict, sizes: list[str]) -> str:
-    source = Path(config["tiny_model"]["tokenizer_model"]).read_bytes()
+    lines = []
     for size in sizes:
-        folder = Path(f"results/base_models/{size}")
-        assert (folder / "tokenizer.model").read_bytes() == source, f"{folder}: not the rebuilt LLaMA-1 tokenizer.model"
-        size_of = len(_tokenizer(folder))
-        assert size_of == 32000, f"{folder}: vocabulary of {size_of}, not 32000"
-    return f"{len(sizes)} base models carry LLaMA-1's tokenizer (32000 pieces)"
+        spec = tiny_spec(config, size)
+        folder, source = Path(base_dir(config, size)), Path(spec["tokenizer_model"])
+        tokenizer = _tokenizer(folder)
+        assert len(tokenizer) == spec["vocab_size"], (
+            f"{folder}: vocabulary of {len(tokenizer)}, not {spec['vocab_size']}"
+        )
+        family = TINY_BASES[config["models"][size]["base"]]
+        if family == "llama1":
+            assert (folder / "tokenizer.model").read_bytes() == source.read_bytes(), f"{folder}: not {source}"
+        else:
+            sample = "Pt. is a 67 y/o M w/ CHF (EF 25%), admitted 2150-03-01 for SOB; discharged on Lasix 40mg PO BID."
+            rebuilt = _tokenizer(source.parent if source.is_file() else source)(sample)["input_ids"]
+            assert tokenizer(sample)["input_ids"] == rebuilt, f"{folder}: tokenizes unlike {source}"
+        lines.append(f"{size}: {family} ({len(tokenizer)} tokens)")
+    return "base models carry their family's real tokenizer: " + ", ".join(lines)
 
 
 def report_lengths(config: dict) -> list[int]:
@@ -109,7 +129,7 @@ def policy_counts(lengths: list[tuple[int, int]], max_length: int) -> dict[str, 
 
 
 def check_truncation(config: dict, sizes: list[str]) -> str:
-    lines = []
+    lines, shares = [], {}
     for size in sizes:
         path = Path(f"results/metrics/finetune-{size}-truncation.json")
         assert path.exists(), f"{path} missing: fine-tuning does not count truncation (finetune.truncation)"
@@ -117,26 +137,29 @@ def check_truncation(config: dict, sizes: list[str]) -> str:
         settings = training_settings(config, "finetune", size)
         assert counts["max_length"] == settings["max_length"], f"{path}: max_length {counts['max_length']}"
         assert counts["examples"] == counts["whole"] + counts["truncated"] + counts["dropped"], f"{path}: {counts}"
-        expected = policy_counts(example_lengths(_tokenizer(f"results/base_models/{size}")), counts["max_length"])
-        write_policy_shares(expected, counts["max_length"])
+        expected = policy_counts(example_lengths(_tokenizer(base_dir(config, size))), counts["max_length"])
+        shares[size] = policy_shares(expected, counts["max_length"])
         want = expected[counts["policy"]]
         got = {key: counts[key] for key in ("examples", "whole", "truncated", "dropped")}
         assert got == {key: want[key] for key in got}, f"{path}: {got}, a recount under {counts['policy']!r}: {want}"
-        lines.append(f"{size} ({counts['policy']}): {got}")
+        lines.append(f"{size} (max_length {counts['max_length']}, {counts['policy']}): {got}")
+    (OUT / "truncation-by-policy.json").write_text(json.dumps(shares, indent=1) + "\n")
     return "; ".join(lines)
 
 
-def write_policy_shares(counts: dict, max_length: int) -> None:
-    """The share of fine-tuning examples truncated or dropped under each policy (for BENCHMARKS.md)."""
-    shares = {
-        policy: {
-            **c,
-            "truncated_share": round(c["truncated"] / c["examples"], 3),
-            "dropped_share": round(c["dropped"] / c["examples"], 3),
-        }
-        for policy, c in counts.items()
+def policy_shares(counts: dict, max_length: int) -> dict:
+    """The share of a model's fine-tuning examples truncated or dropped under each policy (for BENCHMARKS.md)."""
+    return {
+        "max_length": max_length,
+        **{
+            policy: {
+                **c,
+                "truncated_share": round(c["truncated"] / c["examples"], 3),
+                "dropped_share": round(c["dropped"] / c["examples"], 3),
+            }
+            for policy, c in counts.items()
+        },
     }
-    (OUT / "truncation-by-policy.json").write_text(json.dumps({"max_length": max_length, **shares}, indent=1) + "\n")
 
 
 def check_eval_prompts(config: dict, models: list[str]) -> str:
@@ -153,8 +176,8 @@ def check_eval_prompts(config: dict, models: list[str]) -> str:
     cut = 0
     for model in models:
         folder = Path(
-            f"results/base_models/{model.removeprefix('LLaMA-')}"
-            if model.startswith("LLaMA-")
+            base_dir(config, model.removeprefix(BASE_PREFIX))
+            if model.startswith(BASE_PREFIX)
             else f"results/models/{model}"
         )
         tokenizer = _tokenizer(folder)
@@ -209,7 +232,7 @@ def check_gpu_claims(config: dict, sizes: list[str], models: list[str], devices:
     return f"{len(by_job)} GPU jobs, up to {concurrent} at once, never sharing a device"
 
 
-def check_checkpoints(sizes: list[str]) -> str:
+def check_checkpoints(config: dict, sizes: list[str]) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -225,9 +248,10 @@ def check_checkpoints(sizes: list[str]) -> str:
             prompt = render_released(item["note"][:2000], item["question"])
             batch = tokenizer(prompt, return_tensors="pt")
             with torch.inference_mode():
-                out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.unk_token_id)
+                out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             assert out.shape[1] > batch["input_ids"].shape[1], f"{folder}: no answer generated"
-            assert model.config.vocab_size == 32000, f"{folder}: vocab_size {model.config.vocab_size}"
+            vocab = tiny_spec(config, size)["vocab_size"]
+            assert model.config.vocab_size == vocab, f"{folder}: vocab_size {model.config.vocab_size}, not {vocab}"
             loaded.append(name)
     return f"{len(loaded)} released checkpoints load and answer with the released template"
 
@@ -257,16 +281,14 @@ def run_all(config: dict, devices: list[str], outcomes: dict | None = None) -> l
     _merge(full, config)
     resolve(full, require_data=False)
     sizes = sorted(full["models"])
-    models = [
-        m for size in sizes for m in (f"LLaMA-{size}", f"Asclepius-R-{size}-Pretrained-Only", f"Asclepius-R-{size}")
-    ]
+    models = evaluated_models(full)
     checks = {
         "tokenizer": lambda: check_tokenizer(full, sizes),
         "note lengths": lambda: check_note_lengths(full),
         "truncation": lambda: check_truncation(full, sizes),
         "evaluation prompts": lambda: check_eval_prompts(full, models),
         "GPU claims": lambda: check_gpu_claims(full, sizes, models, devices),
-        "exported checkpoints": lambda: check_checkpoints(sizes),
+        "exported checkpoints": lambda: check_checkpoints(full, sizes),
         "LLM faults and judge": lambda: check_llm(outcomes),
     }
     results, failures = {}, []

@@ -1,10 +1,11 @@
-# Stage 3: the base model. Paper: a LLaMA folder from config. Demo: a tiny LLaMA made here.
+# Stage 3: the base model. Paper: a Hugging Face folder per model from config. Demo: a tiny LLaMA
+# made here, LLaMA-1-style (`base: tiny`) or Llama-3-style (`base: tiny-llama3`).
 
 
 rule build_tiny_llama:
     input:
         notes="results/notes/discharge.parquet",
-        tokenizer=config["tiny_model"]["tokenizer_model"] or [],
+        tokenizer=lambda wildcards: workflow_config.tiny_spec(config, wildcards.size)["tokenizer_model"] or [],
     output:
         directory("results/base_models/{size}"),
     log:
@@ -12,7 +13,7 @@ rule build_tiny_llama:
     conda:
         "../envs/train.yaml"
     params:
-        spec=config["tiny_model"],
+        spec=lambda wildcards: workflow_config.tiny_spec(config, wildcards.size),
         seed=config["seed"],
         family=lambda wildcards: TINY_BASES[config["models"][wildcards.size]["base"]],
     script:

@@ -19,6 +19,7 @@ try:
 except workflow_config.ConfigError as error:
     raise WorkflowError(str(error)) from None
 
+# The configured models by name (7B, 13B, llama3-8B); the {size} wildcard is one of them.
 SIZES = sorted(config["models"])
 
 
@@ -56,8 +57,8 @@ def long_notes_tokenizer(wildcards):
 
 
 def base_model_dir(wildcards):
-    base = data_path(f"models.{wildcards.size}.base")
-    return f"results/base_models/{wildcards.size}" if base in TINY_BASES else base
+    data_path(f"models.{wildcards.size}.base")
+    return workflow_config.base_dir(config, wildcards.size)
 
 
 def replayed_archive(wildcards):
@@ -67,26 +68,11 @@ def replayed_archive(wildcards):
 
 
 def pretrained_dir(size):
-    return f"results/models/Asclepius-R-{size}-Pretrained-Only"
+    return f"results/models/{workflow_config.release_names(size)[0]}"
 
 
 def finetuned_dir(size):
-    return f"results/models/Asclepius-R-{size}"
-
-
-def evaluated_models():
-    """Names of every model the evaluation compares: base, pretrained-only and Asclepius-R per
-    size, then the configured extra models."""
-    names = [
-        name
-        for size in SIZES
-        for name in (
-            f"LLaMA-{size}",
-            f"Asclepius-R-{size}-Pretrained-Only",
-            f"Asclepius-R-{size}",
-        )
-    ]
-    return names + list(config["evaluate"]["extra_models"])
+    return f"results/models/{workflow_config.release_names(size)[1]}"
 
 
 def evaluated_model_dir(wildcards):
@@ -94,13 +80,21 @@ def evaluated_model_dir(wildcards):
     name = wildcards.model
     if name in config["evaluate"]["extra_models"]:
         return config["evaluate"]["extra_models"][name]
-    if name.startswith("LLaMA-"):
-        return base_model_dir(SimpleNamespace(size=name.removeprefix("LLaMA-")))
+    if name.startswith(workflow_config.BASE_PREFIX):
+        return base_model_dir(SimpleNamespace(size=name.removeprefix(workflow_config.BASE_PREFIX)))
     return f"results/models/{name}"
 
 
 def training_params(stage):
-    return lambda wildcards: workflow_config.training_settings(config, stage, wildcards.size)
+    """The stage's settings for the job's model; max_length capped by its base's context."""
+
+    def settings(wildcards):
+        try:
+            return workflow_config.training_settings(config, stage, wildcards.size)
+        except workflow_config.ConfigError as error:
+            raise WorkflowError(str(error)) from None
+
+    return settings
 
 
 def final_outputs():
@@ -124,13 +118,3 @@ def run_preflight():
         raise WorkflowError(str(error)) from None
     if checked:
         logger.info("preflight passed: " + "; ".join(checked["preflight"]["checked"]))
-
-
-def long_notes_tokenizer(wildcards):
-    tokenizer = config["tiny_model"]["tokenizer_model"]
-    if not tokenizer:
-        raise WorkflowError(
-            "results/rehearsal/NOTEEVENTS.csv counts note lengths in tokens: set "
-            "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
-        )
-    return tokenizer

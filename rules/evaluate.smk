@@ -26,7 +26,7 @@ rule answer_heldout:
 
 rule judge_heldout:
     input:
-        answers=expand("results/evaluation/answers/{model}.jsonl", model=evaluated_models()),
+        answers=expand("results/evaluation/answers/{model}.jsonl", model=workflow_config.evaluated_models(config)),
         notes="results/notes/heldout.parquet",
         records="results/instructions/heldout.jsonl",
         # Replaying a recorded judge run: its archive is an input, like the dataset's.
@@ -43,7 +43,7 @@ rule judge_heldout:
     conda:
         "../envs/llm.yaml"
     params:
-        models=evaluated_models(),
+        models=workflow_config.evaluated_models(config),
         judge=config["judge"],
         llm=config["llm"],
         seed=config["seed"],
@@ -53,7 +53,7 @@ rule judge_heldout:
 
 rule summarise_evaluation:
     input:
-        answers=expand("results/evaluation/answers/{model}.jsonl", model=evaluated_models()),
+        answers=expand("results/evaluation/answers/{model}.jsonl", model=workflow_config.evaluated_models(config)),
         verdicts="results/evaluation/judge/verdicts.jsonl",
     output:
         summary="results/evaluation/summary.json",
@@ -64,6 +64,6 @@ rule summarise_evaluation:
     conda:
         "../envs/data.yaml"
     params:
-        models=evaluated_models(),
+        models=workflow_config.evaluated_models(config),
     script:
         "../scripts/summarise_evaluation.py"

@@ -7,7 +7,7 @@ rule plan:
     input:
         notes="results/notes/discharge.parquet",
         heldout="results/notes/heldout.parquet",
-        # Training tokens are counted with each size's base tokenizer.
+        # Training tokens are counted with each model's base tokenizer.
         base=lambda wildcards: [base_model_dir(SimpleNamespace(size=s)) for s in SIZES],
     output:
         "results/plan/plan.json",

@@ -53,6 +53,26 @@ rule report_training:
         "../scripts/report_training.py"
 
 
+rule report_models:
+    input:
+        pretrained=[pretrained_dir(size) for size in SIZES],
+        finetuned=[finetuned_dir(size) for size in SIZES],
+    output:
+        report(
+            "results/report/models.html",
+            caption="../report/models.rst",
+            category="2. Training",
+        ),
+    log:
+        "logs/report/models.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        sizes=SIZES,
+    script:
+        "../scripts/report_models.py"
+
+
 rule report_evaluation:
     input:
         summary="results/evaluation/summary.json",
@@ -88,6 +108,7 @@ REPORT_ITEMS = [
     "results/report/note_lengths.png",
     "results/report/dataset.html",
     *expand("results/report/training-{stage}.png", stage=["pretrain", "finetune"]),
+    "results/report/models.html",
     "results/report/judge_scores.png",
     "results/report/rouge_l.png",
     "results/report/evaluation.html",

@@ -135,8 +135,8 @@ def test_a_stage_asks_only_for_its_own_data(tmp_path):
     result = run_snakemake(workdir, "-n", "results/models/Asclepius-R-13B-Pretrained-Only", demo=False, check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "models.13B.base (LLaMA-13B" in output or "noteevents (path" in output
-    assert "models.7B.base (LLaMA-7B" not in output  # named only as unset for other stages
+    assert "models.13B.base (the 13B base" in output or "noteevents (path" in output
+    assert "models.7B.base (the 7B base" not in output  # named only as unset for other stages
 
 
 def test_the_notes_stage_has_its_own_command_line(tmp_path):

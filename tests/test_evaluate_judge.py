@@ -15,7 +15,7 @@ from asclepius_r.llm.guard import UnapprovedEndpointError
 from asclepius_r.prompts import render_judge_prompt
 from tests.openai_server import OpenAIServer
 
-MODELS = ["LLaMA-7B", "Asclepius-R-7B-Pretrained-Only", "Asclepius-R-7B"]
+MODELS = ["Base-7B", "Asclepius-R-7B-Pretrained-Only", "Asclepius-R-7B"]
 ITEMS = [
     {
         "row_id": 50000 + i,

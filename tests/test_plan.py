@@ -14,8 +14,9 @@ import yaml
 
 from asclepius_r import config as workflow_config
 from asclepius_r import preflight
+from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
 from asclepius_r.llm import Archive, ChatRequest, ChatResult
-from asclepius_r.plan import GIB, LLAMA1_COMMON, LLAMA1_SHAPES, compare, make_plan, used_by_run
+from asclepius_r.plan import GIB, compare, make_plan, used_by_run
 from asclepius_r.train.finetune import first_fit_decreasing
 from asclepius_r.train.run import TrainRun
 from tests.conftest import REPO, copy_workflow, run_snakemake
@@ -215,15 +216,14 @@ def test_preflight_checks_gpus_against_the_model_and_batch(size, given, gpus, co
 
 def test_preflight_finds_an_incomplete_base_folder(tmp_path):
     base = tmp_path / "llama-7b"
-    base.mkdir()
-    (base / "config.json").write_text("{}")
-    (base / "tokenizer.model").write_bytes(b"sp")
+    texts = ["Discharge Diagnosis: pneumonia. Discharge Medications: amoxicillin 500 mg PO TID."] * 20
+    build_tiny_llama_from_texts(texts, base, TinyLlamaSpec(vocab_size=300))
+    (base / "model.safetensors").unlink()
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
     (base / "model-00001-of-00002.safetensors").write_bytes(b"0" * 10)
-    shape = {**LLAMA1_COMMON, **LLAMA1_SHAPES["7B"]}
-    problems = preflight.base_folder_problems("7B", base, shape)
+    problems = preflight.base_folder_problems("7B", base)
     assert problems and "missing model-00002-of-00002.safetensors" in problems[0]
     (base / "model-00002-of-00002.safetensors").write_bytes(b"0" * 10)
-    problems = preflight.base_folder_problems("7B", base, shape)
+    problems = preflight.base_folder_problems("7B", base)
     assert problems and "interrupted download" in problems[0]

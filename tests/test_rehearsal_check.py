@@ -13,7 +13,7 @@ import pytest
 from rehearsal.check import check_gpu_claims, policy_counts
 
 CONFIG = {"models": {"7B": {"gpus": 2}}}
-MODELS = ["LLaMA-7B"]
+MODELS = ["Base-7B"]
 
 
 def write_claims(folder, claims):
@@ -26,7 +26,7 @@ def claims(answer_devices, answer_start):
     return [
         {"job": "pretrain-Asclepius-R-7B-Pretrained-Only", "devices": ["0", "1"], "start": 0, "end": 10},
         {"job": "finetune-Asclepius-R-7B", "devices": ["0", "1"], "start": 10, "end": 20},
-        {"job": "answer_heldout-LLaMA-7B", "devices": answer_devices, "start": answer_start, "end": answer_start + 5},
+        {"job": "answer_heldout-Base-7B", "devices": answer_devices, "start": answer_start, "end": answer_start + 5},
     ]
 
 

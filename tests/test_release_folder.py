@@ -64,7 +64,12 @@ def test_model_cards(demo_run, name):
     assert meta["library_name"] == "transformers" and meta["datasets"]
     config = yaml.safe_load((demo_run / "demo/config.yaml").read_text())
     if name.endswith("-Pretrained-Only"):
-        assert meta["base_model"].startswith("tiny LLaMA") and meta["training_stage"] == "pretrain"
+        assert (
+            meta["base_model"].startswith(
+                "a tiny random model built by the workflow (demo; LlamaForCausalLM, SentencePiece"
+            )
+            and meta["training_stage"] == "pretrain"
+        )
         assert meta["hyperparameters"]["learning_rate"] == config["pretrain"]["learning_rate"]
     else:
         assert meta["base_model"] == f"{name}-Pretrained-Only" and meta["training_stage"] == "finetune"

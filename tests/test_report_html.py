@@ -29,7 +29,12 @@ EXPECTED_PLOTS = {
     "results/report/judge_scores.png",
     "results/report/rouge_l.png",
 }
-EXPECTED_TABLES = {"results/report/plan.html", "results/report/dataset.html", "results/report/evaluation.html"}
+EXPECTED_TABLES = {
+    "results/report/plan.html",
+    "results/report/dataset.html",
+    "results/report/models.html",
+    "results/report/evaluation.html",
+}
 
 PROBE = """<script>
 window.addEventListener("load", async () => {
@@ -79,6 +84,8 @@ def test_report_lists_every_plot_and_table_with_a_caption(report):
     assert "Asclepius-R-7B" in tables and "judge_score" in tables and "<table>" in tables
     dataset = base64.b64decode(results["results/report/dataset.html"]["data_uri"].split(",", 1)[1]).decode()
     assert "rows read from NOTEEVENTS" in dataset
+    models = base64.b64decode(results["results/report/models.html"]["data_uri"].split(",", 1)[1]).decode()
+    assert "<td>7B</td>" in models and "<td>13B</td>" in models and "finetune max_length" in models
 
 
 def test_plots_render_in_headless_chromium(report, tmp_path):

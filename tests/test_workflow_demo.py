@@ -87,7 +87,7 @@ def test_evaluation_scores_every_model(demo_run):
     questions = sum(r["status"] == "ok" for r in records)
     assert questions > 0
     for size in SIZES:
-        for name in (f"LLaMA-{size}", f"Asclepius-R-{size}-Pretrained-Only", f"Asclepius-R-{size}"):
+        for name in (f"Base-{size}", f"Asclepius-R-{size}-Pretrained-Only", f"Asclepius-R-{size}"):
             scores = summary[name]
             assert scores["n"] == questions, f"{name} answered every held-out question"
             assert scores["judge_scored"] + scores["judge_failed"] == questions

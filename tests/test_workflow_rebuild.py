@@ -81,7 +81,7 @@ def test_finetune_setting_outdates_finetuning_and_what_follows(demo_run):
             )
         )
         or "Pretrained-Only" in p
-        or "LLaMA-" in p
+        or "/Base-" in p
     }
     assert before == set()
     assert FINETUNE_AND_AFTER <= planned

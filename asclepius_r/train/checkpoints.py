@@ -9,8 +9,8 @@ settings) trains afresh instead of "resuming" a finished run.
 
 `export_checkpoint` is the merge step: it turns a checkpoint (plain safetensors, or FSDP
 SHARDED_STATE_DICT shards that no single rank ever held whole) into a Hugging Face folder with
-safetensors weights in the release dtype, `use_cache: true`, the tokenizer and the base model's
-`tokenizer.model`.
+safetensors weights in the release dtype, `use_cache: true`, the tokenizer and the base model's own
+tokenizer files (`tokenizer.model`, or `tokenizer.json` and its configs).
 
     python -m asclepius_r.train.checkpoints CHECKPOINT BASE_MODEL OUT [--dtype bfloat16]
 """
@@ -85,7 +85,8 @@ def last_complete_checkpoint(folder: str | Path) -> Path | None:
 
 
 class KeepTokenizerModel(TrainerCallback):
-    """Copies the base model's SentencePiece `tokenizer.model` into every checkpoint."""
+    """Copies the base model's own tokenizer files (tokenizer.model, or tokenizer.json and its configs)
+    into every checkpoint."""
 
     def __init__(self, base_model: str | Path):
         self.base_model = base_model
@@ -115,7 +116,7 @@ def export_checkpoint(
     dtype: str = "bfloat16",
     extra_files: dict[str, dict] | None = None,
 ) -> None:
-    """Write `out_dir` atomically: safetensors weights in `dtype`, config, tokenizer, tokenizer.model."""
+    """Write `out_dir` atomically: safetensors weights in `dtype`, config, tokenizer, the base's tokenizer files."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -3,8 +3,9 @@
 Intermediate checkpoints live in `checkpoint_dir`, outside the rule's declared output, and a
 run resumes from the newest complete one (see `checkpoints`). The Trainer always saves at its
 last step; the declared outputs are made from that checkpoint last and atomically: first the
-metrics file, then the model folder (safetensors in `save_dtype`, tokenizer, `tokenizer.model`,
-`training_run.json`). Under FSDP the checkpoint holds per-rank shards (SHARDED_STATE_DICT, so
+metrics file, then the model folder (safetensors in `save_dtype`, tokenizer, the base's own
+tokenizer files, `training_run.json`). BOS, EOS and the context are the base's own (`describe_base`),
+whichever its tokenizer family. Under FSDP the checkpoint holds per-rank shards (SHARDED_STATE_DICT, so
 no rank gathers the whole model) and rank 0 merges them on CPU.
 """
 
@@ -24,10 +25,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traine
 
 from accelerate import init_empty_weights
 
-from ..base_model import check_base_model
+from ..base_model import check_base_model, describe_base
 from ..errors import InputError
 from ..files import atomic_path, read_jsonl
-from ..prompts import DEFAULT_TRUNCATION
+from ..prompts import DEFAULT_TRUNCATION, check_adds_bos_once
 from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
 from .throughput import FlopModel, Window, batch_counts, peak_tflops_of
 
@@ -154,10 +155,14 @@ def unfilled_model(run: TrainRun):
 
 
 def load_model_and_tokenizer(run: TrainRun):
-    check_base_model(run.base_model)
+    """The base's model and tokenizer: BOS, EOS and context are the base's own, whatever its family."""
+    context = check_base_model(run.base_model).context_length
+    if run.max_length > context:
+        raise InputError(f"{run.base_model}: max_length {run.max_length} exceeds the model's {context} positions")
     tokenizer = AutoTokenizer.from_pretrained(run.base_model, padding_side="right")
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.bos_token_id:
         raise InputError(f"{run.base_model}: the pad token is BOS (the 2023 defect); fix its tokenizer_config.json")
+    check_adds_bos_once(tokenizer, run.base_model)
     # fp32 master weights; the bf16 math comes from autocast, or under FSDP from its mixed-precision policy.
     if loads_weights_on_rank_0_only():
         model = unfilled_model(run)
@@ -289,8 +294,18 @@ def train_and_save(run: TrainRun, model, tokenizer, dataset, collator, data_summ
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         final = last_complete_checkpoint(checkpoint_dir)  # the Trainer saves at its last step
+        base = describe_base(run.base_model)
         summary = {
             "settings": asdict(run),
+            "base": {
+                "folder": Path(run.base_model).name,
+                "architecture": base.architecture,
+                "tokenizer": base.family,
+                "vocab_size": base.vocab_size,
+                "context_length": base.context_length,
+                "bos_token": base.bos_token,
+                "eos_token": base.eos_token,
+            },
             "data": data_summary,
             "global_step": trainer.state.global_step,
             "resumed_from": resume.name if resume else None,
