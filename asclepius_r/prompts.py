@@ -52,6 +52,7 @@ def check_adds_bos_once(tokenizer, where: str) -> None:
 TRUNCATION_POLICIES = ("drop", "note_middle", "note_tail")
 DEFAULT_TRUNCATION = "drop"  # why: README, "Long examples: the truncation policy"
 # Stands where note text was cut, so a model can tell an omission from a note that says nothing.
+REPLACEMENT_CHARACTER = "\ufffd"
 CUT_MARK = "[...]"
 
 
@@ -62,14 +63,32 @@ class FittedPrompt:
     truncated: bool
 
 
+def _decode_whole_characters(tokenizer, ids: list[int], side: str) -> str:
+    """`ids` decoded, less the tokens at the cut `side` ("end" or "start") that hold only part of a
+    character's bytes: byte-level BPE (Llama-3) and byte fallback (LLaMA-1) split a multi-byte
+    character over tokens, and decoding half of one gives U+FFFD, which the note never had."""
+    start, stop = 0, len(ids)
+    while start < stop:
+        text = tokenizer.decode(ids[start:stop])
+        if side == "end" and text.endswith(REPLACEMENT_CHARACTER):
+            stop -= 1
+        elif side == "start" and text.startswith(REPLACEMENT_CHARACTER):
+            start += 1
+        else:
+            return text
+    return ""
+
+
 def cut_note(tokenizer, note_ids: list[int], keep: int, policy: str) -> str:
-    """The note shown when only `keep` of its tokens fit: its start, or its start and end."""
+    """The note shown when only `keep` of its tokens fit: its start, or its start and end, cut
+    between whole characters."""
     if policy == "note_tail":
-        return f"{tokenizer.decode(note_ids[:keep])}\n{CUT_MARK}"
+        return f"{_decode_whole_characters(tokenizer, note_ids[:keep], 'end')}\n{CUT_MARK}"
     if policy == "note_middle":
         tail = keep // 2
-        head = tokenizer.decode(note_ids[: keep - tail])
-        return f"{head}\n{CUT_MARK}\n{tokenizer.decode(note_ids[len(note_ids) - tail :]) if tail else ''}"
+        head = _decode_whole_characters(tokenizer, note_ids[: keep - tail], "end")
+        end = _decode_whole_characters(tokenizer, note_ids[len(note_ids) - tail :], "start") if tail else ""
+        return f"{head}\n{CUT_MARK}\n{end}"
     raise ValueError(f"truncation policy {policy!r} cuts no note (expected note_middle or note_tail)")
 
 

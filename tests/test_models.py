@@ -15,7 +15,7 @@ from asclepius_r import config as workflow_config
 from asclepius_r import preflight
 from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
 from asclepius_r.errors import InputError
-from asclepius_r.prompts import check_adds_bos_once, render_released
+from asclepius_r.prompts import check_adds_bos_once, cut_note, render_released
 from asclepius_r.train.finetune import encode_example
 from tests.conftest import REPO
 
@@ -154,6 +154,21 @@ def test_a_fine_tuning_example_ends_with_the_bases_own_eos(tiny_base):
     example, status = encode_example(tokenizer, NOTES[1], "What antibiotic?", "Ceftriaxone, then cefpodoxime.", 4096)
     assert status == "whole" and example.input_ids[-1] == tokenizer.convert_tokens_to_ids(eos)
     assert tokenizer.decode(example.input_ids[example.prompt_tokens : -1]) == "Ceftriaxone, then cefpodoxime."
+
+
+@pytest.mark.parametrize("policy", ["note_tail", "note_middle"])
+def test_a_cut_note_splits_no_character(tiny_base, policy):
+    """Multi-byte characters the tiny vocabulary spells in byte tokens: wherever the cut falls,
+    the note shown holds only whole characters of the note."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    note = "Dose: 25 µg → 12.5 µg; Ünïcode ✓ résumé 🩺 ok. " * 3
+    note_ids = tokenizer(note, add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in "".join(tokenizer.decode(note_ids[:keep]) for keep in range(len(note_ids)))
+    for keep in range(1, len(note_ids)):
+        shown = cut_note(tokenizer, note_ids, keep, policy)
+        assert "\ufffd" not in shown, (keep, shown)
 
 
 def test_a_tokenizer_that_adds_no_bos_is_refused(tiny_base):
