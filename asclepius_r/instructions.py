@@ -28,6 +28,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from .errors import InputError
@@ -152,17 +153,20 @@ class NearDuplicateIndex:
     with those that could exceed the threshold: the all-pairs scan of self-instruct is quadratic.
 
     Prefix filtering, exact: ROUGE-L F = 2 L / (n + m) > t needs an LCS L > t (n + m) / 2, so L
-    above t n / (2 - t) and above t m / (2 - t) (as L <= m and L <= n). An LCS is a shared
-    multiset of words, so under one fixed order of the words, rarest first, the n - L_n + 1
-    first words of the new question and the m - L_m + 1 first of the earlier one share a word.
-    Each question is indexed under those first words only and a new one probes with its own,
-    so common words, in no short prefix, make no candidates. The order is the words' counts
-    when the index was last rebuilt (words seen since then count as rarest); the index rebuilds
-    itself each time it doubles, so the order follows the questions at a linear total cost.
-    A candidate is then checked for enough shared words before its LCS is computed.
+    at least L_n = t n / (2 - t) and at least L_m = t m / (2 - t) (as L <= m and L <= n), and an
+    LCS is a shared multiset of words. Under one fixed order of the words, rarest first, the k
+    first shared words (k <= L) lie among the first n - L + k words of each question, hence
+    among its first n - L_n + k. So each question is indexed under its first m - L_m + 3 words
+    only, a new one probes with its own first n - L_n + 3, and a candidate needs three hits (or
+    L's bound, if lower): common words are in few prefixes, and questions that share two
+    middling-common words, frequent among thousands, rarely share three. The order is the
+    words' counts when the index was last rebuilt (words seen since then count as rarest); the
+    index rebuilds itself each time it doubles, so the order follows the questions at a linear
+    total cost. A candidate is then checked for enough shared words before its LCS is computed.
     Questions are kept as arrays of word codes, a few dozen bytes each.
     """
 
+    HITS = 3  # prefix hits a candidate needs where the LCS bound allows (fewer where it is lower)
     FIRST_REBUILD = 64
 
     def __init__(self, threshold: float, questions: list[str] = ()):
@@ -173,15 +177,19 @@ class NearDuplicateIndex:
         self.indexed: list[tuple[array, array]] = []  # (word codes in text order, occurrence codes)
         self.postings: dict[int, array] = defaultdict(lambda: array("I"))
         self.rebuild_at = self.FIRST_REBUILD
+        self._last: tuple[str | None, tuple[array, array] | None] = (None, None)
         for question in questions:
             self.add(question)
 
     def _encode(self, question: str) -> tuple[array, array]:
+        if self._last[0] == question:  # the stage adds the question it has just checked
+            return self._last[1]
         words, occurrences, seen = array("I"), array("I"), Counter()
         for word in tokens(question):
             words.append(self.codes.setdefault(word, len(self.codes)))
             seen[word] += 1
             occurrences.append(self.codes.setdefault(f"{word}#{seen[word]}", len(self.codes)))
+        self._last = (question, (words, occurrences))
         return words, occurrences
 
     def _min_lcs(self, length: float) -> int:
@@ -189,8 +197,9 @@ class NearDuplicateIndex:
         return max(1, math.ceil(self.threshold * length / (2 - self.threshold) - 1e-9))
 
     def _prefix(self, occurrences: array) -> list[int]:
+        """The first words in the order: `HITS` - 1 beyond the n - L_n + 1 that must meet."""
         ordered = sorted(occurrences, key=lambda code: (self.order.get(code, 0), code))
-        return ordered[: len(ordered) - self._min_lcs(len(ordered)) + 1]
+        return ordered[: len(ordered) - self._min_lcs(len(ordered)) + self.HITS]
 
     def is_near_duplicate(self, question: str) -> bool:
         if self.threshold >= 1:  # ROUGE-L F is at most 1
@@ -198,11 +207,20 @@ class NearDuplicateIndex:
         words, occurrences = self._encode(question)
         if not words:
             return False
-        n, shared = len(words), set(occurrences)
-        candidates = {i for code in self._prefix(occurrences) for i in self.postings.get(code, ())}
-        for i in sorted(candidates):
+        n, shared, least = len(words), set(occurrences), self._min_lcs(len(words))
+        postings = [self.postings[code] for code in self._prefix(occurrences) if code in self.postings]
+        if not postings:
+            return False
+        # the postings grow with the index: count the hits in numpy, not one by one in Python
+        ids, counts = np.unique(
+            np.concatenate([np.frombuffer(p, dtype=np.uint32) for p in postings]), return_counts=True
+        )
+        enough = counts >= min(self.HITS, least)
+        for i, count in zip(ids[enough].tolist(), counts[enough].tolist()):
             other_words, other_occurrences = self.indexed[i]
             m = len(other_words)
+            if count < min(self.HITS, max(least, self._min_lcs(m))):
+                continue
             # the LCS is at most the shorter length and the shared words: both must reach the bound
             needed = max(1, math.ceil(self.threshold * (n + m) / 2 - 1e-9))
             if min(n, m) < needed or sum(code in shared for code in other_occurrences) < needed:
