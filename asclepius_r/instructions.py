@@ -15,19 +15,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import csv
+import json
 import logging
+import math
+import os
 import random
 import re
+import tempfile
+from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
+import pyarrow.parquet as pq
 
-from .files import atomic_path, read_jsonl, write_json, write_jsonl
+from .errors import InputError
+from .files import atomic_path, write_json
 from .llm import ChatRequest, LLMClient
 from .prompts import render_answer_prompt, render_question_prompt
-from .rouge import rouge_l, tokens
+from .rouge import rouge_l_of_tokens, tokens
 from .tasks import DEFAULT_SEED_QUESTIONS, draw_task, load_seed_questions
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,67 @@ class GenerationSettings:
     pool_per_prompt: int = 2
     near_duplicate_rouge: float | None = None  # self-instruct used 0.7; the 2023 run had none
     seed_questions: str | Path = DEFAULT_SEED_QUESTIONS
+
+
+class NoteTexts:
+    """The notes in ROW_ID order, each text read from disk when asked for, so the stage's memory
+    does not grow with the notes (57k MIMIC discharge summaries hold about 550 MB of text).
+
+    The texts are copied once, in ROW_ID order, into an unlinked temporary file beside the
+    stage's output, whatever the order of the Parquet parts: two passes of record batches, the
+    first for the ROW_IDs and text lengths, the second writing each text at its place.
+    """
+
+    BATCH_ROWS = 1024
+
+    def __init__(self, row_ids: list[int], offsets: array, spill):
+        self.row_ids, self.offsets, self.spill = row_ids, offsets, spill
+
+    @classmethod
+    def read(cls, path: str | Path, spill_dir: str | Path | None = None) -> NoteTexts:
+        import pyarrow.compute as pc
+        import pyarrow.dataset as ds
+
+        files = ds.dataset(str(path), format="parquet").files
+
+        def batches(columns):
+            for file in files:
+                yield from pq.ParquetFile(file).iter_batches(batch_size=cls.BATCH_ROWS, columns=columns)
+
+        row_ids, lengths = [], []
+        for batch in batches(["ROW_ID", "TEXT"]):
+            row_ids += batch.column("ROW_ID").to_pylist()
+            lengths += pc.binary_length(batch.column("TEXT")).to_pylist()
+        order = sorted(range(len(row_ids)), key=row_ids.__getitem__)
+        offsets, start = array("q", [0] * (len(order) + 1)), array("q", [0] * len(order))
+        for rank, i in enumerate(order):
+            start[i] = offsets[rank]
+            offsets[rank + 1] = offsets[rank] + lengths[i]
+        spill = tempfile.TemporaryFile(dir=spill_dir)
+        i = 0
+        for batch in batches(["TEXT"]):
+            for text in batch.column("TEXT").to_pylist():
+                os.pwrite(spill.fileno(), text.encode("utf-8"), start[i])
+                i += 1
+        return cls([row_ids[i] for i in order], offsets, spill)
+
+    @classmethod
+    def from_dicts(cls, notes: list[dict]) -> NoteTexts:
+        notes = sorted(notes, key=lambda n: n["row_id"])
+        spill = tempfile.TemporaryFile()
+        offsets = array("q", [0])
+        for note in notes:
+            offsets.append(offsets[-1] + spill.write(note["text"].encode("utf-8")))
+        spill.flush()
+        return cls([n["row_id"] for n in notes], offsets, spill)
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def __getitem__(self, position: int) -> dict:
+        start, end = self.offsets[position], self.offsets[position + 1]
+        text = os.pread(self.spill.fileno(), end - start, start).decode("utf-8")
+        return {"row_id": self.row_ids[position], "text": text}
 
 
 def clean_question(text: str) -> str:
@@ -80,56 +149,105 @@ def answer_request(note: dict, task: str, question: str, client: LLMClient) -> C
 
 
 class NearDuplicateIndex:
-    """Earlier questions of one task, indexed so that a new question is compared (by ROUGE-L)
-    only with those it could possibly exceed the threshold with: the all-pairs scan of
-    self-instruct is quadratic, about 10^10 word comparisons for 57k notes.
+    """Earlier questions of one task, indexed so that a new question is compared (by ROUGE-L) only
+    with those that could exceed the threshold: the all-pairs scan of self-instruct is quadratic.
 
-    ROUGE-L F = 2 L / (n + m) > t forces the LCS L above t n / (2 - t), where n is the new
-    question's length; an LCS is a shared multiset of words, so the two questions must share at
-    least one of any n - L + 1 of the new question's words. Probing the rarest ones finds every
-    candidate, so the filter is exact, not approximate. Common words still make the candidates
-    grow with the index, so each is first checked for the L shared words (a set intersection)
-    and only those with enough are compared by ROUGE-L, a dynamic programme a hundred times dearer.
+    Prefix filtering, exact: ROUGE-L F = 2 L / (n + m) > t needs an LCS L > t (n + m) / 2, so L
+    at least L_n = t n / (2 - t) and at least L_m = t m / (2 - t) (as L <= m and L <= n), and an
+    LCS is a shared multiset of words. Under one fixed order of the words, rarest first, the k
+    first shared words (k <= L) lie among the first n - L + k words of each question, hence
+    among its first n - L_n + k. So each question is indexed under its first m - L_m + 3 words
+    only, a new one probes with its own first n - L_n + 3, and a candidate needs three hits (or
+    L's bound, if lower): common words are in few prefixes, and questions that share two
+    middling-common words, frequent among thousands, rarely share three. The order is the
+    words' counts when the index was last rebuilt (words seen since then count as rarest); the
+    index rebuilds itself each time it doubles, so the order follows the questions at a linear
+    total cost. A candidate is then checked for enough shared words before its LCS is computed.
+    Questions are kept as arrays of word codes, a few dozen bytes each.
     """
+
+    HITS = 3  # prefix hits a candidate needs where the LCS bound allows (fewer where it is lower)
+    FIRST_REBUILD = 64
 
     def __init__(self, threshold: float, questions: list[str] = ()):
         self.threshold = threshold
-        self.questions: list[str] = []
-        self.word_sets: list[frozenset[str]] = []
-        self.postings: dict[str, list[int]] = defaultdict(list)
+        self.codes: dict[str, int] = {}  # word -> code; a word's k-th occurrence is the word "word#k"
+        self.counts: Counter = Counter()  # occurrence code -> questions holding it
+        self.order: dict[int, int] = {}  # occurrence code -> its count at the last rebuild
+        self.indexed: list[tuple[array, array]] = []  # (word codes in text order, occurrence codes)
+        self.postings: dict[int, array] = defaultdict(lambda: array("I"))
+        self.rebuild_at = self.FIRST_REBUILD
+        self._last: tuple[str | None, tuple[array, array] | None] = (None, None)
         for question in questions:
             self.add(question)
 
-    @staticmethod
-    def _words(question: str) -> set[str]:
-        """Words numbered by occurrence ('the#1', 'the#2'), so set overlap is multiset overlap."""
-        seen: Counter = Counter()
-        out = set()
+    def _encode(self, question: str) -> tuple[array, array]:
+        if self._last[0] == question:  # the stage adds the question it has just checked
+            return self._last[1]
+        words, occurrences, seen = array("I"), array("I"), Counter()
         for word in tokens(question):
+            words.append(self.codes.setdefault(word, len(self.codes)))
             seen[word] += 1
-            out.add(f"{word}#{seen[word]}")
-        return out
+            occurrences.append(self.codes.setdefault(f"{word}#{seen[word]}", len(self.codes)))
+        self._last = (question, (words, occurrences))
+        return words, occurrences
+
+    def _min_lcs(self, length: float) -> int:
+        """The least LCS that can beat the threshold, a hair low so float rounding never excludes a pair."""
+        return max(1, math.ceil(self.threshold * length / (2 - self.threshold) - 1e-9))
+
+    def _prefix(self, occurrences: array) -> list[int]:
+        """The first words in the order: `HITS` - 1 beyond the n - L_n + 1 that must meet."""
+        ordered = sorted(occurrences, key=lambda code: (self.order.get(code, 0), code))
+        return ordered[: len(ordered) - self._min_lcs(len(ordered)) + self.HITS]
 
     def is_near_duplicate(self, question: str) -> bool:
-        words = self._words(question)
+        if self.threshold >= 1:  # ROUGE-L F is at most 1
+            return False
+        words, occurrences = self._encode(question)
         if not words:
             return False
-        min_lcs = int(self.threshold * len(words) / (2 - self.threshold)) + 1
-        if min_lcs > len(words):
+        n, shared, least = len(words), set(occurrences), self._min_lcs(len(words))
+        postings = [self.postings[code] for code in self._prefix(occurrences) if code in self.postings]
+        if not postings:
             return False
-        rarest = sorted(words, key=lambda w: len(self.postings.get(w, ())))[: len(words) - min_lcs + 1]
-        candidates = {i for word in rarest for i in self.postings.get(word, ())}
-        return any(
-            len(words & self.word_sets[i]) >= min_lcs and rouge_l(question, self.questions[i]) > self.threshold
-            for i in sorted(candidates)
+        # the postings grow with the index: count the hits in numpy, not one by one in Python
+        ids, counts = np.unique(
+            np.concatenate([np.frombuffer(p, dtype=np.uint32) for p in postings]), return_counts=True
         )
+        enough = counts >= min(self.HITS, least)
+        for i, count in zip(ids[enough].tolist(), counts[enough].tolist()):
+            other_words, other_occurrences = self.indexed[i]
+            m = len(other_words)
+            if count < min(self.HITS, max(least, self._min_lcs(m))):
+                continue
+            # the LCS is at most the shorter length and the shared words: both must reach the bound
+            needed = max(1, math.ceil(self.threshold * (n + m) / 2 - 1e-9))
+            if min(n, m) < needed or sum(code in shared for code in other_occurrences) < needed:
+                continue
+            if rouge_l_of_tokens(words, other_words) > self.threshold:
+                return True
+        return False
 
     def add(self, question: str) -> None:
-        words = self._words(question)
-        for word in words:
-            self.postings[word].append(len(self.questions))
-        self.questions.append(question)
-        self.word_sets.append(frozenset(words))
+        encoded = self._encode(question)
+        self.counts.update(encoded[1])
+        self.indexed.append(encoded)
+        if len(self.indexed) >= self.rebuild_at:
+            self._rebuild()
+        else:
+            self._post(len(self.indexed) - 1)
+
+    def _post(self, i: int) -> None:
+        for code in self._prefix(self.indexed[i][1]):
+            self.postings[code].append(i)
+
+    def _rebuild(self) -> None:
+        self.order = dict(self.counts)
+        self.postings.clear()
+        for i in range(len(self.indexed)):
+            self._post(i)
+        self.rebuild_at = 2 * len(self.indexed)
 
 
 def _rejection(note: dict, question: str, answer: str, earlier: NearDuplicateIndex | None) -> str | None:
@@ -165,20 +283,36 @@ class _Pools:
 
 def generate(notes: list[dict], client: LLMClient, settings: GenerationSettings) -> tuple[list[dict], dict]:
     """Return one record per note (accepted or with the reason it was not) and the counts."""
-    notes = sorted(notes, key=lambda n: n["row_id"])
-    with client.progress(2 * len(notes), "instructions") as bar:
-        records = client.drive(_generate(notes, client, settings, bar))
-    counts = Counter(r["status"] for r in records)
-    stats = {
-        "notes": len(notes),
-        "outcomes": dict(sorted(counts.items())),
-        "per_task": dict(sorted(Counter(r["task"] for r in records if r["status"] == "ok").items())),
-        "llm": client.stats,
-    }
+    records: list[dict] = []
+    stats = generate_into(notes, client, settings, records.append)
     return records, stats
 
 
-async def _generate(notes: list[dict], client: LLMClient, settings: GenerationSettings, bar) -> list[dict]:
+def generate_into(notes, client: LLMClient, settings: GenerationSettings, emit) -> dict:
+    """Call `emit(record)` for each note in ROW_ID order as soon as it is settled (nothing is kept
+    for the notes already done) and return the counts. `notes` may be a `NoteTexts`."""
+    if not isinstance(notes, NoteTexts):
+        notes = NoteTexts.from_dicts(notes)
+    outcomes: Counter = Counter()
+    per_task: Counter = Counter()
+
+    def settled(record: dict) -> None:
+        outcomes[record["status"]] += 1
+        if record["status"] == "ok":
+            per_task[record["task"]] += 1
+        emit(record)
+
+    with client.progress(2 * len(notes), "instructions") as bar:
+        client.drive(_generate(notes, client, settings, bar, settled))
+    return {
+        "notes": len(notes),
+        "outcomes": dict(sorted(outcomes.items())),
+        "per_task": dict(sorted(per_task.items())),
+        "llm": client.stats,
+    }
+
+
+async def _generate(notes: NoteTexts, client: LLMClient, settings: GenerationSettings, bar, emit) -> None:
     seeds = load_seed_questions(settings.seed_questions)
     pools = _Pools(settings.pool_lag)
     earlier = (
@@ -232,32 +366,39 @@ async def _generate(notes: list[dict], client: LLMClient, settings: GenerationSe
             if earlier:
                 earlier[task].add(question)
 
-    records: list[dict] = []
     running: dict[int, asyncio.Task] = {}
+    done = 0  # notes settled, in order
+
+    async def settle_next() -> None:
+        nonlocal done
+        record = await running.pop(done)
+        settle(done, record)
+        emit(record)
+        done += 1
+
     try:
         for position in range(len(notes)):
             # note `position` may start once every note `pool_lag` or more before it is settled
-            while len(records) <= position - settings.pool_lag:
-                settled = len(records)
-                record = await running.pop(settled)
-                settle(settled, record)
-                records.append(record)
+            while done <= position - settings.pool_lag:
+                await settle_next()
             running[position] = asyncio.create_task(ask_note(position))
-        for settled in range(len(records), len(notes)):
-            record = await running.pop(settled)
-            settle(settled, record)
-            records.append(record)
+        while done < len(notes):
+            await settle_next()
     finally:
         # a failure (budget, replay miss) stops new notes; those in flight finish and are archived
         await asyncio.gather(*running.values(), return_exceptions=True)
-    return records
 
 
 def run_instruction_stage(notes_path, records_out, stats_out, client: LLMClient, settings: GenerationSettings) -> dict:
-    from .notes import read_notes
-
-    records, stats = generate(read_notes(notes_path), client, settings)
-    write_jsonl(records_out, records)
+    """Records are written as the notes settle and the file is renamed into place at the end; after
+    a crash the rerun asks the archive again, not this file."""
+    with atomic_path(records_out) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        stats = generate_into(
+            NoteTexts.read(notes_path, spill_dir=Path(records_out).parent),
+            client,
+            settings,
+            lambda record: out.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"),
+        )
     write_json(stats_out, stats)
     llm = stats["llm"]
     log.info(
@@ -275,19 +416,29 @@ def run_instruction_stage(notes_path, records_out, stats_out, client: LLMClient,
 
 
 def write_dataset(notes_path, records_path, csv_out) -> int:
-    """`mimiciii_discharge.csv`: note, question, answer, task for every accepted record."""
-    from .notes import read_notes
-
-    text = {n["row_id"]: n["text"] for n in read_notes(notes_path)}
-    rows = [
-        {"note": text[r["row_id"]], "question": r["question"], "answer": r["answer"], "task": r["task"]}
-        for r in read_jsonl(records_path)
-        if r["status"] == "ok"
-    ]
-    frame = pd.DataFrame(rows, columns=DATASET_COLUMNS)
-    with atomic_path(csv_out) as tmp:
-        frame.to_csv(tmp, index=False, lineterminator="\n")
-    return len(frame)
+    """`mimiciii_discharge.csv`: note, question, answer, task for every accepted record, written
+    row by row (pandas' `to_csv` quoting: the csv module's minimal quoting, which pandas uses)."""
+    notes = NoteTexts.read(notes_path, spill_dir=Path(csv_out).parent)
+    rows = 0
+    with (
+        atomic_path(csv_out) as tmp,
+        open(tmp, "w", encoding="utf-8", newline="") as out,
+        open(records_path, encoding="utf-8") as records,
+    ):
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(DATASET_COLUMNS)
+        for number, line in enumerate(records, start=1):
+            record = json.loads(line)
+            note = notes[number - 1] if number <= len(notes) else None
+            if note is None or note["row_id"] != record["row_id"]:
+                raise InputError(
+                    f"{records_path}:{number}: ROW_ID {record['row_id']} is not note {number} of {notes_path}; "
+                    "the records were made from other notes (rerun the instruction stage)"
+                )
+            if record["status"] == "ok":
+                writer.writerow([note["text"], record["question"], record["answer"], record["task"]])
+                rows += 1
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

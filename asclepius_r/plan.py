@@ -615,7 +615,7 @@ def _archive_usage(archive: str | Path, keys: set[str] | None) -> dict:
     """Requests and reported tokens of an archive's answered records (of `keys`; None: all)."""
     from .llm.archive import Archive
 
-    results = [r for k, r in Archive(archive).results.items() if r["status"] == "ok" and (keys is None or k in keys)]
+    results = [r for k, r in Archive(archive).results() if r["status"] == "ok" and (keys is None or k in keys)]
     reported = [r["usage"] for r in results if r.get("usage")]
     return {
         "responses": len(results),

@@ -233,7 +233,7 @@ def _archive_state(archive: str | None, settings, requests: int) -> tuple[float,
     if not archive or not Path(archive).exists():
         return 0.0, 0.0
     store = Archive(archive)
-    answered = sum(result["status"] == "ok" for result in store.results.values())
+    answered = store.answered()
     spent = sum(settings.price(usage, batch, model) for (model, batch), usage in store.billed.items())
     return (min(1.0, answered / requests) if requests else 0.0), spent
 

@@ -14,7 +14,7 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def _lcs_length(a: list[str], b: list[str]) -> int:
+def _lcs_length(a, b) -> int:
     if len(a) < len(b):
         a, b = b, a
     previous = [0] * (len(b) + 1)
@@ -28,7 +28,11 @@ def _lcs_length(a: list[str], b: list[str]) -> int:
 
 def rouge_l(candidate: str, reference: str) -> float:
     """F1 of ROUGE-L between two texts; 0.0 when either is empty."""
-    c, r = tokens(candidate), tokens(reference)
+    return rouge_l_of_tokens(tokens(candidate), tokens(reference))
+
+
+def rouge_l_of_tokens(c, r) -> float:
+    """`rouge_l` of two token sequences (words, or any equality-comparable codes of them)."""
     if not c or not r:
         return 0.0
     lcs = _lcs_length(c, r)

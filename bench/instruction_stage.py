@@ -130,7 +130,8 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath
     outcomes: dict[str, int] = {}
     for entry in server.requests[logged:]:
         outcomes[entry.outcome] = outcomes.get(entry.outcome, 0) + 1
-    received = [entry.received for entry in server.requests[logged:]]
+    received = sorted(entry.received - started_epoch for entry in server.requests[logged:] if entry.outcome == "ok")
+    first, last = received[0], received[-1]
     quarters = [max((kb for t, kb in rss if t <= wall * q / 4), default=0) // 1024 for q in (1, 2, 3, 4)]
     return {
         "wall_s": wall,
@@ -140,9 +141,13 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath
         "peak_rss_mb": usage.ru_maxrss // 1024,
         "rss_quarters_mb": quarters,
         "busy_share": (usage.ru_utime + usage.ru_stime) / wall,
-        # the stage's start-up (imports, notes) and its last answers after the last request went out
-        "first_request_s": min(received) - started_epoch,
-        "drain_s": wall - (max(received) - started_epoch),
+        # where the wall time goes: the stage's start-up (imports, notes), the first minute of
+        # requests (the in-flight limit before latencies are known), the steady state, and the
+        # last answers after the last request went out
+        "first_request_s": first,
+        "first_minute_rpm": sum(1 for t in received if t < first + 60),
+        "steady_rpm": sum(1 for t in received if t >= first + 60) / max(last - first - 60, 1e-9) * 60,
+        "drain_s": wall - last,
     }
 
 
@@ -187,7 +192,8 @@ def describe(tag: str, run: dict, rpm: float) -> str:
         f"{tag:9s} {run['ok']} answers in {run['wall_s']:.1f} s = {run['rpm']:.0f} RPM "
         f"({run['rpm'] / rpm:.3f} of the limit), peak RSS {run['peak_rss_mb']} MB "
         f"(by quarter {run['rss_quarters_mb']}), busy {run['busy_share']:.2f} of the wall time, "
-        f"first request at {run['first_request_s']:.1f} s, {run['drain_s']:.1f} s after the last one sent, "
+        f"first request at {run['first_request_s']:.1f} s, {run['first_minute_rpm']} requests in its first minute, "
+        f"then {run['steady_rpm']:.0f} RPM, {run['drain_s']:.1f} s after the last one sent, "
         f"server outcomes {dict(sorted(run['outcomes'].items()))}"
     )
 

@@ -10,6 +10,7 @@ import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from asclepius_r.files import read_jsonl
 from asclepius_r.instructions import (
@@ -116,15 +117,43 @@ def test_post_filters_reject_model_talk_and_answers_that_ask_back(server, tmp_pa
     assert stats["outcomes"] == {"ok": 2, "rejected_answer_is_question": 1, "rejected_model_mention": 1}
 
 
-def test_near_duplicate_index_finds_exactly_what_the_all_pairs_scan_finds():
-    rng = random.Random(7)
-    words = "list the medications doses given at discharge and why each was changed for this patient".split()
-    questions = [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(200)]
-    index = NearDuplicateIndex(0.7)
-    for i, question in enumerate(questions):
-        brute_force = any(rouge_l(question, earlier) > 0.7 for earlier in questions[:i])
+def questions_with_near_duplicates(count: int, seed: int) -> list[str]:
+    """Zipf-worded questions, half of them edits (a word dropped, added or replaced) of an earlier one."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(60)]
+    weights = [1 / (rank + 1) for rank in range(len(words))]
+    questions: list[str] = []
+    for _ in range(count):
+        if questions and rng.random() < 0.5:
+            edited = rng.choice(questions).split()
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(len(edited) + 1)
+                edit = rng.choice(("drop", "add", "replace"))
+                if edit == "drop" and len(edited) > 1 and at < len(edited):
+                    del edited[at]
+                elif edit == "add":
+                    edited.insert(at, rng.choices(words, weights)[0])
+                elif at < len(edited):
+                    edited[at] = rng.choices(words, weights)[0]
+            questions.append(" ".join(edited))
+        else:
+            questions.append(" ".join(rng.choices(words, weights, k=rng.randint(1, 14))))
+    return questions
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
+def test_near_duplicate_index_keeps_exactly_what_the_all_pairs_scan_keeps(threshold):
+    questions = questions_with_near_duplicates(500, seed=int(threshold * 10))
+    index, kept, dropped = NearDuplicateIndex(threshold), [], 0
+    for question in questions:  # through several rebuilds of the index (at 64 and 128 kept questions)
+        brute_force = any(rouge_l(question, earlier) > threshold for earlier in kept)
         assert index.is_near_duplicate(question) == brute_force, question
-        index.add(question)
+        if brute_force:
+            dropped += 1
+        else:
+            kept.append(question)
+            index.add(question)
+    assert len(kept) > 128 and dropped > 50
 
 
 def test_near_duplicate_filter_in_the_engine(server, tmp_path):

@@ -131,18 +131,21 @@ def let_go_of_archive(path: str | os.PathLike) -> None:
         held[0].close()  # closing the last descriptor releases the flock
 
 
-def append_line(path: Path, line: bytes) -> None:
-    """Append one complete line durably: exclusive lock, torn-tail repair, write, flush, fsync."""
+def append_line(path: Path, line: bytes) -> int:
+    """Append complete lines durably: exclusive lock, torn-tail repair, write, flush, fsync. Returns
+    the offset at which they start."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as out:
         fcntl.flock(out, fcntl.LOCK_EX)
         try:
             _heal_torn_tail(out)
+            start = out.seek(0, os.SEEK_END)
             out.write(line)
             out.flush()
             os.fsync(out.fileno())
         finally:
             fcntl.flock(out, fcntl.LOCK_UN)
+    return start
 
 
 def _heal_torn_tail(out) -> None:
@@ -169,16 +172,24 @@ def _heal_torn_tail(out) -> None:
 
 def read_records(path: Path):
     """Yield the JSON records of a JSONL journal, skipping a torn last line; other damage is an error."""
+    for _, record in read_records_at(path):
+        yield record
+
+
+def read_records_at(path: Path):
+    """`read_records` with the byte offset at which each record starts."""
     with open(path, "rb") as lines:
-        previous: tuple[int, bytes] | None = None
+        previous: tuple[int, int, bytes] | None = None
+        offset = 0
         for number, raw in enumerate(lines, start=1):
             if previous is not None:
-                yield _parse(path, *previous)
-            previous = (number, raw)
+                yield previous[0], _parse(path, *previous[1:])
+            previous = (offset, number, raw)
+            offset += len(raw)
         if previous is not None:
-            number, raw = previous
+            start, number, raw = previous
             if raw.endswith(b"\n"):
-                yield _parse(path, number, raw)
+                yield start, _parse(path, number, raw)
             else:  # every record is written with its newline: without one, the write was cut short
                 log.warning("%s: ignoring a torn last line (%d bytes)", path, len(raw))
 
@@ -195,46 +206,73 @@ def _parse(path: Path, number: int, raw: bytes) -> dict | None:
 class Archive:
     """The JSONL archive at `path` (in memory only when None): the last final record per key wins.
 
-    Only results are kept in memory, not the requests (which hold whole notes), so a
-    57k-note archive loads in little memory.
+    In memory it keeps an index, not the records: each key's SHA-256 digest and where its last
+    final record starts in the file (times 2, plus 1 if it is a success), about 200 bytes a
+    request whatever the notes and answers hold, so a 57k-note archive costs ~25 MB; `get` reads
+    the one record it needs back from the file.
     """
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
-        self.results: dict[str, dict] = {}
+        self.index: dict[bytes, int] = {}
+        self.lines: list[bytes] = []  # the records of an archive without a file
         self.billed_retries = 0
         # (model, batch) -> tokens of every billed response archived, for the budget across runs
         self.billed: dict[tuple[str, bool], Counter] = defaultdict(Counter)
+        self._reader = None
         if self.path and self.path.exists():
-            for record in read_records(self.path):
-                if record is None:
-                    continue
-                result = record["result"]
-                if result.get("usage"):
-                    self.billed[(record["request"]["model"], "batch" in (result.get("provider") or {}))].update(
-                        result["usage"]
-                    )
-                if record["result"]["status"] == "retry":
-                    self.billed_retries += 1
-                else:
-                    self.results[record["key"]] = record["result"]
+            for offset, record in read_records_at(self.path):
+                if record is not None:
+                    self._note(record, offset)
+
+    def _note(self, record: dict, where: int) -> None:
+        result = record["result"]
+        if result.get("usage"):
+            self.billed[(record["request"]["model"], "batch" in (result.get("provider") or {}))].update(result["usage"])
+        if result["status"] == "retry":
+            self.billed_retries += 1
+        else:
+            self.index[bytes.fromhex(record["key"])] = where << 1 | (result["status"] == "ok")
 
     def __len__(self) -> int:
-        return len(self.results)
+        return len(self.index)
+
+    def answered(self) -> int:
+        """How many keys have a success."""
+        return sum(entry & 1 for entry in self.index.values())
+
+    def _result(self, entry: int) -> dict:
+        where = entry >> 1
+        if self.path is None:
+            return json.loads(self.lines[where])["result"]
+        if self._reader is None:
+            self._reader = open(self.path, "rb")  # appends go through other handles; this one only reads
+        self._reader.seek(where)
+        return json.loads(self._reader.readline())["result"]
+
+    def results(self):
+        """Yield (key, result record) for every key, its last final record."""
+        for digest, entry in self.index.items():
+            yield digest.hex(), self._result(entry)
 
     def get(self, request: ChatRequest, include_failed: bool = False) -> ChatResult | None:
         """The archived outcome: successes always; recorded failures only when asked (replay)."""
-        result = self.results.get(request.key)
-        if result is None or (result["status"] != "ok" and not include_failed):
+        entry = self.index.get(bytes.fromhex(request.key))
+        if entry is None or not (entry & 1 or include_failed):
             return None
-        return ChatResult.from_record(result)
+        return ChatResult.from_record(self._result(entry))
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def append(self, request: ChatRequest, result: ChatResult) -> None:
         self.append_many([(request, result)])
 
     def append_many(self, pairs: list[tuple[ChatRequest, ChatResult]]) -> None:
-        """Append several records with one lock and one fsync (group commit)."""
-        lines = []
+        """Append several records with one lock and one fsync (group commit); index them once written."""
+        records, lines = [], []
         for request, result in pairs:
             record = {
                 "key": request.key,
@@ -243,8 +281,14 @@ class Archive:
                 "result": asdict(result),
                 "archived": time.time(),
             }
-            if result.status != "retry":
-                self.results[request.key] = record["result"]
-            lines.append(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-        if self.path is not None:
-            append_line(self.path, "".join(lines).encode("utf-8"))
+            records.append(record)
+            lines.append((json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
+        if self.path is None:
+            for record, line in zip(records, lines):
+                self.lines.append(line)
+                self._note(record, len(self.lines) - 1)
+            return
+        where = append_line(self.path, b"".join(lines))
+        for record, line in zip(records, lines):
+            self._note(record, where)
+            where += len(line)

@@ -351,6 +351,7 @@ class LLMClient:
                 self._loop.run_until_complete(aclose())
             self._loop.close()
             self._loop = None
+        self.archive.close()
         self._let_go()
 
     def _let_go(self) -> None:
