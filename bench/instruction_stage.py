@@ -12,10 +12,13 @@ settings of issue 11); the new run uses the default concurrency.
     python bench/instruction_stage.py --notes 57000 --time-scale 25 --no-baseline
 
 `--time-scale k` divides the latencies and multiplies the limit by k: the same shape, k times
-faster. Besides the rate, each run reports the stage's wall time, its peak RSS (and RSS at each
-quarter of the run), and its CPU time as a share of the wall time: the time it spends outside
-waiting for the server. Afterwards the near-duplicate filter (ROUGE-L 0.7, on in both runs) is
-timed alone on the run's own questions at growing sizes.
+faster. limit_fraction = requests answered / (the limit x the stage's wall time, its start-up
+included). Besides the rate, each run reports where its wall time went (the start-up before the
+first request, the requests of the first minute, the steady rate after it, and the drain after
+the last request), its peak RSS (and RSS at each quarter of the run), and its CPU time as a share
+of the wall time: the time it spends outside waiting for the server. Afterwards the
+near-duplicate filter (ROUGE-L 0.7, on in both runs) is timed alone on the run's own questions at
+growing sizes (bench/near_duplicate_filter.py compares it with the filter before).
 
 Last line: RESULT limit_fraction=<f> baseline_limit_fraction=<f> wall_s=<s> peak_rss_mb=<mb> busy_share=<f>
 """

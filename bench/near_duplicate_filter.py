@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # last: the package measured comes from PYTHONPATH (this checkout or the baseline)
 
 from bench.instruction_stage import WEIGHTS, WORDS, package_at  # noqa: E402
 
