@@ -83,6 +83,13 @@ def sacct(cluster, job_ids) -> dict[str, dict[str, str]]:
     return records()
 
 
+def _interruptible() -> None:
+    """Ctrl-C reaches Snakemake even when the tests were started in the background, whose
+    non-interactive shell ignores SIGINT in everything it starts (Python then installs no
+    KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_through_the_slurm_profile(cluster, tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     configure_profile(workdir)
@@ -102,7 +109,9 @@ def test_demo_through_the_slurm_profile(cluster, tmp_path):
     env = {**cluster.env, "PYTHONPATH": str(workdir)}
     first, second = tmp_path / "first.out", tmp_path / "second.out"
     with open(first, "w") as out:
-        run = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        run = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible
+        )
         # Cancel the 7B pretraining job once it has a checkpoint.
         checkpoints = workdir / "results/checkpoints/pretrain-7B"
         while not (checkpoints.exists() and last_complete_checkpoint(checkpoints)):
