@@ -9,6 +9,7 @@ package at `--baseline-ref` (the filter before prefix filtering on both sides); 
 the same questions.
 
     python bench/near_duplicate_filter.py                       # 5k, 10k, 20k, 57k questions
+    python bench/near_duplicate_filter.py --memory --sizes 10000,57000   # bytes held a question
 
 Last line: RESULT us_per_question=<new at each size> baseline_us_per_question=<old at each size>
 """
@@ -23,28 +24,39 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO))  # last: the package measured comes from PYTHONPATH (this checkout or the baseline)
-
-from bench.instruction_stage import WEIGHTS, WORDS, package_at  # noqa: E402
 
 ROUGE = 0.7
 # main before this filter: one-sided probing of the rarest words, every question's word set kept
 BASELINE_REF = "0ed6f46"
 
 
-def measure(size: int) -> dict:
-    """Filter `size` questions with whichever package is first on the path; CPU seconds and kept count."""
-    from asclepius_r.instructions import NearDuplicateIndex
+def write_questions(size: int, path: Path) -> None:
+    """`size` (task, question) pairs as the stage benchmark's server and the stage make them."""
     from asclepius_r.tasks import draw_task
+    from bench.instruction_stage import WEIGHTS, WORDS
 
     rng = random.Random(11)
     questions = [
         (draw_task(100_000 + i, 42), "What " + " ".join(rng.choices(WORDS, WEIGHTS, k=rng.randint(5, 13))) + "?")
         for i in range(size)
     ]
+    path.write_text(json.dumps(questions))
+
+
+def measure(questions_file: str, memory: bool = False) -> dict:
+    """Filter the questions with the package PYTHONPATH gives (this process imports nothing of the
+    checkout's first); CPU seconds and kept count, or with `memory` the bytes the indexes hold at
+    the end (tracemalloc, which slows the run)."""
+    from asclepius_r.instructions import NearDuplicateIndex
+
+    questions = json.loads(Path(questions_file).read_text())
+    size = len(questions)
+    if memory:
+        tracemalloc.start()
     indexes: dict[str, NearDuplicateIndex] = {}
     kept = 0
     started = time.process_time()
@@ -53,11 +65,14 @@ def measure(size: int) -> dict:
         if not index.is_near_duplicate(question):
             index.add(question)
             kept += 1
-    return {"size": size, "cpu_s": time.process_time() - started, "kept": kept}
+    result = {"size": size, "cpu_s": time.process_time() - started, "kept": kept}
+    if memory:
+        result["held_bytes"] = tracemalloc.get_traced_memory()[0]
+    return result
 
 
-def run(size: int, pythonpath: Path) -> dict:
-    command = [sys.executable, __file__, "--measure", str(size)]
+def run(questions: Path, pythonpath: Path, memory: bool = False) -> dict:
+    command = [sys.executable, __file__, "--measure", str(questions), *(["--memory"] if memory else [])]
     out = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(pythonpath)}, check=True, capture_output=True)
     return json.loads(out.stdout)
 
@@ -66,16 +81,38 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="5000,10000,20000,57000")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
-    parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one size, in this process
+    parser.add_argument("--memory", action="store_true", help="bytes the filter holds per question, not CPU time")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # one questions file, in this process
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(args.measure, args.memory)))
+        return
+    sys.path.insert(0, str(REPO))  # the parent only: questions and the baseline's checkout
+    from bench.instruction_stage import package_at
+
+    sizes = [int(size) for size in args.sizes.split(",")]
+    if args.memory:
+        held = []
+        with tempfile.TemporaryDirectory() as work:
+            baseline = package_at(args.baseline_ref, Path(work))
+            for size in sizes:
+                write_questions(size, questions := Path(work) / f"questions-{size}.json")
+                new, old = run(questions, REPO, memory=True), run(questions, baseline, memory=True)
+                held.append((new["held_bytes"] / size, old["held_bytes"] / size))
+                print(
+                    f"{size:6d} questions: {held[-1][0]:.0f} bytes a question, baseline {held[-1][1]:.0f}", flush=True
+                )
+        print(
+            "RESULT bytes_per_question=" + ",".join(f"{n:.0f}" for n, _ in held),
+            "baseline_bytes_per_question=" + ",".join(f"{o:.0f}" for _, o in held),
+        )
         return
     new_us, old_us = [], []
     with tempfile.TemporaryDirectory() as work:
         baseline = package_at(args.baseline_ref, Path(work))
-        for size in map(int, args.sizes.split(",")):
-            new, old = run(size, REPO), run(size, baseline)
+        for size in sizes:
+            write_questions(size, questions := Path(work) / f"questions-{size}.json")
+            new, old = run(questions, REPO), run(questions, baseline)
             if new["kept"] != old["kept"]:
                 raise SystemExit(f"{size} questions: {new['kept']} kept, the baseline kept {old['kept']}")
             new_us.append(new["cpu_s"] / size * 1e6)
