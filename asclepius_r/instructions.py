@@ -25,6 +25,7 @@ import re
 import tempfile
 from array import array
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .files import atomic_path, write_json
+from .heap import map_large_blocks
 from .llm import ChatRequest, LLMClient
 from .prompts import render_answer_prompt, render_question_prompt
 from .rouge import rouge_l_of_tokens, tokens
@@ -163,7 +165,8 @@ class NearDuplicateIndex:
     words' counts when the index was last rebuilt (words seen since then count as rarest); the
     index rebuilds itself each time it doubles, so the order follows the questions at a linear
     total cost. A candidate is then checked for enough shared words before its LCS is computed.
-    Questions are kept as arrays of word codes, a few dozen bytes each.
+    The questions' word codes are kept end to end in two flat arrays, with no object per question
+    (4 bytes a word): the index's memory grows with the words, a few dozen bytes a question.
     """
 
     HITS = 3  # prefix hits a candidate needs where the LCS bound allows (fewer where it is lower)
@@ -174,7 +177,8 @@ class NearDuplicateIndex:
         self.codes: dict[str, int] = {}  # word -> code; a word's k-th occurrence is the word "word#k"
         self.counts: Counter = Counter()  # occurrence code -> questions holding it
         self.order: dict[int, int] = {}  # occurrence code -> its count at the last rebuild
-        self.indexed: list[tuple[array, array]] = []  # (word codes in text order, occurrence codes)
+        # every indexed question's word codes (text order) and occurrence codes, end to end
+        self.words, self.occurrences, self.ends = array("I"), array("I"), array("Q", [0])
         self.postings: dict[int, array] = defaultdict(lambda: array("I"))
         self.rebuild_at = self.FIRST_REBUILD
         self._last: tuple[str | None, tuple[array, array] | None] = (None, None)
@@ -217,37 +221,42 @@ class NearDuplicateIndex:
         )
         enough = counts >= min(self.HITS, least)
         for i, count in zip(ids[enough].tolist(), counts[enough].tolist()):
-            other_words, other_occurrences = self.indexed[i]
-            m = len(other_words)
+            start, end = self.ends[i], self.ends[i + 1]
+            m = end - start
             if count < min(self.HITS, max(least, self._min_lcs(m))):
                 continue
             # the LCS is at most the shorter length and the shared words: both must reach the bound
             needed = max(1, math.ceil(self.threshold * (n + m) / 2 - 1e-9))
-            if min(n, m) < needed or sum(code in shared for code in other_occurrences) < needed:
+            if min(n, m) < needed or sum(code in shared for code in self.occurrences[start:end]) < needed:
                 continue
-            if rouge_l_of_tokens(words, other_words) > self.threshold:
+            if rouge_l_of_tokens(words, self.words[start:end]) > self.threshold:
                 return True
         return False
 
+    def __len__(self) -> int:
+        return len(self.ends) - 1
+
     def add(self, question: str) -> None:
-        encoded = self._encode(question)
-        self.counts.update(encoded[1])
-        self.indexed.append(encoded)
-        if len(self.indexed) >= self.rebuild_at:
+        words, occurrences = self._encode(question)
+        self.counts.update(occurrences)
+        self.words.extend(words)
+        self.occurrences.extend(occurrences)
+        self.ends.append(len(self.words))
+        if len(self) >= self.rebuild_at:
             self._rebuild()
         else:
-            self._post(len(self.indexed) - 1)
+            self._post(len(self) - 1)
 
     def _post(self, i: int) -> None:
-        for code in self._prefix(self.indexed[i][1]):
+        for code in self._prefix(self.occurrences[self.ends[i] : self.ends[i + 1]]):
             self.postings[code].append(i)
 
     def _rebuild(self) -> None:
         self.order = dict(self.counts)
         self.postings.clear()
-        for i in range(len(self.indexed)):
+        for i in range(len(self)):
             self._post(i)
-        self.rebuild_at = 2 * len(self.indexed)
+        self.rebuild_at = 2 * len(self)
 
 
 def _rejection(note: dict, question: str, answer: str, earlier: NearDuplicateIndex | None) -> str | None:
@@ -264,6 +273,22 @@ def _rejection(note: dict, question: str, answer: str, earlier: NearDuplicateInd
     return None
 
 
+class _Prefix(Sequence):
+    """The first `length` items of a list, without copying them: `random.sample` draws the same
+    items from it as from the copied slice (it picks by index), at no cost per item."""
+
+    def __init__(self, items: list, length: int):
+        self.items, self.length = items, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return self.items[index]
+
+
 class _Pools:
     """Accepted questions per task with the position of their note, in note order, so that a
     note is shown only those of notes at least `lag` before it, however far settling has got."""
@@ -271,14 +296,14 @@ class _Pools:
     def __init__(self, lag: int):
         self.lag = lag
         self.questions: dict[str, list[str]] = defaultdict(list)
-        self.positions: dict[str, list[int]] = defaultdict(list)
+        self.positions: dict[str, array] = defaultdict(lambda: array("q"))
 
     def add(self, task: str, position: int, question: str) -> None:
         self.questions[task].append(question)
         self.positions[task].append(position)
 
-    def visible(self, task: str, position: int) -> list[str]:
-        return self.questions[task][: bisect.bisect_right(self.positions[task], position - self.lag)]
+    def visible(self, task: str, position: int) -> _Prefix:
+        return _Prefix(self.questions[task], bisect.bisect_right(self.positions[task], position - self.lag))
 
 
 def generate(notes: list[dict], client: LLMClient, settings: GenerationSettings) -> tuple[list[dict], dict]:
@@ -392,6 +417,7 @@ async def _generate(notes: NoteTexts, client: LLMClient, settings: GenerationSet
 def run_instruction_stage(notes_path, records_out, stats_out, client: LLMClient, settings: GenerationSettings) -> dict:
     """Records are written as the notes settle and the file is renamed into place at the end; after
     a crash the rerun asks the archive again, not this file."""
+    map_large_blocks()  # hours of requests must not grow the heap (see heap.py)
     with atomic_path(records_out) as tmp, open(tmp, "w", encoding="utf-8") as out:
         stats = generate_into(
             NoteTexts.read(notes_path, spill_dir=Path(records_out).parent),

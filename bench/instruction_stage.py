@@ -15,12 +15,14 @@ settings of issue 11); the new run uses the default concurrency.
 faster. limit_fraction = requests answered / (the limit x the stage's wall time, its start-up
 included). Besides the rate, each run reports where its wall time went (the start-up before the
 first request, the requests of the first minute, the steady rate after it, and the drain after
-the last request), its peak RSS (and RSS at each quarter of the run), and its CPU time as a share
-of the wall time: the time it spends outside waiting for the server. Afterwards the
+the last request), its peak RSS (the RSS at each quarter of the run, and its growth per note after
+the first quarter: flat is near 0), and its CPU time as a share of the wall time: the time it
+spends outside waiting for the server. Afterwards the
 near-duplicate filter (ROUGE-L 0.7, on in both runs) is timed alone on the run's own questions at
 growing sizes (bench/near_duplicate_filter.py compares it with the filter before).
 
-Last line: RESULT limit_fraction=<f> baseline_limit_fraction=<f> wall_s=<s> peak_rss_mb=<mb> busy_share=<f>
+Last line: RESULT limit_fraction=<f> baseline_limit_fraction=<f> wall_s=<s> peak_rss_mb=<mb>
+rss_growth_kb_per_note=<kb> busy_share=<f>
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from asclepius_r.files import read_jsonl  # noqa: E402
 from asclepius_r.instructions import NearDuplicateIndex  # noqa: E402
 from asclepius_r.logs import setup_logging  # noqa: E402
+from asclepius_r.notes import OUTPUT_ROW_GROUP  # noqa: E402
 from tests.openai_server import OpenAIServer, prompt_text, request_identity  # noqa: E402
 
 KEY_ENV = "BENCH_LLM_API_KEY"
@@ -107,7 +110,7 @@ def write_config(path: Path, server: OpenAIServer, rpm: float, archive: Path, ba
     path.write_text(yaml.safe_dump(config))
 
 
-def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath: Path | None) -> dict:
+def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, notes: int, pythonpath: Path | None) -> dict:
     """One stage run in its own process; its wall time, CPU time, peak RSS and the server's view."""
     config = work / f"{tag}.yaml"
     write_config(config, server, rpm, work / f"{tag}-archive.jsonl", baseline=pythonpath is not None)
@@ -136,6 +139,8 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath
     received = sorted(entry.received - started_epoch for entry in server.requests[logged:] if entry.outcome == "ok")
     first, last = received[0], received[-1]
     quarters = [max((kb for t, kb in rss if t <= wall * q / 4), default=0) // 1024 for q in (1, 2, 3, 4)]
+    # the notes settle at a steady rate, so the last three quarters hold about 3/4 of them
+    growth_kb_per_note = (quarters[3] - quarters[0]) * 1024 / (0.75 * notes)
     return {
         "wall_s": wall,
         "ok": outcomes.get("ok", 0),
@@ -143,6 +148,7 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, pythonpath
         "rpm": outcomes.get("ok", 0) / wall * 60,
         "peak_rss_mb": usage.ru_maxrss // 1024,
         "rss_quarters_mb": quarters,
+        "rss_growth_kb_per_note": growth_kb_per_note,
         "busy_share": (usage.ru_utime + usage.ru_stime) / wall,
         # where the wall time goes: the stage's start-up (imports, notes), the first minute of
         # requests (the in-flight limit before latencies are known), the steady state, and the
@@ -194,7 +200,8 @@ def describe(tag: str, run: dict, rpm: float) -> str:
     return (
         f"{tag:9s} {run['ok']} answers in {run['wall_s']:.1f} s = {run['rpm']:.0f} RPM "
         f"({run['rpm'] / rpm:.3f} of the limit), peak RSS {run['peak_rss_mb']} MB "
-        f"(by quarter {run['rss_quarters_mb']}), busy {run['busy_share']:.2f} of the wall time, "
+        f"(by quarter {run['rss_quarters_mb']}, {run['rss_growth_kb_per_note']:.2f} KB a note after the first), "
+        f"busy {run['busy_share']:.2f} of the wall time, "
         f"first request at {run['first_request_s']:.1f} s, {run['first_minute_rpm']} requests in its first minute, "
         f"then {run['steady_rpm']:.0f} RPM, {run['drain_s']:.1f} s after the last one sent, "
         f"server outcomes {dict(sorted(run['outcomes'].items()))}"
@@ -228,11 +235,12 @@ def main(argv: list[str] | None = None) -> None:
         ) as server,
     ):
         work = Path(work)
-        pq.write_table(synthetic_notes(args.notes), work / "notes.parquet")
+        # in row groups as the notes stage writes them: the stage reads the texts a row group at a time
+        pq.write_table(synthetic_notes(args.notes), work / "notes.parquet", row_group_size=OUTPUT_ROW_GROUP)
         baseline = None
         if not args.no_baseline:
-            baseline = run_stage("baseline", work, server, rpm, package_at(args.baseline_ref, work))
-        flow = run_stage("flow", work, server, rpm, None)
+            baseline = run_stage("baseline", work, server, rpm, args.notes, package_at(args.baseline_ref, work))
+        flow = run_stage("flow", work, server, rpm, args.notes, None)
         records = read_jsonl(work / "flow.jsonl")
         accepted = sum(1 for r in records if r["status"] == "ok")
 
@@ -249,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     baseline_fraction = f"{baseline['rpm'] / rpm:.3f}" if baseline else "nan"
     print(
         f"RESULT limit_fraction={flow['rpm'] / rpm:.3f} baseline_limit_fraction={baseline_fraction} "
-        f"wall_s={flow['wall_s']:.1f} peak_rss_mb={flow['peak_rss_mb']} busy_share={flow['busy_share']:.2f}"
+        f"wall_s={flow['wall_s']:.1f} peak_rss_mb={flow['peak_rss_mb']} "
+        f"rss_growth_kb_per_note={flow['rss_growth_kb_per_note']:.2f} busy_share={flow['busy_share']:.2f}"
     )
 
 

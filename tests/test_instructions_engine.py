@@ -1,12 +1,13 @@
 """The instruction engine against the local server: the same dataset whatever the latency and the
 requests in flight, pools seen only from notes far enough before, post-filters, the exact
-near-duplicate index, stage stats with every failure kind, no secrets or note text in logs, and
+near-duplicate index and its memory, stage stats with every failure kind, no secrets or note text in logs, and
 replay re-deriving the CSV byte for byte."""
 
 from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,13 +17,14 @@ from asclepius_r.files import read_jsonl
 from asclepius_r.instructions import (
     GenerationSettings,
     NearDuplicateIndex,
+    _Prefix,
     generate,
     run_instruction_stage,
     write_dataset,
 )
 from asclepius_r.llm import LLMClient, LLMSettings
 from asclepius_r.logs import setup_logging
-from asclepius_r.rouge import rouge_l
+from asclepius_r.rouge import rouge_l, tokens
 from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, server  # noqa: F401 (fixture)
 from tests.openai_server import OpenAIServer, default_responder, prompt_text
 
@@ -154,6 +156,36 @@ def test_near_duplicate_index_keeps_exactly_what_the_all_pairs_scan_keeps(thresh
             kept.append(question)
             index.add(question)
     assert len(kept) > 128 and dropped > 50
+
+
+def test_the_filter_holds_words_not_objects_per_question():
+    """At 57k notes every question stays in the index: its memory must grow by the words held
+    (two 4-byte codes and a posting or so each), not by objects per question, which grew the
+    stage by hundreds of bytes a note."""
+    questions = questions_with_near_duplicates(6000, seed=3)
+    index = NearDuplicateIndex(0.7, questions[:1000])
+    tracemalloc.start()
+    try:
+        for question in questions[1000:]:  # through a rebuild of the whole index, at 2048 and 4096
+            index.add(question)
+        grown = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    words = sum(len(tokens(question)) for question in questions[1000:])
+    assert len(index) == 6000
+    assert grown < 20 * words + 16 * 5000
+
+
+def test_a_pool_prefix_draws_what_its_copy_draws():
+    """Pools are shown through a view of their first items, not a copy per note; `random.sample`
+    must pick the same questions from it, or every prompt (and archive key) would change."""
+    questions = [f"question {i}?" for i in range(300)]
+    for length in range(0, 300, 7):
+        for seed in range(5):
+            k = min(2, length)
+            assert random.Random(seed).sample(_Prefix(questions, length), k) == random.Random(seed).sample(
+                questions[:length], k
+            )
 
 
 def test_near_duplicate_filter_in_the_engine(server, tmp_path):
