@@ -289,13 +289,32 @@ class _Prefix(Sequence):
         return self.items[index]
 
 
+class _Texts(Sequence):
+    """Texts end to end in UTF-8, with no object per text: a pool holds every question accepted."""
+
+    def __init__(self):
+        self.data, self.ends = bytearray(), array("Q", [0])
+
+    def append(self, text: str) -> None:
+        self.data += text.encode("utf-8")
+        self.ends.append(len(self.data))
+
+    def __len__(self) -> int:
+        return len(self.ends) - 1
+
+    def __getitem__(self, index: int) -> str:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.data[self.ends[index] : self.ends[index + 1]].decode("utf-8")
+
+
 class _Pools:
     """Accepted questions per task with the position of their note, in note order, so that a
     note is shown only those of notes at least `lag` before it, however far settling has got."""
 
     def __init__(self, lag: int):
         self.lag = lag
-        self.questions: dict[str, list[str]] = defaultdict(list)
+        self.questions: dict[str, _Texts] = defaultdict(_Texts)
         self.positions: dict[str, array] = defaultdict(lambda: array("q"))
 
     def add(self, task: str, position: int, question: str) -> None:

@@ -123,7 +123,7 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, notes: int
     started, started_epoch = time.monotonic(), time.time()
     stderr = open(work / f"{tag}.stderr", "wb")  # the progress bar, and a traceback if it fails
     stage = subprocess.Popen(command, env=env, stderr=stderr, cwd=work)  # not the checkout: it would come first
-    rss: list[tuple[float, int]] = []
+    rss: list[tuple[float, int, int]] = []
     sampler = threading.Thread(target=_sample_rss, args=(stage.pid, rss), daemon=True)
     sampler.start()
     _, status, usage = os.wait4(stage.pid, 0)
@@ -138,7 +138,7 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, notes: int
         outcomes[entry.outcome] = outcomes.get(entry.outcome, 0) + 1
     received = sorted(entry.received - started_epoch for entry in server.requests[logged:] if entry.outcome == "ok")
     first, last = received[0], received[-1]
-    quarters = [max((kb for t, kb in rss if t <= wall * q / 4), default=0) // 1024 for q in (1, 2, 3, 4)]
+    quarters = [max((kb for t, kb, _ in rss if t <= wall * q / 4), default=0) // 1024 for q in (1, 2, 3, 4)]
     # the notes settle at a steady rate, so the last three quarters hold about 3/4 of them
     growth_kb_per_note = (quarters[3] - quarters[0]) * 1024 / (0.75 * notes)
     return {
@@ -146,7 +146,7 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, notes: int
         "ok": outcomes.get("ok", 0),
         "outcomes": outcomes,
         "rpm": outcomes.get("ok", 0) / wall * 60,
-        "peak_rss_mb": usage.ru_maxrss // 1024,
+        "peak_rss_mb": max(hwm for *_, hwm in rss) // 1024,
         "rss_quarters_mb": quarters,
         "rss_growth_kb_per_note": growth_kb_per_note,
         "busy_share": (usage.ru_utime + usage.ru_stime) / wall,
@@ -160,7 +160,10 @@ def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, notes: int
     }
 
 
-def _sample_rss(pid: int, samples: list[tuple[float, int]]) -> None:
+def _sample_rss(pid: int, samples: list[tuple[float, int, int]]) -> None:
+    """(seconds, VmRSS, VmHWM in KB) of the stage every 0.2 s. Its peak is its own VmHWM: the
+    `ru_maxrss` that wait4 reports for a child started by vfork and exec (as subprocess does) is
+    at least this process's high-water mark, which holds the notes table and the server's log."""
     started = time.monotonic()
     while True:
         if samples and int(samples[-1][0]) // 60 != int(time.monotonic() - started) // 60:
@@ -169,11 +172,11 @@ def _sample_rss(pid: int, samples: list[tuple[float, int]]) -> None:
             status = Path(f"/proc/{pid}/status").read_text()
         except (FileNotFoundError, ProcessLookupError):
             return
-        rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
-        if rss is None:  # a zombie: the stage has ended
+        fields = dict(line.split(":", 1) for line in status.splitlines() if line.startswith(("VmRSS", "VmHWM")))
+        if "VmRSS" not in fields:  # a zombie: the stage has ended
             return
-        samples.append((time.monotonic() - started, rss))
-        time.sleep(1.0)
+        samples.append((time.monotonic() - started, int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])))
+        time.sleep(0.2)
 
 
 def filter_cost(records: list[dict]) -> list[tuple[int, float]]:

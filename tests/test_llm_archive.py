@@ -1,14 +1,17 @@
 """The archive: a torn last line is ignored and cut off by the next append, other damage names
-the line, concurrent writers from several processes never interleave records."""
+the line, concurrent writers from several processes never interleave records, and its compact
+index holds every key and never answers one key with another's record."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+from types import SimpleNamespace
 
 import pytest
 
 from asclepius_r.llm import Archive, ChatRequest, ChatResult
+from asclepius_r.llm.digest_index import DigestIndex
 
 
 def request(i: int) -> ChatRequest:
@@ -73,3 +76,30 @@ def test_concurrent_writers_in_several_processes_keep_every_record_whole(tmp_pat
         worker.join()
     assert [w.exitcode for w in workers] == [0, 0, 0]
     assert len(Archive(path)) == 120
+
+
+def test_the_index_holds_every_key_through_its_growth_and_the_last_record_wins(tmp_path):
+    path = tmp_path / "archive.jsonl"
+    archive = Archive(path)
+    archive.append_many([(request(i), ok(request(i))) for i in range(3000)])  # the index doubles 3 times
+    archive.append(request(7), ChatResult(key=request(7).key, status="failed", error="timeout: no answer"))
+    for store in (archive, Archive(path)):
+        assert len(store) == 3000 and store.answered() == 2999
+        assert all(store.get(request(i)).text == ok(request(i)).text for i in range(3000) if i != 7)
+        assert store.get(request(7)) is None and store.get(request(7), include_failed=True).status == "failed"
+        assert store.get(request(3000)) is None
+        assert [key for key, _ in store.results()][:3] == [request(i).key for i in range(3)]  # the file's order
+
+
+def test_two_keys_sharing_the_index_slot_never_answer_for_each_other(tmp_path):
+    """The index keys its slots by a digest's first 8 bytes; a key that shares them with an archived
+    one (one chance in 10^10 at a million keys) is a miss, never the other's answer."""
+    archived = request(1)
+    twin = (bytes.fromhex(archived.key)[:8] + bytes(24)).hex()
+    index = DigestIndex()
+    index[bytes.fromhex(archived.key)] = 5
+    assert index.get(bytes.fromhex(twin)) == 5 and len(index) == 1
+    archive = Archive(tmp_path / "archive.jsonl")
+    archive.append(archived, ok(archived))
+    assert archive.get(SimpleNamespace(key=twin)) is None  # get reads only the request's key
+    assert archive.get(archived).text == ok(archived).text

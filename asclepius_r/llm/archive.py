@@ -29,7 +29,10 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
+from .digest_index import DigestIndex
 
 log = logging.getLogger(__name__)
 
@@ -206,15 +209,15 @@ def _parse(path: Path, number: int, raw: bytes) -> dict | None:
 class Archive:
     """The JSONL archive at `path` (in memory only when None): the last final record per key wins.
 
-    In memory it keeps an index, not the records: each key's SHA-256 digest and where its last
-    final record starts in the file (times 2, plus 1 if it is a success), about 200 bytes a
-    request whatever the notes and answers hold, so a 57k-note archive costs ~25 MB; `get` reads
-    the one record it needs back from the file.
+    In memory it keeps an index, not the records: for each key's SHA-256 digest, where its last
+    final record starts in the file (times 2, plus 1 if it is a success), under 40 bytes a request
+    whatever the notes and answers hold (digest_index.py), so a 57k-note archive costs ~5 MB; `get`
+    reads the one record it needs back from the file and checks its key.
     """
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
-        self.index: dict[bytes, int] = {}
+        self.index = DigestIndex()
         self.lines: list[bytes] = []  # the records of an archive without a file
         self.billed_retries = 0
         # (model, batch) -> tokens of every billed response archived, for the budget across runs
@@ -239,28 +242,32 @@ class Archive:
 
     def answered(self) -> int:
         """How many keys have a success."""
-        return sum(entry & 1 for entry in self.index.values())
+        return int((self.index.values() & 1).sum())
 
-    def _result(self, entry: int) -> dict:
+    def _record(self, entry: int) -> dict:
         where = entry >> 1
         if self.path is None:
-            return json.loads(self.lines[where])["result"]
+            return json.loads(self.lines[where])
         if self._reader is None:
             self._reader = open(self.path, "rb")  # appends go through other handles; this one only reads
         self._reader.seek(where)
-        return json.loads(self._reader.readline())["result"]
+        return json.loads(self._reader.readline())
 
     def results(self):
-        """Yield (key, result record) for every key, its last final record."""
-        for digest, entry in self.index.items():
-            yield digest.hex(), self._result(entry)
+        """Yield (key, result record) for every key, its last final record, in the file's order."""
+        for entry in np.sort(self.index.values()).tolist():
+            record = self._record(entry)
+            yield record["key"], record["result"]
 
     def get(self, request: ChatRequest, include_failed: bool = False) -> ChatResult | None:
         """The archived outcome: successes always; recorded failures only when asked (replay)."""
         entry = self.index.get(bytes.fromhex(request.key))
         if entry is None or not (entry & 1 or include_failed):
             return None
-        return ChatResult.from_record(self._result(entry))
+        record = self._record(entry)
+        if record["key"] != request.key:  # another key with the same first 8 bytes (digest_index.py)
+            return None
+        return ChatResult.from_record(record["result"])
 
     def close(self) -> None:
         if self._reader is not None:
