@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import bisect
 import csv
+import itertools
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .files import atomic_path, write_json
-from .heap import map_large_blocks
+from .heap import release_free_memory
 from .llm import ChatRequest, LLMClient
 from .prompts import render_answer_prompt, render_question_prompt
 from .rouge import rouge_l_of_tokens, tokens
@@ -47,6 +48,7 @@ MODEL_MENTION = re.compile(r"\b(language model|ai model|the model|as an ai|an ai
 _LEADING_NOISE = re.compile(r"^\s*(?:[-*•]|\d+[.)]|q(?:uestion)?\s*:|instruction\s*:)\s*", re.IGNORECASE)
 
 DATASET_COLUMNS = ["note", "question", "answer", "task"]
+RELEASE_MEMORY_EVERY = 1000  # notes settled
 
 
 @dataclass(frozen=True)
@@ -436,14 +438,15 @@ async def _generate(notes: NoteTexts, client: LLMClient, settings: GenerationSet
 def run_instruction_stage(notes_path, records_out, stats_out, client: LLMClient, settings: GenerationSettings) -> dict:
     """Records are written as the notes settle and the file is renamed into place at the end; after
     a crash the rerun asks the archive again, not this file."""
-    map_large_blocks()  # hours of requests must not grow the heap (see heap.py)
+    settled = itertools.count(1)
     with atomic_path(records_out) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        stats = generate_into(
-            NoteTexts.read(notes_path, spill_dir=Path(records_out).parent),
-            client,
-            settings,
-            lambda record: out.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"),
-        )
+
+        def write(record: dict) -> None:
+            out.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+            if next(settled) % RELEASE_MEMORY_EVERY == 0:
+                release_free_memory()  # hours of requests must not grow the heap (heap.py)
+
+        stats = generate_into(NoteTexts.read(notes_path, spill_dir=Path(records_out).parent), client, settings, write)
     write_json(stats_out, stats)
     llm = stats["llm"]
     log.info(

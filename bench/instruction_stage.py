@@ -10,6 +10,10 @@ settings of issue 11); the new run uses the default concurrency.
 
     python bench/instruction_stage.py                   # 1,000 notes at 500 RPM, 4 s median (~12 min)
     python bench/instruction_stage.py --notes 57000 --time-scale 25 --no-baseline
+    python bench/instruction_stage.py --notes 57000 --time-scale 30 --baseline-ref edf2109 --baseline-flow
+
+`--baseline-flow` runs the baseline package with the new run's settings (continuous flow, for a
+package from after the wave design), to compare memory or speed across commits of the flow.
 
 `--time-scale k` divides the latencies and multiplies the limit by k: the same shape, k times
 faster. limit_fraction = requests answered / (the limit x the stage's wall time, its start-up
@@ -90,7 +94,7 @@ def package_at(ref: str, work: Path) -> Path:
     return target
 
 
-def write_config(path: Path, server: OpenAIServer, rpm: float, archive: Path, baseline: bool) -> None:
+def write_config(path: Path, server: OpenAIServer, rpm: float, archive: Path, waves: bool) -> None:
     llm = {
         "backend": "openai",
         "model": "gpt-4o-mini",
@@ -103,17 +107,19 @@ def write_config(path: Path, server: OpenAIServer, rpm: float, archive: Path, ba
         "timeout_s": 120,
     }
     instructions = {"near_duplicate_rouge": ROUGE}
-    if baseline:
+    if waves:
         llm["max_concurrency"] = 64
         instructions["wave_size"] = 256
     config = {"noteevents": None, "models": {"7B": {"base": "tiny"}}, "instructions": instructions, "llm": llm}
     path.write_text(yaml.safe_dump(config))
 
 
-def run_stage(tag: str, work: Path, server: OpenAIServer, rpm: float, notes: int, pythonpath: Path | None) -> dict:
+def run_stage(
+    tag: str, work: Path, server: OpenAIServer, rpm: float, notes: int, pythonpath: Path | None, waves: bool = False
+) -> dict:
     """One stage run in its own process; its wall time, CPU time, peak RSS and the server's view."""
     config = work / f"{tag}.yaml"
-    write_config(config, server, rpm, work / f"{tag}-archive.jsonl", baseline=pythonpath is not None)
+    write_config(config, server, rpm, work / f"{tag}-archive.jsonl", waves)
     command = [sys.executable, "-m", "asclepius_r.instructions", "--config", str(config)]
     command += ["--notes", str(work / "notes.parquet"), "--records", str(work / f"{tag}.jsonl")]
     command += ["--stats", str(work / f"{tag}.stats.json"), "--dataset", str(work / f"{tag}.csv")]
@@ -220,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-max", type=float, default=35.0)
     parser.add_argument("--time-scale", type=float, default=1.0, help="latencies / k, limit x k")
     parser.add_argument("--baseline-ref", default=WAVE_DESIGN_REF, help="git ref of the wave design")
+    parser.add_argument("--baseline-flow", action="store_true", help="the baseline ref runs the flow, not waves")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(level=logging.WARNING)
@@ -242,7 +249,15 @@ def main(argv: list[str] | None = None) -> None:
         pq.write_table(synthetic_notes(args.notes), work / "notes.parquet", row_group_size=OUTPUT_ROW_GROUP)
         baseline = None
         if not args.no_baseline:
-            baseline = run_stage("baseline", work, server, rpm, args.notes, package_at(args.baseline_ref, work))
+            baseline = run_stage(
+                "baseline",
+                work,
+                server,
+                rpm,
+                args.notes,
+                package_at(args.baseline_ref, work),
+                waves=not args.baseline_flow,
+            )
         flow = run_stage("flow", work, server, rpm, args.notes, None)
         records = read_jsonl(work / "flow.jsonl")
         accepted = sum(1 for r in records if r["status"] == "ok")
@@ -252,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         f"sigma {args.sigma} max {args.latency_max / args.time_scale:.2f} s"
     )
     if baseline:
-        print(describe(f"waves@{args.baseline_ref}", baseline, rpm))
+        design = "flow" if args.baseline_flow else "waves"
+        print(describe(f"{design}@{args.baseline_ref}", baseline, rpm))
     print(describe("flow", flow, rpm))
     print(f"accepted {accepted} of {args.notes}; the near-duplicate filter alone on the run's questions (CPU):")
     for size, seconds in filter_cost(records):
