@@ -19,7 +19,9 @@ Memory: peak RSS as wait4 reports it counts file pages the process has mapped (o
 input through mmap, so the page-cache pages it touches count, though the kernel can drop them at
 any time) beside anonymous memory (heap, Arrow buffers), which is what the process really needs.
 The two are sampled apart from /proc/PID/status (RssAnon, RssFile + RssShmem) every 10 ms, and
-their peaks are printed next to wait4's figure. Peak RSS is also measured at a quarter of the
+their peaks are printed next to wait4's figure. (wait4's figure is also at least this process's own
+high-water mark, since a child started by vfork and exec inherits it; this process stays small.)
+Peak RSS is also measured at a quarter of the
 size to show whether memory grows with the input.
 
 Our stage's scanner (asclepius_r/record_scanner.c) is compiled once per install (`make venv`);
