@@ -21,8 +21,7 @@ any time) beside anonymous memory (heap, Arrow buffers), which is what the proce
 The two are sampled apart from /proc/PID/status (RssAnon, RssFile + RssShmem) every 10 ms, and
 their peaks are printed next to wait4's figure. (wait4's figure is also at least this process's own
 high-water mark, since a child started by vfork and exec inherits it; this process stays small.)
-Peak RSS is also measured at a quarter of the
-size to show whether memory grows with the input.
+Peak RSS is also measured at a quarter of the size to show whether memory grows with the input.
 
 Our stage's scanner (asclepius_r/record_scanner.c) is compiled once per install (`make venv`);
 the `build` run times that compilation alone, into a temporary folder, and the speedup of a first
