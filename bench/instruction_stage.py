@@ -64,12 +64,13 @@ WORDS = [f"term{i:04d}" for i in range(3000)]
 WEIGHTS = [1 / (rank + 1) for rank in range(len(WORDS))]  # Zipf-like, as words are in questions
 
 
-def synthetic_notes(n: int) -> pa.Table:
-    """Made-up discharge summaries of about 1,500 characters (no patient data)."""
+def synthetic_notes(n: int, chars: int = 1500) -> pa.Table:
+    """Made-up discharge summaries of about `chars` characters (no patient data)."""
+    days = max(1, round((chars - 114) / 66))  # a hospital day's sentence is 66 characters: 21 at 1,500
     texts = [
         f"Admission Date: [**2150-1-{1 + i % 28}**]\nSynthetic patient {i} was admitted with "
         f"{CONDITIONS[i % len(CONDITIONS)]}. "
-        + " ".join(f"Hospital day {d}: vitals stable, labs reviewed, plan continued." for d in range(1, 22))
+        + " ".join(f"Hospital day {d}: vitals stable, labs reviewed, plan continued." for d in range(1, days + 1))
         + " Discharged home in stable condition."
         for i in range(n)
     ]
@@ -220,6 +221,7 @@ def describe(tag: str, run: dict, rpm: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--notes", type=int, default=1000)
+    parser.add_argument("--note-chars", type=int, default=1500, help="about 10,000 for MIMIC discharge summaries")
     parser.add_argument("--rpm", type=float, default=500, help="the server's limit, and the client's setting")
     parser.add_argument("--latency", type=float, default=4.0, help="median seconds per request")
     parser.add_argument("--sigma", type=float, default=0.7, help="log-normal sigma of the latency")
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     ):
         work = Path(work)
         # in row groups as the notes stage writes them: the stage reads the texts a row group at a time
-        pq.write_table(synthetic_notes(args.notes), work / "notes.parquet", row_group_size=OUTPUT_ROW_GROUP)
+        notes = synthetic_notes(args.notes, args.note_chars)
+        pq.write_table(notes, work / "notes.parquet", row_group_size=OUTPUT_ROW_GROUP)
         baseline = None
         if not args.no_baseline:
             baseline = run_stage(
