@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from asclepius_r import instructions
 from asclepius_r.files import read_jsonl
 from asclepius_r.instructions import (
     GenerationSettings,
@@ -186,6 +187,17 @@ def test_a_pool_prefix_draws_what_its_copy_draws():
             assert random.Random(seed).sample(_Prefix(questions, length), k) == random.Random(seed).sample(
                 questions[:length], k
             )
+
+
+def test_the_stage_hands_free_memory_back_as_notes_settle(server, tmp_path, monkeypatch):
+    released = []
+    monkeypatch.setattr(instructions, "RELEASE_MEMORY_EVERY", 10)
+    monkeypatch.setattr(instructions, "release_free_memory", lambda: released.append(True) or True)
+    write_notes(tmp_path / "notes.parquet", synthetic_notes(35))
+    client = LLMClient(live_settings(server, tmp_path / "a.jsonl"))
+    notes, records = tmp_path / "notes.parquet", tmp_path / "r.jsonl"
+    run_instruction_stage(notes, records, tmp_path / "s.json", client, GenerationSettings())
+    assert len(released) == 3 and len(read_jsonl(records)) == 35
 
 
 def test_near_duplicate_filter_in_the_engine(server, tmp_path):
