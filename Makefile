@@ -17,7 +17,7 @@ $(STAMP): requirements.lock pyproject.toml | compiler
 	$(BIN)/python -c 'import site, sys; open(site.getsitepackages()[0] + "/asclepius_r.pth", "w").write(sys.argv[1] + "\n")' $(CURDIR)
 	$(BIN)/python -m pip check
 	# Compile the notes scanner (C, with the system compiler) once, at install time, not in the first run.
-	$(BIN)/python -m asclepius_r.record_scanner
+	$(BIN)/python -m asclepius_r.notes.record_scanner
 	touch $@
 
 # The whole workflow on the embedded demo: synthetic notes, tiny LLaMA, archived LLM responses.
@@ -33,7 +33,7 @@ test: $(STAMP) chromium
 # outputs are missing); writes results/plan/plan.json. The demo's: PLAN_CONFIG="config.yaml demo/config.yaml".
 PLAN_CONFIG ?= config.yaml
 plan: $(STAMP)
-	$(BIN)/python -m asclepius_r.plan $(foreach file,$(PLAN_CONFIG),--config $(file))
+	$(BIN)/python -m asclepius_r.plan.estimate $(foreach file,$(PLAN_CONFIG),--config $(file))
 
 # The paper run's shape on a CPU (rehearsal/config.yaml over config.yaml): LLaMA-1's and Llama-3's tokenizers rebuilt
 # from llama.cpp's GGUF vocabulary (the llama-cpp-python sdist, fetched once into ~/.cache/asclepius-r),
@@ -43,10 +43,10 @@ REHEARSAL_TOKENIZER := results/rehearsal/llama-spm/tokenizer.model
 REHEARSAL_LLAMA3_TOKENIZER := results/rehearsal/llama-bpe/tokenizer.json
 rehearsal: $(STAMP) $(REHEARSAL_TOKENIZER) $(REHEARSAL_LLAMA3_TOKENIZER)
 	$(BIN)/python -m rehearsal.run --cores $(CORES)
-$(REHEARSAL_TOKENIZER): asclepius_r/gguf_vocab.py | $(STAMP)
-	$(BIN)/python -m asclepius_r.gguf_vocab --family llama1 $@
-$(REHEARSAL_LLAMA3_TOKENIZER): asclepius_r/gguf_vocab.py | $(STAMP)
-	$(BIN)/python -m asclepius_r.gguf_vocab --family llama3 $(@D)
+$(REHEARSAL_TOKENIZER): support/gguf_vocab.py | $(STAMP)
+	$(BIN)/python -m support.gguf_vocab --family llama1 $@
+$(REHEARSAL_LLAMA3_TOKENIZER): support/gguf_vocab.py | $(STAMP)
+	$(BIN)/python -m support.gguf_vocab --family llama3 $(@D)
 
 # The paper run (config.yaml): its release folder, then its HTML report.
 release: $(STAMP)

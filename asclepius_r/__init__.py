@@ -1,7 +1,6 @@
-"""Asclepius-R reproduction: every stage of the workflow as an importable, testable function.
+"""Asclepius-R reproduction: every stage of the workflow as an importable, testable package.
 
-Stages (one module each): notes -> instructions -> base_model -> pretrain -> finetune ->
-evaluate -> release. The Snakemake rules in ../rules call these through thin scripts.
+One subpackage per stage, mirroring rules/: notes -> instructions (through llm) -> base_model ->
+train (pretrain, finetune) -> evaluate -> release, with plan and report beside them. They stand on
+a ground floor that imports no stage: config, errors, files, logs, prompts, rouge and gpus.
 """
-
-__version__ = "0.1.0"

@@ -7,7 +7,7 @@ import os
 import sys
 from types import TracebackType
 
-from .errors import UserError
+from asclepius_r.errors import UserError
 
 
 def setup_logging(log_file: str | None = None, level: int = logging.INFO) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InputError
+from asclepius_r.errors import InputError
 
 # The released Asclepius-R template, byte for byte: the "languge" typo and the space after
 # "[Instruction End]" are part of the interface the published checkpoints were used with.

@@ -62,9 +62,9 @@ def build_inputs(workdir: Path, examples: int) -> tuple[Path, Path]:
     """LLaMA-1's tokenizer folder and a fine-tuning CSV of `examples` paper-shaped rows (made once)."""
     import sentencepiece as spm
 
-    from asclepius_r.base_model import save_tokenizer_folder
-    from asclepius_r.demo.noteevents import LongDischargeNotes, load_demo_notes
-    from asclepius_r.gguf_vocab import build_llama_tokenizer
+    from asclepius_r.base_model.tiny import save_tokenizer_folder
+    from support.gguf_vocab import build_llama_tokenizer
+    from support.synthetic_notes import LongDischargeNotes, load_demo_notes
 
     tokenizer_dir = workdir / "llama-tokenizer"
     if not (tokenizer_dir / "tokenizer.model").exists():

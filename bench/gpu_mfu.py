@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
 
-from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
 from asclepius_r.train.pretrain import BlockDataset
 from asclepius_r.train.run import MeasuredTrainer, TrainRun, load_model_and_tokenizer, training_arguments
 

@@ -1,7 +1,7 @@
 """The whole instruction stage against a rate-limited server with a long latency tail.
 
-The stage runs as a user runs it (`python -m asclepius_r.instructions`, a process of its own)
-on synthetic notes, against the local OpenAI-compatible server (tests/openai_server.py) that
+The stage runs as a user runs it (`python -m asclepius_r.instructions.generate`, a process of its own)
+on synthetic notes, against the local OpenAI-compatible server (support/openai_server.py) that
 answers after a log-normal delay (median `--latency`, `--sigma`, capped at `--latency-max`) and
 enforces `--rpm` itself over 10-second windows, answering 429 beyond it. The client is set to
 the same limit and a token limit that never binds. The baseline is the same run with the wave
@@ -50,10 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from asclepius_r.files import read_jsonl  # noqa: E402
-from asclepius_r.instructions import NearDuplicateIndex  # noqa: E402
+from asclepius_r.instructions.generate import NearDuplicateIndex  # noqa: E402
 from asclepius_r.logs import setup_logging  # noqa: E402
-from asclepius_r.notes import OUTPUT_ROW_GROUP  # noqa: E402
-from tests.openai_server import OpenAIServer, prompt_text, request_identity  # noqa: E402
+from asclepius_r.notes.stage import OUTPUT_ROW_GROUP  # noqa: E402
+from support.openai_server import OpenAIServer, prompt_text, request_identity  # noqa: E402
 
 KEY_ENV = "BENCH_LLM_API_KEY"
 # The last commit with the wave design (waves of `wave_size` notes; pools grow between waves).
@@ -121,7 +121,7 @@ def run_stage(
     """One stage run in its own process; its wall time, CPU time, peak RSS and the server's view."""
     config = work / f"{tag}.yaml"
     write_config(config, server, rpm, work / f"{tag}-archive.jsonl", waves)
-    command = [sys.executable, "-m", "asclepius_r.instructions", "--config", str(config)]
+    command = [sys.executable, "-m", "asclepius_r.instructions.generate", "--config", str(config)]
     command += ["--notes", str(work / "notes.parquet"), "--records", str(work / f"{tag}.jsonl")]
     command += ["--stats", str(work / f"{tag}.stats.json"), "--dataset", str(work / f"{tag}.csv")]
     command += ["--log", str(work / f"{tag}.log")]

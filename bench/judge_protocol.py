@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asclepius_r.judge import JudgeSettings, judge  # noqa: E402
+from asclepius_r.evaluate.judge import JudgeSettings, judge  # noqa: E402
 from asclepius_r.llm import ChatRequest, LLMClient, LLMSettings  # noqa: E402
 from asclepius_r.prompts import render_judge_prompt  # noqa: E402
-from tests.openai_server import OpenAIServer  # noqa: E402
+from support.openai_server import OpenAIServer  # noqa: E402
 
 NOTE_WORDS = 1800  # about 2,400 tokens, a typical discharge summary
 

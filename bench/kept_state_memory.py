@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asclepius_r.instructions import _Texts  # noqa: E402
+from asclepius_r.instructions.generate import _Texts  # noqa: E402
 from asclepius_r.llm.digest_index import DigestIndex  # noqa: E402
 
 

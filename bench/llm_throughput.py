@@ -1,6 +1,6 @@
 """Throughput of the LLM client under a request-per-minute limit, against a one-at-a-time client.
 
-A local OpenAI-compatible server (tests/openai_server.py) answers after `--latency` seconds,
+A local OpenAI-compatible server (support/openai_server.py) answers after `--latency` seconds,
 enforces `--rpm` itself over 10-second windows (as Azure OpenAI does), answering 429 with
 Retry-After beyond it, and injects faults (500s, malformed bodies). The client, configured with
 the same limit, sends `--requests` distinct requests; the baseline sends a sample one at a time,
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asclepius_r.llm import Archive, ChatRequest, LLMClient, LLMSettings  # noqa: E402
 from asclepius_r.logs import setup_logging  # noqa: E402
-from tests.openai_server import OpenAIServer  # noqa: E402
+from support.openai_server import OpenAIServer  # noqa: E402
 
 KEY_ENV = "BENCH_LLM_API_KEY"
 

@@ -36,7 +36,7 @@ BASELINE_REF = "0ed6f46"
 
 def write_questions(size: int, path: Path) -> None:
     """`size` (task, question) pairs as the stage benchmark's server and the stage make them."""
-    from asclepius_r.tasks import draw_task
+    from asclepius_r.instructions.tasks import draw_task
     from bench.instruction_stage import WEIGHTS, WORDS
 
     rng = random.Random(11)
@@ -51,7 +51,7 @@ def measure(questions_file: str, memory: bool = False) -> dict:
     """Filter the questions with the package PYTHONPATH gives (this process imports nothing of the
     checkout's first); CPU seconds and kept count, or with `memory` the bytes the indexes hold at
     the end (tracemalloc, which slows the run)."""
-    from asclepius_r.instructions import NearDuplicateIndex
+    from asclepius_r.instructions.generate import NearDuplicateIndex
 
     questions = json.loads(Path(questions_file).read_text())
     size = len(questions)

@@ -23,7 +23,7 @@ their peaks are printed next to wait4's figure. (wait4's figure is also at least
 high-water mark, since a child started by vfork and exec inherits it; this process stays small.)
 Peak RSS is also measured at a quarter of the size to show whether memory grows with the input.
 
-Our stage's scanner (asclepius_r/record_scanner.c) is compiled once per install (`make venv`);
+Our stage's scanner (asclepius_r/notes/record_scanner.c) is compiled once per install (`make venv`);
 the `build` run times that compilation alone, into a temporary folder, and the speedup of a first
 run with it included is printed beside the steady-state one that the RESULT line gives.
 
@@ -79,7 +79,7 @@ def child_main(kind: str, noteevents: str, out: str) -> None:
     """Run one contender in this (child) process and print what it produced as JSON."""
     out_dir = Path(out)
     if kind == "build":
-        from asclepius_r import record_scanner
+        from asclepius_r.notes import record_scanner
 
         record_scanner._compile(out_dir / "record_scanner.so")
         print(json.dumps({}))
@@ -90,7 +90,7 @@ def child_main(kind: str, noteevents: str, out: str) -> None:
                 total += len(chunk)
         print(json.dumps({"bytes": total}))
     elif kind == "ours":
-        from asclepius_r.notes import NotePolicy, SplitPolicy, run_notes_stage
+        from asclepius_r.notes.stage import NotePolicy, SplitPolicy, run_notes_stage
 
         # 2023 held out 517 of the real file's ~3.9 GB; the same share of this file.
         heldout = max(1, round(517 * Path(noteevents).stat().st_size / 3.9e9))
@@ -119,7 +119,7 @@ def child_main(kind: str, noteevents: str, out: str) -> None:
         import pyarrow.csv as pv
         import pyarrow.parquet as pq
 
-        from asclepius_r.noteevents import COLUMNS
+        from asclepius_r.notes.noteevents import COLUMNS
 
         reader = pv.open_csv(
             noteevents,
@@ -215,7 +215,7 @@ def synthesize(path: Path, gb: float, shape: str = "mix") -> Path:
     if not path.exists():
         tmp = path.with_suffix(".partial")
         subprocess.run(
-            [sys.executable, "-m", "asclepius_r.demo.noteevents", str(tmp), "--gb", str(gb)]
+            [sys.executable, "-m", "support.synthetic_notes", str(tmp), "--gb", str(gb)]
             + (["--discharge-only"] if shape == "long" else []),
             check=True,
             cwd=REPO,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
 from asclepius_r.train.finetune import IGNORE_INDEX, Example, collate_packed, pack_examples
 from asclepius_r.train.throughput import batch_counts
 

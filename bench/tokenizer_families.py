@@ -23,9 +23,10 @@ from pathlib import Path
 import pandas as pd
 from transformers import AutoTokenizer
 
-from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts, describe_base, save_tokenizer_folder
-from asclepius_r.demo.noteevents import load_demo_notes, write_long_noteevents
-from asclepius_r.gguf_vocab import build_llama3_tokenizer, build_llama_tokenizer
+from asclepius_r.base_model.describe import describe_base
+from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts, save_tokenizer_folder
+from support.gguf_vocab import build_llama3_tokenizer, build_llama_tokenizer
+from support.synthetic_notes import load_demo_notes, write_long_noteevents
 
 # The rehearsal's tiny layers (rehearsal/config.yaml's tiny_model).
 REHEARSAL_LAYERS = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)

@@ -23,10 +23,10 @@ from statistics import mean
 
 from transformers import AutoTokenizer
 
-from asclepius_r.base_model import save_tokenizer_folder
-from asclepius_r.gguf_vocab import build_llama_tokenizer
+from asclepius_r.base_model.tiny import save_tokenizer_folder
 from asclepius_r.prompts import TRUNCATION_POLICIES
 from asclepius_r.train.finetune import encode_example
+from support.gguf_vocab import build_llama_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NOTE_SECTION = re.compile(r"\[Discharge Summary Begin\]\n(.*)\n\[Discharge Summary End\]", re.S)

@@ -29,17 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from asclepius_r.config import (
-    BASE_PREFIX,
-    TINY_BASES,
-    base_dir,
-    evaluated_models,
-    resolve,
-    tiny_spec,
-    training_settings,
-)
+from asclepius_r.base_model.describe import TINY_BASES, base_dir, tiny_spec
+from asclepius_r.config import BASE_PREFIX, evaluated_models, resolve
 from asclepius_r.files import read_jsonl
 from asclepius_r.prompts import RELEASED_TEMPLATE, render_released
+from asclepius_r.train.settings import training_settings
 
 log = logging.getLogger("rehearsal.check")
 
@@ -163,7 +157,7 @@ def policy_shares(counts: dict, max_length: int) -> dict:
 
 
 def check_eval_prompts(config: dict, models: list[str]) -> str:
-    from asclepius_r.evaluate import heldout_items
+    from asclepius_r.evaluate.heldout import heldout_items
     from asclepius_r.prompts import fit_released_prompt
 
     items = {
@@ -236,7 +230,7 @@ def check_checkpoints(config: dict, sizes: list[str]) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from asclepius_r.evaluate import heldout_items
+    from asclepius_r.evaluate.heldout import heldout_items
 
     item = heldout_items("results/notes/heldout.parquet", "results/instructions/heldout.jsonl")[0]
     loaded = []

@@ -1,6 +1,6 @@
 """`make rehearsal`: the paper run's shape on a CPU, then the checks the paper run needs.
 
-Starts the local OpenAI-compatible server (tests/openai_server.py) with long-tailed latency and
+Starts the local OpenAI-compatible server (support/openai_server.py) with long-tailed latency and
 injected faults, answering as a generating LLM and as the judge would; runs the whole workflow
 with config.yaml overlaid by rehearsal/config.yaml under `--resources gpu=8`, the GPU claim shown a
 fake list of 8 devices (ASCLEPIUS_FAKE_GPUS); then runs rehearsal/check.py on the results and
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.openai_server import OpenAIServer, prompt_text, request_identity
+from support.openai_server import OpenAIServer, prompt_text, request_identity
 
 from . import check
 

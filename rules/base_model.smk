@@ -5,7 +5,7 @@
 rule build_tiny_llama:
     input:
         notes="results/notes/discharge.parquet",
-        tokenizer=lambda wildcards: workflow_config.tiny_spec(config, wildcards.size)["tokenizer_model"] or [],
+        tokenizer=lambda wildcards: tiny_spec(config, wildcards.size)["tokenizer_model"] or [],
     output:
         directory("results/base_models/{size}"),
     log:
@@ -13,7 +13,7 @@ rule build_tiny_llama:
     conda:
         "../envs/train.yaml"
     params:
-        spec=lambda wildcards: workflow_config.tiny_spec(config, wildcards.size),
+        spec=lambda wildcards: tiny_spec(config, wildcards.size),
         seed=config["seed"],
         family=lambda wildcards: TINY_BASES[config["models"][wildcards.size]["base"]],
     script:

@@ -11,11 +11,14 @@ sys.path.insert(0, workflow.basedir)
 from snakemake.logging import logger
 
 from asclepius_r import config as workflow_config
-from asclepius_r import preflight
-from asclepius_r.base_model import TINY_BASES
+from asclepius_r.base_model.describe import TINY_BASES, base_dir, check_tiny_specs, tiny_spec
+from asclepius_r.evaluate.heldout import truncation_policy
+from asclepius_r.plan import preflight
+from asclepius_r.train.settings import training_settings
 
 try:
     workflow_config.resolve(config, require_data=False)
+    check_tiny_specs(config)
 except workflow_config.ConfigError as error:
     raise WorkflowError(str(error)) from None
 
@@ -58,7 +61,7 @@ def long_notes_tokenizer(wildcards):
 
 def base_model_dir(wildcards):
     data_path(f"models.{wildcards.size}.base")
-    return workflow_config.base_dir(config, wildcards.size)
+    return base_dir(config, wildcards.size)
 
 
 def replayed_archive(wildcards):
@@ -90,7 +93,7 @@ def training_params(stage):
 
     def settings(wildcards):
         try:
-            return workflow_config.training_settings(config, stage, wildcards.size)
+            return training_settings(config, stage, wildcards.size)
         except workflow_config.ConfigError as error:
             raise WorkflowError(str(error)) from None
 

@@ -18,7 +18,7 @@ rule answer_heldout:
         gpu=1,
     params:
         evaluate=config["evaluate"],
-        truncation=workflow_config.truncation_policy(config),
+        truncation=truncation_policy(config),
         seed=config["seed"],
     script:
         "../scripts/answer_heldout.py"

@@ -29,7 +29,7 @@ rule synthesize_long_noteevents:
         "../scripts/synthesize_long_noteevents.py"
 
 
-# One compiled pass over the memory-mapped file (asclepius_r/record_scanner.c), then the kept notes'
+# One compiled pass over the memory-mapped file (asclepius_r/notes/record_scanner.c), then the kept notes'
 # texts read back into the outputs: memory stays flat at any input size (figures against pandas,
 # polars and pyarrow: BENCHMARKS.md, issue 3). Scan workers: threads + 1.
 rule filter_notes:

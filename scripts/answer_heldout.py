@@ -4,8 +4,8 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r.config import decoding_settings
-from asclepius_r.evaluate import answer_heldout
+from asclepius_r.evaluate.generation import Decoding
+from asclepius_r.evaluate.heldout import answer_heldout
 
 options = snakemake.params.evaluate
 answer_heldout(
@@ -13,7 +13,7 @@ answer_heldout(
     snakemake.input.notes,
     snakemake.input.records,
     snakemake.output[0],
-    decoding=decoding_settings(options),
+    decoding=Decoding.from_config(options),
     batch_size=options["batch_size"],
     max_prompt_tokens=options["max_prompt_tokens"],
     truncation=snakemake.params.truncation,

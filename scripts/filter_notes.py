@@ -6,8 +6,7 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r import config
-from asclepius_r.notes import run_notes_stage
+from asclepius_r.notes.stage import NotePolicy, SplitPolicy, run_notes_stage
 
 settings = {"notes": snakemake.params.notes, "seed": snakemake.params.seed}
 run_notes_stage(
@@ -16,8 +15,8 @@ run_notes_stage(
     heldout_out=snakemake.output.heldout,
     heldout_ids_out=snakemake.output.heldout_ids,
     stats_out=snakemake.output.stats,
-    policy=config.note_policy(settings),
-    split=config.split_policy(settings),
+    policy=NotePolicy.from_config(settings["notes"]),
+    split=SplitPolicy.from_config(settings),
     threads=snakemake.threads,
 )
 # The process ends here: frozen objects are skipped by the interpreter's last collection, which would

@@ -4,16 +4,15 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r import config
-from asclepius_r.instructions import run_instruction_stage
-from asclepius_r.llm import LLMClient
+from asclepius_r.instructions.generate import GenerationSettings, run_instruction_stage
+from asclepius_r.llm import LLMClient, LLMSettings
 
 settings = {k: snakemake.params[k] for k in ("instructions", "llm", "seed")}
-with LLMClient(config.llm_settings(settings)) as client:
+with LLMClient(LLMSettings.from_config(settings["llm"])) as client:
     run_instruction_stage(
         snakemake.input.notes,
         records_out=snakemake.output.records,
         stats_out=snakemake.output.stats,
         client=client,
-        settings=config.generation_settings(settings),
+        settings=GenerationSettings.from_config(settings),
     )

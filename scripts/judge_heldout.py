@@ -4,8 +4,8 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r.evaluate import heldout_items
-from asclepius_r.judge import JudgeSettings, judge_client, run_judge_stage
+from asclepius_r.evaluate.heldout import heldout_items
+from asclepius_r.evaluate.judge import JudgeSettings, judge_client, run_judge_stage
 
 config = {k: snakemake.params[k] for k in ("judge", "llm", "seed")}
 items = heldout_items(snakemake.input.notes, snakemake.input.records)

@@ -7,6 +7,6 @@ setup_logging(snakemake.log[0])
 from pathlib import Path
 
 from asclepius_r.files import write_json
-from asclepius_r.plan import make_plan
+from asclepius_r.plan.estimate import make_plan
 
 write_json(snakemake.output[0], make_plan(snakemake.params.config, Path(snakemake.input.notes).parent))

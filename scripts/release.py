@@ -6,7 +6,7 @@ setup_logging(snakemake.log[0])
 
 from pathlib import Path
 
-from asclepius_r.release import build_release
+from asclepius_r.release.folder import build_release
 
 inputs, params = snakemake.input, snakemake.params
 files = {

@@ -4,7 +4,7 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r.report import dataset_statistics, note_length_histogram
+from asclepius_r.report.figures import dataset_statistics, note_length_histogram
 
 inputs = snakemake.input
 note_length_histogram({"training": inputs.discharge, "held out": inputs.heldout}, snakemake.output.lengths)

@@ -4,7 +4,7 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r.report import evaluation_plots, evaluation_tables
+from asclepius_r.report.figures import evaluation_plots, evaluation_tables
 
 inputs, outputs = snakemake.input, snakemake.output
 evaluation_plots(inputs.summary, outputs.judge, outputs.rouge)

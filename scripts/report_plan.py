@@ -7,7 +7,7 @@ setup_logging(snakemake.log[0])
 import json
 from pathlib import Path
 
-from asclepius_r.plan import compare, used_by_run, write_plan_report
+from asclepius_r.plan.estimate import compare, used_by_run, write_plan_report
 
 inputs, params = snakemake.input, snakemake.params
 plan = json.loads(Path(inputs.plan).read_text())

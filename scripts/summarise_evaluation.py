@@ -4,7 +4,7 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r.evaluate import summarise
+from asclepius_r.evaluate.heldout import summarise
 
 summarise(
     dict(zip(snakemake.params.models, snakemake.input.answers)),

@@ -4,6 +4,6 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r.demo.noteevents import demo_rows, load_demo_notes, write_noteevents
+from support.synthetic_notes import demo_rows, load_demo_notes, write_noteevents
 
 write_noteevents(snakemake.output[0], demo_rows(load_demo_notes()))

@@ -4,7 +4,7 @@ from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 
-from asclepius_r.demo.noteevents import write_long_noteevents
+from support.synthetic_notes import write_long_noteevents
 
 write_long_noteevents(
     snakemake.output[0],

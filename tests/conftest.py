@@ -12,25 +12,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-_NOT_WORKFLOW = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "results",
-    "logs",
-    "release",
-    ".snakemake",
-    "__pycache__",
-    ".pytest_cache",
-    ".hypothesis",
-    "bench",
-    "tests",
-    "*.tar.gz",
-)
+# Outputs and tooling at the checkout's top (asclepius_r/release is code, release/ an output).
+_NOT_WORKFLOW_TOP = {".git", ".venv", "results", "logs", "release", ".snakemake", "bench", "tests"}
+_NOT_WORKFLOW_ANYWHERE = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".hypothesis", "*.tar.gz")
+
+
+def _not_workflow(directory: str, names: list[str]) -> set[str]:
+    top = _NOT_WORKFLOW_TOP.intersection(names) if Path(directory) == REPO else set()
+    return top | _NOT_WORKFLOW_ANYWHERE(directory, names)
 
 
 def copy_workflow(dest: Path) -> Path:
     """A fresh, independent checkout-like copy of the workflow (code, configs, demo data)."""
-    shutil.copytree(REPO, dest, ignore=_NOT_WORKFLOW, dirs_exist_ok=True)
+    shutil.copytree(REPO, dest, ignore=_not_workflow, dirs_exist_ok=True)
     return dest
 
 

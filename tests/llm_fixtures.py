@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asclepius_r.llm import ChatRequest, LLMSettings
-from tests.openai_server import OpenAIServer
+from support.openai_server import OpenAIServer
 
 API_KEY = "sk-test-7f3a9c-never-in-outputs"
 KEY_ENV = "ASCLEPIUS_TEST_API_KEY"

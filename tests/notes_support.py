@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from asclepius_r.noteevents import COLUMNS
-from asclepius_r.notes import NotePolicy, SplitPolicy, coarsen_placeholders, run_notes_stage
+from asclepius_r.notes.noteevents import COLUMNS
+from asclepius_r.notes.stage import NotePolicy, SplitPolicy, coarsen_placeholders, run_notes_stage
 
 NUMERIC = {"ROW_ID", "SUBJECT_ID", "HADM_ID", "CGID"}
 OUTPUTS = ("discharge.parquet", "heldout.parquet", "heldout_row_ids.txt", "stats.json")

@@ -1,4 +1,4 @@
-"""The released inference template, byte for byte, through `python -m asclepius_r.ask`."""
+"""The released inference template, byte for byte, through `python -m asclepius_r.evaluate.ask`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_ask_cli_prints_the_exact_prompt(tmp_path):
         [
             sys.executable,
             "-m",
-            "asclepius_r.ask",
+            "asclepius_r.evaluate.ask",
             "--model",
             str(tmp_path),
             "--note",
@@ -54,7 +54,17 @@ def test_ask_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     note = tmp_path / "note.txt"
     note.write_text("x")
     result = subprocess.run(
-        [sys.executable, "-m", "asclepius_r.ask", "--model", str(tmp_path), "--note", str(note), "--question", "q"],
+        [
+            sys.executable,
+            "-m",
+            "asclepius_r.evaluate.ask",
+            "--model",
+            str(tmp_path),
+            "--note",
+            str(note),
+            "--question",
+            "q",
+        ],
         capture_output=True,
         text=True,
     )

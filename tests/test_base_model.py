@@ -11,15 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from asclepius_r.base_model import (
+from asclepius_r.base_model.describe import BaseModelError, check_base_model, copy_tokenizer_model, describe_base
+from asclepius_r.base_model.tiny import (
     LLAMA3_BOS,
     TINY_LLAMA3_SPECIAL_TOKENS,
-    BaseModelError,
     TinyLlamaSpec,
     build_tiny_llama_from_texts,
-    check_base_model,
-    copy_tokenizer_model,
-    describe_base,
     llama3_special_tokens,
     tiny_llama_tokenizer,
 )

@@ -12,6 +12,9 @@ import pytest
 import yaml
 
 from asclepius_r import config as workflow_config
+from asclepius_r.evaluate.generation import Decoding
+from asclepius_r.evaluate.heldout import truncation_policy
+from asclepius_r.train.settings import training_settings
 from tests.conftest import REPO, copy_workflow, run_snakemake
 from tests.notes_support import note, write_noteevents
 
@@ -69,28 +72,28 @@ def test_missing_required_key_is_named():
 def test_per_size_override_with_a_wrong_key_is_named():
     config = workflow_config.resolve(merged(merged(PAPER, DEMO), {"models": {"13B": {"finetune": {"lr": 1}}}}))
     with pytest.raises(workflow_config.ConfigError, match=r"models\.13B\.finetune: unknown key\(s\) lr"):
-        workflow_config.training_settings(config, "finetune", "13B")
+        training_settings(config, "finetune", "13B")
 
 
 def test_truncation_is_a_fine_tuning_setting_only():
     config = workflow_config.resolve(merged(merged(PAPER, DEMO), {"pretrain": {"truncation": "drop"}}))
     with pytest.raises(workflow_config.ConfigError, match=r"pretrain\.truncation: a finetune setting only"):
-        workflow_config.training_settings(config, "pretrain", "7B")
-    assert workflow_config.training_settings(config, "finetune", "7B")["truncation"] == "note_middle"  # the demo's
+        training_settings(config, "pretrain", "7B")
+    assert training_settings(config, "finetune", "7B")["truncation"] == "note_middle"  # the demo's
     del config["finetune"]["truncation"]
-    assert workflow_config.truncation_policy(config) == "drop", "the default"
+    assert truncation_policy(config) == "drop", "the default"
 
 
 def test_decoding_is_greedy_by_default_and_2023_beam_sampling_is_an_option():
     config = workflow_config.resolve(merged(PAPER, DEMO))
-    assert workflow_config.decoding_settings(config["evaluate"]).generate_kwargs() == {
+    assert Decoding.from_config(config["evaluate"]).generate_kwargs() == {
         "max_new_tokens": 32,
         "num_beams": 1,
         "do_sample": False,
     }
     of_2023 = {"evaluate": {"max_new_tokens": 400, "num_beams": 5, "do_sample": True, "temperature": 1.0}}
     config = workflow_config.resolve(merged(merged(PAPER, DEMO), of_2023))
-    assert workflow_config.decoding_settings(config["evaluate"]).generate_kwargs() == {
+    assert Decoding.from_config(config["evaluate"]).generate_kwargs() == {
         "max_new_tokens": 400,
         "num_beams": 5,
         "do_sample": True,
@@ -142,7 +145,7 @@ def test_a_stage_asks_only_for_its_own_data(tmp_path):
 def test_the_notes_stage_has_its_own_command_line(tmp_path):
     noteevents = write_noteevents(tmp_path / "NOTEEVENTS.csv", [note(i, subject=i % 7) for i in range(1, 30)])
     (tmp_path / "small.yaml").write_text("notes: {heldout_notes: 3}\n")
-    command = [sys.executable, "-m", "asclepius_r.notes", "--config", str(REPO / "config.yaml")]
+    command = [sys.executable, "-m", "asclepius_r.notes.stage", "--config", str(REPO / "config.yaml")]
     missing = subprocess.run(command, capture_output=True, text=True)
     assert missing.returncode == 2 and "noteevents (path" in missing.stderr
     command += ["--config", str(tmp_path / "small.yaml"), "--noteevents", str(noteevents), "--out", str(tmp_path / "n")]

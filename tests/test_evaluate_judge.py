@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from asclepius_r import config as workflow_config
-from asclepius_r.demo.rubric_judge import ReferenceRubricJudge, rubric_score
-from asclepius_r.evaluate import summarise
+from asclepius_r.evaluate.heldout import summarise
+from asclepius_r.evaluate.judge import JudgeParseError, JudgeSettings, agent_order, judge, judge_client, parse_scores
+from asclepius_r.evaluate.rubric_judge import ReferenceRubricJudge, rubric_score
 from asclepius_r.files import read_jsonl, write_jsonl
-from asclepius_r.judge import JudgeParseError, JudgeSettings, agent_order, judge, judge_client, parse_scores
 from asclepius_r.llm import LLMClient, LLMSettings
 from asclepius_r.llm.guard import UnapprovedEndpointError
 from asclepius_r.prompts import render_judge_prompt
-from tests.openai_server import OpenAIServer
+from support.openai_server import OpenAIServer
 
 MODELS = ["Base-7B", "Asclepius-R-7B-Pretrained-Only", "Asclepius-R-7B"]
 ITEMS = [

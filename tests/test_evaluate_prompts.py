@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
-from asclepius_r.evaluate import answer_heldout
+from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.evaluate.generation import Decoding, generate_answers, load_for_generation, prompt_budget
+from asclepius_r.evaluate.heldout import answer_heldout
 from asclepius_r.files import read_jsonl
-from asclepius_r.generation import Decoding, generate_answers, load_for_generation, prompt_budget
 from asclepius_r.prompts import CUT_MARK, fit_released_prompt, render_released
 
 from .train_support import demo_texts

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from asclepius_r.base_model import (
+from asclepius_r.base_model.describe import describe_base
+from asclepius_r.base_model.tiny import (
     LLAMA3_BOS,
     LLAMA3_EOS,
     TinyLlamaSpec,
     build_tiny_llama_from_texts,
-    describe_base,
     llama3_special_tokens,
     tiny_llama_tokenizer,
 )
-from asclepius_r.gguf_vocab import (
+from support.gguf_vocab import (
     GgufVocab,
     VocabUnavailable,
     bpe_tokenizer,
@@ -81,7 +81,7 @@ def test_transformers_reads_it_and_differs_only_on_a_leading_space(llama_spm, tm
     extra '▁' before a leading space (platform notes); every other reference case agrees."""
     from transformers import AutoTokenizer
 
-    from asclepius_r.base_model import save_tokenizer_folder
+    from asclepius_r.base_model.tiny import save_tokenizer_folder
 
     save_tokenizer_folder(tmp_path, sentencepiece_model(GgufVocab.from_gguf(llama_spm)))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
@@ -95,7 +95,7 @@ def test_transformers_reads_it_and_differs_only_on_a_leading_space(llama_spm, tm
 
 
 def test_tiny_llama_refuses_a_tokenizer_of_another_size(llama_spm, tmp_path):
-    from asclepius_r.base_model import TinyLlamaSpec, tiny_llama_tokenizer
+    from asclepius_r.base_model.tiny import TinyLlamaSpec, tiny_llama_tokenizer
 
     model = tmp_path / "tokenizer.model"
     model.write_bytes(sentencepiece_model(GgufVocab.from_gguf(llama_spm)))

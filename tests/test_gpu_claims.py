@@ -110,8 +110,8 @@ def heldout(tmp_path_factory):
 
 ANSWER_JOB = """
 import sys
-from asclepius_r.evaluate import answer_heldout
-from asclepius_r.generation import Decoding
+from asclepius_r.evaluate.heldout import answer_heldout
+from asclepius_r.evaluate.generation import Decoding
 answer_heldout(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], Decoding(max_new_tokens=4), job=sys.argv[5])
 """
 

@@ -10,7 +10,7 @@ import pytest
 
 PROBE = """
 import sys
-from asclepius_r.heap import release_free_memory
+from asclepius_r.instructions.heap import release_free_memory
 
 def resident_mb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024

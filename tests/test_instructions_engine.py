@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asclepius_r import instructions
 from asclepius_r.files import read_jsonl
-from asclepius_r.instructions import (
+from asclepius_r.instructions import generate as instructions
+from asclepius_r.instructions.generate import (
     GenerationSettings,
     NearDuplicateIndex,
     _Prefix,
@@ -26,8 +26,8 @@ from asclepius_r.instructions import (
 from asclepius_r.llm import LLMClient, LLMSettings
 from asclepius_r.logs import setup_logging
 from asclepius_r.rouge import rouge_l, tokens
+from support.openai_server import OpenAIServer, default_responder, prompt_text
 from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, server  # noqa: F401 (fixture)
-from tests.openai_server import OpenAIServer, default_responder, prompt_text
 
 CONDITIONS = (
     "community-acquired pneumonia",

@@ -1,4 +1,4 @@
-"""kill -9 in the middle of the instruction stage (run as `python -m asclepius_r.instructions` in a
+"""kill -9 in the middle of the instruction stage (run as `python -m asclepius_r.instructions.generate` in a
 subprocess against the local server), then a rerun: no request is delivered twice (the server's
 request log says so) and the final CSV is byte-identical to an uninterrupted run's."""
 
@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from asclepius_r.files import read_jsonl
+from support.openai_server import OpenAIServer
 from tests.llm_fixtures import API_KEY, KEY_ENV
-from tests.openai_server import OpenAIServer
 from tests.test_instructions_engine import synthetic_notes, write_notes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def stage_command(work: Path, config: Path, tag: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "asclepius_r.instructions",
+        "asclepius_r.instructions.generate",
         "--config",
         str(config),
         "--notes",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from asclepius_r import config as workflow_config
-from asclepius_r.judge import judge_client
-from asclepius_r.llm import BudgetExceededError, ChatRequest, LLMClient
+from asclepius_r.evaluate.judge import judge_client
+from asclepius_r.llm import BudgetExceededError, ChatRequest, LLMClient, LLMSettings
+from support.openai_server import OpenAIServer
 from tests.llm_fixtures import KEY_ENV, live_settings, requests, server  # noqa: F401 (fixture)
-from tests.openai_server import OpenAIServer
 
 PRICES = {"gpt-4o-mini": {"input": 1.0, "output": 1.0}}  # $ per million tokens: cost = tokens / 1e6
 
@@ -65,7 +65,7 @@ def test_an_unpriced_model_with_a_budget_is_refused_before_any_request(server, t
         config["llm"]["model"] = "model-without-price"
     with pytest.raises(ValueError, match="without-price.*llm.prices_per_million"):
         client = (
-            LLMClient(workflow_config.llm_settings(config)) if stage == "instructions" else judge_client(config, {})
+            LLMClient(LLMSettings.from_config(config["llm"])) if stage == "instructions" else judge_client(config, {})
         )
         client.run(requests(1))
     assert server.requests == []

@@ -8,11 +8,11 @@ import logging
 import pytest
 
 from asclepius_r import config as workflow_config
-from asclepius_r.judge import judge_client
-from asclepius_r.llm import LLMClient, UnapprovedEndpointError
+from asclepius_r.evaluate.judge import judge_client
+from asclepius_r.llm import LLMClient, LLMSettings, UnapprovedEndpointError
 from asclepius_r.llm.guard import OPENAI_DEFAULT_BASE_URL
+from support.openai_server import OpenAIServer
 from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, requests, server  # noqa: F401 (fixture)
-from tests.openai_server import OpenAIServer
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_sdk_variables_cannot_redirect_notes(server, rogue, tmp_path, monkeypatc
     config = demo_config_on(None, [OPENAI_DEFAULT_BASE_URL], tmp_path)
     with pytest.raises(UnapprovedEndpointError, match=variable) as refused:
         client = (
-            LLMClient(workflow_config.llm_settings(config)) if stage == "instructions" else judge_client(config, {})
+            LLMClient(LLMSettings.from_config(config["llm"])) if stage == "instructions" else judge_client(config, {})
         )
         client.run(requests(1))
     assert rogue.url not in str(refused.value), "an environment value is never quoted"

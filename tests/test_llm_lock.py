@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import yaml
 
+from support.openai_server import OpenAIServer
 from tests.llm_fixtures import API_KEY, KEY_ENV
-from tests.openai_server import OpenAIServer
 from tests.test_instructions_engine import synthetic_notes, write_notes
 from tests.test_instructions_kill import REPO, stage_command, write_config
 

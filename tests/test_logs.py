@@ -17,7 +17,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_cli_ends_an_expected_error_with_one_message_and_no_traceback(tmp_path):
-    result = _run("-m", "asclepius_r.release", "verify", str(tmp_path))
+    result = _run("-m", "asclepius_r.release.folder", "verify", str(tmp_path))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith(

@@ -12,11 +12,13 @@ import pytest
 import yaml
 
 from asclepius_r import config as workflow_config
-from asclepius_r import preflight
-from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.base_model.describe import check_tiny_specs
+from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
 from asclepius_r.errors import InputError
+from asclepius_r.plan import preflight
 from asclepius_r.prompts import check_adds_bos_once, cut_note, render_released
 from asclepius_r.train.finetune import encode_example
+from asclepius_r.train.settings import training_settings
 from tests.conftest import REPO
 
 PAPER = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -67,7 +69,7 @@ def test_max_length_defaults_to_the_bases_context_under_the_configs_cap():
     )
     config["models"]["capped"]["finetune"] = {"max_length": 1024}
     lengths = {
-        (name, stage): workflow_config.training_settings(config, stage, name)["max_length"]
+        (name, stage): training_settings(config, stage, name)["max_length"]
         for name in config["models"]
         for stage in ("pretrain", "finetune")
     }
@@ -90,14 +92,14 @@ def test_the_paper_config_keeps_2048_for_llama1_and_gives_a_llama3_base_8192(tmp
         workflow_config.merge(copy.deepcopy(PAPER), {"models": {"llama3-8B": {"base": str(base)}}}), require_data=False
     )
     lengths = {
-        name: workflow_config.training_settings(config, "finetune", name, context)["max_length"]
+        name: training_settings(config, "finetune", name, context)["max_length"]
         for name, context in (("7B", 2048), ("llama3-8B", None))
     }
     assert lengths == {"7B": 2048, "llama3-8B": 8192}
 
 
 def test_the_plan_takes_both_tiny_bases_for_built_ones():
-    from asclepius_r.plan import _missing_inputs
+    from asclepius_r.plan.estimate import _missing_inputs
 
     config = with_models({"7B": {"base": "tiny"}, "llama3": {"base": "tiny-llama3"}, "real": {"base": "/nowhere"}})
     assert [p for p in _missing_inputs(config) if p.startswith("models.")] == [
@@ -108,7 +110,7 @@ def test_the_plan_takes_both_tiny_bases_for_built_ones():
 def test_a_missing_base_and_no_cap_say_what_to_set():
     config = with_models({"llama3-8B": {"base": "/nowhere/llama3"}}, finetune={"max_length": None})
     with pytest.raises(workflow_config.ConfigError, match=r"models\.llama3-8B\.finetune\.max_length"):
-        workflow_config.training_settings(config, "finetune", "llama3-8B")
+        training_settings(config, "finetune", "llama3-8B")
 
 
 @pytest.mark.parametrize(
@@ -120,7 +122,7 @@ def test_a_missing_base_and_no_cap_say_what_to_set():
 )
 def test_a_wrong_tiny_model_override_is_named(override, message):
     with pytest.raises(workflow_config.ConfigError, match=message):
-        with_models({"llama3": {"base": "tiny-llama3", "tiny_model": override}})
+        check_tiny_specs(with_models({"llama3": {"base": "tiny-llama3", "tiny_model": override}}))
 
 
 @pytest.fixture(scope="module", params=["llama1", "llama3"])

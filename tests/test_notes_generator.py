@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from asclepius_r import noteevents
-from asclepius_r.demo.noteevents import (
+from asclepius_r.notes import noteevents
+from asclepius_r.notes.stage import NotePolicy
+from support.synthetic_notes import (
     CATEGORY_MIX,
     DISCHARGE_ROW_ID_BASE,
     MEAN_TEXT_CHARS,
@@ -22,7 +23,6 @@ from asclepius_r.demo.noteevents import (
     main,
     write_noteevents,
 )
-from asclepius_r.notes import NotePolicy
 
 from .notes_support import expected_kept, kept_rows, run
 

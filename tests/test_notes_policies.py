@@ -10,9 +10,9 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from asclepius_r import notes
-from asclepius_r.noteevents import NoteEventsError
-from asclepius_r.notes import NOTE_SCHEMA, NotePolicy, coarsen_placeholders
+from asclepius_r.notes import stage as notes
+from asclepius_r.notes.noteevents import NoteEventsError
+from asclepius_r.notes.stage import NOTE_SCHEMA, NotePolicy, coarsen_placeholders
 
 from .notes_support import expected_kept, kept_rows, note, run, write_noteevents
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asclepius_r.notes import NotePolicy
+from asclepius_r.notes.stage import NotePolicy
 
 from .notes_support import expected_kept, kept_rows, note, run, write_noteevents
 

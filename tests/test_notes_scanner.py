@@ -14,8 +14,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from asclepius_r import noteevents, record_scanner
-from asclepius_r.notes import NotePolicy
+from asclepius_r.notes import noteevents, record_scanner
+from asclepius_r.notes.stage import NotePolicy
 
 from .notes_support import csv_bytes, expected_kept, kept_rows, note, run, write_noteevents
 
@@ -88,8 +88,9 @@ def test_stretches_starting_inside_a_note_are_scanned_again(tmp_path, monkeypatc
 def _stage_in_subprocess(tmp_path: Path, env: dict, prelude: str = "") -> subprocess.CompletedProcess:
     path = write_noteevents(tmp_path / "n.csv", [note(1), note(2)])
     code = (
-        f"{prelude}; import sys; from pathlib import Path; from asclepius_r.notes import NotePolicy, SplitPolicy, "
-        "run_notes_stage; out = Path(sys.argv[2]); print(run_notes_stage(sys.argv[1], out / 'd.parquet', "
+        f"{prelude}; import sys; from pathlib import Path; from asclepius_r.notes.stage import "
+        "NotePolicy, SplitPolicy, run_notes_stage; out = Path(sys.argv[2]); "
+        "print(run_notes_stage(sys.argv[1], out / 'd.parquet', "
         "out / 'h.parquet', out / 'i.txt', out / 's.json', NotePolicy(), SplitPolicy(0))['kept'])"
     )
     return subprocess.run(
@@ -104,7 +105,7 @@ def test_a_read_only_install_builds_the_scanner_in_the_user_cache(tmp_path):
     """The package folder cannot be written (simulated by a library name no folder holds yet, and
     a package folder made read-only for the build); the library goes to $XDG_CACHE_HOME."""
     prelude = (
-        "from asclepius_r import record_scanner as r; r._build_folders = lambda f=r._build_folders: "
+        "from asclepius_r.notes import record_scanner as r; r._build_folders = lambda f=r._build_folders: "
         "[Path('/proc/asclepius-read-only')] + f()[1:]; from pathlib import Path"
     )
     result = _stage_in_subprocess(tmp_path, {"XDG_CACHE_HOME": str(tmp_path / "cache")}, prelude)
@@ -114,7 +115,7 @@ def test_a_read_only_install_builds_the_scanner_in_the_user_cache(tmp_path):
 
 
 def test_without_a_c_compiler_the_error_says_what_to_install(tmp_path):
-    prelude = "from asclepius_r import record_scanner as r; r._library_name = lambda: 'never-built.so'"
+    prelude = "from asclepius_r.notes import record_scanner as r; r._library_name = lambda: 'never-built.so'"
     result = _stage_in_subprocess(tmp_path, {"CC": "no-such-cc", "XDG_CACHE_HOME": str(tmp_path / "cache")}, prelude)
     assert result.returncode != 0
     assert "needs a C compiler: 'no-such-cc' was not found" in result.stderr
@@ -131,7 +132,7 @@ def test_the_stage_never_imports_pandas(tmp_path, policy):
     quietly where it cannot): a third of a second of a 2 GB run."""
     path = write_noteevents(tmp_path / "n.csv", [note(1), note(2), note(3, description="Addendum"), note(4)])
     code = (
-        "import sys; from pathlib import Path; from asclepius_r.notes import NotePolicy, SplitPolicy, "
+        "import sys; from pathlib import Path; from asclepius_r.notes.stage import NotePolicy, SplitPolicy, "
         f"run_notes_stage; out = Path(sys.argv[2]); stats = run_notes_stage(sys.argv[1], out / 'd.parquet', "
         f"out / 'h.parquet', out / 'i.txt', out / 's.json', {policy}, SplitPolicy(1)); "
         "print(stats['kept'], 'pandas' in sys.modules)"

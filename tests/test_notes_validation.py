@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from asclepius_r.noteevents import COLUMNS, NoteEventsError
-from asclepius_r.notes import NotePolicy
+from asclepius_r.notes.noteevents import COLUMNS, NoteEventsError
+from asclepius_r.notes.stage import NotePolicy
 
 from .notes_support import OUTPUTS, csv_bytes, kept_rows, note, run
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from asclepius_r.demo.noteevents import main as synthesize
-from asclepius_r.notes import NotePolicy
+from asclepius_r.notes.stage import NotePolicy
+from support.synthetic_notes import main as synthesize
 
 from .conftest import copy_workflow, run_snakemake
 from .notes_support import expected_kept

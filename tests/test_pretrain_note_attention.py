@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, default_data_collator
 
-from asclepius_r.config import ConfigError, load, training_settings
+from asclepius_r.config import ConfigError, load
 from asclepius_r.train.pretrain import BlockDataset, note_position_ids, pack_notes, pretraining_dataset
 from asclepius_r.train.run import TrainRun, load_model_and_tokenizer
+from asclepius_r.train.settings import training_settings
 
 from .train_support import REPO, build_fixture_data, demo_texts
 

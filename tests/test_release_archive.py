@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asclepius_r.files import sha256_file
-from asclepius_r.release import ReleaseError, build_workflow_archive
+from asclepius_r.release.folder import ReleaseError, build_workflow_archive
 from tests.conftest import copy_workflow
 
 MARKER = "Zebrafish-Syndrome-Marker"
@@ -51,7 +51,7 @@ def test_archive_holds_code_envs_and_config_but_no_data(checkout, tmp_path):
         "rules/common.smk",
         "rules/release.smk",
         "scripts/release.py",
-        "asclepius_r/release.py",
+        "asclepius_r/release/folder.py",
         "envs/train.yaml",
         "requirements.lock",
         "release-config.yaml",
@@ -84,7 +84,13 @@ def test_archive_is_byte_reproducible(checkout, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "planted", ["rules/NOTEEVENTS.csv", "scripts/noteevents.csv.gz", "asclepius_r/data/cohort.txt", "envs/extra.yaml"]
+    "planted",
+    [
+        "rules/NOTEEVENTS.csv",
+        "scripts/noteevents.csv.gz",
+        "asclepius_r/instructions/data/cohort.txt",
+        "envs/extra.yaml",
+    ],
 )
 def test_note_data_inside_source_folders_is_refused(checkout, tmp_path, planted):
     (checkout / planted).write_text(NOTEEVENTS if planted.endswith(("csv", "gz")) else NOTE)
@@ -100,7 +106,9 @@ def test_the_configured_notes_file_is_refused_whatever_its_name(checkout, tmp_pa
         build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[renamed])
 
 
-@pytest.mark.parametrize("planted", ["asclepius_r/data/cohort.bin", "report/figure_data", "envs/cache.yaml"])
+@pytest.mark.parametrize(
+    "planted", ["asclepius_r/instructions/data/cohort.bin", "report/figure_data", "envs/cache.yaml"]
+)
 @pytest.mark.parametrize("packing", ["zstd-parquet", "gzip", "zstd"])
 def test_compressed_or_binary_note_data_is_refused_whatever_its_name(checkout, tmp_path, planted, packing):
     if packing == "zstd-parquet":

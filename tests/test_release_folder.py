@@ -15,7 +15,7 @@ import yaml
 
 from asclepius_r.files import sha256_file
 from asclepius_r.prompts import RELEASED_TEMPLATE
-from asclepius_r.release import LICENSE, ReleaseError, restore, verify_sha256sums
+from asclepius_r.release.folder import LICENSE, ReleaseError, restore, verify_sha256sums
 from tests.conftest import copy_workflow, run_snakemake
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from asclepius_r.base_model import BaseModelError, copy_tokenizer_model
+from asclepius_r.base_model.describe import BaseModelError, copy_tokenizer_model
 from asclepius_r.prompts import CUT_MARK, render_released
 from asclepius_r.train.finetune import (
     IGNORE_INDEX,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from asclepius_r.generation import Decoding, fit_prompts, generate_answers, load_for_generation, prompt_budget
-from asclepius_r.tasks import TASKS
+from asclepius_r.evaluate.generation import Decoding, fit_prompts, generate_answers, load_for_generation, prompt_budget
+from asclepius_r.instructions.tasks import TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ def test_ask_answers_with_a_demo_checkpoint(demo_run, tmp_path):
         [
             sys.executable,
             "-m",
-            "asclepius_r.ask",
+            "asclepius_r.evaluate.ask",
             "--model",
             str(model_dir),
             "--note",

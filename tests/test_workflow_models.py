@@ -97,7 +97,7 @@ def test_release_folders_and_cards_follow_the_model_names(models_run):
 
 
 def test_a_released_llama3_checkpoint_answers_with_the_released_template(models_run):
-    from asclepius_r.generation import Decoding, generate_answers, load_for_generation
+    from asclepius_r.evaluate.generation import Decoding, generate_answers, load_for_generation
     from asclepius_r.prompts import render_released
 
     model, tokenizer = load_for_generation(str(models_run / "release/Asclepius-R-llama3-tiny"), device="cpu")

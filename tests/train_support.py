@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asclepius_r.base_model import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
 from asclepius_r.train.run import TrainRun
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ the archive; `client` runs many requests concurrently within rate limits and a b
 through the Batch API instead.
 """
 
-from .archive import Archive, ChatRequest, ChatResult
-from .backends import ReplayMissError
-from .client import BudgetExceededError, LLMClient, LLMSettings
-from .guard import UnapprovedEndpointError
+from asclepius_r.llm.archive import Archive, ChatRequest, ChatResult
+from asclepius_r.llm.backends import ReplayMissError
+from asclepius_r.llm.client import BudgetExceededError, LLMClient, LLMSettings
+from asclepius_r.llm.guard import UnapprovedEndpointError
 
 __all__ = [
     "Archive",

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from .digest_index import DigestIndex
+from asclepius_r.errors import InputError
+from asclepius_r.llm.digest_index import DigestIndex
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import json
 import os
 import time
 
-from ..errors import UserError
-from .archive import ChatRequest, ChatResult
-from .guard import base_url, guarded_http_client, refusal
+from asclepius_r.errors import UserError
+from asclepius_r.llm.archive import ChatRequest, ChatResult
+from asclepius_r.llm.guard import base_url, guarded_http_client, refusal
 
 
 class ReplayMissError(UserError, LookupError):
@@ -193,7 +193,7 @@ class ReplayBackend:
         raise ReplayMissError(
             f"llm.backend is 'replay' but {request.describe()} is not in the archive "
             f"{self.settings.archive}; the prompts, seed questions or notes changed since it was recorded "
-            "(rebuild the demo archive with `python -m asclepius_r.demo.archive`, or use a live backend)"
+            "(rebuild the demo archive with `python -m support.demo_archive`, or use a live backend)"
         )
 
 

@@ -26,9 +26,9 @@ import logging
 import time
 from pathlib import Path
 
-from .archive import ChatRequest, append_line, read_records
-from .backends import RetryableError, result_from_payload
-from .guard import refusal
+from asclepius_r.llm.archive import ChatRequest, append_line, read_records
+from asclepius_r.llm.backends import RetryableError, result_from_payload
+from asclepius_r.llm.guard import refusal
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
-from ..config import ConfigError
-from ..errors import UserError
-from .archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
-from .backends import FatalError, ReplayMissError, RetryableError, make_backend
-from .guard import check_endpoint
+from asclepius_r.config import ConfigError
+from asclepius_r.errors import UserError
+from asclepius_r.llm.archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
+from asclepius_r.llm.backends import FatalError, ReplayMissError, RetryableError, make_backend
+from asclepius_r.llm.guard import check_endpoint
 
 log = logging.getLogger(__name__)
 # The SDK's HTTP layer logs every request at INFO: 100k lines a run that add only URLs.
@@ -314,7 +314,7 @@ class LLMClient:
             self._let_go()
             raise
         if settings.mode == "batch":
-            from .batch import warn_provider_storage
+            from asclepius_r.llm.batch import warn_provider_storage
 
             warn_provider_storage(settings)
         self.counts: Counter = Counter()
@@ -506,7 +506,7 @@ class LLMClient:
             unique = [requests[positions[0]] for positions in pending.values()]
             weights = {key: len(positions) for key, positions in pending.items()}  # for the progress bar
             if self.settings.mode == "batch":
-                from .batch import BatchRunner
+                from asclepius_r.llm.batch import BatchRunner
 
                 done = await BatchRunner(self).run(unique, weights)
             else:

@@ -18,7 +18,7 @@ import logging
 import os
 from urllib.parse import urlsplit
 
-from ..errors import UserError
+from asclepius_r.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..base_model import copy_tokenizer_model
-from ..files import atomic_path
-from ..logs import setup_logging
+from asclepius_r.base_model.describe import copy_tokenizer_model
+from asclepius_r.files import atomic_path
+from asclepius_r.logs import setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,11 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from accelerate import PartialState
-
-from ..errors import InputError
-from ..files import atomic_path
-from ..logs import setup_logging
-from ..prompts import DEFAULT_TRUNCATION, fit_prompt, render_released
-from .run import TrainRun, load_model_and_tokenizer, train_and_save
+from asclepius_r.errors import InputError
+from asclepius_r.files import atomic_path
+from asclepius_r.logs import setup_logging
+from asclepius_r.prompts import DEFAULT_TRUNCATION, fit_prompt, render_released
+from asclepius_r.train.run import TrainRun, load_model_and_tokenizer, train_and_save
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..gpus import claim_for_job
-from ..logs import setup_logging
-from .checkpoints import file_identity, prepare_checkpoint_dir
-from .run import TrainRun
+from asclepius_r.errors import UserError
+from asclepius_r.gpus import claim_for_job
+from asclepius_r.logs import setup_logging
+from asclepius_r.train.checkpoints import file_identity, prepare_checkpoint_dir
+from asclepius_r.train.run import TrainRun
 
 log = logging.getLogger(__name__)
 

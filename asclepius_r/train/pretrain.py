@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from transformers import default_data_collator
 
-from ..errors import InputError
-from ..logs import setup_logging
-from ..notes import read_notes
-from .run import TrainRun, load_model_and_tokenizer, train_and_save
+from asclepius_r.errors import InputError
+from asclepius_r.logs import setup_logging
+from asclepius_r.notes.stage import read_notes
+from asclepius_r.train.run import TrainRun, load_model_and_tokenizer, train_and_save
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from accelerate import init_empty_weights
-
-from ..base_model import check_base_model, describe_base
-from ..errors import InputError
-from ..files import atomic_path, read_jsonl
-from ..prompts import DEFAULT_TRUNCATION, check_adds_bos_once
-from .checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
-from .throughput import FlopModel, Window, batch_counts, peak_tflops_of
+from asclepius_r.base_model.describe import check_base_model, describe_base
+from asclepius_r.errors import InputError
+from asclepius_r.files import atomic_path, read_jsonl
+from asclepius_r.prompts import DEFAULT_TRUNCATION, check_adds_bos_once
+from asclepius_r.train.checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
+from asclepius_r.train.throughput import FlopModel, Window, batch_counts, peak_tflops_of
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .prompts import FittedPrompt, check_adds_bos_once, fit_prompt
+from asclepius_r.prompts import FittedPrompt, check_adds_bos_once, fit_prompt
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,16 @@ class Decoding:
     num_beams: int = 1
     do_sample: bool = False
     temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, section: dict) -> Decoding:
+        """The `evaluate` section's decoding settings."""
+        return cls(
+            max_new_tokens=section["max_new_tokens"],
+            num_beams=section["num_beams"],
+            do_sample=section["do_sample"],
+            temperature=section["temperature"],
+        )
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": self.do_sample}

@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import record_scanner
-from .errors import UserError
+from asclepius_r.errors import UserError
+from asclepius_r.notes import record_scanner
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
-from .errors import InputError
+from asclepius_r.errors import InputError
 
 # Index order of the 2023 code.
 TASKS = (

@@ -10,7 +10,7 @@ plan (`assumptions`). Without `compute`, the plan leaves out what needs the toke
 (training tokens, steps, GPU-hours): that is the part the preflight (`preflight.py`) checks
 inside Snakemake before the first job, where importing torch would cost seconds.
 
-    python -m asclepius_r.plan --config config.yaml [--config demo/config.yaml] [--json results/plan/plan.json]
+    python -m asclepius_r.plan.estimate --config config.yaml [--config demo/config.yaml] [--json results/plan/plan.json]
 """
 
 from __future__ import annotations
@@ -28,10 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config as workflow_config
-from .files import write_json
-from .prompts import render_answer_prompt, render_judge_prompt, render_question_prompt, render_released
-from .tasks import load_seed_questions
+from asclepius_r import config as workflow_config
+from asclepius_r.base_model.describe import TINY_BASES, base_dir, tiny_spec
+from asclepius_r.files import write_json
+from asclepius_r.instructions.generate import GenerationSettings
+from asclepius_r.instructions.tasks import load_seed_questions
+from asclepius_r.llm import LLMSettings
+from asclepius_r.notes.stage import NotePolicy, SplitPolicy
+from asclepius_r.prompts import render_answer_prompt, render_judge_prompt, render_question_prompt, render_released
+from asclepius_r.train.settings import training_settings
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ ARCHIVE_RECORD_BYTES = 700  # JSON keys, usage, provider and times of one archiv
 # 50-60% of tuned FSDP stacks (shared/reference/original-method.md).
 DEFAULT_MFU = 0.35
 ASSUMED_PEAK_TFLOPS = 312.0  # A100 bf16 dense, when neither the config nor a visible GPU names one
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 MEASURED_MFU = re.compile(r"RESULT tokens_per_s=\S+ mfu=(?P<mfu>[0-9]*\.?[0-9]+) device=(?P<device>\S+)")
 # Bytes per parameter: a checkpoint holds fp32 weights and Adam's two fp32 moments (7B: 81 GB);
 # training holds those plus fp32 gradients. An export holds the weights in `save_dtype`.
@@ -86,7 +91,7 @@ def note_lengths(path: str | Path) -> np.ndarray:
 def ensure_notes(config: dict, notes_dir: str | Path) -> Path | None:
     """The notes outputs in `notes_dir`, running the notes stage first if they are missing;
     None when NOTEEVENTS is not there either (it may be made by a rule, as in the demo)."""
-    from .notes import run_notes_stage, stage_outputs
+    from asclepius_r.notes.stage import run_notes_stage, stage_outputs
 
     outputs = stage_outputs(notes_dir)
     if all(path.exists() for path in outputs.values()):
@@ -97,8 +102,8 @@ def ensure_notes(config: dict, notes_dir: str | Path) -> Path | None:
     run_notes_stage(
         config["noteevents"],
         **outputs,
-        policy=workflow_config.note_policy(config),
-        split=workflow_config.split_policy(config),
+        policy=NotePolicy.from_config(config["notes"]),
+        split=SplitPolicy.from_config(config),
     )
     return Path(notes_dir)
 
@@ -107,8 +112,8 @@ def model_shape(config: dict, size: str) -> tuple[dict, str]:
     """The LLaMA shape of a model and where it came from: the base folder's config.json, the
     demo's `tiny_model` section (with the model's overrides), or LLaMA-1's published shape."""
     base = config["models"][size]["base"]
-    if base in workflow_config.TINY_BASES:
-        return {**workflow_config.tiny_spec(config, size), "tie_word_embeddings": False}, "tiny_model"
+    if base in TINY_BASES:
+        return {**tiny_spec(config, size), "tie_word_embeddings": False}, "tiny_model"
     if base and (Path(base) / "config.json").exists():
         return json.loads((Path(base) / "config.json").read_text()), f"{base}/config.json"
     if size in LLAMA1_SHAPES:
@@ -149,7 +154,7 @@ def visible_gpus() -> list[dict]:
     context (hundreds of MB on GPU 0 for the whole run). Fake GPUs (`ASCLEPIUS_FAKE_GPUS`, see
     gpus.py) count as devices whose work runs on CPU: their memory is None.
     """
-    from .gpus import fake_devices
+    from asclepius_r.gpus import fake_devices
 
     if fake_devices():
         return [
@@ -181,7 +186,7 @@ def _llm_tokens(chars: float) -> int:
 
 def _llm_row(stage: str, settings, jobs: int, requests: int, prompt_chars: float, messages: int, paid: bool) -> dict:
     """Requests, tokens, dollars and hours of one LLM stage; completions at their `max_tokens` cap."""
-    from .llm.client import RateLimiter
+    from asclepius_r.llm.client import RateLimiter
 
     prompt = _llm_tokens(prompt_chars) + MESSAGE_TOKENS * messages
     completion = requests * settings.max_tokens
@@ -215,8 +220,8 @@ def instruction_row(config: dict, train_chars: np.ndarray, heldout_chars: np.nda
     run: counted as the task's 5 longest seeds, for the task whose prompt is longest. The answer
     prompt holds the generated question: counted as the longest seed question.
     """
-    settings = workflow_config.llm_settings(config)
-    generation = workflow_config.generation_settings(config)
+    settings = LLMSettings.from_config(config["llm"])
+    generation = GenerationSettings.from_config(config)
     seeds = load_seed_questions(generation.seed_questions)
     shown = generation.seeds_per_prompt + generation.pool_per_prompt
     question_frame = max(len(render_question_prompt(t, "", sorted(qs, key=len)[-shown:])) for t, qs in seeds.items())
@@ -246,10 +251,10 @@ def judge_row(config: dict, heldout_chars: np.ndarray) -> dict:
     """One judge request per held-out question (at most one per held-out note) holding every
     model's answer at `evaluate.max_new_tokens`; replies that cannot be parsed are asked again
     (up to `judge.max_parse_attempts`), not counted here."""
-    from .judge import judge_llm_settings
+    from asclepius_r.evaluate.judge import judge_llm_settings
 
     settings = judge_llm_settings(config)
-    seeds = load_seed_questions(workflow_config.generation_settings(config).seed_questions)
+    seeds = load_seed_questions(GenerationSettings.from_config(config).seed_questions)
     longest_question = max((q for qs in seeds.values() for q in qs), key=len)
     models = evaluated_model_count(config)
     frame = len(render_judge_prompt("", longest_question, [""] * models))
@@ -306,7 +311,7 @@ def training_rows(config: dict, shapes: dict[str, tuple[dict, str]]) -> list[dic
     sharded_config = bool(config["launch"]["accelerate_config"])
     for stage in ("pretrain", "finetune"):
         for size, (shape, _) in shapes.items():
-            settings = workflow_config.training_settings(config, stage, size, shape.get("max_position_embeddings"))
+            settings = training_settings(config, stage, size, shape.get("max_position_embeddings"))
             params, _ = parameter_counts(shape)
             gpus = config["models"][size]["gpus"]
             devices = gpus or config["launch"]["cpu_processes"]
@@ -333,7 +338,7 @@ def training_rows(config: dict, shapes: dict[str, tuple[dict, str]]) -> list[dic
 def _side_files(config: dict, size: str) -> int:
     """Bytes of what an export copies from the base folder besides weights (tokenizer, configs)."""
     base = config["models"][size]["base"]
-    folder = Path(workflow_config.base_dir(config, size) or "")
+    folder = Path(base_dir(config, size) or "")
     weights = (".safetensors", ".bin", ".pt", ".index.json")
     if not base or not folder.is_dir():
         return 0
@@ -406,23 +411,23 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
     bound) of the template, the note, the longest seed question and an answer at the generator's
     `max_tokens`, cut at `max_length`, packed first-fit-decreasing as the training code packs.
     """
-    from .gpus import fake_devices
-    from .train.finetune import first_fit_decreasing
-    from .train.throughput import FlopModel
+    from asclepius_r.gpus import fake_devices
+    from asclepius_r.train.finetune import first_fit_decreasing
+    from asclepius_r.train.throughput import FlopModel
 
-    seeds = load_seed_questions(workflow_config.generation_settings(config).seed_questions)
+    seeds = load_seed_questions(GenerationSettings.from_config(config).seed_questions)
     longest_question = max((q for qs in seeds.values() for q in qs), key=len)
     answer_chars = config["llm"]["max_tokens"] * GENERATED_CHARS_PER_TOKEN
     counted: dict[str, tuple[NoteTokens, np.ndarray]] = {}
     for row in rows:
         size, stage = row["size"], row["stage"]
         shape = shapes[size][0]
-        folder = workflow_config.base_dir(config, size)
+        folder = base_dir(config, size)
         if folder not in counted:
             counter = NoteTokens(notes_dir / "discharge.parquet", folder)
             counted[folder] = (counter, counter.notes())
         counter, tokens = counted[folder]
-        settings = workflow_config.training_settings(config, stage, size, shape.get("max_position_embeddings"))
+        settings = training_settings(config, stage, size, shape.get("max_position_embeddings"))
         length = settings["max_length"]
         # Without GPUs (or with the rehearsal's fake ones) the launcher trains in cpu_processes processes.
         devices = config["launch"]["cpu_processes"] if not row["gpus"] or fake_devices() else row["gpus"]
@@ -468,11 +473,11 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
 # -- the plan --------------------------------------------------------------------------------
 def _llm_problems(config: dict) -> list[str]:
     """What stops the LLM stages: settings that do not fit, an unapproved endpoint, no key, no price."""
-    from .judge import judge_llm_settings
-    from .llm.guard import UnapprovedEndpointError, check_endpoint, endpoint_identity
+    from asclepius_r.evaluate.judge import judge_llm_settings
+    from asclepius_r.llm.guard import UnapprovedEndpointError, check_endpoint, endpoint_identity
 
     problems = []
-    sections = [("llm", workflow_config.llm_settings(config))]
+    sections = [("llm", LLMSettings.from_config(config["llm"]))]
     if config["judge"]["backend"] == "llm":
         sections.append(("judge", judge_llm_settings(config)))
     for name, settings in sections:
@@ -508,7 +513,7 @@ def _missing_inputs(config: dict) -> list[str]:
         value = workflow_config.config_value(config, key)
         if not value:
             problems.append(f"{key} is not set")
-        elif value not in workflow_config.TINY_BASES and not Path(value).exists():
+        elif value not in TINY_BASES and not Path(value).exists():
             problems.append(f"{key}: {value} does not exist")
     return problems
 
@@ -578,7 +583,7 @@ def make_plan(config: dict, notes_dir: str | Path | None, compute: bool = True, 
 
 
 def _peak(config: dict, gpus: list[dict]) -> tuple[float, str]:
-    from .train.throughput import peak_tflops_of
+    from asclepius_r.train.throughput import peak_tflops_of
 
     configured = {config["pretrain"].get("peak_tflops_per_device"), config["finetune"].get("peak_tflops_per_device")}
     configured.discard(None)
@@ -613,7 +618,7 @@ def _totals(config: dict, rows: list[dict]) -> dict:
 # -- what the run then used -------------------------------------------------------------------
 def _archive_usage(archive: str | Path, keys: set[str] | None) -> dict:
     """Requests and reported tokens of an archive's answered records (of `keys`; None: all)."""
-    from .llm.archive import Archive
+    from asclepius_r.llm.archive import Archive
 
     results = [r for k, r in Archive(archive).results() if r["status"] == "ok" and (keys is None or k in keys)]
     reported = [r["usage"] for r in results if r.get("usage")]
@@ -642,7 +647,7 @@ def used_by_run(
     reported for the responses the outputs are made of (archived ones included) and the dollars
     this run paid; per training job its optimizer steps, real tokens, device-hours (from the
     metrics' per-window rates) and export size. `models` and `metrics` are keyed "stage size"."""
-    from .files import read_jsonl
+    from asclepius_r.files import read_jsonl
 
     keys = {
         r[k]
@@ -699,7 +704,7 @@ def compare(plan: dict, used: dict) -> list[dict]:
 
 def write_plan_report(plan: dict, comparison: list[dict], used: dict, out_html) -> None:
     """The report page: the plan's table, then planned against used with the margin."""
-    from .report import _table, _write_html
+    from asclepius_r.report.figures import _table, _write_html
 
     header, rows = table_rows(plan)
     checks = [
@@ -796,8 +801,8 @@ def format_plan(plan: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m asclepius_r.plan --config config.yaml`: print the plan and write it as JSON."""
-    from .logs import setup_logging
+    """`python -m asclepius_r.plan.estimate --config config.yaml`: print the plan and write it as JSON."""
+    from asclepius_r.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="What a run will cost, take and need, per stage, before it starts.")
     parser.add_argument(

@@ -18,7 +18,7 @@ allow-list of source paths, never from the working directory, because `snakemake
 packs every input that lies inside the working directory, which would include a NOTEEVENTS.csv
 kept there (and it needs conda to download every package, which a release machine may lack).
 
-Restoring (`python -m asclepius_r.release restore RELEASE`) puts the checkpoints, the dataset and
+Restoring (`python -m asclepius_r.release.folder restore RELEASE`) puts the checkpoints, the dataset and
 the training logs back where the workflow makes them, after checking SHA256SUMS; README.md
 gives the two Snakemake commands that follow so that training is not run again.
 """
@@ -43,10 +43,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import TINY_BASES, release_names, training_settings
-from .errors import UserError
-from .files import atomic_path, sha256_file, write_json
-from .prompts import RELEASED_TEMPLATE
+from asclepius_r.base_model.describe import TINY_BASES
+from asclepius_r.config import release_names
+from asclepius_r.errors import UserError
+from asclepius_r.files import atomic_path, sha256_file, write_json
+from asclepius_r.prompts import RELEASED_TEMPLATE
+from asclepius_r.train.settings import training_settings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ WORKFLOW_SOURCES = (
     "rules",
     "scripts",
     "asclepius_r",
+    "support",
     "envs",
     "profiles",
     "accelerate",
@@ -328,7 +331,7 @@ Training is not run again; only the cheap stages before it are, to rebuild the n
 own NOTEEVENTS.csv and the dataset by replaying the archive:
 
 ```bash
-python -m asclepius_r.release restore path/to/release   # checks SHA256SUMS, copies into results/
+python -m asclepius_r.release.folder restore path/to/release   # checks SHA256SUMS, copies into results/
 # config: noteevents, models.*.base as in manifest.json; llm.backend: replay,
 #         llm.archive: path/to/release/llm_archive/instructions.jsonl
 snakemake --cores all --omit-from pretrain              # notes, instructions (replayed), base models
@@ -480,7 +483,7 @@ def restore(release_dir, workdir=".") -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .logs import setup_logging
+    from asclepius_r.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="Work with an Asclepius-R release folder.")
     commands = parser.add_subparsers(dest="command", required=True)

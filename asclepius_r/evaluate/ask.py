@@ -1,7 +1,7 @@
 """Ask a checkpoint one question about one note, with the released template byte for byte.
 
-python -m asclepius_r.ask --model DIR --note NOTE.txt --question "What is the diagnosis?"
-python -m asclepius_r.ask --model DIR --note NOTE.txt --question "..." --print-prompt
+python -m asclepius_r.evaluate.ask --model DIR --note NOTE.txt --question "What is the diagnosis?"
+python -m asclepius_r.evaluate.ask --model DIR --note NOTE.txt --question "..." --print-prompt
 
 A note too long for the model's context is cut (`--truncation`), never the question.
 """
@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .logs import setup_logging
-from .prompts import render_released
+from asclepius_r.logs import setup_logging
+from asclepius_r.prompts import render_released
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (Path(args.model) / "config.json").exists():
         parser.error(f"--model {args.model}: no config.json there (not a Hugging Face checkpoint folder)")
-    from .generation import Decoding, fit_prompts, generate_answers, load_for_generation, prompt_budget
+    from asclepius_r.evaluate.generation import (
+        Decoding,
+        fit_prompts,
+        generate_answers,
+        load_for_generation,
+        prompt_budget,
+    )
 
     model, tokenizer = load_for_generation(args.model)
     budget = prompt_budget(model, args.max_new_tokens)

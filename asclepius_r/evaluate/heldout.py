@@ -14,11 +14,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean
 
-from .files import atomic_path, read_jsonl, write_json, write_jsonl
-from .judge import SCORES
-from .notes import read_notes
-from .prompts import DEFAULT_TRUNCATION
-from .rouge import rouge_l, tokens
+from asclepius_r.evaluate.judge import SCORES
+from asclepius_r.files import atomic_path, read_jsonl, write_json, write_jsonl
+from asclepius_r.notes.stage import read_notes
+from asclepius_r.prompts import DEFAULT_TRUNCATION
+from asclepius_r.rouge import rouge_l, tokens
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ def heldout_items(notes_path, records_path) -> list[dict]:
     ]
 
 
+def truncation_policy(config: dict) -> str:
+    """finetune.truncation, which also shapes evaluation prompts."""
+    return config["finetune"].get("truncation", DEFAULT_TRUNCATION)
+
+
 def token_f1(candidate: str, reference: str) -> float:
     """Bag-of-words F1 (SQuAD style) over the same tokens as ROUGE-L."""
     c, r = Counter(tokens(candidate)), Counter(tokens(reference))
@@ -78,8 +83,14 @@ def answer_heldout(
     Each row records the prompt's length and whether its note was cut (`truncation`) to fit
     the model's context with `decoding.max_new_tokens`.
     """
-    from .generation import Decoding, fit_prompts, generate_answers, load_for_generation, prompt_budget
-    from .gpus import claim_for_job
+    from asclepius_r.evaluate.generation import (
+        Decoding,
+        fit_prompts,
+        generate_answers,
+        load_for_generation,
+        prompt_budget,
+    )
+    from asclepius_r.gpus import claim_for_job
 
     decoding = decoding or Decoding()
     items = heldout_items(notes_path, records_path)

@@ -13,8 +13,8 @@ tiny models have the exact vocabularies without any model download:
   folder (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`) with Llama-3's
   byte-level BPE, 128,000 regular tokens and 256 special ones, BOS `<|begin_of_text|>`.
 
-    python -m asclepius_r.gguf_vocab [--family llama1] OUT/tokenizer.model [--cache DIR]
-    python -m asclepius_r.gguf_vocab --family llama3 OUT_FOLDER [--cache DIR]
+    python -m support.gguf_vocab [--family llama1] OUT/tokenizer.model [--cache DIR]
+    python -m support.gguf_vocab --family llama3 OUT_FOLDER [--cache DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_path
+from asclepius_r.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def reference_tokenizations(gguf: str | Path) -> list[tuple[str, list[int]]]:
 def bpe_tokenizer(vocab: GgufVocab):
     """Llama-3's tokenizer (a `tokenizers.Tokenizer`) from a `gpt2` vocabulary with the `llama-bpe`
     pre-tokenizer: regular tokens and merges as stored, the special tokens after them."""
-    from .base_model import llama3_tokenizer
+    from asclepius_r.base_model.tiny import llama3_tokenizer
 
     if (vocab.model, vocab.pre) != ("gpt2", "llama-bpe"):
         raise ValueError(f"a {vocab.model!r} vocabulary with pre-tokenizer {vocab.pre!r}: only 'gpt2' with 'llama-bpe'")
@@ -277,7 +277,7 @@ def build_llama_tokenizer(out: str | Path, cache: Path | None = None) -> Path:
 
 def build_llama3_tokenizer(out: str | Path, cache: Path | None = None) -> Path:
     """Write Llama-3's tokenizer folder to `out`, after checking every llama.cpp reference case."""
-    from .base_model import save_llama3_tokenizer_folder
+    from asclepius_r.base_model.tiny import save_llama3_tokenizer_folder
 
     gguf = extract_vocab(FAMILY_VOCABS["llama3"], cache)
     vocab = GgufVocab.from_gguf(gguf)

@@ -28,8 +28,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .files import atomic_path, write_json
-from .noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError, locate_record
+from asclepius_r import config as workflow_config
+from asclepius_r.config import ConfigError
+from asclepius_r.files import atomic_path, write_json
+from asclepius_r.logs import setup_logging
+from asclepius_r.notes.noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError, locate_record
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,26 @@ class NotePolicy:
     coarse_placeholders: bool = False
     exclude_row_ids: frozenset[int] = field(default_factory=frozenset)
 
+    @classmethod
+    def from_config(cls, section: dict) -> NotePolicy:
+        """The `notes` section; `exclude_row_ids` names a file of one ROW_ID per line."""
+        exclude = frozenset()
+        if section["exclude_row_ids"]:
+            path = Path(section["exclude_row_ids"])
+            try:
+                exclude = frozenset(int(line) for line in path.read_text().split())
+            except ValueError as err:
+                raise ConfigError(
+                    f"config key notes.exclude_row_ids: {path} must hold one integer ROW_ID per line ({err})"
+                ) from None
+        return cls(
+            drop_iserror=section["drop_iserror"],
+            keep_addenda=section["keep_addenda"],
+            drop_duplicate_text=section["drop_duplicate_text"],
+            coarse_placeholders=section["coarse_placeholders"],
+            exclude_row_ids=exclude,
+        )
+
 
 @dataclass(frozen=True)
 class SplitPolicy:
@@ -74,6 +97,11 @@ class SplitPolicy:
 
     heldout_notes: int
     seed: int = 42
+
+    @classmethod
+    def from_config(cls, config: dict) -> SplitPolicy:
+        """`notes.heldout_notes` and the workflow's `seed`."""
+        return cls(heldout_notes=config["notes"]["heldout_notes"], seed=config["seed"])
 
 
 # 2023 rewrote de-identification placeholders into a few coarse tags and kept dates.
@@ -467,9 +495,7 @@ def read_notes(path: str | Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The stage without Snakemake: `python -m asclepius_r.notes --config config.yaml [--out DIR]`."""
-    from . import config as workflow_config
-    from .logs import setup_logging
+    """The stage without Snakemake: `python -m asclepius_r.notes.stage --config config.yaml [--out DIR]`."""
 
     parser = argparse.ArgumentParser(description="NOTEEVENTS.csv(.gz) -> discharge and held-out notes.")
     parser.add_argument(
@@ -492,8 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         run_notes_stage(
             config["noteevents"],
             **stage_outputs(args.out),
-            policy=workflow_config.note_policy(config),
-            split=workflow_config.split_policy(config),
+            policy=NotePolicy.from_config(config["notes"]),
+            split=SplitPolicy.from_config(config),
             threads=args.threads,
         )
     except (workflow_config.ConfigError, NoteEventsError) as error:

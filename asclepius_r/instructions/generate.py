@@ -33,13 +33,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .errors import InputError
-from .files import atomic_path, write_json
-from .heap import release_free_memory
-from .llm import ChatRequest, LLMClient
-from .prompts import render_answer_prompt, render_question_prompt
-from .rouge import rouge_l_of_tokens, tokens
-from .tasks import DEFAULT_SEED_QUESTIONS, draw_task, load_seed_questions
+from asclepius_r import config as workflow_config
+from asclepius_r.errors import InputError
+from asclepius_r.files import atomic_path, write_json
+from asclepius_r.instructions.heap import release_free_memory
+from asclepius_r.instructions.tasks import DEFAULT_SEED_QUESTIONS, draw_task, load_seed_questions
+from asclepius_r.llm import ChatRequest, LLMClient, LLMSettings
+from asclepius_r.logs import setup_logging
+from asclepius_r.prompts import render_answer_prompt, render_question_prompt
+from asclepius_r.rouge import rouge_l_of_tokens, tokens
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,17 @@ class GenerationSettings:
     pool_per_prompt: int = 2
     near_duplicate_rouge: float | None = None  # self-instruct used 0.7; the 2023 run had none
     seed_questions: str | Path = DEFAULT_SEED_QUESTIONS
+
+    @classmethod
+    def from_config(cls, config: dict) -> GenerationSettings:
+        """The `instructions` section and the workflow's `seed`."""
+        section = config["instructions"]
+        return cls(
+            seed=config["seed"],
+            pool_lag=section["pool_lag"],
+            near_duplicate_rouge=section["near_duplicate_rouge"],
+            seed_questions=section["seed_questions"] or DEFAULT_SEED_QUESTIONS,
+        )
 
 
 class NoteTexts:
@@ -490,9 +503,7 @@ def write_dataset(notes_path, records_path, csv_out) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The stage without Snakemake: `python -m asclepius_r.instructions --config config.yaml ...`."""
-    from . import config as workflow_config
-    from .logs import setup_logging
+    """The stage without Snakemake: `python -m asclepius_r.instructions.generate --config config.yaml ...`."""
 
     parser = argparse.ArgumentParser(description="Generate one question and answer per note, then the dataset CSV.")
     parser.add_argument(
@@ -509,8 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.log)
     config = workflow_config.load_layers(args.config)
-    with LLMClient(workflow_config.llm_settings(config)) as client:
-        run_instruction_stage(args.notes, args.records, args.stats, client, workflow_config.generation_settings(config))
+    with LLMClient(LLMSettings.from_config(config["llm"])) as client:
+        run_instruction_stage(args.notes, args.records, args.stats, client, GenerationSettings.from_config(config))
     if args.dataset:
         write_dataset(args.notes, args.records, args.dataset)
 

@@ -5,7 +5,7 @@ This command runs the real instruction engine (same prompts, pools and client) w
 that answers from those files, and records every request and response into the archive that
 the demo then replays. Rerun it whenever a prompt, the seed questions or the demo notes change:
 
-    python -m asclepius_r.demo.archive            (writes demo/llm_archive.jsonl)
+    python -m support.demo_archive            (writes demo/llm_archive.jsonl)
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import config as workflow_config
-from ..files import atomic_path, read_jsonl
-from ..instructions import generate
-from ..llm import Archive, ChatRequest, ChatResult, LLMClient
-from ..logs import setup_logging
-from ..notes import read_notes, run_notes_stage
-from ..tasks import draw_task
-from .noteevents import demo_row_id, demo_rows, load_demo_notes, write_noteevents
+from asclepius_r import config as workflow_config
+from asclepius_r.files import atomic_path, read_jsonl
+from asclepius_r.instructions.generate import GenerationSettings, generate
+from asclepius_r.instructions.tasks import draw_task
+from asclepius_r.llm import Archive, ChatRequest, ChatResult, LLMClient, LLMSettings
+from asclepius_r.logs import setup_logging
+from asclepius_r.notes.stage import NotePolicy, SplitPolicy, read_notes, run_notes_stage
+from support.synthetic_notes import demo_row_id, demo_rows, load_demo_notes, write_noteevents
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +77,7 @@ def load_responses(responses_dir: Path, seed: int) -> dict[int, dict]:
 
 def build(config_path: Path = DEMO_DIR / "config.yaml", responses_dir: Path = DEMO_DIR / "responses") -> Path:
     config = workflow_config.load(config_path, require_data=False)
-    settings = workflow_config.llm_settings(config)
+    settings = LLMSettings.from_config(config["llm"])
     backend = HandwrittenBackend(load_responses(responses_dir, config["seed"]))
     archive_path = DEMO_DIR.parent / settings.archive
     with tempfile.TemporaryDirectory() as work, atomic_path(archive_path) as tmp_archive:
@@ -89,14 +89,12 @@ def build(config_path: Path = DEMO_DIR / "config.yaml", responses_dir: Path = DE
             work / "heldout.parquet",
             work / "heldout_row_ids.txt",
             work / "stats.json",
-            workflow_config.note_policy(config),
-            workflow_config.split_policy(config),
+            NotePolicy.from_config(config["notes"]),
+            SplitPolicy.from_config(config),
         )
         client = LLMClient(settings, backend=backend, archive=Archive(tmp_archive))
         for split in ("discharge", "heldout"):
-            records, _ = generate(
-                read_notes(work / f"{split}.parquet"), client, workflow_config.generation_settings(config)
-            )
+            records, _ = generate(read_notes(work / f"{split}.parquet"), client, GenerationSettings.from_config(config))
             log.info("%s: %d records", split, len(records))
     log.info("wrote %s", archive_path)
     return archive_path

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import time
 
-from ..llm import ChatRequest, ChatResult
-from ..rouge import rouge_l
+from asclepius_r.llm import ChatRequest, ChatResult
+from asclepius_r.rouge import rouge_l
 
 THRESHOLDS = ((0.5, 4), (0.3, 3), (0.1, 2))
 _AGENT_ANSWER = re.compile(r"\[Agent ([A-Z])'s Answer Begin\]\n(.*?)\n\[Agent \1's Answer End\]", re.DOTALL)

@@ -26,10 +26,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config as workflow_config
-from .errors import UserError
-from .files import write_json
-from .plan import (
+from asclepius_r import config as workflow_config
+from asclepius_r.base_model.describe import TINY_BASES
+from asclepius_r.errors import UserError
+from asclepius_r.files import write_json
+from asclepius_r.llm import LLMSettings
+from asclepius_r.plan.estimate import (
     DTYPE_BYTES,
     GB,
     GIB,
@@ -42,6 +44,7 @@ from .plan import (
     training_memory_bytes,
     visible_gpus,
 )
+from asclepius_r.train.settings import training_settings
 
 GPU_RULES = ("pretrain", "finetune", "answer_heldout")
 # Training on CPU processes is for the demo's tiny models; a real LLaMA would take years.
@@ -80,7 +83,7 @@ def paid_rules(config: dict) -> set[str]:
 def base_folder_problems(size: str, folder: Path) -> list[str]:
     """A real base folder must hold a config, tokenizer and architecture the workflow handles
     (`describe_base`), and every weight file, complete."""
-    from .base_model import describe_base
+    from asclepius_r.base_model.describe import describe_base
 
     where = f"models.{size}.base ({folder})"
     if not folder.is_dir():
@@ -194,7 +197,7 @@ def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -
             size = job.wildcards["size"]
             shape, _ = model_shape(config, size)
             params = parameter_counts(shape)[0]
-            settings = workflow_config.training_settings(config, job.rule, size)
+            settings = training_settings(config, job.rule, size)
             # Without CUDA the launcher starts cpu_processes processes, each with the whole model.
             devices = config["launch"]["cpu_processes"] if on_cpu else max(1, job.gpus)
             need = training_memory_bytes(
@@ -228,7 +231,7 @@ def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -
 def _archive_state(archive: str | None, settings, requests: int) -> tuple[float, float]:
     """(share of the planned requests already answered, dollars already billed) of an archive;
     the budget is the archive's, across runs, as the client counts it."""
-    from .llm.archive import Archive
+    from asclepius_r.llm.archive import Archive
 
     if not archive or not Path(archive).exists():
         return 0.0, 0.0
@@ -241,7 +244,7 @@ def _archive_state(archive: str | None, settings, requests: int) -> tuple[float,
 def _money_problems(config: dict, plan: dict, jobs: list[Job], summary: list[str]) -> list[str]:
     """The paid stages' LLM problems (approval, key, price) and each archive's spending so far
     plus the plan's upper bound for the rest against `llm.budget_usd`."""
-    from .judge import judge_llm_settings
+    from asclepius_r.evaluate.judge import judge_llm_settings
 
     rules = {job.rule for job in jobs} & paid_rules(config)
     if not rules:
@@ -255,7 +258,7 @@ def _money_problems(config: dict, plan: dict, jobs: list[Job], summary: list[str
     batch = config["llm"]["mode"] == "batch"
     budget = config["llm"]["budget_usd"]
     stages = (
-        ("generate_instructions", "instructions", workflow_config.llm_settings(config)),
+        ("generate_instructions", "instructions", LLMSettings.from_config(config["llm"])),
         ("judge_heldout", "judge", judge_llm_settings(config)),
     )
     for rule, stage, settings in stages:
@@ -302,7 +305,7 @@ def check(config: dict, jobs: list[Job], workdir: str | Path = ".", local: bool 
         }
     ):
         base = config["models"].get(size, {}).get("base")
-        if base and base not in workflow_config.TINY_BASES:
+        if base and base not in TINY_BASES:
             problems += base_folder_problems(size, Path(base))
     summary: list[str] = []
     problems += _disk_problem(config, plan, jobs, workdir, gpu_limit, summary)

@@ -19,9 +19,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .files import read_jsonl, write_json, write_jsonl
-from .llm import ChatRequest, LLMClient, LLMSettings
-from .prompts import agent_labels, render_judge_prompt, render_judge_retry
+from asclepius_r.files import read_jsonl, write_json, write_jsonl
+from asclepius_r.llm import ChatRequest, LLMClient, LLMSettings
+from asclepius_r.prompts import agent_labels, render_judge_prompt, render_judge_retry
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def judge_client(config: dict, references: dict[int, str]) -> LLMClient:
     """The LLM client for the judge; `judge.backend: heuristic` answers with the demo's rubric judge."""
     settings = judge_llm_settings(config)
     if config["judge"]["backend"] == "heuristic":
-        from .demo.rubric_judge import ReferenceRubricJudge
+        from asclepius_r.evaluate.rubric_judge import ReferenceRubricJudge
 
         return LLMClient(settings, backend=ReferenceRubricJudge(references))
     return LLMClient(settings)

@@ -11,7 +11,7 @@ rows and duplicate texts in realistic shares; the benchmark and the tests use it
 `--long-notes N --tokenizer tokenizer.model` writes the rehearsal's file (LongDischargeNotes): N
 discharge summaries whose lengths in that tokenizer's tokens follow MIMIC-III's.
 
-    python -m asclepius_r.demo.noteevents OUT.csv [--rows N | --gb X [--discharge-only] | --long-notes N --tokenizer T]
+    python -m support.synthetic_notes OUT.csv [--rows N | --gb X [--discharge-only] | --long-notes N --tokenizer T]
         [--gzip]
 """
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
-from ..noteevents import COLUMNS, DISCHARGE_CATEGORY
+from asclepius_r.notes.noteevents import COLUMNS, DISCHARGE_CATEGORY
 
-DEMO_NOTES_DIR = Path(__file__).resolve().parents[2] / "demo" / "discharge_summaries"
+DEMO_NOTES_DIR = Path(__file__).resolve().parents[1] / "demo" / "discharge_summaries"
 DISCHARGE_ROW_ID_BASE = 50000  # note NN of the demo is ROW_ID 50000 + NN
 SUBJECT_ID_BASE = 10000
 _NAME = re.compile(r"^(\d{2})-(?:addendum-to-(\d{2})|.+)\.txt$")
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from ..logs import setup_logging
+    from asclepius_r.logs import setup_logging
 
     setup_logging()
     main()

@@ -18,8 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .files import atomic_path, read_jsonl  # noqa: E402
-from .notes import read_notes  # noqa: E402
+from asclepius_r.files import atomic_path, read_jsonl  # noqa: E402
+from asclepius_r.notes.stage import read_notes  # noqa: E402
 
 log = logging.getLogger(__name__)
 

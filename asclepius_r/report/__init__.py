@@ -1,0 +1,1 @@
+"""The Snakemake HTML report (rules/report.smk): figures and tables of every stage (`figures`)."""
