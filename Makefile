@@ -63,7 +63,7 @@ chromium:
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 # Debian's SLURM (slurmctld, slurmd, munge) with slurmdbd and MariaDB, so that sacct answers, for
-# the tests that run the workflow through a local cluster (tests/slurm_cluster.py; apt needs root).
+# the tests that run the workflow through a local cluster (support/slurm_cluster.py; apt needs root).
 slurm:
 	@for c in slurmctld slurmd slurmdbd munged mariadbd; do command -v $$c >/dev/null || missing=1; done; \
 	test -z "$$missing" || { apt-get update -qq && \

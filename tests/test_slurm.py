@@ -1,4 +1,4 @@
-"""The workflow through a real SLURM (tests/slurm_cluster.py): the steps of profiles/slurm/README.md.
+"""The workflow through a real SLURM (support/slurm_cluster.py): the steps of profiles/slurm/README.md.
 
 1. The embedded demo through `snakemake --profile profiles/slurm`: every job is a SLURM job in
    `sacct`, GPU rules get `gres/gpu` from `resources.gpu` and CPU rules none, logs land where the
@@ -27,7 +27,7 @@ import pytest
 
 from asclepius_r.train.checkpoints import last_complete_checkpoint
 from tests.conftest import SNAKEMAKE, copy_workflow
-from tests.slurm_cluster import ACCOUNT, NODES, PARTITION, SlurmCluster, free_port, unavailable_reason, wait_until
+from support.slurm_cluster import ACCOUNT, NODES, PARTITION, SlurmCluster, free_port, unavailable_reason, wait_until
 from tests.train_support import build_fixture_data, launch_env, write_run
 
 REASON = unavailable_reason()

@@ -5,7 +5,7 @@ verdicts come from this rule instead: each agent's answer gets the paper's 1-4 s
 ROUGE-L F1 against the reference answer (>= 0.5: 4, >= 0.3: 3, >= 0.1: 2, else 1). It is a
 backend of the real LLM client (`judge.backend: heuristic`), so the demo's judge prompts, agent
 shuffling, strict parsing and archive are the paper run's; only the reply is computed here.
-Its scores say nothing about clinical quality, and the README says so.
+Its scores say nothing about clinical quality, and docs/evaluation.md says so.
 """
 
 from __future__ import annotations

@@ -74,6 +74,8 @@ WORKFLOW_SOURCES = (
     "requirements.in",
     "requirements.lock",
     "README.md",
+    "docs",
+    "BENCHMARKS.md",
 )
 # Caches, hidden files and build outputs (the notes scanner compiles into asclepius_r/_build/).
 _NOT_SOURCE = re.compile(r"(^|/)(__pycache__|_build|\.[^/]*)(/|$)|\.(pyc|so|o|pyd|dylib)$")

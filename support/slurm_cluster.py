@@ -16,8 +16,8 @@ allocates and accounts `gres/gpu` and sets CUDA_VISIBLE_DEVICES, torch finds no 
 training runs on CPU. Process tracking is proctrack/linuxproc with task/none (no cgroups
 needed). Everything (configs, state, logs, sockets) lives under one folder.
 
-    python -m tests.slurm_cluster start DIR   # prints: export SLURM_CONF=DIR/etc/slurm.conf
-    python -m tests.slurm_cluster stop DIR
+    python -m support.slurm_cluster start DIR   # prints: export SLURM_CONF=DIR/etc/slurm.conf
+    python -m support.slurm_cluster stop DIR
 """
 
 from __future__ import annotations
