@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from asclepius_r.train.checkpoints import last_complete_checkpoint
-from tests.conftest import SNAKEMAKE, copy_workflow
 from support.slurm_cluster import ACCOUNT, NODES, PARTITION, SlurmCluster, free_port, unavailable_reason, wait_until
+from tests.conftest import SNAKEMAKE, copy_workflow
 from tests.train_support import build_fixture_data, launch_env, write_run
 
 REASON = unavailable_reason()
