@@ -143,9 +143,10 @@ def parse_reply(request: ChatRequest, payload, provider: dict, started: float) -
 
 
 def quiet_sdk_logs() -> None:
-    """The SDK logs request options (the note) at DEBUG and its HTTP layer every URL and the
-    server's reason phrase at INFO, whatever OPENAI_LOG or the root logger say: warnings only."""
-    for name in ("openai", "httpx2"):
+    """The SDK logs request options (the note) at DEBUG, its HTTP client every URL and the
+    server's reason phrase at INFO, its transport the reason phrase and headers at DEBUG: warnings
+    only, whatever OPENAI_LOG or the root logger say."""
+    for name in ("openai", "httpx2", "httpcore2"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
