@@ -14,7 +14,7 @@ so the SDK's own HTTP stack is exercised for real, with no interception.
 
 Faults (`add_fault(kind, ...)`), each applied to chat requests whose prompt contains `match`
 (any when None), `times` times (unlimited when None), with `probability` (seeded):
-  rate_limit      429 with Retry-After (`retry_after` seconds)
+  rate_limit      429 with Retry-After (`retry_after` seconds; None: none), and `headers`
   server_error    500 (`status` to change the code)
   http_error      any status (`status`) with a JSON error `body`; `echo_request` puts the
                   request's Authorization header and prompt into the body, as a careless proxy would
@@ -510,9 +510,10 @@ class OpenAIServer:
         if fault is not None and fault.kind == "redirect":
             headers["Location"] = fault.location
         if fault is not None and fault.kind == "rate_limit":
-            headers["retry-after"] = f"{fault.retry_after:g}"
+            if fault.retry_after is not None:
+                headers["retry-after"] = f"{fault.retry_after:g}"
             headers["x-ratelimit-remaining-requests"] = 0
-        if fault is not None and fault.kind in ("reply", "trickle"):
+        if fault is not None:
             headers.update(fault.headers)
         if fault is not None and fault.kind == "trickle":
             headers["x-trickle-s"] = fault.stall_s
