@@ -61,8 +61,8 @@ def _hold_then_report(path: str, done: str) -> None:
 
 
 @pytest.mark.parametrize("link", ["symlink", "hard link", "relative path"])
-def test_one_lock_per_archive_file_whatever_path_reaches_it(tmp_path, link, caplog):
-    archive = tmp_path / "archive.jsonl"
+def test_one_lock_per_archive_file_whatever_path_reaches_it(tmp_path, link):
+    archive, done = tmp_path / "archive.jsonl", tmp_path / "done"
     archive.write_text("")
     other = tmp_path / "elsewhere" / "same.jsonl"
     other.parent.mkdir()
@@ -73,14 +73,12 @@ def test_one_lock_per_archive_file_whatever_path_reaches_it(tmp_path, link, capl
     else:
         other = Path(os.path.relpath(archive, Path.cwd()).replace("/", "/./"))
     identity = hold_archive(archive)
-    child = multiprocessing.get_context("spawn").Process(
-        target=_hold_then_report, args=(str(other), str(tmp_path / "done"))
-    )
+    child = multiprocessing.get_context("spawn").Process(target=_hold_then_report, args=(str(other), str(done)))
     child.start()
     try:
-        child.join(timeout=3)
-        assert child.is_alive() and not (tmp_path / "done").exists(), "a second generator got the archive"
+        child.join(timeout=2)
+        assert child.is_alive() and not done.exists(), "a second generator got the archive"
     finally:
         let_go_of_archive(identity)
         child.join()
-    assert child.exitcode == 0 and (tmp_path / "done").read_text() == "held"
+    assert child.exitcode == 0 and done.read_text() == "held"
