@@ -130,3 +130,95 @@ def test_an_echoed_key_reaches_no_part_of_the_archive(server, tmp_path):
     assert all(r.status == "failed" and r.error.startswith("http_400") for r in results)
     text = archive.read_text()
     assert not [API_KEY[i : i + 8] for i in range(len(API_KEY) - 7) if API_KEY[i : i + 8] in text]
+
+
+# -- what an earlier run left -------------------------------------------------------------------
+class Killed(Exception):
+    """Stands for a kill -9 at a chosen point."""
+
+
+def _crash_while_its_batch_runs(server, archive, batch) -> None:
+    first = LLMClient(live_settings(server, archive, mode="batch"))
+
+    async def crash():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(first.run_async(batch), timeout=0.3)
+
+    asyncio.run(crash())
+    assert _batches_created(server) == 1 and len(BatchJournal(archive).entries) == 1
+
+
+def _nothing_left(server, archive) -> bool:
+    return server.files == {} and BatchJournal(archive).entries == {}
+
+
+def test_a_rerun_with_other_prompts_cancels_the_earlier_batch_and_keeps_what_it_answered(server, tmp_path):
+    archive, original = tmp_path / "a.jsonl", requests(6)
+    server.batch_delay_s = 6.0  # a line a second
+    _crash_while_its_batch_runs(server, archive, original)
+    server.wait_for(lambda s: sum(next(iter(s.batches.values()))["delivered"].values()) >= 2)
+
+    other = LLMClient(live_settings(server, archive, mode="batch"))
+    assert all(r.ok for r in other.run(requests(3, prefix="changed prompt")))
+    earlier = next(iter(server.batches.values()))
+    assert earlier["public"]["status"] == "cancelled" and _nothing_left(server, archive)
+    answered = sum(earlier["delivered"].values())
+    assert 0 < answered < 6 and len(Archive(archive)) == answered + 3  # its answers are archived
+
+    again = LLMClient(live_settings(server, archive))  # online, asking the first prompts again
+    assert all(r.ok for r in again.run(original)) and again.stats["archived"] == answered
+    assert max(server.delivered().values()) == 1 and len(server.delivered()) == 9, "a request paid twice"
+
+
+def test_an_online_rerun_finishes_the_crashed_runs_batch_and_sends_only_what_it_did_not_answer(server, tmp_path):
+    archive, batch = tmp_path / "a.jsonl", requests(5)
+    server.batch_delay_s = 1.5
+    _crash_while_its_batch_runs(server, archive, batch)
+
+    online = LLMClient(live_settings(server, archive))
+    assert all(r.ok for r in online.run(batch))
+    assert _nothing_left(server, archive) and _batches_created(server) == 1
+    assert max(server.delivered().values()) == 1 and len(server.delivered()) == 5
+    assert online.stats["archived"] + len(server.chat_requests()) == 5
+
+
+def test_an_upload_whose_batch_was_never_journaled_is_found_and_collected(server, tmp_path, monkeypatch):
+    archive, batch = tmp_path / "a.jsonl", requests(4)
+
+    def killed(*args):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BatchJournal, "submitted", killed)  # killed after batches.create, before the journal
+        with pytest.raises(Killed):
+            LLMClient(live_settings(server, archive, mode="batch")).run(batch)
+    assert _batches_created(server) == 1 and "batch_id" not in next(iter(BatchJournal(archive).entries.values()))
+
+    rerun = LLMClient(live_settings(server, archive, mode="batch"))
+    assert all(r.ok for r in rerun.run(batch))
+    assert _batches_created(server) == 1 and _nothing_left(server, archive)
+    assert max(server.delivered().values()) == 1 and rerun.stats["usage"]["billed_responses"] == 4
+
+
+def test_a_batch_collected_twice_is_paid_once_and_its_files_go_at_the_next_run(server, tmp_path, monkeypatch):
+    archive, batch = tmp_path / "a.jsonl", requests(4)
+
+    def killed(*args):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BatchJournal, "collected", killed)  # killed after archiving, before the journal said so
+        with pytest.raises(Killed):
+            LLMClient(live_settings(server, archive, mode="batch")).run(batch)
+    paid = sum(1 for line in archive.read_text().splitlines() if json.loads(line)["result"]["usage"])
+    assert paid == 4 and server.files
+
+    server.fail_route("DELETE", "/files/.*", times=None)  # and the next run cannot delete its files
+    with pytest.raises(ProviderError, match="DELETE"):
+        LLMClient(live_settings(server, archive, mode="batch", max_attempts=1)).run(batch)
+    server.fail_route("DELETE", "/files/.*", times=0)
+
+    rerun = LLMClient(live_settings(server, archive, mode="batch"))
+    assert all(r.ok for r in rerun.run(batch)) and rerun.stats["archived"] == 4
+    assert len(archive.read_text().splitlines()) == 4, "the lines archived before the kill were archived again"
+    assert _batches_created(server) == 1 and _nothing_left(server, archive)

@@ -8,13 +8,13 @@ online responses, so online, batch and replay runs are interchangeable. Unusable
 in a further batch until `llm.max_attempts`, then recorded as failed.
 
 A journal next to the archive (`<archive>.batches.jsonl`) records each input file once it is
-uploaded, its batch once created, its collection and the deletion of its files. A run first
-finishes whatever an earlier one left there (killed, crashed, or run online since): a batch that
-holds requests this run still wants is waited for, any other is cancelled; either way every line
-it answered is archived, whether or not this run wants it (the requests this run does not hold
-are rebuilt from the batch's input file), so no answered request is paid for twice, and then its
-files are deleted. Only then is anything new submitted, so the budget counts what those batches
-cost. Batch input files hold the prompts, that is the notes: they are deleted after collecting
+uploaded, its batch once created, its collection and the deletion of its files. A client first
+finishes whatever an earlier run left there (killed, crashed): a batch that holds requests a
+batch-mode run still wants is waited for, any other (any at all, for an online run) is
+cancelled; either way every line it answered is archived, whether or not this run wants it (the
+requests this run does not hold are rebuilt from the batch's input file), so no answered request
+is paid for twice, and then its files are deleted. Only then is anything new sent, so the budget
+counts what those batches cost. Batch input files hold the prompts, that is the notes: they are deleted after collecting
 (`llm.batch_delete_files`), at once when the batch cannot be created, and, named after their
 archive, also when an earlier run uploaded one and died before the journal said so.
 
@@ -130,7 +130,6 @@ class BatchRunner:
         self.weights = weights
         self.todo = todo = {r.key: r for r in requests}
         self.attempts = dict.fromkeys(todo, 0)
-        await self.finish_earlier()
         if self.journal.path is not None and self.settings.batch_delete_files:
             await self._remove_unjournaled_inputs()
         while todo and not self.client._budget_hit:
@@ -150,25 +149,25 @@ class BatchRunner:
             self._give_up()
         return [self.results.get(r.key) for r in requests]
 
-    async def finish_earlier(self) -> None:
+    async def finish_earlier(self, wanted: list[ChatRequest]) -> None:
         """Finish every batch and file an earlier run left in the journal: wait for a batch that
-        holds requests this run wants (none, for an online run), cancel any other; archive every
-        line they answered; delete their files."""
-        if self.journal.entries:
-            log.info("finishing %d batch input file(s) an earlier run left", len(self.journal.entries))
+        holds `wanted` requests, cancel any other; archive every line they answered, whether
+        wanted or not; delete their files."""
+        self.todo = {r.key: r for r in wanted}
+        self.attempts = dict.fromkeys(self.todo, 0)
+        log.info("finishing %d batch input file(s) an earlier run left", len(self.journal.entries))
         for input_file_id, entry in list(self.journal.entries.items()):
             if "batch_id" not in entry and not await self._adopt(input_file_id):
                 await self._clean(input_file_id, [input_file_id])
                 continue
             await self._finish(input_file_id, cancel=not set(entry["keys"]) & self.todo.keys())
-        self._give_up()
 
     def _give_up(self) -> None:
         for key in [k for k in self.todo if self.attempts[k] >= self.settings.max_attempts]:
             kind, error = self.last_error.get(key, ("batch_missing", "not returned by the batch"))
             failed = self.client.record_failure(self.todo.pop(key), kind, error, self.attempts[key], time.time())
             self.results[key] = failed
-            self.client._advance(self.weights.get(key, 1))
+            self.client._advance(self.weights[key])
 
     def _line(self, request: ChatRequest) -> bytes:
         line = {
@@ -451,7 +450,7 @@ class BatchRunner:
         if wanted and usable:
             self.results[key] = record
             del self.todo[key]
-            self.client._advance(self.weights.get(key, 1))
+            self.client._advance(self.weights.get(key, 0))  # none while finishing an earlier run's
         elif wanted:
             self.last_error[key] = (f"finish_{result.finish_reason}", f"finish_reason={result.finish_reason}")
         return key

@@ -532,8 +532,8 @@ class LLMClient:
 
     async def _run(self, requests: list[ChatRequest]) -> list[ChatResult]:
         replay = self.settings.backend == "replay"
-        if self.settings.mode == "online" and not replay and not self._earlier_batches_finished:
-            await self._finish_earlier_batches()
+        if not replay and not self._earlier_batches_finished:
+            await self._finish_earlier_batches(requests)
         results: list[ChatResult | None] = [None] * len(requests)
         pending: dict[str, list[int]] = {}  # one send per distinct request, however often it appears
         for i, request in enumerate(requests):
@@ -565,15 +565,18 @@ class LLMClient:
             )
         return results
 
-    async def _finish_earlier_batches(self) -> None:
-        """Before an online run sends anything: batches an earlier batch-mode run left in the
-        journal are cancelled, what they answered is archived and their files deleted (batch.py),
-        so that no request their batches answered is paid for again."""
+    async def _finish_earlier_batches(self, requests: list[ChatRequest]) -> None:
+        """Before the client's first request goes out: batches an earlier run left in the journal
+        are finished (batch.py), waited for if they hold `requests` not yet answered and this run is
+        in batch mode, else cancelled; what they answered is archived and their files deleted, so
+        that no request a batch answered is paid for again."""
         from asclepius_r.llm.batch import BatchJournal, BatchRunner
 
         self._earlier_batches_finished = True
-        if self.archive.path is not None and BatchJournal(self.archive.path).entries:
-            await BatchRunner(self).finish_earlier()
+        if self.archive.path is None or not BatchJournal(self.archive.path).entries:
+            return
+        batch = self.settings.mode == "batch"
+        await BatchRunner(self).finish_earlier([r for r in requests if batch and self.archive.get(r) is None])
 
     async def _run_online(self, requests: list[ChatRequest], weights: dict[str, int]) -> list[ChatResult | None]:
         if self._limiter is None:  # one for the client's life: pacing carries over from run to run
