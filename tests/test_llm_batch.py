@@ -10,9 +10,8 @@ import logging
 
 import pytest
 
-from asclepius_r.llm import Archive, LLMClient
+from asclepius_r.llm import Archive, LLMClient, ProviderError
 from asclepius_r.llm.batch import BatchJournal
-from asclepius_r.llm.client import ProviderError
 from tests.llm_fixtures import API_KEY, live_settings, requests, server  # noqa: F401 (fixture)
 
 

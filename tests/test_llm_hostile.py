@@ -18,8 +18,7 @@ import yaml
 
 from asclepius_r.evaluate.judge import JudgeSettings, judge_client, run_judge_stage
 from asclepius_r.files import write_jsonl
-from asclepius_r.llm import LLMClient
-from asclepius_r.llm.client import ProviderError
+from asclepius_r.llm import LLMClient, ProviderError
 from support.openai_server import OpenAIServer
 from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, requests
 from tests.test_instructions_engine import write_notes

@@ -34,6 +34,11 @@ class ReplayMissError(UserError, LookupError):
     """`backend: replay` met a request that the archive does not hold."""
 
 
+class ProviderError(UserError, RuntimeError):
+    """The LLM service failed in a way the client's retries did not fix. The message says how
+    (redact.describe_error), never what the service sent back."""
+
+
 class RetryableError(Exception):
     """A failure worth another attempt; `retry_after` is the server's hint in seconds.
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from asclepius_r.llm.archive import ChatRequest, append_line, damaged, read_records
-from asclepius_r.llm.backends import MalformedReply, RetryableError, parse_json, parse_reply
+from asclepius_r.llm.backends import MalformedReply, ProviderError, RetryableError, parse_json, parse_reply
 from asclepius_r.llm.guard import REPLY_MAX_BYTES, refusal
 from asclepius_r.llm.redact import is_name
 
@@ -196,17 +196,23 @@ class BatchRunner:
             yield chunk
 
     # -- the calls -----------------------------------------------------------------------------
-    async def _call(self, make_call):
-        """One files/batches API call, retried on transient errors like chat requests are; what
-        still fails leaves through the client's exit (ProviderError)."""
+    async def _call(self, make_call, deadline: bool = True):
+        """One files/batches API call, retried on transient errors like chat requests are, each
+        attempt within `llm.timeout_s` in all unless it is a download (`deadline`); what still
+        fails leaves through the client's exit (ProviderError)."""
         openai = self.backend.openai
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
-                return await make_call()
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as err:
+                async with asyncio.timeout(self.settings.timeout_s if deadline else None):
+                    return await make_call()
+            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError, TimeoutError) as err:
                 if refusal(err):
                     raise refusal(err) from None
                 if attempt == self.settings.max_attempts:
+                    if isinstance(err, TimeoutError):
+                        raise ProviderError(
+                            f"the Batch API did not answer within llm.timeout_s, {attempt} times"
+                        ) from None
                     raise
                 log.warning("batch API call failed (%s); retrying", type(err).__name__)
                 await asyncio.sleep(self.client.backoff(attempt, None))
@@ -230,9 +236,7 @@ class BatchRunner:
         return value
 
     @staticmethod
-    def _unusable(what: str, how: str):
-        from asclepius_r.llm.client import ProviderError
-
+    def _unusable(what: str, how: str) -> ProviderError:
         return ProviderError(f"the Batch API's reply to {what} {how}; stopping rather than guessing")
 
     async def _listing(self, resource, what: str, **params) -> list[dict]:
@@ -269,7 +273,7 @@ class BatchRunner:
                         raise self._unusable("files.content", "has a line or lines beyond what its batch can hold")
             return lines + ([bytes(pending)] if pending.strip() else [])
 
-        return await self._call(download)
+        return await self._call(download, deadline=False)
 
     # -- submitting ----------------------------------------------------------------------------
     async def _submit(self, chunk: list[tuple[ChatRequest, bytes]]) -> str:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from asclepius_r.config import ConfigError
 from asclepius_r.errors import UserError
 from asclepius_r.llm.archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
-from asclepius_r.llm.backends import FatalError, ReplayMissError, RetryableError, make_backend
+from asclepius_r.llm.backends import FatalError, ProviderError, ReplayMissError, RetryableError, make_backend
 from asclepius_r.llm.guard import ReplyRefused, check_endpoint
 from asclepius_r.llm.redact import Redactor, describe_error
 
@@ -145,11 +145,6 @@ ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 class BudgetExceededError(UserError, RuntimeError):
     """The next request would cross `llm.budget_usd`."""
-
-
-class ProviderError(UserError, RuntimeError):
-    """The LLM service failed in a way the client's retries did not fix. The message says how
-    (redact.describe_error), never what the service sent back."""
 
 
 def estimate_tokens(request: ChatRequest) -> int:
@@ -452,6 +447,7 @@ class LLMClient:
                 "prompt_tokens": counts["prompt_tokens"],
                 "completion_tokens": counts["completion_tokens"],
                 "billed_responses": counts["billed_responses"],
+                "billed_at_worst_case": counts["billed_at_worst_case"],
             },
             "cost_usd": round(self.cost_usd, 6),
         }

@@ -112,6 +112,10 @@ def describe_error(err: BaseException) -> str:
     failure. Never the error's message or body, which may echo the request."""
     import openai
 
+    from asclepius_r.llm.guard import ReplyRefused
+
+    if isinstance(err, ReplyRefused):  # its message is the client's own
+        return str(err)
     request = getattr(err, "request", None)
     where = f" ({request.method} {request.url.path})" if request is not None else ""
     if isinstance(err, openai.APIStatusError):
