@@ -300,9 +300,10 @@ class BatchRunner:
         except BaseException:
             # No batch will read it (or none this run can name): the notes in it go now, or at the
             # next run (the journal still lists the upload) if deleting fails too.
-            with contextlib.suppress(Exception):
-                if is_name(batch.get("id")):
+            if is_name(batch.get("id")):
+                with contextlib.suppress(Exception):
                     await self._call(lambda: self.api.batches.with_raw_response.cancel(batch["id"]))
+            with contextlib.suppress(Exception):
                 await self._clean(input_file_id, [input_file_id])
             raise
         self.journal.submitted(input_file_id, batch_id)

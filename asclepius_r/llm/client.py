@@ -393,7 +393,9 @@ class LLMClient:
         self.counts["billed_responses"] += 1
         self.counts["billed_at_worst_case"] += result.usage_estimated
 
-    def charge_unanswered(self, request: ChatRequest, err: RetryableError, attempts: int, batch: bool = False):
+    def charge_unanswered(
+        self, request: ChatRequest, err: RetryableError, attempts: int, batch: bool = False
+    ) -> ChatResult:
         """The record of an attempt that may have been billed without a usable answer: charged at
         the usage its reply reported, or at the request's worst case (a timeout, no usage)."""
         result = ChatResult(
@@ -629,7 +631,7 @@ class LLMClient:
                 self.release(worst)
             limiter.observe_headers(headers)
             if not result.usage_estimated:
-                limiter.correct(estimate, sum(result.usage.values()))
+                limiter.correct(estimate, sum(result.usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens")))
             result.attempts, result.started = attempts, started
             record, usable = self._settled(request, result)
             await self._archive(request, record)
