@@ -6,6 +6,7 @@ a note belongs (the archive's requests, the dataset's note column)."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import logging
@@ -19,8 +20,9 @@ import yaml
 from asclepius_r.evaluate.judge import JudgeSettings, judge_client, run_judge_stage
 from asclepius_r.files import write_jsonl
 from asclepius_r.llm import LLMClient, ProviderError
+from asclepius_r.llm.redact import Redactor
 from support.openai_server import OpenAIServer
-from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, requests
+from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, requests, server  # noqa: F401 (fixture)
 from tests.test_instructions_engine import write_notes
 from tests.test_instructions_kill import REPO, stage_command, write_config
 
@@ -151,3 +153,20 @@ def test_ids_that_carry_the_key_stop_a_batch_run_and_reach_no_file(tmp_path, mon
         assert server.files == {} and server.batches == {}, "the upload holding the notes was deleted"
     assert not [f for f in key_fragments() if f.decode() in str(stopped.value)]
     assert assert_nothing_leaked(tmp_path, [archive]) >= 1
+
+
+def test_the_redaction_removes_the_key_and_url_credentials_in_every_form_they_are_sent(server, tmp_path):
+    password, token = "pr0xy-passw0rd", "t0ken-in-the-url"
+    settings = live_settings(
+        server,
+        None,
+        proxy=f"http://bob:{password}@proxy.cluster:3128",
+        approved_endpoints=[server.url, f"https://gw.example/v1?api-version=2024-10-21&access_token={token}"],
+    )
+    redact = Redactor.for_settings(settings, API_KEY)
+    basic = base64.b64encode(f"bob:{password}".encode()).decode()
+    echoed = f"Bearer {API_KEY}; Proxy-Authorization: Basic {basic}; {password}; token={token}; 2024-10-21"
+    kept = redact(echoed)
+    assert not [s for s in (API_KEY, basic, password, token) if s in kept]
+    assert kept.endswith("2024-10-21"), "a value that is not a credential stays"
+    assert redact.value({"id": [echoed]}) == {"id": [kept]}

@@ -26,6 +26,9 @@ URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,199}")
 # Shorter values are not treated as secrets: replacing them would mangle ordinary text.
 MIN_SECRET_CHARS = 6
+# Query parameters that carry credentials (api-key, access_token, sig, ...); the values of others
+# (api-version=2024-10-21) are not secrets to replace in an answer's text.
+CREDENTIAL_PARAMETER = re.compile(r"key|token|sig|secret|pass|auth|cred|session|code", re.IGNORECASE)
 
 
 def is_name(value) -> bool:
@@ -61,7 +64,7 @@ def redact_config(value):
 
 def url_secrets(url: str | None) -> list[str]:
     """The credentials a URL carries: its user information (as written, decoded and in HTTP Basic
-    form) and its query values."""
+    form) and the values of its credential parameters."""
     if not url:
         return []
     parts = urlsplit(url)
@@ -71,7 +74,9 @@ def url_secrets(url: str | None) -> list[str]:
         user, _, password = userinfo.partition(":")
         plain = f"{unquote(user)}:{unquote(password)}"
         found += [userinfo, password, unquote(password), base64.b64encode(plain.encode()).decode()]
-    found += [value for _, sep, value in (p.partition("=") for p in parts.query.split("&")) if sep]
+    for name, sep, value in (p.partition("=") for p in parts.query.split("&")):
+        if sep and CREDENTIAL_PARAMETER.search(name):
+            found += [value, unquote(value)]
     return found
 
 
