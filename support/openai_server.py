@@ -14,7 +14,7 @@ so the SDK's own HTTP stack is exercised for real, with no interception.
 
 Faults (`add_fault(kind, ...)`), each applied to chat requests whose prompt contains `match`
 (any when None), `times` times (unlimited when None), with `probability` (seeded):
-  rate_limit      429 with Retry-After (`retry_after` seconds)
+  rate_limit      429 with Retry-After (`retry_after` seconds; None: none), and `headers`
   server_error    500 (`status` to change the code)
   http_error      any status (`status`) with a JSON error `body`; `echo_request` puts the
                   request's Authorization header and prompt into the body, as a careless proxy would
@@ -24,7 +24,18 @@ Faults (`add_fault(kind, ...)`), each applied to chat requests whose prompt cont
   length          a completion cut short: finish_reason "length"
   content_filter  finish_reason "content_filter" and no content
   redirect        307 to `location` (another server), as a hijacked or misconfigured gateway would
+  reply           200 with `body`: bytes sent as they are, a JSON value, or a function of the
+                  reply the server would have sent (to lie about usage, nest, reshape); `headers`
+                  are added (e.g. Content-Encoding: gzip over a bomb)
+  trickle         sends the reply one byte every `stall_s` seconds (no read ever times out)
 Faults apply to the requests inside batches too (as per-line errors or finish reasons).
+
+`hostile=True` is a server, or a proxy in front of one, that echoes what it was sent: the
+request's Authorization header and its prompt (the note) go into every field of every reply and
+error body that a client does not need to read the answer (ids, fingerprints, model, object,
+refusal, logprobs, extra fields, error message, type, code and param, batch and file objects,
+batch output lines), into response headers and the HTTP reason phrase; the key also goes into
+the answer itself. `ids_echo_key=True` puts the key into file and batch ids too.
 
 `latency_sigma` makes the latency log-normal: `latency_s` is then the median, each request's
 delay is drawn from the seeded generator (so `seed` changes the pattern) and capped at
@@ -63,6 +74,8 @@ FAULT_KINDS = (
     "length",
     "content_filter",
     "redirect",
+    "reply",
+    "trickle",
 )
 
 
@@ -96,6 +109,8 @@ class Fault:
     echo_request: bool = False
     message: str = "request rejected"
     location: str | None = None
+    body: object = None
+    headers: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in FAULT_KINDS:
@@ -175,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
                 entry.body, entry.identity = body, request_identity(body)
                 status, headers, payload = owner._chat(body, entry)
             elif method == "POST" and path == "/files":
-                status, headers, payload = owner._upload(self.headers.get("Content-Type", ""), raw)
+                status, headers, payload = owner._upload(self.headers.get("Content-Type", ""), raw, entry.authorization)
             elif method == "GET" and re.fullmatch(r"/files/[^/]+/content", path):
                 status, headers, payload = owner._file_content(path.split("/")[2])
             elif method == "GET" and re.fullmatch(r"/files/[^/]+", path):
@@ -183,7 +198,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "DELETE" and re.fullmatch(r"/files/[^/]+", path):
                 status, headers, payload = owner._file_delete(path.split("/")[2])
             elif method == "GET" and path == "/files":
-                status, headers, payload = owner._file_list(params.get("purpose"))
+                status, headers, payload = owner._file_list(params.get("purpose"), params.get("after"))
+            elif method == "GET" and path == "/batches":
+                status, headers, payload = owner._batch_list(params.get("after"))
             elif method == "POST" and path == "/batches":
                 status, headers, payload = owner._batch_create(json.loads(raw), entry.authorization)
             elif method == "GET" and re.fullmatch(r"/batches/[^/]+", path):
@@ -199,15 +216,27 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if entry.outcome == "pending":
             entry.outcome = "ok" if status == 200 else f"http_{status}"
+        if owner.hostile and not isinstance(payload, bytes):
+            payload = owner._plant(payload, entry.authorization)
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        echo = owner._echo_header(entry.authorization)
+        if echo:
+            headers.update({"x-request-id": echo, "openai-organization": echo, "x-echo": echo})
+        trickle_s = headers.pop("x-trickle-s", None)
         try:
-            self.send_response(status)
+            self.send_response(status, echo or None)
             self.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
             for name, value in headers.items():
                 self.send_header(name, str(value))
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if trickle_s is None:
+                self.wfile.write(data)
+            for byte in data if trickle_s is not None else b"":
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if owner._stopping.wait(trickle_s):
+                    break
             entry.answered = time.time()
         except (BrokenPipeError, ConnectionResetError):
             entry.outcome = f"{entry.outcome}_undelivered"
@@ -228,6 +257,13 @@ def _error(message: str, kind: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": kind, "code": None}}
 
 
+def _page(items: list[dict], after: str | None, limit: int = 20) -> dict:
+    """One page of a list, after the item whose id is `after`, as the API pages them."""
+    ids = [item["id"] for item in items]
+    start = ids.index(after) + 1 if after in ids else 0
+    return {"object": "list", "data": items[start : start + limit], "has_more": start + limit < len(items)}
+
+
 class OpenAIServer:
     """The server. `url` is the OpenAI base URL, `endpoint` the Azure endpoint (same server)."""
 
@@ -242,6 +278,8 @@ class OpenAIServer:
         seed: int = 0,
         batch_delay_s: float = 0.0,
         chars_per_token: int = 4,
+        hostile: bool = False,
+        ids_echo_key: bool = False,
     ):
         self.latency_s = latency_s
         self.latency_sigma = latency_sigma
@@ -251,6 +289,9 @@ class OpenAIServer:
         self.rpm_window_s = rpm_window_s
         self.batch_delay_s = batch_delay_s
         self.chars_per_token = chars_per_token  # how the server bills: fewer characters per token cost more
+        self.hostile = hostile
+        self.ids_echo_key = ids_echo_key
+        self.last_prompt = ""  # what a hostile server echoes where a reply has no prompt of its own
         self.faults: list[Fault] = []
         self.requests: list[LoggedRequest] = []
         self.files: dict[str, dict] = {}
@@ -368,6 +409,38 @@ class OpenAIServer:
         with self._lock:
             return Counter(r.outcome for r in self.requests if r.path == "/chat/completions")
 
+    # -- a hostile server ------------------------------------------------------------------
+    def _echo(self, authorization: str | None, prompt: str | None = None) -> str:
+        return f"{authorization} {self.last_prompt if prompt is None else prompt}"
+
+    def _echo_header(self, authorization: str | None) -> str | None:
+        """The echo as one line of header-safe text, or None when the server is not hostile."""
+        if not self.hostile:
+            return None
+        return " ".join(self._echo(authorization).split()).encode("ascii", "replace").decode()[:2000]
+
+    def _plant(self, payload, authorization: str | None):
+        """`payload` with the echo in every field a client does not need, recursively."""
+        echo = self._echo(authorization)
+        if isinstance(payload, list):
+            return [self._plant(item, authorization) for item in payload]
+        if not isinstance(payload, dict):
+            return payload
+        planted = {key: self._plant(value, authorization) for key, value in payload.items()}
+        planted["echo"] = echo
+        if isinstance(payload.get("error"), dict):
+            planted["error"] = {"message": echo, "type": echo, "code": authorization, "param": echo}
+        if payload.get("object") == "batch":
+            planted["errors"] = {"object": "list", "data": [{"message": echo, "code": authorization}]}
+            planted["metadata"] = {"echo": echo}
+        if payload.get("object") == "file":
+            planted["status_details"] = echo
+        return planted
+
+    def _new_id(self, prefix: str, authorization: str | None) -> str:
+        token = (authorization or "").removeprefix("Bearer ")
+        return f"{prefix}{token}-{uuid.uuid4().hex[:16]}" if self.ids_echo_key else f"{prefix}{uuid.uuid4().hex[:16]}"
+
     # -- chat completions ------------------------------------------------------------------
     def _pick_fault(self, body: dict) -> Fault | None:
         prompt = prompt_text(body)
@@ -420,6 +493,7 @@ class OpenAIServer:
                 raise _Abandon()
 
     def _chat(self, body: dict, entry: LoggedRequest) -> tuple[int, dict, object]:
+        self.last_prompt = prompt_text(body)
         entry.outcome = "held"
         self._wait_if_held()
         entry.outcome = "pending"
@@ -436,8 +510,13 @@ class OpenAIServer:
         if fault is not None and fault.kind == "redirect":
             headers["Location"] = fault.location
         if fault is not None and fault.kind == "rate_limit":
-            headers["retry-after"] = f"{fault.retry_after:g}"
+            if fault.retry_after is not None:
+                headers["retry-after"] = f"{fault.retry_after:g}"
             headers["x-ratelimit-remaining-requests"] = 0
+        if fault is not None:
+            headers.update(fault.headers)
+        if fault is not None and fault.kind == "trickle":
+            headers["x-trickle-s"] = fault.stall_s
         return status, headers, payload
 
     def _complete(self, body: dict, fault: Fault | None, authorization: str | None) -> tuple[int, object]:
@@ -459,6 +538,8 @@ class OpenAIServer:
         if kind == "malformed":
             return 200, b'{"id": "chatcmpl-broken", "choices": [{"message": '
         text = self.responder(body)
+        if self.hostile:
+            text += f" {authorization}"
         finish = "stop"
         if kind == "length":
             text, finish = text[: max(1, len(text) // 3)], "length"
@@ -481,10 +562,19 @@ class OpenAIServer:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+        if self.hostile:
+            echo = self._echo(authorization, prompt_text(body))
+            payload.update(id=echo, object=echo, model=echo, system_fingerprint=echo, service_tier=echo)
+            for choice in payload["choices"]:
+                choice["message"]["refusal"] = echo
+                choice["logprobs"] = {"content": [{"token": echo, "logprob": 0.0}]}
+            payload["usage"]["prompt_tokens_details"] = {"echo": echo}
+        if kind == "reply":
+            return 200, fault.body(payload) if callable(fault.body) else fault.body
         return 200, payload
 
     # -- files -----------------------------------------------------------------------------
-    def _upload(self, content_type: str, raw: bytes) -> tuple[int, dict, object]:
+    def _upload(self, content_type: str, raw: bytes, authorization: str | None) -> tuple[int, dict, object]:
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
             b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
         )
@@ -496,11 +586,14 @@ class OpenAIServer:
                 filename = part.get_filename() or filename
             else:
                 fields[name] = part.get_content().strip()
-        return 200, {}, self._store_file(content, filename, fields.get("purpose", "batch"))
+        first = content.split(b"\n", 1)[0]
+        if first.strip().startswith(b"{"):
+            self.last_prompt = prompt_text(json.loads(first).get("body", {}))
+        return 200, {}, self._store_file(content, filename, fields.get("purpose", "batch"), authorization)
 
-    def _store_file(self, content: bytes, filename: str, purpose: str) -> dict:
+    def _store_file(self, content: bytes, filename: str, purpose: str, authorization: str | None = None) -> dict:
         info = {
-            "id": f"file-{uuid.uuid4().hex[:16]}",
+            "id": self._new_id("file-", authorization),
             "object": "file",
             "bytes": len(content),
             "created_at": int(time.time()),
@@ -517,10 +610,15 @@ class OpenAIServer:
             stored = self.files.get(file_id)
         return (200, {}, stored["info"]) if stored else (404, {}, _error(f"no file {file_id}"))
 
-    def _file_list(self, purpose: str | None):
+    def _file_list(self, purpose: str | None, after: str | None):
         with self._lock:
             infos = [f["info"] for f in self.files.values() if purpose in (None, f["info"]["purpose"])]
-        return 200, {}, {"object": "list", "data": infos, "has_more": False}
+        return 200, {}, _page(infos, after)
+
+    def _batch_list(self, after: str | None):
+        with self._lock:
+            public = [dict(state["public"]) for state in self.batches.values()]
+        return 200, {}, _page(public, after)
 
     def _file_content(self, file_id: str):
         with self._lock:
@@ -545,7 +643,7 @@ class OpenAIServer:
         if stored is None:
             return 400, {}, _error(f"no input file {body.get('input_file_id')}")
         batch = {
-            "id": f"batch_{uuid.uuid4().hex[:16]}",
+            "id": self._new_id("batch_", authorization),
             "object": "batch",
             "endpoint": body["endpoint"],
             "input_file_id": body["input_file_id"],
@@ -580,7 +678,7 @@ class OpenAIServer:
             if fault is not None and fault.kind == "stall":
                 fault = None  # a batch has no per-request timeout
             status, payload = self._complete(body, fault, authorization)
-            if not isinstance(payload, dict):
+            if isinstance(payload, bytes):  # a batch line is JSON: an unparsable body is the server's error
                 payload = {"error": {"message": "malformed output", "type": "server_error"}}
                 status = 500
             record = {
@@ -589,11 +687,19 @@ class OpenAIServer:
                 "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": payload},
                 "error": None,
             }
+            if self.hostile:
+                echo = self._echo(authorization, prompt_text(body))
+                record.update(id=echo, echo=echo)
+                record["response"]["request_id"] = echo
+                if status != 200:
+                    record["error"] = {"message": echo, "code": authorization}
+                    payload["error"] = {"message": echo, "type": echo, "code": authorization, "param": echo}
             if status == 200:
                 outputs.append(record)
                 batch["request_counts"]["completed"] += 1
-                finish = (payload.get("choices") or [{}])[0].get("finish_reason")
-                if finish == "stop":
+                choices = payload.get("choices") if isinstance(payload, dict) else None
+                choice = choices[0] if isinstance(choices, list) and choices else None
+                if isinstance(choice, dict) and choice.get("finish_reason") == "stop":
                     state["delivered"][request_identity(body)] += 1
             else:
                 errors.append(record)
@@ -601,11 +707,17 @@ class OpenAIServer:
         self._random.shuffle(outputs)  # results come back in any order
         if outputs:
             batch["output_file_id"] = self._store_file(
-                "".join(json.dumps(r) + "\n" for r in outputs).encode(), "batch_output.jsonl", "batch_output"
+                "".join(json.dumps(r) + "\n" for r in outputs).encode(),
+                "batch_output.jsonl",
+                "batch_output",
+                authorization,
             )["id"]
         if errors:
             batch["error_file_id"] = self._store_file(
-                "".join(json.dumps(r) + "\n" for r in errors).encode(), "batch_errors.jsonl", "batch_output"
+                "".join(json.dumps(r) + "\n" for r in errors).encode(),
+                "batch_errors.jsonl",
+                "batch_output",
+                authorization,
             )["id"]
         batch["status"] = "cancelled" if state["cancel"] else "completed"
         batch["completed_at"] = int(time.time())

@@ -1,9 +1,11 @@
 """Config validation: defaults filled in, every error names its key, the paper config says
-what to set, and both shipped configs are valid."""
+what to set, both shipped configs are valid, and a path pointed at the wrong file (a notes file)
+is named without quoting what it holds."""
 
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import yaml
 from asclepius_r import config as workflow_config
 from asclepius_r.evaluate.generation import Decoding
 from asclepius_r.evaluate.heldout import truncation_policy
+from asclepius_r.instructions.tasks import load_seed_questions
+from asclepius_r.notes.stage import NotePolicy
 from asclepius_r.train.settings import training_settings
 from tests.conftest import REPO, copy_workflow, run_snakemake
 from tests.notes_support import note, write_noteevents
@@ -151,3 +155,30 @@ def test_the_notes_stage_has_its_own_command_line(tmp_path):
     command += ["--config", str(tmp_path / "small.yaml"), "--noteevents", str(noteevents), "--out", str(tmp_path / "n")]
     subprocess.run(command, check=True, capture_output=True)
     assert json.loads((tmp_path / "n/stats.json").read_text())["kept_heldout"] >= 3
+
+
+NOTE_LINE = "Admission Date: [**2151-7-16**] Patient Okapi-Marker seen for chest pain."
+DATA_FILES = {
+    "NOTEEVENTS": (
+        "ROW_ID,SUBJECT_ID,HADM_ID,CHARTDATE,CHARTTIME,STORETIME,CATEGORY,DESCRIPTION,CGID,ISERROR,TEXT\n"
+        f'1,2,3,2151-7-20,,,Discharge summary,Report,,,"{NOTE_LINE}\n{NOTE_LINE}"\n'
+    ).encode(),
+    "a note alone": f"{NOTE_LINE}\n".encode(),
+    "ROW_IDs, then a note": f"12\n34\n{NOTE_LINE}\n".encode(),
+    "gzip": gzip.compress(NOTE_LINE.encode()),
+}
+
+
+@pytest.mark.parametrize("data", DATA_FILES.values(), ids=DATA_FILES.keys())
+def test_config_paths_pointed_at_a_data_file_never_quote_it(tmp_path, data):
+    wrong = tmp_path / "data.csv"
+    wrong.write_bytes(data)
+    config = workflow_config.resolve(merged(DEMO, {"notes": {"exclude_row_ids": str(wrong)}}), require_data=False)
+    with pytest.raises(ValueError, match="notes.exclude_row_ids") as excluded:
+        NotePolicy.from_config(config["notes"])
+    with pytest.raises(ValueError, match="data.csv") as seeds:
+        load_seed_questions(wrong)
+    for refused in (excluded, seeds):
+        message = str(refused.value)
+        assert str(wrong) in message and "\n" not in message
+        assert not [quoted for quoted in ("Okapi", "Admission", "SUBJECT_ID", "CHARTDATE") if quoted in message]

@@ -1,17 +1,25 @@
-"""The archive: a torn last line is ignored and cut off by the next append, other damage names
-the line, concurrent writers from several processes never interleave records, and its compact
-index holds every key and never answers one key with another's record."""
+"""The archive: a torn last line is ignored and cut off by the next append, other damage (any
+record this code did not write) is one line naming file and line, concurrent writers from several
+processes never interleave records, and its compact index holds every key and never answers one
+key with another's record."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import subprocess
 from types import SimpleNamespace
 
 import pytest
 
+from asclepius_r.errors import InputError
 from asclepius_r.llm import Archive, ChatRequest, ChatResult
 from asclepius_r.llm.digest_index import DigestIndex
+from support.openai_server import OpenAIServer
+from tests.llm_fixtures import API_KEY, KEY_ENV
+from tests.test_instructions_engine import synthetic_notes, write_notes
+from tests.test_instructions_kill import REPO, stage_command, write_config
 
 
 def request(i: int) -> ChatRequest:
@@ -103,3 +111,56 @@ def test_two_keys_sharing_the_index_slot_never_answer_for_each_other(tmp_path):
     archive.append(archived, ok(archived))
     assert archive.get(SimpleNamespace(key=twin)) is None  # get reads only the request's key
     assert archive.get(archived).text == ok(archived).text
+
+
+def _result(**changes):
+    return lambda record: {**record, "result": {**record["result"], **changes}}
+
+
+DAMAGE = {
+    "no result": lambda record: {k: v for k, v in record.items() if k != "result"},
+    "a key that is not hex": lambda record: {**record, "key": "not-a-sha256-" + "z" * 51},
+    "a JSON list": lambda record: [record],
+    "a JSON number": lambda record: 7,
+    "a line of NULs": b"\0" * 64,
+    "cut in the middle": b'{"key": "ab',
+    "an unknown status": _result(status="maybe"),
+    "answer text that is a number": _result(text=5),
+    "usage that is text": _result(usage="12 tokens"),
+    "negative usage": _result(usage={"prompt_tokens": -1, "completion_tokens": 3}),
+    "provider that is a list": _result(provider=["x"]),
+    "no request model": lambda record: {**record, "request": {"messages": []}},
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_damaged_record_is_one_line_naming_file_and_line(tmp_path, damage):
+    path = tmp_path / "archive.jsonl"
+    archive = Archive(path)
+    for i in range(3):
+        archive.append(request(i), ok(request(i)))
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = (damage if isinstance(damage, bytes) else json.dumps(damage(json.loads(lines[1]))).encode()) + b"\n"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(InputError) as damaged:
+        Archive(path)
+    message = str(damaged.value)
+    assert message.startswith(f"{path}:2: ") and "\n" not in message
+    assert "synthetic prompt" not in message, "the record's content is not quoted"
+
+
+def test_the_stage_reports_a_damaged_archive_in_one_log_line_without_a_traceback(tmp_path):
+    write_notes(tmp_path / "notes.parquet", synthetic_notes(2))
+    archive = tmp_path / "archive.jsonl"
+    archive.write_bytes(b"\0" * 100 + b"\n")
+    with OpenAIServer() as server:
+        config = write_config(tmp_path, server, archive)
+        env = {**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(REPO)}
+        done = subprocess.run(stage_command(tmp_path, config, "stage"), env=env, capture_output=True, text=True)
+        assert server.requests == []
+    log = (tmp_path / "stage.log").read_text()
+    assert done.returncode == 1 and "Traceback" not in log + done.stderr
+    assert [line for line in log.splitlines() if "ERROR" in line] == [
+        line for line in log.splitlines() if f"{archive}:1: not valid JSON" in line
+    ]
+    assert len([line for line in log.splitlines() if "ERROR" in line]) == 1

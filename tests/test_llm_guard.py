@@ -106,3 +106,16 @@ def test_a_key_pasted_into_api_key_env_is_refused_without_echoing_it(server, tmp
         LLMClient(live_settings(server, tmp_path / "a.jsonl", api_key_env=pasted))
     assert pasted not in str(refused.value) and pasted[:8] not in str(refused.value)
     assert server.requests == []
+
+
+def test_refusals_name_the_endpoint_without_the_credentials_in_its_url(server, rogue, tmp_path):
+    secret = "url-s3cret-0123456789"
+    cases = [
+        dict(base_url=f"{server.url}?api-key={secret}", approved_endpoints=[server.url]),
+        dict(proxy=f"http://bob:{secret}@127.0.0.1:{rogue.port}"),  # plain http through an unapproved proxy
+    ]
+    for overrides in cases:
+        with pytest.raises(UnapprovedEndpointError) as refused:
+            LLMClient(live_settings(server, tmp_path / "a.jsonl", **overrides))
+        assert secret not in str(refused.value) and "127.0.0.1" in str(refused.value)
+    assert server.requests == [] and rogue.requests == []

@@ -1,9 +1,11 @@
-"""The workflow archive: code, envs and config from an allow-list, never NOTEEVENTS or note text,
-even when NOTEEVENTS.csv (and results/) sit inside the working directory."""
+"""The workflow archive: code, envs and config from an allow-list, never NOTEEVENTS, note text or
+any MIMIC table (by its header, whatever its placeholders look like), even when NOTEEVENTS.csv
+(and results/) sit inside the working directory; and no URL credentials in the config copies."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import tarfile
 
 import pyarrow as pa
@@ -11,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asclepius_r.files import sha256_file
-from asclepius_r.release.folder import ReleaseError, build_workflow_archive
+from asclepius_r.release.folder import ReleaseError, build_workflow_archive, manifest
 from tests.conftest import copy_workflow
 
 MARKER = "Zebrafish-Syndrome-Marker"
@@ -130,3 +132,46 @@ def test_build_outputs_stay_out_of_the_archive(checkout, tmp_path):
     build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[])
     members = archive_members(tmp_path / "w.tar.gz")
     assert not [n for n in members if "_build" in n or n.endswith(".so")]
+
+
+MIMIC_TABLES = {
+    "NOTEEVENTS quoted, placeholders without digits": (
+        '"ROW_ID","SUBJECT_ID","HADM_ID","CHARTDATE","CHARTTIME","STORETIME","CATEGORY","DESCRIPTION","CGID",'
+        '"ISERROR","TEXT"\n1,2,3,2151-7-20,,,"Discharge summary","Report",,,"Seen by Dr. [Known lastname] today"\n'
+    ),
+    "an ID-and-date extract": "SUBJECT_ID,CHARTDATE\n249,2151-7-20\n",
+    "PATIENTS": '"ROW_ID","SUBJECT_ID","GENDER","DOB","DOD","DOD_HOSP","DOD_SSN","EXPIRE_FLAG"\n234,249,"F",,,,,0\n',
+    "D_ITEMS, a dictionary": "ROW_ID,ITEMID,LABEL,ABBREVIATION,DBSOURCE,LINKSTO\n1,2,x,y,carevue,chartevents\n",
+    "lower case, tab separated": "subject_id\thadm_id\tcharttime\n249\t100001\t2151-07-20\n",
+    "a pandas index column": ",SUBJECT_ID,HADM_ID\n0,249,100001\n",
+    "semicolons, BOM and CRLF": "\ufeffICUSTAY_ID;INTIME\r\n200001;2151-07-20\r\n",
+    "pipes inside YAML": "rows: |\n  ROW_ID|CGID|LABEL\n  1|2|RN\n",
+    "a one-column extract": "HADM_ID\n100001\n100002\n",
+    "a placeholder without a number": "Follow up with Dr. [**Last Name (NamePattern1) **] in clinic.\n",
+}
+
+
+@pytest.mark.parametrize("table", MIMIC_TABLES.values(), ids=MIMIC_TABLES.keys())
+@pytest.mark.parametrize("planted", ["envs/extra.yaml", "report/caption.rst"])
+def test_mimic_tables_are_refused_by_their_header_whatever_their_placeholders(checkout, tmp_path, table, planted):
+    (checkout / planted).write_text(table)
+    with pytest.raises(ReleaseError, match=planted.replace(".", r"\.")):
+        build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[])
+
+
+def test_the_config_copies_hold_no_url_credentials(checkout, tmp_path):
+    secrets = ("pr0xy-passw0rd", "k3y-in-the-url-1234")
+    config = {
+        "seed": 42,
+        "llm": {
+            "proxy": f"http://alice:{secrets[0]}@proxy.cluster:3128",
+            "base_url": f"https://llm.example/v1?api-key={secrets[1]}",
+            "approved_endpoints": [f"https://llm.example/v1?api-key={secrets[1]}"],
+        },
+    }
+    build_workflow_archive(tmp_path / "w.tar.gz", checkout, config, forbidden=[])
+    copy = archive_members(tmp_path / "w.tar.gz")["asclepius-r-workflow/release-config.yaml"].decode()
+    listed = json.dumps(manifest(config, checkout, {})["config"])
+    for text in (copy, listed):
+        assert not [secret for secret in secrets if secret in text]
+        assert "proxy.cluster:3128" in text and "llm.example/v1" in text  # the endpoints are still named

@@ -31,14 +31,21 @@ def draw_task(row_id: int, seed: int) -> str:
 
 
 def load_seed_questions(path: str | Path = DEFAULT_SEED_QUESTIONS) -> dict[str, list[str]]:
-    """Read `task<TAB>question` rows; every task needs at least three seeds."""
+    """Read `task<TAB>question` rows; every task needs at least three seeds. A wrong file (a
+    notes file, say) is named with its line number only: its content may be a note."""
     seeds: dict[str, list[str]] = defaultdict(list)
-    with open(path, encoding="utf-8", newline="") as rows:
-        for line_no, row in enumerate(csv.DictReader(rows, delimiter="\t"), start=2):
-            if row.get("task") not in TASKS or not (row.get("question") or "").strip():
-                raise InputError(f"{path}:{line_no}: expected a known task and a question, got {row}")
-            seeds[row["task"]].append(row["question"].strip())
+    expected = "a TSV with columns task and question, one of the known tasks a row (the line is not shown)"
+    try:
+        with open(path, encoding="utf-8", newline="") as rows:
+            reader = csv.DictReader(rows, delimiter="\t")
+            for row in reader:
+                task, question = row.get("task"), row.get("question")
+                if task not in TASKS or not isinstance(question, str) or not question.strip():
+                    raise InputError(f"{path}:{reader.line_num}: expected {expected}")
+                seeds[task].append(question.strip())
+    except (UnicodeDecodeError, csv.Error):
+        raise InputError(f"{path}: expected {expected}") from None
     short = [t for t in TASKS if len(seeds[t]) < 3]
     if short:
-        raise ValueError(f"{path}: tasks with fewer than 3 seed questions: {', '.join(short)}")
+        raise InputError(f"{path}: tasks with fewer than 3 seed questions: {', '.join(short)}")
     return dict(seeds)

@@ -3,11 +3,11 @@
 `archive` stores every request and response; `guard` refuses unapproved endpoints before a
 note is sent; `backends` talk to OpenAI, Azure OpenAI, any OpenAI-compatible server, or replay
 the archive; `client` runs many requests concurrently within rate limits and a budget; `batch` sends them
-through the Batch API instead.
+through the Batch API instead; `redact` decides what of a server's replies may leave the client.
 """
 
 from asclepius_r.llm.archive import Archive, ChatRequest, ChatResult
-from asclepius_r.llm.backends import ReplayMissError
+from asclepius_r.llm.backends import ProviderError, ReplayMissError
 from asclepius_r.llm.client import BudgetExceededError, LLMClient, LLMSettings
 from asclepius_r.llm.guard import UnapprovedEndpointError
 
@@ -18,6 +18,7 @@ __all__ = [
     "ChatResult",
     "LLMClient",
     "LLMSettings",
+    "ProviderError",
     "ReplayMissError",
     "UnapprovedEndpointError",
 ]

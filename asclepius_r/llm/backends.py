@@ -1,34 +1,73 @@
 """Backends that send one ChatRequest: OpenAI(-compatible), Azure OpenAI, and archive replay.
 
 All network backends use the openai SDK with its own retries switched off: retries, pacing
-and accounting belong to the client, which sees every attempt. Error messages kept from a
-response are stripped of the API key (a misconfigured proxy may echo it back); the client
-logs only their kind, never their text, because a server may also echo the note.
+and accounting belong to the client, which sees every attempt. A reply is checked field by
+field (`parse_reply`): whatever a server sends is either an answer or a malformed reply, which
+is retried. Errors are described by their kind, HTTP status and the server's error type and
+code (redact.describe_error), never by a server's text, which may echo the request: the key
+from its header, the note from its body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import os
+import re
 import time
 
+import httpx2
+
+from asclepius_r.config import ConfigError
 from asclepius_r.errors import UserError
 from asclepius_r.llm.archive import ChatRequest, ChatResult
-from asclepius_r.llm.guard import base_url, guarded_http_client, refusal
+from asclepius_r.llm.guard import ReplyRefused, base_url, guarded_http_client, refusal
+from asclepius_r.llm.redact import describe_error, is_name
+
+# A finish reason is a short lower-case name ("stop", "length", "content_filter", ...).
+FINISH_REASON = re.compile(r"[a-z_]{1,32}")
 
 
 class ReplayMissError(UserError, LookupError):
     """`backend: replay` met a request that the archive does not hold."""
 
 
-class RetryableError(Exception):
-    """A failure worth another attempt; `retry_after` is the server's hint in seconds."""
+class ProviderError(UserError, RuntimeError):
+    """The LLM service failed in a way the client's retries did not fix. The message says how
+    (redact.describe_error), never what the service sent back."""
 
-    def __init__(self, kind: str, message: str, retry_after: float | None = None, headers: dict | None = None):
+
+class RetryableError(Exception):
+    """A failure worth another attempt; `retry_after` is the server's hint in seconds.
+
+    `billed`: the provider may have billed the attempt (a reply that came back unusable, or one
+    the client stopped waiting for); the client then charges `usage` (what the reply reported,
+    if usable) or the request's worst case."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        retry_after: float | None = None,
+        headers: dict | None = None,
+        billed: bool = False,
+        usage: dict | None = None,
+    ):
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
         self.headers = headers or {}
+        self.billed = billed
+        self.usage = usage
+
+
+class MalformedReply(RetryableError):
+    """A reply that came back (and may be billed) but is not a usable answer."""
+
+    def __init__(self, reason: str, usage: dict | None = None):
+        super().__init__("malformed", reason, billed=True, usage=usage)
 
 
 class FatalError(Exception):
@@ -43,40 +82,77 @@ def read_api_key(settings) -> str:
     """The API key, from the environment variable named by `llm.api_key_env` and nowhere else."""
     key = os.environ.get(settings.api_key_env)
     if not key:
-        raise FatalError(
-            "config",
+        raise ConfigError(
             f"environment variable {settings.api_key_env} (named by llm.api_key_env) is "
-            "not set; API keys are read only from the environment, never from config files",
+            "not set; API keys are read only from the environment, never from config files"
         )
     return key
 
 
-def result_from_payload(request: ChatRequest, payload, provider: dict, started: float) -> ChatResult:
-    """A ChatResult from a chat.completion JSON object (online or from a batch output line)."""
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    if not choices or not isinstance(choices[0], dict):
-        raise RetryableError("malformed", "response without choices")
-    choice = choices[0]
-    finish_reason = choice.get("finish_reason")
-    text = (choice.get("message") or {}).get("content")
+def parse_json(body: bytes):
+    """A reply body as JSON; anything that does not parse (deep nesting included) is malformed."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MalformedReply("the reply is not JSON") from None
+
+
+def checked_usage(usage, request: ChatRequest) -> dict[str, int] | None:
+    """The reply's usage as prompt and completion token counts; None when it reports none (then
+    the client charges the worst case). Counts that are not whole numbers, are negative or exceed
+    what the request can use (`ChatRequest.worst_case_usage`) make the reply malformed."""
+    if usage is None or usage == {}:
+        return None
+    if not isinstance(usage, dict):
+        raise MalformedReply("usage is not an object")
+    counts = {name: usage.get(name) for name in ("prompt_tokens", "completion_tokens")}
+    if None in counts.values():
+        return None
+    bound = request.worst_case_usage()
+    for name, value in counts.items():
+        if type(value) is not int or not 0 <= value <= bound[name]:
+            raise MalformedReply(f"usage.{name} is not a count this request can use")
+    return counts
+
+
+def parse_reply(request: ChatRequest, payload, provider: dict, started: float) -> ChatResult:
+    """A ChatResult from a chat.completion object (online, or a batch output line's body), or
+    MalformedReply saying which part is unusable (with the reply's usage, if that is usable)."""
+    if not isinstance(payload, dict):
+        raise MalformedReply("the reply is not a JSON object")
+    usage = checked_usage(payload.get("usage"), request)
+    choices = payload.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise MalformedReply("a reply without choices[0].message", usage)
+    finish_reason, text = choice.get("finish_reason"), message.get("content")
+    if finish_reason is not None and not (isinstance(finish_reason, str) and FINISH_REASON.fullmatch(finish_reason)):
+        raise MalformedReply("finish_reason is not a name", usage)
     if text is None and finish_reason != "content_filter":
-        raise RetryableError("malformed", "response without message content")
-    usage = payload.get("usage") or {}
+        raise MalformedReply("a reply without message content", usage)
+    if text is not None and not isinstance(text, str):
+        raise MalformedReply("message content is not text", usage)
+    meta = {name: payload.get(name) for name in ("model", "id", "system_fingerprint")}
     return ChatResult(
         key=request.key,
         status="ok",
         text=text,
         finish_reason=finish_reason,
-        usage={k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage},
-        provider={
-            **provider,
-            "model": payload.get("model"),
-            "id": payload.get("id"),
-            "system_fingerprint": payload.get("system_fingerprint"),
-        },
+        usage=usage or request.worst_case_usage(),
+        usage_estimated=usage is None,
+        provider={**provider, **{name: value if is_name(value) else None for name, value in meta.items()}},
         started=started,
         finished=time.time(),
     )
+
+
+def quiet_sdk_logs() -> None:
+    """The SDK logs request options (the note) at DEBUG, its HTTP client every URL and the
+    server's reason phrase at INFO, its transport the reason phrase and headers at DEBUG: warnings
+    only, whatever OPENAI_LOG or the root logger say."""
+    for name in ("openai", "httpx2", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class OpenAIBackend:
@@ -87,6 +163,7 @@ class OpenAIBackend:
     def __init__(self, settings):
         import openai
 
+        quiet_sdk_logs()
         self.settings = settings
         self.openai = openai
         self.secret = read_api_key(settings)
@@ -116,42 +193,38 @@ class OpenAIBackend:
             "messages": [{"role": role, "content": content} for role, content in request.messages],
         }
 
-    def redact(self, text: str) -> str:
-        return text.replace(self.secret, "[API key]") if self.secret else text
-
     async def send(self, request: ChatRequest) -> tuple[ChatResult, dict]:
+        """One attempt, within `llm.timeout_s` in all (the SDK's timeout is per read: a server
+        that trickles bytes would hold it forever)."""
         openai = self.openai
         started = time.time()
         try:
-            raw = await self.client.chat.completions.with_raw_response.create(**self.body(request))
-            headers = {k.lower(): v for k, v in raw.headers.items()}
-            payload = json.loads(raw.content)
-        except openai.RateLimitError as err:
-            raise RetryableError(
-                "rate_limited", self._describe(err), retry_after(err.response.headers), dict(err.response.headers)
-            ) from None
-        except openai.APITimeoutError:
-            raise RetryableError("timeout", f"no answer within llm.timeout_s = {self.settings.timeout_s} s") from None
+            async with asyncio.timeout(self.settings.timeout_s):
+                raw = await self.client.chat.completions.with_raw_response.create(**self.body(request))
+        except (TimeoutError, openai.APITimeoutError):
+            waited = f"no reply within llm.timeout_s = {self.settings.timeout_s} s"
+            raise RetryableError("timeout", waited, billed=True) from None
+        except ReplyRefused as err:
+            raise MalformedReply(str(err)) from None
         except openai.APIConnectionError as err:
             if refusal(err):
                 raise refusal(err) from None
-            raise RetryableError("connection", type(err.__cause__ or err).__name__) from None
+            # Refused before the request went out, it cannot be billed; after, it may have been.
+            unsent = isinstance(err.__cause__, httpx2.ConnectError)
+            raise RetryableError("connection", describe_error(err), billed=not unsent) from None
+        except openai.RateLimitError as err:
+            headers = dict(err.response.headers)
+            raise RetryableError("rate_limited", describe_error(err), retry_after(headers), headers) from None
         except openai.InternalServerError as err:
-            raise RetryableError("server_error", self._describe(err), retry_after(err.response.headers)) from None
+            raise RetryableError("server_error", describe_error(err), retry_after(err.response.headers)) from None
         except openai.APIStatusError as err:
             if err.status_code in (408, 409):
-                raise RetryableError(f"http_{err.status_code}", self._describe(err)) from None
+                raise RetryableError(f"http_{err.status_code}", describe_error(err)) from None
             if getattr(err, "code", None) == "content_filter":  # Azure filtered the prompt itself
-                raise FatalError("content_filter_prompt", self._describe(err)) from None
-            raise FatalError(f"http_{err.status_code}", self._describe(err)) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RetryableError(
-                "malformed", f"response body is not JSON ({err.msg if hasattr(err, 'msg') else err})"
-            ) from None
-        return result_from_payload(request, payload, self.provider(), started), headers
-
-    def _describe(self, err) -> str:
-        return self.redact(f"HTTP {err.status_code}: {err.message}")[:500]
+                raise FatalError("content_filter_prompt", describe_error(err)) from None
+            raise FatalError(f"http_{err.status_code}", describe_error(err)) from None
+        headers = {k.lower(): v for k, v in raw.headers.items()}
+        return parse_reply(request, parse_json(raw.content), self.provider(), started), headers
 
 
 class AzureBackend(OpenAIBackend):
@@ -186,9 +259,6 @@ class ReplayBackend:
     def __init__(self, settings):
         self.settings = settings
 
-    def redact(self, text: str) -> str:
-        return text
-
     async def send(self, request: ChatRequest):
         raise ReplayMissError(
             f"llm.backend is 'replay' but {request.describe()} is not in the archive "
@@ -198,7 +268,8 @@ class ReplayBackend:
 
 
 def retry_after(headers) -> float | None:
-    """The server's Retry-After hint in seconds (`retry-after-ms` or `retry-after`)."""
+    """The server's Retry-After hint in seconds (`retry-after-ms` or `retry-after`); a value that
+    is not a finite, non-negative number is no hint. The client caps it (llm.backoff_max_s)."""
     for name in ("retry-after-ms", "retry-after"):
         value = headers.get(name) if headers else None
         if value:
@@ -206,7 +277,8 @@ def retry_after(headers) -> float | None:
                 seconds = float(value)
             except ValueError:
                 continue
-            return seconds / 1000 if name.endswith("-ms") else seconds
+            if math.isfinite(seconds) and seconds >= 0:
+                return seconds / 1000 if name.endswith("-ms") else seconds
     return None
 
 

@@ -5,9 +5,16 @@ returns one, for pipelines whose next requests depend on earlier answers (run th
 `client.drive`). Archived successes are reused and never sent again; everything sent is archived
 (fsynced) before it is used. Online, requests go out concurrently, paced to the request-per-minute
 and token-per-minute limits, with as many in flight as the rate needs at the observed latency;
-failures are retried with jittered backoff (honouring Retry-After) and, when attempts run out,
-recorded as failed, never dropped. `llm.mode: batch` sends the same requests through the Batch
-API instead (see batch.py). Logs name requests by key and ROW_ID only, never by their text.
+failures are retried with jittered backoff (honouring Retry-After up to `llm.backoff_max_s`)
+and, when attempts run out, recorded as failed, never dropped. `llm.mode: batch` sends the same
+requests through the Batch API instead (see batch.py). Logs name requests by key and ROW_ID
+only, never by their text.
+
+The budget holds whatever a server reports: each attempt reserves its worst case before it is
+sent (`ChatRequest.worst_case_usage`), and an attempt that may have been billed without a usable
+usage report (a reply without usage, a malformed reply, a timeout, a connection lost after
+sending) is charged and archived at that worst case. What leaves the client passes one exit:
+results (returned and archived) through `_outbound`, errors through `_exit` (redact.py).
 """
 
 from __future__ import annotations
@@ -20,19 +27,19 @@ import random
 import re
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
+import httpx2
 from tqdm import tqdm
 
 from asclepius_r.config import ConfigError
 from asclepius_r.errors import UserError
 from asclepius_r.llm.archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
-from asclepius_r.llm.backends import FatalError, ReplayMissError, RetryableError, make_backend
-from asclepius_r.llm.guard import check_endpoint
+from asclepius_r.llm.backends import FatalError, ProviderError, ReplayMissError, RetryableError, make_backend
+from asclepius_r.llm.guard import ReplyRefused, check_endpoint
+from asclepius_r.llm.redact import Redactor, describe_error
 
 log = logging.getLogger(__name__)
-# The SDK's HTTP layer logs every request at INFO: 100k lines a run that add only URLs.
-logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 # Every way a request can need another attempt or end as failed; zero counts are reported too.
 RETRY_KINDS = (
@@ -108,6 +115,12 @@ class LLMSettings:
                 f"llm.budget_usd is set but model {self.model!r} has no price in llm.prices_per_million, so the "
                 f"budget could not count its cost; add `{self.model}: {{input: USD, output: USD}}` (per million tokens)"
             )
+        if self.budget_usd is not None and self.backend != "replay" and not self.archive:
+            raise ConfigError(
+                "llm.budget_usd is set but the archive is null (llm.archive; judge.archive for the judge): the "
+                "budget counts the archive's spending across runs, and without one every rerun would send and pay "
+                "for every request again. Set the archive, or remove the budget."
+            )
         if self.backend == "replay" and not self.archive:
             raise ConfigError("llm.backend is 'replay' but llm.archive is not set: replay needs an archive")
         if self.mode == "batch" and self.backend == "replay":
@@ -138,17 +151,6 @@ def estimate_tokens(request: ChatRequest) -> int:
     """An upper-ish estimate before sending: ~4 characters per token plus the output cap."""
     chars = sum(len(content) for _, content in request.messages)
     return chars // 4 + 8 * len(request.messages) + request.max_tokens
-
-
-# Chat formatting tokens per message and for the reply's start; OpenAI's chat models use 3-4 and 3.
-MESSAGE_OVERHEAD_TOKENS = 8
-
-
-def prompt_token_bound(request: ChatRequest) -> int:
-    """Prompt tokens no tokenizer exceeds: one per UTF-8 byte (a byte-level BPE token holds at
-    least one byte), plus the chat formatting. Spending is checked against this, never an average."""
-    size = sum(len(content.encode("utf-8")) for _, content in request.messages)
-    return size + MESSAGE_OVERHEAD_TOKENS * (len(request.messages) + 1)
 
 
 class Pacer:
@@ -238,9 +240,10 @@ class RateLimiter:
     # cross them: one 429 costs a Retry-After pause of every request, far more than 2%.
     HEADROOM = 0.98
 
-    def __init__(self, rpm: float, tpm: float):
+    def __init__(self, rpm: float, tpm: float, max_pause_s: float = 60.0):
         self.requests = Pacer(rpm * self.HEADROOM)
         self.tokens = Pacer(tpm * self.HEADROOM)
+        self.max_pause_s = max_pause_s
         self.paused_until = 0.0
         self.lock = asyncio.Lock()
 
@@ -260,7 +263,9 @@ class RateLimiter:
         self.tokens.refund(estimated - actual)
 
     def pause(self, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        """Send nothing for `seconds`, at most `max_pause_s` (a server may ask for a year)."""
+        if seconds > 0:  # also false for NaN
+            self.paused_until = max(self.paused_until, time.monotonic() + min(seconds, self.max_pause_s))
 
     def observe_headers(self, headers: dict) -> None:
         """If the server says a window is exhausted, wait for its reset."""
@@ -278,22 +283,17 @@ def _as_float(value) -> float | None:
         return None
 
 
+DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)?")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+
+
 def parse_duration(value: str) -> float:
-    """OpenAI reset headers look like '1s', '6m0s', '250ms' or a bare number of seconds."""
-    value, total, number = str(value).strip(), 0.0, ""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    i = 0
-    while i < len(value):
-        ch = value[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if value.startswith("ms", i) else ch
-        total += float(number or 0) * units.get(unit, 1.0)
-        number = ""
-        i += len(unit)
-    return total + (float(number) if number else 0.0)
+    """OpenAI reset headers look like '1s', '6m0s', '250ms' or a bare number of seconds; what
+    does not read as a duration is 0 (no pause)."""
+    text = str(value).strip()[:64]
+    if not re.fullmatch(f"(?:{DURATION_PART.pattern})+", text):
+        return 0.0
+    return sum(float(number) * DURATION_UNITS[unit] for number, unit in DURATION_PART.findall(text))
 
 
 class LLMClient:
@@ -304,11 +304,10 @@ class LLMClient:
         self.settings = settings
         check_endpoint(settings)
         # Held for the client's (the stage's) life; replay sends nothing, so it may share an archive.
-        self._held = settings.archive if settings.backend != "replay" else None
-        if self._held:
-            hold_archive(self._held)
+        self._held = hold_archive(settings.archive) if settings.archive and settings.backend != "replay" else None
         try:
             self.backend = backend or make_backend(settings)
+            self.redact = Redactor.for_settings(settings, getattr(self.backend, "secret", None))
             self.archive = archive if archive is not None else Archive(settings.archive)  # an empty one is falsy
         except BaseException:
             self._let_go()
@@ -342,6 +341,7 @@ class LLMClient:
         self._gathering: asyncio.Future | None = None
         self._unwritten: list[tuple[ChatRequest, ChatResult, asyncio.Future]] = []  # for the archive writer
         self._writer: asyncio.Task | None = None
+        self._earlier_batches_finished = False
 
     def close(self) -> None:
         """Close the SDK's connections inside the loop they belong to, then the loop; let go of the archive."""
@@ -370,9 +370,7 @@ class LLMClient:
         return self.settings.price(usage, batch, model)
 
     def worst_case_cost(self, request: ChatRequest, batch: bool = False) -> float:
-        return self.price(
-            {"prompt_tokens": prompt_token_bound(request), "completion_tokens": request.max_tokens}, batch
-        )
+        return self.price(request.worst_case_usage(), batch)
 
     def reserve(self, worst: float) -> bool:
         """Set aside the worst-case cost of one attempt; False (and stop) if the budget would be crossed."""
@@ -393,11 +391,46 @@ class LLMClient:
         self.counts["prompt_tokens"] += result.usage.get("prompt_tokens", 0)
         self.counts["completion_tokens"] += result.usage.get("completion_tokens", 0)
         self.counts["billed_responses"] += 1
+        self.counts["billed_at_worst_case"] += result.usage_estimated
 
-    def redact(self, text: str) -> str:
-        """Error text fit for the archive: the API key removed first, then cut to ERROR_CHARS (a
-        cut first could leave part of the key where redaction no longer recognises it)."""
-        return (self.backend.redact(text) if hasattr(self.backend, "redact") else text)[:ERROR_CHARS]
+    def charge_unanswered(
+        self, request: ChatRequest, err: RetryableError, attempts: int, batch: bool = False
+    ) -> ChatResult:
+        """The record of an attempt that may have been billed without a usable answer: charged at
+        the usage its reply reported, or at the request's worst case (a timeout, no usage)."""
+        result = ChatResult(
+            key=request.key,
+            status="retry",
+            error=f"{err.kind}: {err}",
+            usage=err.usage or request.worst_case_usage(),
+            usage_estimated=err.usage is None,
+            attempts=attempts,
+            finished=time.time(),
+        )
+        self.account(result, batch)
+        return self._outbound(result)
+
+    def _outbound(self, result: ChatResult) -> ChatResult:
+        """The one exit of results, returned and archived alike: every string in them redacted
+        (redact.py), error text cut to ERROR_CHARS after that (a cut first could leave part of a
+        key where redaction no longer recognises it)."""
+        clean = ChatResult(**self.redact.value(asdict(result)))
+        clean.error = clean.error[:ERROR_CHARS] if clean.error else clean.error
+        return clean
+
+    @contextlib.contextmanager
+    def _exit(self):
+        """The one exit of errors: one from the wire (the SDK, HTTP, a refused reply), which the
+        retries did not absorb, leaves as ProviderError saying only what describe_error may say."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:
+            wire = _from_the_wire(err)
+            if wire is None:
+                raise
+            raise ProviderError(self.redact(f"the LLM service failed: {describe_error(wire)}")) from None
 
     @property
     def stats(self) -> dict:
@@ -416,6 +449,7 @@ class LLMClient:
                 "prompt_tokens": counts["prompt_tokens"],
                 "completion_tokens": counts["completion_tokens"],
                 "billed_responses": counts["billed_responses"],
+                "billed_at_worst_case": counts["billed_at_worst_case"],
             },
             "cost_usd": round(self.cost_usd, 6),
         }
@@ -465,11 +499,12 @@ class LLMClient:
         """One request's result, as soon as it is back: online it goes out at once (within the
         limits and the requests in flight); in batch mode the requests asked while every asker
         waits are submitted together. Asking for a request already on its way shares its answer."""
-        shared = self._asked.get(request.key)
-        if shared is None:
-            shared = self._asked[request.key] = asyncio.ensure_future(self._ask_once(request))
-            shared.add_done_callback(lambda _: self._asked.pop(request.key, None))
-        return await asyncio.shield(shared)
+        with self._exit():
+            shared = self._asked.get(request.key)
+            if shared is None:
+                shared = self._asked[request.key] = asyncio.ensure_future(self._ask_once(request))
+                shared.add_done_callback(lambda _: self._asked.pop(request.key, None))
+            return await asyncio.shield(shared)
 
     async def _ask_once(self, request: ChatRequest) -> ChatResult | None:
         if self.settings.mode != "batch":
@@ -490,7 +525,13 @@ class LLMClient:
         return dict(zip((r.key for r in requests), await self.run_async(requests)))
 
     async def run_async(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        with self._exit():
+            return await self._run(requests)
+
+    async def _run(self, requests: list[ChatRequest]) -> list[ChatResult]:
         replay = self.settings.backend == "replay"
+        if not replay and not self._earlier_batches_finished:
+            await self._finish_earlier_batches(requests)
         results: list[ChatResult | None] = [None] * len(requests)
         pending: dict[str, list[int]] = {}  # one send per distinct request, however often it appears
         for i, request in enumerate(requests):
@@ -522,10 +563,25 @@ class LLMClient:
             )
         return results
 
+    async def _finish_earlier_batches(self, requests: list[ChatRequest]) -> None:
+        """Before the client's first request goes out: batches an earlier run left in the journal
+        are finished (batch.py), waited for if they hold `requests` not yet answered and this run is
+        in batch mode, else cancelled; what they answered is archived and their files deleted, so
+        that no request a batch answered is paid for again."""
+        from asclepius_r.llm.batch import BatchJournal, BatchRunner
+
+        self._earlier_batches_finished = True
+        if self.archive.path is None or not BatchJournal(self.archive.path).entries:
+            return
+        batch = self.settings.mode == "batch"
+        await BatchRunner(self).finish_earlier([r for r in requests if batch and self.archive.get(r) is None])
+
     async def _run_online(self, requests: list[ChatRequest], weights: dict[str, int]) -> list[ChatResult | None]:
         if self._limiter is None:  # one for the client's life: pacing carries over from run to run
-            self._limiter = RateLimiter(self.settings.requests_per_minute, self.settings.tokens_per_minute)
-            self._in_flight = InFlightLimit(self.settings.requests_per_minute, self.settings.max_concurrency)
+            settings = self.settings
+            rpm, tpm = settings.requests_per_minute, settings.tokens_per_minute
+            self._limiter = RateLimiter(rpm, tpm, settings.backoff_max_s)
+            self._in_flight = InFlightLimit(settings.requests_per_minute, settings.max_concurrency)
         limiter = self._limiter
 
         async def one(request: ChatRequest) -> ChatResult | None:
@@ -561,6 +617,8 @@ class LLMClient:
             except RetryableError as err:
                 self.counts[f"retry_{err.kind}"] += 1
                 last_kind, last_error = err.kind, str(err)
+                if err.billed:
+                    await self._archive(request, self.charge_unanswered(request, err, attempts))
                 limiter.observe_headers(err.headers)
                 if err.retry_after:
                     limiter.pause(err.retry_after)
@@ -572,31 +630,34 @@ class LLMClient:
             finally:
                 self.release(worst)
             limiter.observe_headers(headers)
-            if result.usage:
-                limiter.correct(estimate, result.usage.get("total_tokens", estimate))
+            if not result.usage_estimated:
+                limiter.correct(estimate, sum(result.usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens")))
             result.attempts, result.started = attempts, started
             record, usable = self._settled(request, result)
             await self._archive(request, record)
             if usable:
-                return result
+                return record
             last_kind, last_error = f"finish_{result.finish_reason}", f"finish_reason={result.finish_reason}"
             await asyncio.sleep(self.backoff(attempts, None))
         return self.record_failure(request, last_kind, last_error, attempts, started)
 
-    def settle(self, request: ChatRequest, result: ChatResult, batch: bool = False) -> bool:
-        """Account and archive a billed response; True if usable, False if it needs another attempt."""
+    def settle(self, request: ChatRequest, result: ChatResult, batch: bool = False) -> tuple[ChatResult, bool]:
+        """Account and archive a billed response: the record, and whether it is usable."""
         record, usable = self._settled(request, result, batch)
         self.archive.append(request, record)
-        return usable
+        return record, usable
 
     def _settled(self, request: ChatRequest, result: ChatResult, batch: bool = False) -> tuple[ChatResult, bool]:
-        """Account a billed response; the record to archive, and whether it is usable."""
+        """Account a billed response (at the worst case if it says nothing of its usage); the
+        record to archive and return, and whether it is usable."""
+        if not result.usage:
+            result = replace(result, usage=request.worst_case_usage(), usage_estimated=True)
         self.account(result, batch)
         if result.finish_reason in self.settings.retry_finish_reasons:
             self.counts[f"retry_finish_{result.finish_reason}"] += 1
-            return replace(result, status="retry"), False  # billed, so kept for audit
+            return self._outbound(replace(result, status="retry")), False  # billed, so kept for audit
         self.counts["sent_ok"] += 1
-        return result, True
+        return self._outbound(result), True
 
     async def _archive(self, request: ChatRequest, result: ChatResult) -> None:
         """Archive a response before it is used, through one writer in a thread: the responses that
@@ -624,13 +685,15 @@ class LLMClient:
                         written.set_result(None)
 
     def record_failure(self, request: ChatRequest, kind: str, error: str, attempts: int, started: float) -> ChatResult:
-        failed = ChatResult(
-            key=request.key,
-            status="failed",
-            error=self.redact(f"{kind}: {error}"),
-            attempts=attempts,
-            started=started,
-            finished=time.time(),
+        failed = self._outbound(
+            ChatResult(
+                key=request.key,
+                status="failed",
+                error=f"{kind}: {error}",
+                attempts=attempts,
+                started=started,
+                finished=time.time(),
+            )
         )
         self.archive.append(request, failed)
         self.counts["failed"] += 1
@@ -639,10 +702,24 @@ class LLMClient:
         return failed
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
-        base = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
+        """Jittered exponential backoff, or the server's Retry-After when longer; never more than
+        `llm.backoff_max_s`, whatever the server asks."""
+        cap = self.settings.backoff_max_s
+        base = min(cap, self.settings.backoff_base_s * 2 ** (attempt - 1))
         delay = random.uniform(0.5 * base, base)  # jitter spreads retries from many requests
-        return max(delay, retry_after or 0.0)
+        return min(cap, max(delay, retry_after or 0.0))
 
 
 def _seen(counts: Counter, prefix: str) -> set[str]:
     return {k[len(prefix) :] for k in counts if k.startswith(prefix)}
+
+
+def _from_the_wire(err: BaseException | None) -> BaseException | None:
+    """The SDK, HTTP or reply error in `err`'s chain, if any."""
+    import openai
+
+    while err is not None:
+        if isinstance(err, openai.OpenAIError | httpx2.HTTPError | ReplyRefused):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

@@ -10,15 +10,23 @@ openai SDK is built here, with the base URL always explicit, no redirects follow
 from the environment (only `llm.proxy`), and a hook that refuses any request outside the
 approved endpoint before it is sent. Environment variables through which the SDK would pick
 another endpoint are refused. Every backend that talks to a server gets its client here.
+
+What comes back is bounded too: a reply or error body is read up to `REPLY_MAX_BYTES` after
+decompression (a gzip bomb stops there), decompressed here in pieces of `DECODE_CHUNK_BYTES`;
+batch result files, which grow with the batch, are read as a stream (batch.py bounds each line).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import zlib
 from urllib.parse import urlsplit
 
+import httpx2
+
 from asclepius_r.errors import UserError
+from asclepius_r.llm.redact import redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +38,20 @@ SDK_ENDPOINT_VARIABLES = ("OPENAI_BASE_URL", "OPENAI_API_BASE", "AZURE_OPENAI_EN
 SDK_IGNORED_VARIABLES = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN", "OPENAI_API_VERSION")
 # Honoured by HTTP clients that trust the environment; ours does not (see `llm.proxy`).
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+# A chat completion of 4,096 tokens is about 20 KB; this leaves room for any honest reply.
+REPLY_MAX_BYTES = 4 * 2**20
+DECODE_CHUNK_BYTES = 2**16
+# What this client can decode within those bounds; a reply in another encoding is refused.
+# (zlib's window bits + 32: gzip or zlib framing, from the header)
+DECODABLE = {"identity": None, **dict.fromkeys(("gzip", "x-gzip", "deflate"), zlib.MAX_WBITS | 32)}
 
 
 class UnapprovedEndpointError(UserError, PermissionError):
     """The endpoint is not listed in `llm.approved_endpoints`."""
+
+
+class ReplyRefused(Exception):
+    """A reply body past `REPLY_MAX_BYTES`, or in an encoding this client does not decode."""
 
 
 def endpoint_identity(settings) -> str:
@@ -57,6 +75,7 @@ def request_prefix(settings) -> str:
 
 
 def _approval_message(identity: str, what: str) -> str:
+    identity = redact_urls(identity)  # as the user wrote it, less any credentials in it
     return (
         f"refusing to send notes to {what}{identity!r}: it is not listed in llm.approved_endpoints.\n"
         "MIMIC notes are credentialed data. PhysioNet's rules allow an LLM service only if it keeps\n"
@@ -123,8 +142,6 @@ def check_endpoint(settings) -> None:
 def guarded_http_client(settings, **options):
     """The SDK's HTTP client: nothing from the environment, no redirects, requests only under
     the approved endpoint (a request elsewhere raises UnapprovedEndpointError unsent)."""
-    import httpx2
-
     check_endpoint(settings)
     _say_what_is_ignored(settings)
     prefix = request_prefix(settings)
@@ -138,13 +155,55 @@ def guarded_http_client(settings, **options):
                 f"endpoint {endpoint_identity(settings)}"
             )
 
+    async def bounded(response) -> None:
+        # Batch result files are streamed and bounded line by line (batch.py); every other body here.
+        limit = None if response.request.url.path.endswith("/content") else REPLY_MAX_BYTES
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in DECODABLE:
+            raise ReplyRefused("a reply in a content-encoding this client does not decode")
+        response.stream = BoundedBody(response.stream, DECODABLE[encoding], limit)
+        response.headers.pop("content-encoding", None)  # decoded here, within the bound
+
     return httpx2.AsyncClient(
         trust_env=False,
         follow_redirects=False,
         proxy=settings.proxy or None,
-        event_hooks={"request": [only_approved]},
+        headers={"Accept-Encoding": "gzip"},
+        event_hooks={"request": [only_approved], "response": [bounded]},
         **options,
     )
+
+
+class BoundedBody(httpx2.AsyncByteStream):
+    """A response stream decoded here, in pieces of at most DECODE_CHUNK_BYTES, that raises
+    ReplyRefused once more than `limit` bytes (None: no limit) have come out of it."""
+
+    def __init__(self, stream, wbits: int | None, limit: int | None):
+        self.stream, self.wbits, self.limit = stream, wbits, limit
+
+    async def __aiter__(self):
+        inflate = zlib.decompressobj(self.wbits) if self.wbits is not None else None
+        size = 0
+        async for raw in self.stream:
+            for piece in [raw] if inflate is None else _inflate(inflate, raw):
+                size += len(piece)
+                if self.limit is not None and size > self.limit:
+                    raise ReplyRefused(f"a reply body over {self.limit:,} bytes")
+                yield piece
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def _inflate(inflate, data: bytes):
+    """Decompress `data` in bounded pieces (a small input may inflate a thousandfold)."""
+    try:
+        piece = inflate.decompress(data, DECODE_CHUNK_BYTES)
+        while piece:
+            yield piece
+            piece = inflate.decompress(inflate.unconsumed_tail, DECODE_CHUNK_BYTES)
+    except zlib.error:
+        raise ReplyRefused("a reply body that does not decompress") from None
 
 
 def refusal(err: BaseException) -> UnapprovedEndpointError | None:

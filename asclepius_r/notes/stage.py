@@ -73,15 +73,7 @@ class NotePolicy:
     @classmethod
     def from_config(cls, section: dict) -> NotePolicy:
         """The `notes` section; `exclude_row_ids` names a file of one ROW_ID per line."""
-        exclude = frozenset()
-        if section["exclude_row_ids"]:
-            path = Path(section["exclude_row_ids"])
-            try:
-                exclude = frozenset(int(line) for line in path.read_text().split())
-            except ValueError as err:
-                raise ConfigError(
-                    f"config key notes.exclude_row_ids: {path} must hold one integer ROW_ID per line ({err})"
-                ) from None
+        exclude = read_row_ids(Path(section["exclude_row_ids"])) if section["exclude_row_ids"] else frozenset()
         return cls(
             drop_iserror=section["drop_iserror"],
             keep_addenda=section["keep_addenda"],
@@ -89,6 +81,25 @@ class NotePolicy:
             coarse_placeholders=section["coarse_placeholders"],
             exclude_row_ids=exclude,
         )
+
+
+def read_row_ids(path: Path) -> frozenset[int]:
+    """The ROW_IDs of notes.exclude_row_ids, one per line. A wrong file (NOTEEVENTS itself, say)
+    is named with its line number only: its content may be a note."""
+    row_ids = set()
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip() and not line.strip().isdigit():
+                    raise ConfigError(
+                        f"config key notes.exclude_row_ids: {path}:{number} is not a ROW_ID; the file must hold one "
+                        "integer ROW_ID per line (the line is not shown: it may be note text)"
+                    )
+                if line.strip():
+                    row_ids.add(int(line))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config key notes.exclude_row_ids: {path} is not text (one ROW_ID per line)") from None
+    return frozenset(row_ids)
 
 
 @dataclass(frozen=True)

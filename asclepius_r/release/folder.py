@@ -47,6 +47,7 @@ from asclepius_r.base_model.describe import TINY_BASES
 from asclepius_r.config import release_names
 from asclepius_r.errors import UserError
 from asclepius_r.files import atomic_path, sha256_file, write_json
+from asclepius_r.llm.redact import redact_config
 from asclepius_r.prompts import RELEASED_TEMPLATE
 from asclepius_r.train.settings import training_settings
 
@@ -92,10 +93,16 @@ _BINARY_FORMATS = {
     b"ARROW1": "Arrow",
 }
 _PATIENT_DATA_NAME = re.compile(r"noteevents[^/]*\.(csv|gz|zip|bz2|xz|parquet|feather|tsv|txt|jsonl?)$", re.IGNORECASE)
-# Signs of note text in a file: a filled-in de-identification placeholder (a date, or a name
-# or hospital with its number, closed by "**]"), or the NOTEEVENTS header. Written so that
-# this pattern does not match its own source.
-_NOTE_TEXT = re.compile(rb"\[\*\*[^\]\n]{0,80}\d\s*\*\*\]|ROW_ID,\s*SUBJECT_ID")
+# A filled-in de-identification placeholder, whatever it holds (a date, a name with or without
+# its number); the sources' own "[**...**]" and templates with "{...}" inside are not.
+_PLACEHOLDER = re.compile(r"\[\*\*(?!\.\.\.\*\*\])[^\]\n{}]{0,80}\*\*\]")
+# Columns that make a header line a MIMIC-III table's: ROW_ID starts every one of its 26 tables;
+# the patient, admission and ICU stay identifiers, and the codes of its dictionaries, join them.
+MIMIC_KEY_COLUMNS = frozenset(
+    {"ROW_ID", "SUBJECT_ID", "HADM_ID", "ICUSTAY_ID", "ITEMID", "CGID", "ICD9_CODE", "CPT_CD", "SPEC_ITEMID"}
+)
+_COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DELIMITERS = ",\t;|"
 # The Trainer's pickled arguments (unsafe to load, redundant with training_run.json) and
 # Snakemake's marker in directory outputs.
 _CHECKPOINT_PRIVATE = ("training_args.bin", ".snakemake_timestamp")
@@ -168,13 +175,43 @@ def workflow_files(source_root: Path, forbidden: list[Path]) -> list[Path]:
                     "cannot be checked for note text, whatever its name. The archive holds source text only; "
                     "move it out of the workflow's source folders."
                 )
-            if _PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden or _NOTE_TEXT.search(data):
+            if _PATIENT_DATA_NAME.search(relative) or file.resolve() in forbidden or _looks_like_mimic(data):
                 raise ReleaseError(
                     f"refusing to put {relative} into the workflow archive: it is, is named like "
-                    "or contains note data. Move it out of the workflow's source folders."
+                    "or contains MIMIC data (note text or a MIMIC table). Move it out of the workflow's source folders."
                 )
             files.append(file)
     return files
+
+
+def _looks_like_mimic(data: bytes) -> bool:
+    """A filled-in de-identification placeholder, or a line that is a MIMIC table's header."""
+    text = data.decode("utf-8").lstrip("\ufeff")
+    return bool(_PLACEHOLDER.search(text)) or any(map(is_mimic_header, text.splitlines()))
+
+
+def is_mimic_header(line: str) -> bool:
+    """Whether `line` is a table header naming MIMIC-III key columns: split on one delimiter
+    (`,` tab `;` `|`), every non-empty field a column name (quoted or not, any case), at least two
+    of them, and one a MIMIC key column; or the line is one key column alone, in capitals, as a
+    one-column extract's header."""
+    bare = line.strip().strip("\"'")
+    if bare in MIMIC_KEY_COLUMNS:
+        return True
+    for delimiter in _DELIMITERS:
+        fields = [field.strip() for field in line.split(delimiter)]
+        names = [_unquoted(field) for field in fields if field]
+        if len(names) >= 2 and all(name and _COLUMN_NAME.fullmatch(name) for name in names):
+            if {name.upper() for name in names} & MIMIC_KEY_COLUMNS:
+                return True
+    return False
+
+
+def _unquoted(field: str) -> str | None:
+    """A CSV field without its quotes ("ROW_ID", 'ROW_ID'), or None if its quotes do not pair."""
+    if field[:1] in "\"'" and len(field) >= 2 and field[-1] == field[0]:
+        return field[1:-1].strip()
+    return None if field[:1] in "\"'" or field[-1:] in "\"'" else field
 
 
 def _binary_format(data: bytes) -> str | None:
@@ -214,7 +251,7 @@ def build_workflow_archive(out_path: Path, source_root: Path, config: dict, forb
                 add(name, link=os.readlink(file))
             else:
                 add(name, file.read_bytes(), 0o755 if file.stat().st_mode & 0o111 else 0o644)
-        add("release-config.yaml", yaml.safe_dump(config, sort_keys=True).encode())
+        add("release-config.yaml", yaml.safe_dump(redact_config(config), sort_keys=True).encode())
     return members
 
 
@@ -376,7 +413,7 @@ def manifest(config: dict, source_root: Path, inputs: dict[str, str]) -> dict:
             d.metadata["Name"]: d.version
             for d in sorted(importlib.metadata.distributions(), key=lambda d: d.metadata["Name"].lower())
         },
-        "config": config,
+        "config": redact_config(config),
         "input_sha256": hash_inputs(inputs),
     }
 
