@@ -5,19 +5,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test test-slurm rehearsal venv lock report release plan lint clean chromium compiler slurm
+.PHONY: demo test test-slurm rehearsal venv lock report release plan lint clean chromium slurm
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml | compiler
+$(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==25.3
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
 	# The package is used in place (like an editable install, without build tools).
 	$(BIN)/python -c 'import site, sys; open(site.getsitepackages()[0] + "/asclepius_r.pth", "w").write(sys.argv[1] + "\n")' $(CURDIR)
 	$(BIN)/python -m pip check
-	# Compile the notes scanner (C, with the system compiler) once, at install time, not in the first run.
-	$(BIN)/python -m asclepius_r.notes.record_scanner
 	touch $@
 
 # The whole workflow on the embedded demo: synthetic notes, tiny LLaMA, archived LLM responses.
@@ -53,10 +51,6 @@ release: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) release
 report: $(STAMP)
 	$(BIN)/snakemake --report results/report.html
-
-# A C compiler for the notes stage's scanner (Debian's gcc if there is none; apt needs root).
-compiler:
-	@command -v $${CC:-cc} >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc; }
 
 # Debian's chromium, for the test that opens the HTML report headless (apt needs root).
 chromium:

@@ -29,15 +29,14 @@ rule synthesize_long_noteevents:
         "../scripts/synthesize_long_noteevents.py"
 
 
-# One compiled pass over the memory-mapped file (asclepius_r/notes/record_scanner.c), then the kept notes'
-# texts read back into the outputs: memory stays flat at any input size (figures against pandas,
-# polars and pyarrow: BENCHMARKS.md, issue 3). Scan workers: threads + 1.
+# One streaming pass over the file (pyarrow's CSV reader, on `threads` threads), the kept notes spilled to disk until
+# the held-out patients are known: memory stays flat at any input size (BENCHMARKS.md, notes stage).
 rule filter_notes:
     input:
         noteevents=noteevents_path,
         exclude_row_ids=config["notes"]["exclude_row_ids"] or [],
     output:
-        # Parquet datasets: folders of part files that the stage writes in parallel
+        # Parquet datasets: folders of part files
         train=directory("results/notes/discharge.parquet"),
         heldout=directory("results/notes/heldout.parquet"),
         heldout_ids="results/notes/heldout_row_ids.txt",

@@ -1,7 +1,5 @@
 """Rule filter_notes: NOTEEVENTS.csv -> discharge and held-out notes."""
 
-import gc
-
 from asclepius_r.logs import setup_logging
 
 setup_logging(snakemake.log[0])
@@ -19,6 +17,3 @@ run_notes_stage(
     split=SplitPolicy.from_config(settings),
     threads=snakemake.threads,
 )
-# The process ends here: frozen objects are skipped by the interpreter's last collection, which would
-# otherwise tear down Arrow's and numpy's reference cycles one by one (BENCHMARKS.md, issue 13).
-gc.freeze()

@@ -101,11 +101,8 @@ def test_long_notes_follow_the_token_length_distribution():
 
 @pytest.mark.parametrize("gzipped", [False, True])
 def test_scaled_file_passes_the_stage_as_the_oracle_says(tmp_path, monkeypatch, gzipped):
-    """Small reads, so that records (some longer than one read) straddle many read boundaries;
-    gzipped, in two gzip members."""
-    monkeypatch.setattr(noteevents, "READ_SIZE", 64 << 10)
-    monkeypatch.setattr(noteevents, "STREAM_READ_SIZE", 64 << 10)
-    monkeypatch.setattr(noteevents, "COMPRESSED_READ_SIZE", 8 << 10)
+    """Small blocks, so that records straddle many block boundaries; gzipped, in two gzip members."""
+    monkeypatch.setattr(noteevents, "BLOCK_SIZE", 64 << 10)
     path = tmp_path / "NOTEEVENTS.csv"
     main([str(path), "--rows", "3000", "--seed", "11"])
     if gzipped:

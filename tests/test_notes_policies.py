@@ -152,7 +152,7 @@ def test_a_file_without_discharge_summaries_is_an_error(tmp_path):
 
 def test_outputs_are_datasets_of_parts_in_file_order(tmp_path, monkeypatch):
     monkeypatch.setattr(notes, "OUTPUT_ROW_GROUP", 2)
-    monkeypatch.setattr(notes, "OUTPUT_PART_NOTES", 4)
+    monkeypatch.setattr(notes, "OUTPUT_PART_GROUPS", 2)
     result = run(tmp_path, write_noteevents(tmp_path / "n.csv", [note(i) for i in range(1, 12)]))
     train = sorted((tmp_path / "out/discharge.parquet").iterdir())
     assert [p.name for p in train] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]

@@ -54,6 +54,10 @@ BAD_FILES = {
         GOOD_BYTES + _row(4, b"caf\xe9\nlater"),
         r"line 10 \(ROW_ID 4\): invalid UTF-8 at line 10, column 62",
     ),
+    "lone CR outside quotes": (
+        GOOD_BYTES + b'4,7,,,,,"Nursing","Report",,,"x"\r5,7,,,,,"Nursing","Report",,,"y"\n',
+        r"line 10 \(ROW_ID 4\): malformed quoting",
+    ),
     "NUL byte": (GOOD_BYTES + _row(4, b"first\nsec\x00ond"), r"line 10 \(ROW_ID 4\): NUL byte at line 11, column 4"),
     "duplicate ROW_ID": (
         GOOD_BYTES + csv_bytes([note(2, "other text")]).split(b"\n", 1)[1],

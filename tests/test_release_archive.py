@@ -128,7 +128,7 @@ def test_compressed_or_binary_note_data_is_refused_whatever_its_name(checkout, t
 
 def test_build_outputs_stay_out_of_the_archive(checkout, tmp_path):
     (checkout / "asclepius_r/_build").mkdir(exist_ok=True)
-    (checkout / "asclepius_r/_build/record_scanner-0123456789abcdef.so").write_bytes(b"\x7fELF\x02\x01\x01\0" * 64)
+    (checkout / "asclepius_r/_build/extension-0123456789abcdef.so").write_bytes(b"\x7fELF\x02\x01\x01\0" * 64)
     build_workflow_archive(tmp_path / "w.tar.gz", checkout, {"seed": 42}, forbidden=[])
     members = archive_members(tmp_path / "w.tar.gz")
     assert not [n for n in members if "_build" in n or n.endswith(".so")]

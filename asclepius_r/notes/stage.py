@@ -1,11 +1,10 @@
 """Notes stage: NOTEEVENTS.csv(.gz) -> discharge notes for training + held-out notes for evaluation.
 
 Policies follow the 2023 method by default (keep addenda, exact category match) and fix what it
-lacked (drop ISERROR rows and exact-duplicate texts). Memory stays bounded: one pass over the
-file keeps everything about the discharge summaries but their texts (ROW_IDs, SUBJECT_IDs, the
-short columns, text hashes and where each record lies); once the held-out patients are known,
-the kept notes' texts are read back a few row groups at a time into the two outputs, Parquet
-datasets (folders of part files, in file order) that threads write in parallel.
+lacked (drop ISERROR rows and exact-duplicate texts). One pass over the file filters it batch by
+batch and spills the notes it keeps to a temporary Arrow file, holding only their ROW_IDs,
+SUBJECT_IDs and text digests; once the held-out patients are known, the spill streams into the two
+outputs, Parquet datasets (folders of part files, in file order). Memory stays flat at any input size.
 Every dropped row is counted under one reason in stats.json; near misses of the category
 ('discharge summary ', say) are never kept silently but warned about with their counts.
 """
@@ -13,38 +12,32 @@ Every dropped row is counted under one reason in stats.json; near misses of the 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import hashlib
 import logging
 import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from asclepius_r import config as workflow_config
 from asclepius_r.config import ConfigError
 from asclepius_r.files import atomic_path, write_json
 from asclepius_r.logs import setup_logging
-from asclepius_r.notes.noteevents import DISCHARGE_CATEGORY, Chunk, NoteEvents, NoteEventsError, locate_record
+from asclepius_r.notes.noteevents import DISCHARGE_CATEGORY, NoteEventsError, read_batches
 
 log = logging.getLogger(__name__)
 
-KEPT_COLUMNS = ("ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR", "TEXT")
 # Why rows are dropped, in the order the checks apply: a row counts under the first that fits.
 DROP_REASONS = ("other_category", "iserror", "addendum", "excluded", "duplicate_text")
 OUTPUT_ROW_GROUP = 2048  # notes per Parquet row group of the outputs
-# Each output is a Parquet dataset: a folder of part files of this many notes, in file order, which
-# threads write in parallel: Arrow compresses a single file on one thread (BENCHMARKS.md, issue 3).
-# A fixed size keeps the layout machine-independent.
-OUTPUT_PART_NOTES = 4 * OUTPUT_ROW_GROUP
-MAX_PART_WRITERS = 4  # each holds a row group or two in memory: the cap bounds the stage's memory
+OUTPUT_PART_GROUPS = 4  # row groups per part file: each output is a Parquet dataset, a folder of parts
 # Dictionary-encoding long, unique texts only costs time.
 OUTPUT_PARQUET = {"compression": "zstd", "use_dictionary": ["HADM_ID", "CHARTDATE", "DESCRIPTION", "ISERROR"]}
 NOTE_SCHEMA = pa.schema(
@@ -142,220 +135,87 @@ def _is_near_miss(category: str) -> bool:
     return category != DISCHARGE_CATEGORY and category.strip().lower() == DISCHARGE_CATEGORY.lower()
 
 
-# pa.array, pa.scalar and to_numpy would do for these five, but they import pandas, an import the
-# stage otherwise avoids (its cost: BENCHMARKS.md, issue 3).
-def _int64_array(values: np.ndarray) -> pa.Array:
-    """numpy int64 -> Arrow, without a copy."""
-    values = np.ascontiguousarray(values, np.int64)
-    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
-
-
-def _string_scalar(value: str) -> pa.Scalar:
-    data = value.encode()
-    return pa.Array.from_buffers(
-        pa.string(), 1, [None, pa.py_buffer(np.array([0, len(data)], np.int32)), pa.py_buffer(data)]
-    )[0]
-
-
-def _string_array(values: list[str]) -> pa.StringArray:
-    data = [value.encode() for value in values]
-    offsets = np.zeros(len(data) + 1, np.int32)
-    np.cumsum([len(d) for d in data], out=offsets[1:])
-    return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
-
-
-def _bools(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """An Arrow boolean array without nulls (a comparison of non-null values) -> numpy."""
-    mask = mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
-    bits = np.frombuffer(mask.buffers()[1], np.uint8)
-    return np.unpackbits(bits, bitorder="little")[mask.offset : mask.offset + len(mask)].astype(bool)
-
-
-def _int64s(column: pa.ChunkedArray) -> np.ndarray:
-    """An Arrow int64 column without nulls -> numpy, without a copy."""
-    array = column.combine_chunks()
-    return np.frombuffer(array.buffers()[1], np.int64, len(array), array.offset * 8)
-
-
-def _utf8_views(strings: pa.StringArray) -> Iterator[memoryview]:
-    """Each value's bytes as a view into the array's buffer (no copies, no Python strings)."""
-    offsets = np.frombuffer(strings.buffers()[1], np.int32, len(strings) + 1, strings.offset * 4)
-    data = memoryview(strings.buffers()[2])
-    for begin, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-        yield data[begin:end]
-
-
-def _to_int(array: pa.ChunkedArray) -> pa.Array:
-    import pyarrow.compute as pc  # see _Filter.__call__
-
-    return pc.cast(array, pa.int64()).combine_chunks()  # the scanner has checked ROW_IDs; SUBJECT_IDs fail here
-
-
 class _Filter:
-    """The policy filter over the scanner's chunks; counts every row it drops under the first reason that applies."""
+    """The policies over the reader's batches: counts every row it drops under the first reason that
+    applies, and spills the notes it keeps (in file order, placeholders coarsened if asked) to `spill`."""
 
-    def __init__(self, path: Path, policy: NotePolicy):
-        self.path, self.policy = path, policy
-        self.counts = Counter({reason: 0 for reason in DROP_REASONS})
+    def __init__(self, policy: NotePolicy, spill: pa.ipc.RecordBatchStreamWriter):
+        self.policy, self.spill = policy, spill
+        self.counts = Counter(dict.fromkeys(DROP_REASONS, 0))
         self.categories: Counter[str] = Counter()
         self.rows_read = 0
-        self.row_ids: list[np.ndarray] = []
-        self.exclude = _int64_array(np.array(sorted(policy.exclude_row_ids), np.int64))
+        self.row_ids: list[np.ndarray] = []  # of the kept notes
+        self.subjects: list[np.ndarray] = []
+        self.digests: set[bytes] = set()  # of the kept notes' texts
+        self.exclude = pa.array(sorted(policy.exclude_row_ids), pa.int64())
 
-    @property
-    def near_miss(self) -> Counter:
-        return Counter({value: n for value, n in self.categories.items() if _is_near_miss(value)})
-
-    def __call__(self, chunk: Chunk) -> tuple[pa.Table, np.ndarray, np.ndarray] | None:
-        """The chunk's notes that pass the row-level policies (all columns but TEXT, ROW_ID and
-        SUBJECT_ID as integers), where their records lie and their TEXT hashes."""
-        if chunk.bad_row_id:
-            row, _ = chunk.bad_row_id  # the value is not shown: in a shifted row it is note text
-            data_row = self.rows_read + row + 1
-            raise NoteEventsError(
-                f"{self.path}: {locate_record(self.path, data_row=data_row)}, data row {data_row}: ROW_ID is not "
-                "an integer (a stray quote or comma may have shifted the row's fields; the value is not shown)"
-            )
-        self.rows_read += chunk.rows
-        self.row_ids.append(chunk.row_ids)
-        self.categories.update(chunk.categories)
-        selected = chunk.selected
-        self.counts["other_category"] += chunk.rows - (selected.num_rows if selected else 0)
-        if selected is None:
-            return None
-        # Imported here, where first used: that is while the scan's workers run, which hides its
-        # import time behind the scan.
-        import pyarrow.compute as pc
-
+    def __call__(self, batch: pa.RecordBatch) -> None:
+        self.rows_read += batch.num_rows
+        categories = pc.value_counts(batch["CATEGORY"])  # in order of first appearance
+        self.categories.update(dict(zip(*(categories.field(name).to_pylist() for name in ("values", "counts")))))
+        notes = batch.filter(pc.equal(batch["CATEGORY"], DISCHARGE_CATEGORY)).select(NOTE_SCHEMA.names)
+        self.counts["other_category"] += batch.num_rows - notes.num_rows
         policy = self.policy
-        keep = np.ones(selected.num_rows, bool)
-        for reason, applies, mask in (
-            ("iserror", policy.drop_iserror, lambda: pc.equal(selected.column("ISERROR"), _string_scalar("1"))),
-            (
-                "addendum",
-                not policy.keep_addenda,
-                lambda: pc.equal(selected.column("DESCRIPTION"), _string_scalar("Addendum")),
-            ),
-            ("excluded", len(self.exclude) > 0, lambda: pc.is_in(_to_int(selected.column("ROW_ID")), self.exclude)),
+        for reason, applies, drops in (
+            ("iserror", policy.drop_iserror, lambda notes: pc.equal(notes["ISERROR"], "1")),
+            ("addendum", not policy.keep_addenda, lambda notes: pc.equal(notes["DESCRIPTION"], "Addendum")),
+            ("excluded", len(self.exclude) > 0, lambda notes: pc.is_in(notes["ROW_ID"], self.exclude)),
+            ("duplicate_text", policy.drop_duplicate_text, self._kept_before),
         ):
             if applies:
-                hit = keep & _bools(mask())
-                self.counts[reason] += int(hit.sum())
-                keep &= ~hit
-        kept = selected.take(_int64_array(np.flatnonzero(keep)))
-        try:
-            subjects = _to_int(kept.column("SUBJECT_ID"))
-        except pa.ArrowInvalid:
-            raise NoteEventsError(
-                f"{self.path}: {locate_record(self.path, row_id=self._bad_subject(kept))}: SUBJECT_ID is not an "
-                "integer (the value is not shown)"
-            ) from None
-        table = pa.table(
-            [
-                _to_int(kept.column("ROW_ID")),
-                subjects,
-                *(kept.column(name).combine_chunks() for name in NOTE_SCHEMA.names[2:-1]),
-            ],
-            schema=NOTE_SCHEMA.remove(NOTE_SCHEMA.get_field_index("TEXT")),
-        )
-        return table, chunk.spans[keep], chunk.text_hashes[keep]
+                dropped = drops(notes)
+                self.counts[reason] += dropped.true_count
+                notes = notes.filter(pc.invert(dropped))
+        if policy.coarse_placeholders:
+            texts = pa.array([coarsen_placeholders(text) for text in notes["TEXT"].to_pylist()], pa.string())
+            notes = notes.set_column(NOTE_SCHEMA.get_field_index("TEXT"), "TEXT", texts)
+        self.spill.write_batch(notes)
+        self.row_ids.append(notes["ROW_ID"].to_numpy())
+        self.subjects.append(notes["SUBJECT_ID"].to_numpy())
 
-    @staticmethod
-    def _bad_subject(kept: pa.Table) -> int:
-        """The ROW_ID of the first note whose SUBJECT_ID does not convert (the error path only)."""
-        for row_id, subject in zip(kept.column("ROW_ID").to_pylist(), kept.column("SUBJECT_ID").to_pylist()):
-            try:
-                _to_int(pa.chunked_array([[subject]], pa.string()))
-            except pa.ArrowInvalid:
-                return int(row_id)
-        raise AssertionError("a SUBJECT_ID failed to convert, but none does alone")
-
-    def first_copies(self, source: NoteEvents, hashes: np.ndarray, spans: np.ndarray) -> np.ndarray:
-        """Whether each note is the first, in file order, with its exact TEXT; counts the others.
-
-        Only notes whose 64-bit hash another note shares (the duplicates, and rare collisions) are
-        read back and compared, by SHA-1 of their texts, a few row groups' worth at a time.
-        """
-        first = np.ones(len(hashes), bool)
-        _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-        shared = np.flatnonzero(counts[inverse] > 1)  # ascending, so in file order
-        seen: set[bytes] = set()
-        for k in range(0, len(shared), OUTPUT_ROW_GROUP):
-            rows = shared[k : k + OUTPUT_ROW_GROUP]
-            for row, text in zip(rows.tolist(), _utf8_views(source.texts(spans[rows]))):
-                digest = hashlib.sha1(text, usedforsecurity=False).digest()
-                first[row] = digest not in seen
-                seen.add(digest)
-        self.counts["duplicate_text"] += int((~first).sum())
-        return first
-
-    def check_unique_row_ids(self) -> None:
-        all_ids = np.concatenate(self.row_ids) if self.row_ids else np.empty(0, np.int64)
-        if (all_ids[1:] > all_ids[:-1]).all():  # MIMIC's own order: no sort needed
-            return
-        values, counts = np.unique(all_ids, return_counts=True)
-        if (counts > 1).any():
-            duplicate = int(values[counts > 1][0])
-            rows = np.flatnonzero(all_ids == duplicate)[:5] + 1
-            where = locate_record(self.path, data_row=int(rows[1]))  # the second copy is the wrong one
-            raise NoteEventsError(
-                f"{self.path}: {where}: duplicate ROW_ID {duplicate} (data rows {', '.join(map(str, rows.tolist()))}); "
-                "ROW_ID is the primary key of NOTEEVENTS"
-            )
+    def _kept_before(self, notes: pa.RecordBatch) -> pa.BooleanArray:
+        """Whether a note with the same TEXT was kept before this one (the first copy stays)."""
+        repeated = []
+        for text in notes["TEXT"]:
+            digest = hashlib.sha1(text.as_buffer(), usedforsecurity=False).digest()
+            repeated.append(digest in self.digests)
+            self.digests.add(digest)
+        return pa.array(repeated, pa.bool_())
 
 
-def filter_discharge(source: NoteEvents, policy: NotePolicy) -> tuple[_Filter, pa.Table, np.ndarray]:
-    """Scan NOTEEVENTS once, keeping discharge summaries per `policy`. Returns the filter (its
-    counts), the kept notes without their TEXT, in file order, and where their records lie."""
-    keep = _Filter(source.path, policy)
-    passed = [kept for chunk in source.scan(DISCHARGE_CATEGORY, columns=KEPT_COLUMNS) if (kept := keep(chunk))]
-    keep.check_unique_row_ids()
-    if not passed:
-        return keep, pa.table({}), np.empty((0, 2), np.int64)
-    tables, spans, hashes = zip(*passed)
-    notes, spans = pa.concat_tables(tables).combine_chunks(), np.concatenate(spans)
-    if policy.drop_duplicate_text:
-        first = keep.first_copies(source, np.concatenate(hashes), spans)
-        if not first.all():
-            notes, spans = notes.take(_int64_array(np.flatnonzero(first))), spans[first]
-    return keep, notes, spans
+def _spilled(path: str, chosen: np.ndarray) -> Iterator[pa.RecordBatch]:
+    """The spilled notes where `chosen` (one flag a note, in spill order) is true."""
+    with pa.ipc.open_stream(pa.input_stream(path)) as spill:
+        offset = 0
+        for notes in spill:
+            yield notes.filter(pa.array(chosen[offset : offset + notes.num_rows]))
+            offset += notes.num_rows
 
 
-def _write_part(
-    source: NoteEvents, notes: pa.Table, spans: np.ndarray, path: Path, rows: np.ndarray, policy: NotePolicy
-) -> None:
-    """One part file: the notes `rows`, TEXT read back from `source` a row group at a time into
-    one byte array reused throughout (fresh pages cost the kernel's zeroing)."""
-    import pyarrow.parquet as pq
+def _write_parts(notes: Iterator[pa.RecordBatch], folder: Path) -> None:
+    """Notes, in the order they come, as part files of OUTPUT_PART_GROUPS row groups of OUTPUT_ROW_GROUP
+    notes (at least one part, so that an empty output still has its schema)."""
 
-    buffer = np.empty(0, np.uint8)
-    with pq.ParquetWriter(path, NOTE_SCHEMA, **OUTPUT_PARQUET) as writer:
-        for k in range(0, len(rows), OUTPUT_ROW_GROUP):
-            group = rows[k : k + OUTPUT_ROW_GROUP]
-            needed = source.text_bytes(spans[group])
-            if len(buffer) < needed:
-                buffer = np.empty(needed, np.uint8)
-            texts = source.texts(spans[group], into=buffer)
-            if policy.coarse_placeholders:
-                texts = _string_array([coarsen_placeholders(t) for t in texts.to_pylist()])
-            # Synchronous: the writer has copied what it needs before the buffer is reused.
-            writer.write_table(notes.take(_int64_array(group)).append_column(NOTE_SCHEMA.field("TEXT"), texts))
+    def row_groups() -> Iterator[pa.Table]:
+        pending = NOTE_SCHEMA.empty_table()
+        for batch in notes:
+            pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
+            while pending.num_rows >= OUTPUT_ROW_GROUP:
+                yield pending.slice(0, OUTPUT_ROW_GROUP)
+                pending = pending.slice(OUTPUT_ROW_GROUP)
+        if pending.num_rows:
+            yield pending
 
-
-def write_notes(
-    source: NoteEvents, notes: pa.Table, spans: np.ndarray, outputs: list[tuple[Path, np.ndarray]], policy: NotePolicy
-) -> None:
-    """Write the notes chosen by each (folder, row indices) pair as part files of OUTPUT_PART_NOTES
-    notes (at least one, so that an empty output still has its schema), TEXT read back from
-    `source`; parts are written in parallel threads (reading and compressing release the GIL)."""
-    parts = [
-        (folder / f"part-{k:05d}.parquet", rows[start : start + OUTPUT_PART_NOTES])
-        for folder, rows in outputs
-        for k, start in enumerate(range(0, max(len(rows), 1), OUTPUT_PART_NOTES))
-    ]
-    with ThreadPoolExecutor(min(pa.cpu_count(), MAX_PART_WRITERS), thread_name_prefix="notes-write") as pool:
-        for done in [pool.submit(_write_part, source, notes, spans, path, rows, policy) for path, rows in parts]:
-            done.result()
+    groups = row_groups()
+    group, part = next(groups, None), 0
+    while part == 0 or group is not None:
+        with pq.ParquetWriter(folder / f"part-{part:05d}.parquet", NOTE_SCHEMA, **OUTPUT_PARQUET) as writer:
+            for _ in range(OUTPUT_PART_GROUPS):
+                if group is None:
+                    break
+                writer.write_table(group.combine_chunks())  # one chunk: the pages do not depend on the batches
+                group = next(groups, None)
+        part += 1
 
 
 def heldout_subjects(subjects: np.ndarray, policy: SplitPolicy) -> set[int]:
@@ -373,22 +233,6 @@ def heldout_subjects(subjects: np.ndarray, policy: SplitPolicy) -> set[int]:
         chosen.add(subject)
         held += notes_per_subject[subject]
     return chosen
-
-
-@contextlib.contextmanager
-def _cyclic_gc_paused():
-    """Pause Python's cyclic garbage collector while the stage runs.
-
-    The stage's own objects are freed by reference counting; the collector would only traverse,
-    again and again, the many long-lived objects that the imported libraries hold.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def stage_outputs(folder: str | Path) -> dict[str, Path]:
@@ -412,29 +256,23 @@ def run_notes_stage(
     split: SplitPolicy,
     threads: int | None = None,
 ) -> dict:
-    """Run the whole notes stage; every output appears atomically or not at all.
-
-    One pass over NOTEEVENTS finds and filters the discharge summaries, holding everything about
-    them but their text; once the held-out patients are known, the kept notes' texts are read
-    back from where they lie (see NoteEvents) into the training and held-out datasets (folders of
-    Parquet part files, see OUTPUT_PART_NOTES).
-    """
+    """Run the whole notes stage; every output appears atomically or not at all."""
     noteevents = Path(noteevents)
     if threads:
         pa.set_cpu_count(threads)
     Path(discharge_out).parent.mkdir(parents=True, exist_ok=True)
-    with (
-        _cyclic_gc_paused(),
-        tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work,
-        NoteEvents(noteevents, staging_dir=work) as source,
-    ):
-        kept, notes, spans = filter_discharge(source, policy)
-        if notes.num_rows == 0:
+    with tempfile.TemporaryDirectory(dir=Path(discharge_out).parent, prefix=".notes-staging.") as work:
+        spill_path = str(Path(work) / "kept.arrows")
+        with pa.OSFile(spill_path, "wb") as sink, pa.ipc.new_stream(sink, NOTE_SCHEMA) as spill:
+            kept = _Filter(policy, spill)
+            for batch in read_batches(noteevents):
+                kept(batch)
+        subjects, row_ids = np.concatenate(kept.subjects), np.concatenate(kept.row_ids)
+        if len(subjects) == 0:
             raise NoteEventsError(
                 f"{noteevents}: no note is kept ({kept.rows_read} rows read; dropped: "
                 f"{_reasons(kept.counts)}); check the file and the `notes` policies"
             )
-        subjects = _int64s(notes.column("SUBJECT_ID"))
         held = heldout_subjects(subjects, split)
         is_held = np.isin(subjects, np.array(sorted(held), np.int64))
         n_held = int(is_held.sum())
@@ -448,21 +286,16 @@ def run_notes_stage(
             atomic_path(heldout_out, is_dir=True) as tmp_held,
             atomic_path(heldout_ids_out) as tmp_ids,
         ):
-            write_notes(
-                source,
-                notes,
-                spans,
-                [(tmp_held, np.flatnonzero(is_held)), (tmp_train, np.flatnonzero(~is_held))],
-                policy,
-            )
-            heldout_ids = np.sort(_int64s(notes.column("ROW_ID"))[is_held])
-            tmp_ids.write_text("".join(f"{i}\n" for i in heldout_ids.tolist()))
-    if kept.near_miss:
+            _write_parts(_spilled(spill_path, ~is_held), tmp_train)
+            _write_parts(_spilled(spill_path, is_held), tmp_held)
+            tmp_ids.write_text("".join(f"{i}\n" for i in np.sort(row_ids[is_held]).tolist()))
+    near_miss = Counter({value: n for value, n in kept.categories.items() if _is_near_miss(value)})
+    if near_miss:
         log.warning(
             "%d rows have a CATEGORY equal to %r except for case or spaces and were NOT kept: %s",
-            sum(kept.near_miss.values()),
+            sum(near_miss.values()),
             DISCHARGE_CATEGORY,
-            ", ".join(f"{value!r} x {n}" for value, n in kept.near_miss.most_common()),
+            ", ".join(f"{value!r} x {n}" for value, n in near_miss.most_common()),
         )
     stats = {
         "rows_read": kept.rows_read,
@@ -471,8 +304,8 @@ def run_notes_stage(
         "kept_heldout": n_held,
         "heldout_subjects": len(held),
         "dropped": {reason: kept.counts[reason] for reason in DROP_REASONS},
-        "near_miss_category": sum(kept.near_miss.values()),
-        "near_miss_category_values": dict(kept.near_miss.most_common()),
+        "near_miss_category": sum(near_miss.values()),
+        "near_miss_category_values": dict(near_miss.most_common()),
         "rows_per_category": dict(kept.categories.most_common()),
     }
     write_json(stats_out, stats)
@@ -494,8 +327,6 @@ def _reasons(counts: Counter) -> str:
 def read_notes(path: str | Path) -> list[dict]:
     """Notes as dicts with `row_id`, `subject_id`, `text`, in ROW_ID order, from a notes dataset
     (a folder of part files, as the notes stage writes) or a single Parquet file."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path, columns=["ROW_ID", "SUBJECT_ID", "TEXT"]).sort_by("ROW_ID")
     return [
         {"row_id": r, "subject_id": s, "text": t}

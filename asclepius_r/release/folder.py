@@ -78,7 +78,7 @@ WORKFLOW_SOURCES = (
     "docs",
     "BENCHMARKS.md",
 )
-# Caches, hidden files and build outputs (the notes scanner compiles into asclepius_r/_build/).
+# Caches, hidden files and build outputs.
 _NOT_SOURCE = re.compile(r"(^|/)(__pycache__|_build|\.[^/]*)(/|$)|\.(pyc|so|o|pyd|dylib)$")
 # Data formats that the text checks below cannot see into, by their first bytes.
 _BINARY_FORMATS = {
