@@ -45,9 +45,9 @@ DISCHARGE_CATEGORY = "Discharge summary"
 INTEGER_COLUMNS = ("ROW_ID", "SUBJECT_ID")
 INTEGER = "[0-9]{1,18}"  # what an integer column holds: digits only, within int64
 GZIP_MAGIC = b"\x1f\x8b"
-# Arrow reads a record only if it fits in a block. Notes run to tens of kB, so a longer record is a
-# quote that never closes; memory holds a few blocks.
-BLOCK_SIZE = 16 << 20
+# Arrow reads a record only if it fits in a block (notes run to tens of kB, so a longer record is a
+# quote that never closes), and reads up to 32 blocks ahead: the block size bounds the memory.
+BLOCK_SIZE = 4 << 20
 QUOTE, COMMA, CR, LF = b'",\r\n'
 
 
@@ -195,8 +195,8 @@ def read_batches(path: str | os.PathLike) -> Iterator[pa.RecordBatch]:
     """
     path = Path(path)
     header, compressed, row_ids = read_header(path), _is_gzip(path), []
-    progress = tqdm(desc=f"reading {path.name}", unit="B", unit_scale=True, mininterval=5, disable=None)
-    progress.total = None if compressed else path.stat().st_size
+    size = None if compressed else path.stat().st_size
+    progress = tqdm(desc=f"reading {path.name}", total=size, unit="B", unit_scale=True, mininterval=5, disable=None)
     try:
         with progress, pa.input_stream(str(path), compression="gzip" if compressed else None) as raw:
             reader = pv.open_csv(

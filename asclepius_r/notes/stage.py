@@ -153,7 +153,7 @@ class _Filter:
         self.rows_read += batch.num_rows
         categories = pc.value_counts(batch["CATEGORY"])  # in order of first appearance
         self.categories.update(dict(zip(*(categories.field(name).to_pylist() for name in ("values", "counts")))))
-        notes = batch.filter(pc.equal(batch["CATEGORY"], DISCHARGE_CATEGORY)).select(NOTE_SCHEMA.names)
+        notes = batch.select(NOTE_SCHEMA.names).filter(pc.equal(batch["CATEGORY"], DISCHARGE_CATEGORY))
         self.counts["other_category"] += batch.num_rows - notes.num_rows
         policy = self.policy
         for reason, applies, drops in (
