@@ -1,11 +1,12 @@
 """The MIMIC-III NOTEEVENTS.csv format: its columns and a strict, streaming reader of its records.
 
 pyarrow's CSV reader streams the file (plain or gzip, told apart by content) in blocks, quoted
-newlines included. Every record is checked: UTF-8, the field count, integer ROW_IDs and
-SUBJECT_IDs, and what Arrow's parser lets pass but a strict reader does not (see _StrictBytes).
-When anything is wrong, a second, slow pass with Python's strict `csv` module finds the first bad
-record for the error message: one line naming the file, the line and the ROW_ID (where it is an
-integer), never a field's text.
+newlines included; memory holds a few dozen blocks whatever the file's size. Every record is
+checked: UTF-8, the field count, integer ROW_IDs and SUBJECT_IDs, ROW_ID as the primary key, and
+what Arrow's parser lets pass but a strict reader does not (see _StrictBytes). When anything is
+wrong, a second, slow pass with Python's strict `csv` module finds the first bad record for the
+error message: one line naming the file, the line and the ROW_ID (where it is an integer), never a
+field's text.
 """
 
 from __future__ import annotations
