@@ -26,7 +26,7 @@ def _record(row_id: int, raw_text: bytes) -> bytes:
     return b'%d,7,100001,"2150-01-01",,,"Discharge summary","Report",,,%s\n' % (row_id, raw_text)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=40).map(lambda b: b.replace(b'"', b"").replace(b"\0", b"")))
 @example(b"\xc0\x80")  # overlong
 @example(b"\xe0\x80\x80")  # overlong
@@ -59,7 +59,7 @@ def _strict_csv_reads(data: bytes) -> list[list[str]] | None:
 RAW_FIELDS = st.lists(st.sampled_from(['"', '"', ",", "\n", "\r\n", "a", " "]), max_size=12).map("".join)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(RAW_FIELDS, min_size=1, max_size=4), st.sampled_from([128, 256, 1 << 20]))
 @example(['"open\nand "on"'], 1 << 20)  # a closing quote followed by text
 @example(['"never closed\n'], 1 << 20)

@@ -185,7 +185,7 @@ class _Filter:
 
 def _spilled(path: str, chosen: np.ndarray) -> Iterator[pa.RecordBatch]:
     """The spilled notes where `chosen` (one flag a note, in spill order) is true."""
-    with pa.ipc.open_stream(pa.input_stream(path)) as spill:
+    with pa.input_stream(path) as source, pa.ipc.open_stream(source) as spill:
         offset = 0
         for notes in spill:
             yield notes.filter(pa.array(chosen[offset : offset + notes.num_rows]))
