@@ -3,8 +3,9 @@
 Policies follow the 2023 method by default (keep addenda, exact category match) and fix what it
 lacked (drop ISERROR rows and exact-duplicate texts). One pass over the file filters it batch by
 batch and spills the notes it keeps to a temporary Arrow file, holding only their ROW_IDs,
-SUBJECT_IDs and text digests; once the held-out patients are known, the spill streams into the two
-outputs, Parquet datasets (folders of part files, in file order). Memory stays flat at any input size.
+SUBJECT_IDs and text digests; once the held-out patients are known, the spill streams into the
+two outputs, Parquet datasets (folders of part files, in file order). Memory stays flat at any
+input size.
 Every dropped row is counted under one reason in stats.json; near misses of the category
 ('discharge summary ', say) are never kept silently but warned about with their counts.
 """
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--noteevents", help="NOTEEVENTS.csv(.gz) (default: the config's noteevents)")
     parser.add_argument("--out", default="results/notes", help="output folder (default: results/notes)")
-    parser.add_argument("--threads", type=int, help="scan and writer threads (default: the core count)")
+    parser.add_argument("--threads", type=int, help="Arrow's threads (default: the core count)")
     parser.add_argument("--log", help="log file (default: stderr)")
     args = parser.parse_args(argv)
     setup_logging(args.log)
