@@ -12,6 +12,10 @@ GPUs claim as if CUDA showed those devices (same locks, waiting and CUDA_VISIBLE
 the work runs on CPU: the rehearsal and the tests see which device each job would have used.
 Every claim appends one line to `<lock dir>/claims.jsonl` when it is released:
 `{"job", "devices", "start", "end", "pid"}` (unix times), so overlapping claims can be checked.
+
+A job that asks for GPUs on a machine where torch sees none (a CPU-only torch in the job's
+environment, a node without GPUs) stops at once, saying why and what to do, unless the config
+allows the CPU on purpose (`launch.cpu_fallback`, the demo's) or fake devices are given.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from asclepius_r.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +138,43 @@ def claim_gpus(job: str, count: int, devices: list[str], fake: bool = False, pol
             handle.close()
 
 
+class NoGPUError(UserError, RuntimeError):
+    """A job asks for GPUs that torch does not see, and the config does not allow the CPU instead."""
+
+
+def no_gpu_message(job: str, count: int) -> str:
+    import torch
+
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} here is a CPU-only build"
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no device"
+            + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+            + ": not a GPU node, or its driver is not loaded"
+        )
+    return (
+        f"{job}: the rule asks for {count} GPU(s) but {why}. Run it where torch sees the GPUs (a GPU node, with "
+        "a CUDA build of torch in the job's environment, envs/train.yaml); to run GPU jobs on the CPU on purpose "
+        "(tiny models only, as the demo does), set launch.cpu_fallback: true; models.NAME.gpus: 0 trains that "
+        "model on the CPU."
+    )
+
+
 @contextlib.contextmanager
-def claim_for_job(job: str, count: int, poll_s: float = 5.0) -> Iterator[Claim | None]:
-    """Claim `count` devices for `job` if this machine has GPUs (real or fake); else yield None (CPU)."""
+def claim_for_job(job: str, count: int, poll_s: float = 5.0, cpu_fallback: bool = False) -> Iterator[Claim | None]:
+    """Claim `count` devices for `job` if this machine has GPUs (real or fake); yield None (CPU) for a
+    job that asks for none, or, with `cpu_fallback`, on a machine without them. Without them and
+    without `cpu_fallback`, raise NoGPUError at once."""
+    if count < 1:
+        yield None
+        return
     devices, fake = available_devices()
-    if not devices or count < 1:
+    if not devices:
+        if not cpu_fallback:
+            raise NoGPUError(no_gpu_message(job, count))
+        log.warning("%s: no CUDA device here; running on the CPU (launch.cpu_fallback)", job)
         yield None
         return
     with claim_gpus(job, count, devices, fake, poll_s) as claim:

@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2, help="per-device batch (2023: 2)")
     parser.add_argument(
-        "--accumulation", type=int, default=8, help="micro-batches per optimizer step (2023 and config.yaml: 8)"
+        "--accumulation", type=int, default=8, help="micro-batches per optimizer step and device (2023: 8)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (TrainingArguments)")
     parser.add_argument("--steps", type=int, default=30)
@@ -100,7 +100,7 @@ def main() -> None:
             metrics_file="",
             max_length=seq,
             per_device_batch_size=args.batch,
-            gradient_accumulation_steps=args.accumulation,
+            global_batch_size=args.batch * args.accumulation,  # one process
             max_steps=args.steps,
             warmup_ratio=0.0,
             logging_steps=max(1, args.steps // 3),

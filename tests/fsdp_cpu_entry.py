@@ -10,16 +10,19 @@ the Trainer builds takes the FSDP plugin from the FSDP_* variables of `accelerat
 Everything else (sharding, sharded checkpoints, resume, the merge) is the real code path.
 
     accelerate launch --config_file CPU_FSDP.yaml tests/fsdp_cpu_entry.py MODULE RUN.json PROBE_DIR [CRASH_AFTER_STEP]
+        [SLOW_EXPORT_S]
 
 Each rank writes PROBE_DIR/rank-<r>.json: how much its resident memory grew while it loaded the
 model (current and peak RSS, from /proc and getrusage), the distributed type, whether the Trainer saw FSDP, the
 parameter types and shard shapes, whether decoder layers are checkpoint-wrapped, each sharded
-parameter's mixed-precision dtypes as FSDP2 applies them, the dtypes of the gradients held between
-micro-batches (accumulation without sync) and of every gradient reduce-scatter, and the files of
+parameter's mixed-precision dtypes as FSDP2 applies them, the gradients held between
+micro-batches of an accumulation (bytes unsharded and sharded, the most seen, and their dtypes)
+and the dtypes of every gradient reduce-scatter, the process group's timeout, and the files of
 every checkpoint just after it was saved. At the end of training rank 0 also writes
 PROBE_DIR/gathered.pt, the full parameters all-gathered from the shards (the reference for the
 merged model). With CRASH_AFTER_STEP, every rank dies (os._exit) right after that step's
-checkpoint is on disk, as a job killed between checkpoints would.
+checkpoint is on disk, as a job killed between checkpoints would. With SLOW_EXPORT_S, rank 0
+takes that many seconds longer over its part of the export (a slow file system, a 13B model).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import resource
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +43,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback
 
+import asclepius_r.train.checkpoints as train_checkpoints
 import asclepius_r.train.run as train_run
 from accelerate import PartialState
 
@@ -67,7 +72,7 @@ class Observed:
     reduce_scatter_dtypes: set[str] = set()
 
     @classmethod
-    def install(cls) -> None:
+    def install(cls, slow_export_s: float | None = None) -> None:
         load = train_run.load_model_and_tokenizer
 
         def load_and_measure(run):
@@ -88,6 +93,15 @@ class Observed:
             return reduce_scatter(*args, **kwargs)
 
         dist.reduce_scatter_single = reduce_scatter_and_record
+        if slow_export_s:
+            write_part = train_checkpoints.write_weights_part
+
+            def write_part_slowly(*args, **kwargs):
+                if dist.get_rank() == 0:
+                    time.sleep(slow_export_s)
+                return write_part(*args, **kwargs)
+
+            train_checkpoints.write_weights_part = write_part_slowly
 
 
 class Probe(TrainerCallback):
@@ -102,7 +116,9 @@ class Probe(TrainerCallback):
             "rank": self.rank,
             "world_size": dist.get_world_size(),
             "load_memory": Observed.load_memory,
+            "process_group_timeout_s": process_group_timeout_s(),
             "accumulated_grad_dtypes": [],
+            "accumulated_grad_bytes": {"unsharded": 0, "sharded": 0},
             "saves": {},
         }
 
@@ -130,14 +146,23 @@ class Probe(TrainerCallback):
         self.write()
 
     def on_substep_end(self, args, state, control, **kwargs):
-        """After a micro-batch whose gradients were not synchronised: where FSDP2 keeps them."""
-        held = set()
+        """Between the micro-batches of an accumulation: the gradients FSDP2 holds, unsharded (the
+        whole parameter's, as without a sync) and sharded (this rank's part, after a reduce-scatter)."""
+        held, unsharded, sharded = set(), 0, 0
         for param in fsdp_params(self.trainer.model_wrapped):
             grad = param.unsharded_accumulated_grad
             grad = grad if grad is not None else param._unsharded_param.grad
             if grad is not None:
                 held.add(str(grad.dtype))
+                unsharded += grad.numel() * grad.element_size()
+            if param.sharded_param.grad is not None:
+                local = param.sharded_param.grad.to_local()
+                held.add(str(local.dtype))
+                sharded += local.numel() * local.element_size()
         self.record["accumulated_grad_dtypes"] = sorted(set(self.record["accumulated_grad_dtypes"]) | held)
+        most = self.record["accumulated_grad_bytes"]
+        if unsharded + sharded > most["unsharded"] + most["sharded"]:
+            self.record["accumulated_grad_bytes"] = {"unsharded": unsharded, "sharded": sharded}
 
     def on_step_end(self, args, state, control, **kwargs):
         # FSDP2 settles each parameter's dtypes at its first forward.
@@ -170,6 +195,12 @@ class Probe(TrainerCallback):
             torch.save({name: t.detach().clone() for name, t in gathered.items()}, self.probe_dir / "gathered.pt")
 
 
+def process_group_timeout_s() -> float:
+    """The timeout the default process group (gloo here, NCCL on GPUs) applies to its collectives."""
+    group = dist.distributed_c10d._get_default_group()
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
 def lift_cpu_fsdp_gate() -> None:
     """Relabel accelerate's CPU process group MULTI_GPU whenever it is (re)initialised.
 
@@ -186,10 +217,12 @@ def lift_cpu_fsdp_gate() -> None:
     PartialState.__init__ = initialise_then_relabel
 
 
-def main(module: str, run_file: str, probe_dir: str, crash_after_step: str | None = None) -> None:
+def main(
+    module: str, run_file: str, probe_dir: str, crash_after_step: str | None = None, slow_export_s: str | None = None
+) -> None:
     lift_cpu_fsdp_gate()
-    Observed.install()
-    crash = int(crash_after_step) if crash_after_step else None
+    Observed.install(float(slow_export_s) if slow_export_s else None)
+    crash = int(crash_after_step) if crash_after_step and int(crash_after_step) else None
     original_train = Trainer.train
 
     def train_with_probe(trainer, *args, **kwargs):

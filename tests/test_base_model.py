@@ -20,7 +20,7 @@ from asclepius_r.base_model.tiny import (
     llama3_special_tokens,
     tiny_llama_tokenizer,
 )
-from asclepius_r.train.checkpoints import export_checkpoint
+from asclepius_r.train.checkpoints import export_checkpoint, prepare_export
 from tests.conftest import copy_workflow, run_snakemake
 
 from .train_support import demo_texts
@@ -114,6 +114,7 @@ def test_copy_tokenizer_model_carries_the_base_files(tiny, tmp_path):
 
 def test_an_exported_checkpoint_carries_the_base_tokenizer_files(tiny, tmp_path):
     _, folder = tiny
+    prepare_export(tmp_path / "out")
     export_checkpoint(folder, folder, tmp_path / "out", "float32")
     info = describe_base(tmp_path / "out")
     assert info == replace(describe_base(folder), folder=str(tmp_path / "out"))

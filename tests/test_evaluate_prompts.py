@@ -80,6 +80,7 @@ def test_held_out_answers_fit_the_context_and_say_whether_the_note_was_cut(tmp_p
         tmp_path / "a.jsonl",
         decoding,
         truncation="drop",
+        cpu_fallback=True,
     )
     rows = read_jsonl(tmp_path / "a.jsonl")
     assert [r["prompt_truncated"] for r in rows] == [True, False]

@@ -1,4 +1,5 @@
-"""GPU claims: concurrent jobs on one machine never get the same device, answer jobs included."""
+"""GPU claims: concurrent jobs on one machine never get the same device, answer jobs included; a job
+that asks for GPUs where torch sees none stops at once unless the CPU is allowed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asclepius_r.gpus import CLAIMS_FILE, claim_for_job, claim_gpus, visible_devices
+from asclepius_r.evaluate.heldout import answer_heldout
+from asclepius_r.gpus import CLAIMS_FILE, NoGPUError, claim_for_job, claim_gpus, visible_devices
+from asclepius_r.train.launch import launch
+from asclepius_r.train.run import TrainRun
 
 from .train_support import REPO, build_fixture_data, demo_texts, launch_env, run_launch, write_run
 
@@ -145,3 +149,22 @@ def test_training_launch_claims_its_gpus(tmp_path, heldout, monkeypatch):
     run_launch("finetune", run_file, "--gpus", "2")
     [claim] = read_claims(tmp_path / "locks")
     assert claim["job"] == "finetune-finetune" and claim["devices"] == ["2", "3"]
+
+
+def test_a_gpu_job_without_a_gpu_stops_at_once_saying_what_to_do(tmp_path, heldout, monkeypatch):
+    """This machine's torch sees no CUDA device (the CI's CPU build): without fake devices or
+    launch.cpu_fallback, training and answer jobs stop before any work, naming the way out."""
+    monkeypatch.delenv("ASCLEPIUS_FAKE_GPUS", raising=False)
+    monkeypatch.setenv("ASCLEPIUS_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    run = TrainRun.from_json(write_run(tmp_path, "finetune", heldout, max_steps=1, max_length=256))
+    with pytest.raises(NoGPUError, match=r"finetune-finetune: the rule asks for 8 GPU\(s\) but torch .*cpu_fallback"):
+        launch("finetune", run, gpus=8)
+    assert not (tmp_path / "checkpoints").exists(), "nothing was prepared"
+    with pytest.raises(NoGPUError, match=r"answer_heldout-tiny: the rule asks for 1 GPU\(s\)"):
+        answer_heldout(heldout["model"], heldout["notes"], heldout["records"], tmp_path / "answers.jsonl")
+    assert not (tmp_path / "answers.jsonl").exists()
+    with claim_for_job("answer_heldout-tiny", 1, cpu_fallback=True) as claim:
+        assert claim is None, "allowed: the job runs on the CPU"
+    with claim_for_job("pretrain-x", 0) as claim:
+        assert claim is None, "a job that asks for no GPU runs on the CPU"
+    assert not (tmp_path / "locks").exists()

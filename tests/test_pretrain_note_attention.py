@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, default_data_collator
 
 from asclepius_r.config import ConfigError, load
-from asclepius_r.train.pretrain import BlockDataset, note_position_ids, pack_notes, pretraining_dataset
+from asclepius_r.train.pretrain import BlockDataset, note_position_ids, pack_notes, pretraining_dataset, tokenize_notes
 from asclepius_r.train.run import TrainRun, load_model_and_tokenizer
 from asclepius_r.train.settings import training_settings
 
@@ -71,14 +71,15 @@ def test_a_notes_logits_depend_on_the_note_before_it_only_across_notes(model_dir
 def test_positions_restart_at_each_note_and_at_the_block_start(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = demo_texts()[:6]
-    dataset, counts = pretraining_dataset(run_for(model_dir, "within_note"), tokenizer, texts)
+    notes = tokenize_notes({"TEXT": texts}, tokenizer)["input_ids"]
+    dataset, counts = pretraining_dataset(run_for(model_dir, "within_note"), tokenizer, notes)
     assert counts["note_attention"] == "within_note" and len(dataset) == counts["blocks"] > 2
     for i in range(len(dataset)):
         ids, positions = dataset[i]["input_ids"].numpy(), dataset[i]["position_ids"].numpy()
         starts = np.flatnonzero(positions == 0).tolist()
         assert starts == sorted({0, *np.flatnonzero(ids == tokenizer.bos_token_id).tolist()})
         assert (positions[1:][np.diff(positions) != 1] == 0).all(), "positions step by one or restart at 0"
-    across, _ = pretraining_dataset(run_for(model_dir, "across_notes"), tokenizer, texts)
+    across, _ = pretraining_dataset(run_for(model_dir, "across_notes"), tokenizer, notes)
     assert "position_ids" not in across[0]
     assert (across.blocks == dataset.blocks).all(), "the choice changes the attention, not the data"
     assert note_position_ids(np.array([5, 1, 7, 8, 2, 1, 9]), bos_token_id=1).tolist() == [0, 0, 1, 2, 3, 0, 1]
@@ -87,7 +88,8 @@ def test_positions_restart_at_each_note_and_at_the_block_start(model_dir):
 def test_special_token_strings_in_a_note_do_not_frame_notes(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [text + " <s> </s> " for text in demo_texts()[:3]]
-    blocks, _ = pack_notes(texts, tokenizer, 1, seed=0)  # blocks of one token: the whole stream, nothing dropped
+    notes = tokenize_notes({"TEXT": texts}, tokenizer)["input_ids"]
+    blocks, _ = pack_notes(notes, tokenizer, 1, seed=0)  # blocks of one token: the whole stream, nothing dropped
     stream = blocks.flatten()
     assert (stream == tokenizer.bos_token_id).sum() == (stream == tokenizer.eos_token_id).sum() == len(texts)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,11 +22,11 @@ from asclepius_r.train.finetune import (
     encode_example,
     pack_examples,
 )
-from asclepius_r.train.pretrain import pack_notes
+from asclepius_r.train.pretrain import encode_notes, pack_notes
 from asclepius_r.train.run import TrainRun, load_model_and_tokenizer
 from asclepius_r.train.throughput import FlopModel, batch_counts
 
-from .train_support import build_fixture_data, demo_texts
+from .train_support import build_fixture_data, demo_texts, launch_env
 
 
 @pytest.fixture(scope="module")
@@ -170,18 +174,57 @@ def test_pad_token_bos_is_refused(data, tmp_path):
         load_model_and_tokenizer(run)
 
 
-def test_pretraining_blocks_frame_each_note_once(tokenizer):
-    texts = demo_texts()[:6]
-    blocks, counts = pack_notes(texts, tokenizer, 128, seed=3)
+def test_pretraining_blocks_frame_each_note_once(data, tokenizer, tmp_path):
+    notes = encode_notes(data["notes"], tokenizer, str(tmp_path / "cache"))[:6]
+    texts = demo_texts()[:6]  # the fixture's notes, in ROW_ID order
+    assert [n.tolist() for n in notes] == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    blocks, counts = pack_notes(notes, tokenizer, 128, seed=3)
     stream = blocks.flatten().tolist()
     assert blocks.shape[1] == 128 and counts["blocks"] == len(blocks)
     assert stream.count(tokenizer.bos_token_id) >= 5 and "11" not in "".join(
         "1" if t == tokenizer.bos_token_id else "." for t in stream
     ), "never two BOS in a row"
-    assert counts["tokens"] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 2 for t in texts)
-    again, _ = pack_notes(texts, tokenizer, 128, seed=3)
-    other, _ = pack_notes(texts, tokenizer, 128, seed=4)
+    assert counts["tokens"] == sum(len(n) + 2 for n in notes)
+    again, _ = pack_notes(notes, tokenizer, 128, seed=3)
+    other, _ = pack_notes(notes, tokenizer, 128, seed=4)
     assert (again == blocks).all() and not (other == blocks).all()
+
+
+ENCODE_NOTES = """
+import json, logging, sys
+import datasets
+from accelerate import PartialState
+from transformers import AutoTokenizer
+from asclepius_r.train.pretrain import encode_notes
+
+notes, model, cache, out = sys.argv[1:]
+state = PartialState(cpu=True)
+messages = []
+handler = logging.Handler()
+handler.emit = lambda record: messages.append(record.getMessage())
+datasets.logging.set_verbosity_info()
+datasets.logging.get_logger().addHandler(handler)
+tokens = encode_notes(notes, AutoTokenizer.from_pretrained(model), cache)
+json.dump(
+    {"tokens": [t.tolist() for t in tokens], "cached": any("Loading cached processed dataset" in m for m in messages)},
+    open(f"{out}/rank-{state.process_index}.json", "w"),
+)
+"""
+
+
+@pytest.mark.slow
+def test_pretraining_notes_are_tokenized_once_for_all_ranks_and_cached(data, tokenizer, tmp_path):
+    """Two gloo ranks: rank 0 tokenizes into the datasets cache, rank 1 reads it (as fine-tuning)."""
+    script = tmp_path / "encode_notes.py"
+    script.write_text(ENCODE_NOTES)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    command += [str(data["notes"]), str(data["model"]), str(tmp_path / "cache"), str(tmp_path)]
+    result = subprocess.run(command, env=launch_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["cached"] for r in ranks] == [False, True], "rank 0 tokenizes, rank 1 loads its cache"
+    expected = tokenizer(demo_texts(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert ranks[0]["tokens"] == ranks[1]["tokens"] == expected, "every note, in ROW_ID order"
 
 
 @pytest.mark.parametrize("layers,hidden,ffn,expected", [(32, 4096, 11008, 42.9e9), (40, 5120, 13824, 82.2e9)])

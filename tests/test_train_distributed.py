@@ -26,14 +26,15 @@ def losses(root: Path) -> list[tuple[int, float]]:
 def test_two_gloo_processes_match_one_process(tmp_path):
     data = build_fixture_data(tmp_path)
     settings = dict(max_steps=6, max_length=1024, learning_rate=3e-3)
-    # finetune trains one pack per micro-batch and accumulates per_device_batch_size of them:
+    # finetune trains one pack per micro-batch and keeps the global batch whatever the processes:
     # 2 processes x 1 pack == 1 process x 2 packs accumulated == 2 packs per optimizer step.
-    two = write_run(tmp_path / "two", "finetune", data, per_device_batch_size=1, **settings)
-    one = write_run(tmp_path / "one", "finetune", data, per_device_batch_size=2, **settings)
+    two = write_run(tmp_path / "two", "finetune", data, global_batch_size=2, **settings)
+    one = write_run(tmp_path / "one", "finetune", data, global_batch_size=2, **settings)
     run_launch("finetune", two, "--cpu-processes", "2")
     run_launch("finetune", one)
     summary = json.loads((tmp_path / "two" / "out" / "finetune" / "training_run.json").read_text())
     assert summary["world_size"] == 2, "the distributed path really ran"
+    assert summary["gradient_accumulation_steps"] == 1 and summary["global_batch_size"] == 2
     curve_two, curve_one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert [s for s, _ in curve_two] == [s for s, _ in curve_one] == list(range(1, 7))
     assert curve_one[-1][1] < curve_one[0][1], "the loss moves, so matching curves mean something"

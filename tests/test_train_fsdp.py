@@ -1,4 +1,5 @@
-"""FSDP full_shard on two CPU processes (gloo): sharded training, sharded checkpoints, resume, merge.
+"""FSDP full_shard on two CPU processes (gloo): sharded training and gradients, sharded checkpoints,
+resume, an export written by every rank, and a process group that keeps the configured timeout.
 
 The job is started as on GPUs, `accelerate launch --config_file` with the repository's
 accelerate/fsdp_full_shard.yaml, changed only where a CPU needs it: use_cpu, 2 processes, a
@@ -34,6 +35,9 @@ from .train_support import REPO, TINY, build_fixture_data, launch_env, run_launc
 
 TOLERANCE = 1e-4
 STEPS, CRASH_STEP = 4, 2
+# FSDP2 pads a parameter's first dimension to a multiple of the ranks: a rank's gradient shard may
+# exceed half the model's by that padding, well under 5% for any model (none for these shapes).
+GRADIENT_MARGIN = 0.05
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -76,7 +80,12 @@ def cpu_fsdp_config(folder: Path, mixed_precision: str = "no", **fsdp_settings) 
 
 
 def launch_fsdp(
-    config: Path, run_file: Path, probe: Path, crash_after_step: int | None = None, stage: str = "finetune"
+    config: Path,
+    run_file: Path,
+    probe: Path,
+    crash_after_step: int | None = None,
+    stage: str = "finetune",
+    slow_export_s: float | None = None,
 ):
     probe.mkdir(parents=True)
     command = [
@@ -90,7 +99,7 @@ def launch_fsdp(
         str(run_file),
         str(probe),
     ]
-    command += [str(crash_after_step)] if crash_after_step else []
+    command += [str(crash_after_step or 0)] + ([str(slow_export_s)] if slow_export_s else [])
     return subprocess.run(command, env=launch_env(), capture_output=True, text=True)
 
 
@@ -147,8 +156,8 @@ def test_fsdp_cpu_trains_sharded_resumes_from_shards_and_merges(tmp_path):
         gradient_checkpointing=True,
     )
     # As in test_train_distributed: 2 ranks x 1 pack == 1 process x 2 packs per optimizer step.
-    run_file = write_run(tmp_path / "fsdp", "finetune", data, per_device_batch_size=1, **settings)
-    single_file = write_run(tmp_path / "one", "finetune", data, per_device_batch_size=2, **settings)
+    run_file = write_run(tmp_path / "fsdp", "finetune", data, global_batch_size=2, **settings)
+    single_file = write_run(tmp_path / "one", "finetune", data, global_batch_size=2, **settings)
     run = TrainRun.from_json(run_file)
     checkpoints, output = Path(run.checkpoint_dir), Path(run.output_dir)
     config = cpu_fsdp_config(tmp_path)
@@ -211,7 +220,7 @@ def test_fsdp_cpu_bf16_reduces_and_accumulates_in_fp32_and_follows_gradient_chec
         max_steps=2,
         max_length=128,
         per_device_batch_size=1,
-        gradient_accumulation_steps=2,
+        global_batch_size=4,  # 2 ranks x 1 x 2 accumulated micro-batches
         gradient_checkpointing=False,
     )
     run = TrainRun.from_json(run_file)
@@ -230,7 +239,38 @@ def test_fsdp_cpu_bf16_reduces_and_accumulates_in_fp32_and_follows_gradient_chec
         # (orig, param, reduce) dtypes of every sharded parameter: fp32 master, bf16 compute, fp32 reduction.
         assert record["mixed_precision"] == [["torch.float32", "torch.bfloat16", "torch.float32"]]
         assert record["accumulated_grad_dtypes"] == ["torch.float32"], "between micro-batches"
+        # Each micro-batch is reduce-scattered (sync_each_batch): between micro-batches a rank holds
+        # its shard of the fp32 gradients, not the whole model's (1.00x before: 13B OOM at step 1).
+        shard = 4 * sum(torch.Size(p["shape"]).numel() for p in record["parameters"].values()) / 2
+        held = record["accumulated_grad_bytes"]
+        assert held["unsharded"] == 0 and 0 < held["sharded"] <= shard * (1 + GRADIENT_MARGIN), (held, shard)
         assert record["reduce_scatter_dtypes"] == ["torch.float32"]
     metrics = [json.loads(line) for line in Path(run.metrics_file).read_text().splitlines()]
     assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
     assert json.loads((Path(run.output_dir) / "config.json").read_text())["use_cache"] is True
+
+
+@pytest.mark.slow
+def test_a_slow_export_outlasts_a_short_process_group_timeout_and_every_rank_writes_its_part(tmp_path):
+    """The configured timeout is the process group's (not the backend's default), and the export after
+    training waits on files, not in a collective: rank 0 taking 2.5x the timeout over its part still
+    ends well, with the weights split over both ranks' files and equal to the all-gathered shards."""
+    timeout_s, slow_s = 15, 40
+    data = build_fixture_data(tmp_path)
+    run_file = write_run(tmp_path / "run", "pretrain", data, max_steps=2, max_length=128, ddp_timeout_s=timeout_s)
+    run = TrainRun.from_json(run_file)
+    prepare_run("pretrain", run)
+    config = cpu_fsdp_config(tmp_path)
+    result = launch_fsdp(config, run_file, tmp_path / "probe", stage="pretrain", slow_export_s=slow_s)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert [r["process_group_timeout_s"] for r in probes(tmp_path / "probe")] == [timeout_s, timeout_s]
+    output = Path(run.output_dir)
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    merged = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).state_dict()
+    gathered = torch.load(tmp_path / "probe" / "gathered.pt")
+    assert set(gathered) <= set(merged) and set(index["weight_map"]) == set(gathered)
+    for name, tensor in gathered.items():
+        assert torch.equal(merged[name], tensor), f"{name}: exported weights differ from the all-gathered shards"
+    assert json.loads((output / "training_run.json").read_text())["world_size"] == 2
+    assert not Path(run.checkpoint_dir).exists() and not list(output.parent.glob(".*.export"))

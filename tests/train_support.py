@@ -58,7 +58,7 @@ def write_run(root: Path, stage: str, data: dict[str, Path], **settings) -> Path
     defaults = dict(
         max_length=512,
         per_device_batch_size=2,
-        gradient_accumulation_steps=1,
+        global_batch_size=2,
         learning_rate=1e-3,
         warmup_ratio=0.0,
         logging_steps=1,
@@ -83,7 +83,8 @@ def write_run(root: Path, stage: str, data: dict[str, Path], **settings) -> Path
 
 
 def launch_command(stage: str, run_file: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "asclepius_r.train.launch", stage, str(run_file), *extra]
+    """The launcher's command line; the tests train on the CPU on purpose (--cpu-fallback)."""
+    return [sys.executable, "-m", "asclepius_r.train.launch", stage, str(run_file), "--cpu-fallback", *extra]
 
 
 def launch_env() -> dict[str, str]:

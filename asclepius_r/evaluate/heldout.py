@@ -77,8 +77,10 @@ def answer_heldout(
     job: str | None = None,
     gpus: int = 1,
     seed: int = 0,
+    cpu_fallback: bool = False,
 ) -> None:
-    """Generate one answer per held-out question with the model in `model_dir`, on a claimed GPU.
+    """Generate one answer per held-out question with the model in `model_dir`, on a claimed GPU
+    (on the CPU where torch sees none only with `cpu_fallback`, see `gpus.claim_for_job`).
 
     Each row records the prompt's length and whether its note was cut (`truncation`) to fit
     the model's context with `decoding.max_new_tokens`.
@@ -94,7 +96,7 @@ def answer_heldout(
 
     decoding = decoding or Decoding()
     items = heldout_items(notes_path, records_path)
-    with claim_for_job(job or f"answer_heldout-{Path(model_dir).name}", gpus) as claim:
+    with claim_for_job(job or f"answer_heldout-{Path(model_dir).name}", gpus, cpu_fallback=cpu_fallback) as claim:
         model, tokenizer = load_for_generation(str(model_dir), claim.torch_device() if claim else "cpu")
         budget = prompt_budget(model, decoding.max_new_tokens, max_prompt_tokens)
         prompts = fit_prompts(tokenizer, [(i["note"], i["question"]) for i in items], budget, truncation)

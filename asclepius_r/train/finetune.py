@@ -13,9 +13,9 @@ and a rerun or resume with the same data, tokenizer and settings reuses it.
 Examples are packed without padding (first-fit decreasing): a pack is one
 flat row of at most `max_length` tokens whose position_ids restart at 0 for each example, so
 examples never attend to each other and every position is a real token. A pack takes the place
-of a padded row of 2023: each device trains one pack per micro-batch and accumulates
-`per_device_batch_size x gradient_accumulation_steps` of them per optimizer step, so a step
-holds at least as many examples as 2023's and no pack's attention is wider than `max_length`.
+of a padded row of 2023: each device trains one pack per micro-batch and the devices together take
+`global_batch_size` packs per optimizer step, so a step holds at least as many examples as 2023's
+and no pack's attention is wider than `max_length`.
 
     python -m asclepius_r.train.finetune RUN.json      (under `accelerate launch` on GPUs)
 """
@@ -41,7 +41,7 @@ from asclepius_r.errors import InputError
 from asclepius_r.files import atomic_path
 from asclepius_r.logs import setup_logging
 from asclepius_r.prompts import DEFAULT_TRUNCATION, fit_prompt, render_released
-from asclepius_r.train.run import TrainRun, load_model_and_tokenizer, train_and_save
+from asclepius_r.train.run import TrainRun, load_model_and_tokenizer, train_and_save, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +243,12 @@ def write_counts(path: str, counts: dict) -> None:
 
 def main(run_file: str) -> None:
     run = TrainRun.from_json(run_file)
+    run.per_device_batch_size = 1  # one pack per micro-batch
     model, tokenizer = load_model_and_tokenizer(run)
+    args = training_arguments(run)  # starts the process group, with the run's timeout, before any collective
     cache_dir = run.data_cache_dir or str(Path(run.checkpoint_dir) / "data-cache")
     examples, counts = encode_dataset(run.data, tokenizer, run.max_length, cache_dir, run.truncation)
-    if run.truncation_file and PartialState().is_main_process:
+    if run.truncation_file and args.process_index == 0:
         write_counts(run.truncation_file, counts)
     packs = pack_examples(examples, run.max_length, run.seed)
     tokens = sum(len(e.input_ids) for e in examples)
@@ -264,9 +266,7 @@ def main(run_file: str) -> None:
         run.max_length,
         100 * summary["pack_fill"],
     )
-    run.gradient_accumulation_steps *= run.per_device_batch_size
-    run.per_device_batch_size = 1
-    train_and_save(run, model, tokenizer, PackDataset(packs), collate_packed, data_summary=summary)
+    train_and_save(run, args, model, tokenizer, PackDataset(packs), collate_packed, data_summary=summary)
 
 
 if __name__ == "__main__":

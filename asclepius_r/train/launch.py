@@ -3,18 +3,22 @@
 With CUDA, the job claims `gpus` devices (`asclepius_r.gpus`: per-GPU lock files, since
 Snakemake never sets CUDA_VISIBLE_DEVICES) and runs `accelerate launch --num_processes <gpus>`
 with the repository's accelerate config. Without CUDA it runs one process, or `cpu_processes`
-gloo processes (torchrun); under ASCLEPIUS_FAKE_GPUS it claims fake devices first, so the
-rehearsal sees which GPUs the job would have held.
+gloo processes (torchrun), but only where that is allowed (`cpu_fallback`, or a run that asks for
+no GPU): a job that asks for GPUs that torch does not see stops at once (`gpus.NoGPUError`).
+Under ASCLEPIUS_FAKE_GPUS it claims fake devices first, so the rehearsal sees which GPUs the job
+would have held.
 
 Across the nodes of a SLURM step (`srun` with one task per node, `--slurm-nodes`), each node
 runs its share with the step's node count, its node rank and the first node's address as the
 c10d rendezvous: accelerate over its GPUs, or torchrun over CPU processes (gloo) without CUDA.
 
 Before starting, the checkpoint folder is checked against the run's fingerprint (settings
-and input files): a rerun after a crash resumes, a run with anything changed starts afresh.
+and input files): a rerun after a crash resumes, a run with anything changed starts afresh
+(except settings that only say how the run is watched or waited for, `RESUME_NEUTRAL`: a job
+that died of its process-group timeout resumes under a longer one).
 
     python -m asclepius_r.train.launch {pretrain,finetune} RUN.json [--gpus N] [--cpu-processes N]
-        [--prepare-only | --slurm-nodes [--port P]]
+        [--cpu-fallback] [--prepare-only | --slurm-nodes [--port P]]
 """
 
 from __future__ import annotations
@@ -45,11 +49,13 @@ class TrainingProcessError(UserError, RuntimeError):
 STAGES = ("pretrain", "finetune")
 # Where a run writes; moving them does not change what the checkpoints hold.
 OUTPUT_PATHS = ("output_dir", "checkpoint_dir", "metrics_file", "truncation_file", "data_cache_dir")
+# How the run is watched, saved or waited for: a resume under other values continues the same training.
+RESUME_NEUTRAL = ("ddp_timeout_s", "logging_steps", "save_steps", "save_total_limit", "peak_tflops_per_device")
 
 
 def run_fingerprint(stage: str, run: TrainRun) -> dict:
     """What the checkpoints depend on: settings and input files, but not where outputs go."""
-    settings = {k: v for k, v in asdict(run).items() if k not in OUTPUT_PATHS}
+    settings = {k: v for k, v in asdict(run).items() if k not in OUTPUT_PATHS + RESUME_NEUTRAL}
     return {
         "stage": stage,
         "settings": settings,
@@ -174,11 +180,13 @@ def launch(
     accelerate_config: str | None = None,
     cpu_processes: int = 1,
     threads: int | None = None,
+    cpu_fallback: bool = False,
 ) -> None:
-    """Run the stage's module for `run`, over `gpus` devices if CUDA is present, else on CPU."""
-    run_file = prepare_run(stage, run)
+    """Run the stage's module for `run`, over `gpus` devices if CUDA is present, else on CPU where
+    allowed (`cpu_fallback`; see `gpus.claim_for_job`)."""
     env = dict(os.environ)
-    with claim_for_job(f"{stage}-{Path(run.output_dir).name}", gpus) as claim:
+    with claim_for_job(f"{stage}-{Path(run.output_dir).name}", gpus, cpu_fallback=cpu_fallback) as claim:
+        run_file = prepare_run(stage, run)
         if claim:
             env["CUDA_VISIBLE_DEVICES"] = claim.cuda_visible_devices
         if claim and not claim.fake:
@@ -222,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-processes", type=int, default=1)
     parser.add_argument("--threads", type=int)
     parser.add_argument(
+        "--cpu-fallback", action="store_true", help="run on the CPU when torch sees no GPU (else stop, saying why)"
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="only check the checkpoints and write the run file (multi-node launches)",
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         args.accelerate_config,
         args.cpu_processes,
         args.threads,
+        args.cpu_fallback,
     )
 
 

@@ -6,29 +6,41 @@ last step; the declared outputs are made from that checkpoint last and atomicall
 metrics file, then the model folder (safetensors in `save_dtype`, tokenizer, the base's own
 tokenizer files, `training_run.json`). BOS, EOS and the context are the base's own (`describe_base`),
 whichever its tokenizer family. Under FSDP the checkpoint holds per-rank shards (SHARDED_STATE_DICT, so
-no rank gathers the whole model) and rank 0 merges them on CPU.
+no rank gathers the whole model) and every rank writes its part of the export on CPU.
+
+The global batch is the run's `global_batch_size` whatever the number of processes: gradient
+accumulation is what changes (`gradient_accumulation`). The process group is started by the
+TrainingArguments (`training_arguments`), before any collective, so its timeout is the run's
+`ddp_timeout_s`; the export after training waits on files, never on that timeout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from accelerate import init_empty_weights
+from accelerate import PartialState, init_empty_weights
 from asclepius_r.base_model.describe import check_base_model, describe_base
 from asclepius_r.errors import InputError
 from asclepius_r.files import atomic_path, read_jsonl
 from asclepius_r.prompts import DEFAULT_TRUNCATION, check_adds_bos_once
-from asclepius_r.train.checkpoints import KeepTokenizerModel, export_checkpoint, last_complete_checkpoint
+from asclepius_r.train.checkpoints import (
+    KeepTokenizerModel,
+    export_checkpoint,
+    last_complete_checkpoint,
+    prepare_export,
+)
 from asclepius_r.train.throughput import FlopModel, Window, batch_counts, peak_tflops_of
 
 log = logging.getLogger(__name__)
@@ -47,8 +59,8 @@ class TrainRun:
     epochs: float = 1.0
     max_steps: int = -1
     max_length: int = 2048
+    global_batch_size: int = 128  # sequences per optimizer step over all processes
     per_device_batch_size: int = 2
-    gradient_accumulation_steps: int = 8
     learning_rate: float = 2e-5
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
@@ -66,6 +78,7 @@ class TrainRun:
     truncation: str = DEFAULT_TRUNCATION
     truncation_file: str | None = None
     data_cache_dir: str | None = None
+    ddp_timeout_s: int = 18000  # the process group's timeout (2023: --ddp_timeout 18000)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainRun:
@@ -95,20 +108,50 @@ def loads_weights_on_rank_0_only() -> bool:
     )
 
 
+def gradient_accumulation(run: TrainRun, processes: int) -> int:
+    """Micro-batches each process accumulates per optimizer step so that the step holds the run's
+    `global_batch_size` over `processes` processes (the next multiple above it, said so, when it
+    does not divide)."""
+    per_pass = processes * run.per_device_batch_size
+    steps = max(1, math.ceil(run.global_batch_size / per_pass))
+    if steps * per_pass != run.global_batch_size:
+        log.warning(
+            "global_batch_size %d is not a multiple of %d process(es) x %d per device: the global batch is %d",
+            run.global_batch_size,
+            processes,
+            run.per_device_batch_size,
+            steps * per_pass,
+        )
+    log.info(
+        "global batch %d = %d process(es) x %d per device x %d accumulated micro-batch(es)",
+        steps * per_pass,
+        processes,
+        run.per_device_batch_size,
+        steps,
+    )
+    return steps
+
+
 def training_arguments(run: TrainRun) -> TrainingArguments:
+    """The Trainer's arguments, after starting the process group with the run's timeout: every
+    process calls this before any collective (the first start decides the timeout for good)."""
     cuda = torch.cuda.is_available()
+    # transformers hands ddp_timeout to the process group on GPUs only; started here, the run's
+    # timeout holds on any device, and TrainingArguments then finds the group already started.
+    PartialState(cpu=not cuda, timeout=timedelta(seconds=run.ddp_timeout_s))
+    fsdp = launched_with_fsdp()
     # Under FSDP, FSDP's own activation checkpointing does it instead (set from the same setting
     # in MeasuredTrainer; both at once is an error in the Trainer and a redundant all-gather).
-    checkpoint_activations = run.gradient_checkpointing and not launched_with_fsdp()
+    checkpoint_activations = run.gradient_checkpointing and not fsdp
     return TrainingArguments(
         output_dir=run.checkpoint_dir,
         per_device_train_batch_size=run.per_device_batch_size,
-        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        gradient_accumulation_steps=gradient_accumulation(run, int(os.environ.get("WORLD_SIZE", "1"))),
         num_train_epochs=run.epochs,
         max_steps=run.max_steps,
         learning_rate=run.learning_rate,
         lr_scheduler_type=run.lr_scheduler,
-        warmup_steps=run.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        warmup_steps=0,  # set from warmup_ratio once the steps are known (MeasuredTrainer.create_scheduler)
         weight_decay=run.weight_decay,
         bf16=run.bf16 and cuda,
         tf32=run.tf32 and cuda,
@@ -121,6 +164,13 @@ def training_arguments(run: TrainRun) -> TrainingArguments:
         data_seed=run.seed,
         report_to=[],
         use_cpu=not cuda,
+        ddp_timeout=run.ddp_timeout_s,
+        # Under FSDP2 a micro-batch whose gradients are not synchronised leaves every parameter's
+        # gradient unsharded in fp32 on every rank until the step (a whole model's fp32 gradients
+        # per GPU: 52 GB for 13B). Reduce-scattering after each micro-batch keeps only the shard;
+        # the extra reduce-scatters overlap the backward pass. DDP holds whole gradients anyway,
+        # so there the sync waits for the last micro-batch.
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": fsdp}},
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LLaMA weight is used; the search costs a graph walk
         remove_unused_columns=False,
@@ -228,6 +278,12 @@ class MeasuredTrainer(Trainer):
         if self.is_fsdp_enabled:
             configure_fsdp(self.accelerator.state.fsdp_plugin, self.accelerator.mixed_precision, self.run)
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # transformers 5 reads a float warmup_steps below 1 as a ratio and 1.0 as one step; the run's
+        # ratio is turned into steps here, where their number is known (1.0: warm up all the way).
+        self.args.warmup_steps = math.ceil(num_training_steps * self.run.warmup_ratio)
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.window_counts += batch_counts(inputs).to(self.window_counts.device)
         return super().training_step(model, inputs, num_items_in_batch)
@@ -267,11 +323,17 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def train_and_save(run: TrainRun, model, tokenizer, dataset, collator, data_summary: dict) -> None:
-    """Train (resuming from the newest complete checkpoint), then write the declared outputs."""
+def train_and_save(
+    run: TrainRun, args: TrainingArguments, model, tokenizer, dataset, collator, data_summary: dict
+) -> None:
+    """Train (resuming from the newest complete checkpoint), then write the declared outputs.
+
+    After training, every rank writes its part of the export (`export_checkpoint`) and rank 0
+    finishes it; none of that waits in a collective, so an export that takes longer than the
+    process group's timeout still ends well.
+    """
     checkpoint_dir = Path(run.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    args = training_arguments(run)
     trainer = MeasuredTrainer(
         model=model,
         args=args,
@@ -290,9 +352,13 @@ def train_and_save(run: TrainRun, model, tokenizer, dataset, collator, data_summ
         else:
             run.running_metrics.unlink(missing_ok=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.accelerator.wait_for_everyone()
+    accelerator = trainer.accelerator
     if trainer.is_world_process_zero():
-        final = last_complete_checkpoint(checkpoint_dir)  # the Trainer saves at its last step
+        prepare_export(run.output_dir)
+    accelerator.wait_for_everyone()  # the job's last collective: training is over, the staging folder is ready
+    final = last_complete_checkpoint(checkpoint_dir)  # the Trainer saves at its last step
+    summary = None
+    if trainer.is_world_process_zero():
         base = describe_base(run.base_model)
         summary = {
             "settings": asdict(run),
@@ -308,12 +374,22 @@ def train_and_save(run: TrainRun, model, tokenizer, dataset, collator, data_summ
             "data": data_summary,
             "global_step": trainer.state.global_step,
             "resumed_from": resume.name if resume else None,
-            "world_size": trainer.accelerator.num_processes,
+            "world_size": accelerator.num_processes,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "global_batch_size": args.gradient_accumulation_steps
+            * args.per_device_train_batch_size
+            * accelerator.num_processes,
         }
         with atomic_path(run.metrics_file) as tmp:
             shutil.copyfile(run.running_metrics, tmp)
-        export_checkpoint(
-            final, run.base_model, run.output_dir, run.save_dtype, extra_files={"training_run.json": summary}
-        )
+    export_checkpoint(
+        final,
+        run.base_model,
+        run.output_dir,
+        run.save_dtype,
+        extra_files={"training_run.json": summary} if summary else None,
+        rank=accelerator.process_index,
+        processes=accelerator.num_processes,
+    )
+    if trainer.is_world_process_zero():
         shutil.rmtree(checkpoint_dir)
-    trainer.accelerator.wait_for_everyone()
