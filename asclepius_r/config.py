@@ -3,11 +3,18 @@
 The schema (schemas/config.schema.yaml) is the one place a default is written. Snakemake's
 common.smk calls `resolve()` before any job runs; each stage then reads its own section
 (`Settings.from_config(section)` in the stage's package). This module imports no stage.
+
+Every key of the schema is classed (`x-operational`): operational keys say how a run goes,
+the others what it makes. Rule params are `determining(...)`, the part of a section that
+determines outputs, so Snakemake reruns a job for those keys only; the job reads the whole
+config (`snakemake.config`) for the rest.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -16,6 +23,8 @@ import yaml
 from asclepius_r.errors import UserError
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
+OPERATIONAL = "x-operational"  # schema annotation: true for a key that cannot change what the workflow makes
+KEYS_OF = "x-keys"  # schema annotation: an object whose keys are those of another definition
 
 
 class ConfigError(UserError, ValueError):
@@ -56,6 +65,67 @@ def _message(error: jsonschema.ValidationError) -> str:
 
 def schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+@functools.cache
+def _read_only_schema() -> dict:
+    """The schema read once, for lookups that never hand it on (the validator fills defaults into its copy)."""
+    return schema()
+
+
+def _definition(node: dict) -> dict:
+    """A schema node with its `$ref` or `x-keys` followed (`#/$defs/NAME`)."""
+    pointer = node.get("$ref") or node.get(KEYS_OF)
+    return _read_only_schema()["$defs"][pointer.removeprefix("#/$defs/")] if pointer else node
+
+
+def config_keys(node: dict | None = None, where: str = "") -> Iterator[tuple[str, dict]]:
+    """Every key of the schema, dotted (`llm.max_concurrency`, `models.*.pretrain.learning_rate`; `*`
+    for a model's name), with its schema. A key is classed (`x-operational`), or an object whose
+    keys are."""
+    node = _definition(_read_only_schema() if node is None else node)
+    children = dict(node.get("properties", {}))
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and not children:
+        children = {"*": extra}
+    for name, sub in children.items():
+        key = f"{where}{name}"
+        if OPERATIONAL in sub:
+            yield key, sub
+            continue
+        inner = _definition(sub)
+        if not inner.get("properties") and not isinstance(inner.get("additionalProperties"), dict):
+            raise ValueError(f"{SCHEMA_PATH.name}: config key {key} is not classed ({OPERATIONAL}: true or false)")
+        yield from config_keys(inner, key + ".")
+
+
+def _strip_operational(value, node: dict):
+    node = _definition(node)
+    if not isinstance(value, dict):
+        return value
+    properties = node.get("properties")
+    if properties is None:
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict) and OPERATIONAL not in extra:
+            return {name: _strip_operational(v, extra) for name, v in value.items()}
+        return value
+    kept = {}
+    for name, v in value.items():
+        sub = properties.get(name, {})
+        if not sub.get(OPERATIONAL, False):
+            kept[name] = v if OPERATIONAL in sub else _strip_operational(v, sub)
+    return kept
+
+
+def determining(section: dict, where: str) -> dict:
+    """What of a config section determines the workflow's outputs: its operational keys (schema
+    `x-operational: true`) left out, here and in nested sections. `where` is the section's key
+    (`llm`, `evaluate`) or a definition (`#/$defs/training`); "" is the whole config. This is what
+    rule params hold: Snakemake reruns a job whose params changed."""
+    node = {"$ref": where} if where.startswith("#/") else _read_only_schema()
+    for part in where.split(".") if where and not where.startswith("#/") else []:
+        node = node["properties"][part]
+    return _strip_operational(section, node)
 
 
 def check_section(value: dict, definition: str, where: str) -> None:
@@ -142,6 +212,15 @@ def release_names(name: str) -> tuple[str, str]:
 
 # The evaluation's name for a model's base, beside its Asclepius-R checkpoints.
 BASE_PREFIX = "Base-"
+
+
+def configured_model(config: dict, evaluated: str) -> str | None:
+    """The configured model (models.NAME) an evaluated model comes from: Base-NAME,
+    Asclepius-R-NAME-Pretrained-Only and Asclepius-R-NAME are NAME's; an extra model is none."""
+    for name in config["models"]:
+        if evaluated in (BASE_PREFIX + name, *release_names(name)):
+            return name
+    return None
 
 
 def evaluated_models(config: dict) -> list[str]:

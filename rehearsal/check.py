@@ -31,6 +31,7 @@ import yaml
 
 from asclepius_r.base_model.describe import TINY_BASES, base_dir, tiny_spec
 from asclepius_r.config import BASE_PREFIX, evaluated_models, resolve
+from asclepius_r.evaluate.heldout import truncation_policy
 from asclepius_r.files import read_jsonl
 from asclepius_r.prompts import RELEASED_TEMPLATE, render_released
 from asclepius_r.train.settings import training_settings
@@ -165,10 +166,11 @@ def check_eval_prompts(config: dict, models: list[str]) -> str:
         for i in heldout_items("results/notes/heldout.parquet", "results/instructions/heldout.jsonl")
     }
     evaluate = config["evaluate"]
-    # Evaluation drops nothing (every model answers every question): `drop` cuts as note_middle.
-    policy = "note_middle" if config["finetune"]["truncation"] == "drop" else config["finetune"]["truncation"]
     cut = 0
     for model in models:
+        # Evaluation drops nothing (every model answers every question): `drop` cuts as note_middle.
+        policy = truncation_policy(config, model)
+        policy = "note_middle" if policy == "drop" else policy
         folder = Path(
             base_dir(config, model.removeprefix(BASE_PREFIX))
             if model.startswith(BASE_PREFIX)

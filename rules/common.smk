@@ -89,15 +89,29 @@ def evaluated_model_dir(wildcards):
 
 
 def training_params(stage):
-    """The stage's settings for the job's model; max_length capped by its base's context."""
+    """What of the stage's settings for the job's model determines it (max_length capped by its
+    base's context); the job reads the rest from the config."""
 
     def settings(wildcards):
         try:
-            return training_settings(config, stage, wildcards.size)
+            return workflow_config.determining(training_settings(config, stage, wildcards.size), "#/$defs/training")
         except workflow_config.ConfigError as error:
             raise WorkflowError(str(error)) from None
 
     return settings
+
+
+def determining(key):
+    """The part of config section `key` that determines outputs: what a rule's params hold, so
+    that an operational key (endpoint, quota, retries, budget, batch size) reruns no job. Scripts
+    read the whole section from snakemake.config."""
+    return workflow_config.determining(config[key] if key else config, key)
+
+
+def finetune_truncation(wildcards):
+    """The truncation policy an evaluated model's prompts are cut by: its own model's
+    finetune.truncation (per-model overrides included); extra models take the finetune section's."""
+    return truncation_policy(config, wildcards.model)
 
 
 def final_outputs():

@@ -17,8 +17,8 @@ rule answer_heldout:
     resources:
         gpu=1,
     params:
-        evaluate=config["evaluate"],
-        truncation=truncation_policy(config),
+        evaluate=determining("evaluate"),
+        truncation=finetune_truncation,
         seed=config["seed"],
     script:
         "../scripts/answer_heldout.py"
@@ -44,8 +44,8 @@ rule judge_heldout:
         "../envs/llm.yaml"
     params:
         models=workflow_config.evaluated_models(config),
-        judge=config["judge"],
-        llm=config["llm"],
+        judge=determining("judge"),
+        llm=determining("llm"),
         seed=config["seed"],
     script:
         "../scripts/judge_heldout.py"

@@ -18,7 +18,6 @@ rule finetune:
         gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
     params:
         settings=training_params("finetune"),
-        launch=config["launch"],
         checkpoints="results/checkpoints/finetune-{size}",
         # Tokenised examples (datasets' Arrow cache), kept across reruns and shared by sizes.
         data_cache="results/cache/finetune-data",

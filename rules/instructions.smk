@@ -12,9 +12,10 @@ rule generate_instructions:
         "logs/instructions/{split}.log",
     conda:
         "../envs/llm.yaml"
+    # What determines the dataset; the client's operational settings come from the config.
     params:
         instructions=config["instructions"],
-        llm=config["llm"],
+        llm=determining("llm"),
         seed=config["seed"],
     script:
         "../scripts/generate_instructions.py"

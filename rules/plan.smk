@@ -16,7 +16,7 @@ rule plan:
     conda:
         "../envs/train.yaml"
     params:
-        config=config,
+        config=determining(""),
     script:
         "../scripts/plan.py"
 

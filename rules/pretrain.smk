@@ -17,7 +17,8 @@ rule pretrain:
         gpu=lambda wildcards: config["models"][wildcards.size]["gpus"],
     params:
         settings=training_params("pretrain"),
-        launch=config["launch"],
         checkpoints="results/checkpoints/pretrain-{size}",
+        # Tokenised notes (datasets' Arrow cache), kept across reruns and shared by sizes.
+        data_cache="results/cache/pretrain-data",
     script:
         "../scripts/train.py"

@@ -29,7 +29,7 @@ rule release:
     conda:
         "../envs/data.yaml"
     params:
-        config=config,
+        config=determining(""),
         source_root=workflow.basedir,
         # The archives are appended to by their stages, never made by a rule: read, not tracked.
         llm_archive=config["llm"]["archive"],

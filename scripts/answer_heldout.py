@@ -1,4 +1,7 @@
-"""Rule answer_heldout: one model's answers to the held-out questions, with ROUGE-L, on a claimed GPU."""
+"""Rule answer_heldout: one model's answers to the held-out questions, with ROUGE-L, on a claimed GPU.
+
+The rule's params hold what determines the answers; the batch size and the CPU fallback come from the config.
+"""
 
 from asclepius_r.logs import setup_logging
 
@@ -7,7 +10,7 @@ setup_logging(snakemake.log[0])
 from asclepius_r.evaluate.generation import Decoding
 from asclepius_r.evaluate.heldout import answer_heldout
 
-options = snakemake.params.evaluate
+options = snakemake.config["evaluate"]
 answer_heldout(
     snakemake.input.model,
     snakemake.input.notes,
@@ -20,4 +23,5 @@ answer_heldout(
     job=f"{snakemake.rule}-{snakemake.wildcards.model}",
     gpus=snakemake.resources.gpu,
     seed=snakemake.params.seed,
+    cpu_fallback=snakemake.config["launch"]["cpu_fallback"],
 )

@@ -1,4 +1,8 @@
-"""Rule generate_instructions: one question and answer per note through the LLM client."""
+"""Rule generate_instructions: one question and answer per note through the LLM client.
+
+The rule's params hold what determines the dataset; the client's operational settings (endpoint,
+quotas, retries, budget) come from the config.
+"""
 
 from asclepius_r.logs import setup_logging
 
@@ -7,7 +11,7 @@ setup_logging(snakemake.log[0])
 from asclepius_r.instructions.generate import GenerationSettings, run_instruction_stage
 from asclepius_r.llm import LLMClient, LLMSettings
 
-settings = {k: snakemake.params[k] for k in ("instructions", "llm", "seed")}
+settings = snakemake.config
 with LLMClient(LLMSettings.from_config(settings["llm"])) as client:
     run_instruction_stage(
         snakemake.input.notes,

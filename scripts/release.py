@@ -25,7 +25,7 @@ build_release(
     snakemake.output[0],
     checkpoints={Path(folder).name: folder for folder in inputs.pretrained + inputs.finetuned},
     files=files,
-    config=params.config,
+    config=snakemake.config,
     source_root=params.source_root,
     inputs={name: inputs[name] for name in params.input_names},
 )

@@ -1,4 +1,8 @@
-"""Rules pretrain and finetune: launch the stage's training module on the job's GPUs or CPU."""
+"""Rules pretrain and finetune: launch the stage's training module on the job's GPUs or CPU.
+
+The rule's params hold what determines the model (its rerun trigger); the run takes every
+setting, operational ones (logging, saving, the process-group timeout) included, from the config.
+"""
 
 from asclepius_r.logs import setup_logging
 
@@ -6,7 +10,10 @@ setup_logging(snakemake.log[0])
 
 from asclepius_r.train.launch import launch
 from asclepius_r.train.run import TrainRun
+from asclepius_r.train.settings import training_settings
 
+config, stage = snakemake.config, snakemake.rule
+launch_settings = config["launch"]
 run = TrainRun(
     base_model=snakemake.input.base,
     data=snakemake.input.data,
@@ -14,14 +21,16 @@ run = TrainRun(
     checkpoint_dir=snakemake.params.checkpoints,
     metrics_file=snakemake.output.metrics,
     truncation_file=snakemake.output.get("truncation"),
-    data_cache_dir=snakemake.params.get("data_cache"),
-    **snakemake.params.settings,
+    data_cache_dir=snakemake.params.data_cache,
+    ddp_timeout_s=launch_settings["ddp_timeout_s"],
+    **training_settings(config, stage, snakemake.wildcards.size),
 )
 launch(
-    snakemake.rule,
+    stage,
     run,
     gpus=snakemake.resources.gpu,
-    accelerate_config=snakemake.params.launch["accelerate_config"],
-    cpu_processes=snakemake.params.launch["cpu_processes"],
+    accelerate_config=launch_settings["accelerate_config"],
+    cpu_processes=launch_settings["cpu_processes"],
     threads=snakemake.threads,
+    cpu_fallback=launch_settings["cpu_fallback"],
 )

@@ -23,6 +23,8 @@ PROBE_DIR/gathered.pt, the full parameters all-gathered from the shards (the ref
 merged model). With CRASH_AFTER_STEP, every rank dies (os._exit) right after that step's
 checkpoint is on disk, as a job killed between checkpoints would. With SLOW_EXPORT_S, rank 0
 takes that many seconds longer over its part of the export (a slow file system, a 13B model).
+With PROBE_UNSYNCED_ACCUMULATION=1 in the environment, micro-batches accumulate without a gradient
+sync as the Trainer does by default (bench/gradient_memory.py's baseline).
 """
 
 from __future__ import annotations
@@ -217,10 +219,24 @@ def lift_cpu_fsdp_gate() -> None:
     PartialState.__init__ = initialise_then_relabel
 
 
+def accumulate_unsynced() -> None:
+    """The Trainer's default accumulation: no gradient sync until the last micro-batch of a step."""
+    make_arguments = train_run.training_arguments
+
+    def arguments_without_sync(run):
+        args = make_arguments(run)
+        args.accelerator_config.gradient_accumulation_kwargs = {"sync_each_batch": False}
+        return args
+
+    train_run.training_arguments = arguments_without_sync
+
+
 def main(
     module: str, run_file: str, probe_dir: str, crash_after_step: str | None = None, slow_export_s: str | None = None
 ) -> None:
     lift_cpu_fsdp_gate()
+    if os.environ.get("PROBE_UNSYNCED_ACCUMULATION") == "1":
+        accumulate_unsynced()
     Observed.install(float(slow_export_s) if slow_export_s else None)
     crash = int(crash_after_step) if crash_after_step and int(crash_after_step) else None
     original_train = Trainer.train

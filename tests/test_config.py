@@ -88,6 +88,23 @@ def test_truncation_is_a_fine_tuning_setting_only():
     assert truncation_policy(config) == "drop", "the default"
 
 
+def test_a_models_own_truncation_shapes_its_evaluation_prompts():
+    config = workflow_config.resolve(
+        merged(merged(PAPER, DEMO), {"models": {"13B": {"finetune": {"truncation": "note_tail"}}}})
+    )
+    config["evaluate"]["extra_models"] = {"Other": "/models/other"}
+    policies = {model: truncation_policy(config, model) for model in workflow_config.evaluated_models(config)}
+    assert policies == {
+        "Base-7B": "note_middle",
+        "Asclepius-R-7B-Pretrained-Only": "note_middle",
+        "Asclepius-R-7B": "note_middle",
+        "Base-13B": "note_tail",
+        "Asclepius-R-13B-Pretrained-Only": "note_tail",
+        "Asclepius-R-13B": "note_tail",
+        "Other": "note_middle",
+    }
+
+
 def test_decoding_is_greedy_by_default_and_2023_beam_sampling_is_an_option():
     config = workflow_config.resolve(merged(PAPER, DEMO))
     assert Decoding.from_config(config["evaluate"]).generate_kwargs() == {

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean
 
+from asclepius_r.config import configured_model
 from asclepius_r.evaluate.judge import SCORES
 from asclepius_r.files import atomic_path, read_jsonl, write_json, write_jsonl
 from asclepius_r.notes.stage import read_notes
@@ -50,9 +51,13 @@ def heldout_items(notes_path, records_path) -> list[dict]:
     ]
 
 
-def truncation_policy(config: dict) -> str:
-    """finetune.truncation, which also shapes evaluation prompts."""
-    return config["finetune"].get("truncation", DEFAULT_TRUNCATION)
+def truncation_policy(config: dict, evaluated: str | None = None) -> str:
+    """finetune.truncation of the model `evaluated` comes from (its models.NAME.finetune override
+    included), which also shapes its evaluation prompts; the finetune section's for an extra
+    model or none."""
+    name = configured_model(config, evaluated) if evaluated else None
+    section = {**config["finetune"], **(config["models"][name].get("finetune", {}) if name else {})}
+    return section.get("truncation", DEFAULT_TRUNCATION)
 
 
 def token_f1(candidate: str, reference: str) -> float:

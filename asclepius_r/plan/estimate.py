@@ -57,10 +57,15 @@ DEFAULT_MFU = 0.35
 ASSUMED_PEAK_TFLOPS = 312.0  # A100 bf16 dense, when neither the config nor a visible GPU names one
 BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 MEASURED_MFU = re.compile(r"RESULT tokens_per_s=\S+ mfu=(?P<mfu>[0-9]*\.?[0-9]+) device=(?P<device>\S+)")
-# Bytes per parameter: a checkpoint holds fp32 weights and Adam's two fp32 moments (7B: 81 GB);
-# training holds those plus fp32 gradients. An export holds the weights in `save_dtype`.
+# Bytes per parameter: a checkpoint holds fp32 weights and Adam's two fp32 moments (7B: 81 GB),
+# and so does training (sharded over the job's devices under FSDP), plus the gradients
+# (`gradient_bytes`). An export holds the weights in `save_dtype`.
 CHECKPOINT_BYTES_PER_PARAM = 12
-TRAINING_BYTES_PER_PARAM = 16
+STATE_BYTES_PER_PARAM = 12
+GRADIENT_BYTES_PER_PARAM = 4  # fp32, as accumulated and reduce-scattered (train.run.configure_fsdp)
+# While a layer's backward runs under FSDP, its gradient is whole: bf16 as computed and fp32 as
+# reduce-scattered; two layers are in flight when the reduce-scatter overlaps the next backward.
+LAYER_GRADIENT_BYTES_PER_PARAM = 2 + 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAVE_TOTAL_LIMIT = 2  # TrainRun's default (train/run.py), when the config does not set it
 # Activation memory per token and layer under memory-efficient attention (Korthikanti et al.
@@ -272,13 +277,30 @@ def judge_row(config: dict, heldout_chars: np.ndarray) -> dict:
 
 
 # -- GPU stages ------------------------------------------------------------------------------
+def gradient_bytes(shape: dict, params: int, devices: int, sharded: bool) -> int:
+    """Gradient memory of one training process between and during micro-batches.
+
+    Under FSDP the training code reduce-scatters every micro-batch's gradients
+    (`sync_each_batch`), so a process keeps its fp32 shard of the accumulated gradients plus the
+    whole gradients of the layers whose backward is in flight. Without that sync FSDP2 keeps every
+    parameter's fp32 gradient whole on every rank until the step (4 bytes per parameter per GPU,
+    what made 13B run out of memory). Without FSDP each process holds the whole fp32 gradients.
+    """
+    if not sharded:
+        return GRADIENT_BYTES_PER_PARAM * params
+    layer = (params - 2 * shape["vocab_size"] * shape["hidden_size"]) / shape["num_hidden_layers"]
+    return int(GRADIENT_BYTES_PER_PARAM * params / devices + 2 * LAYER_GRADIENT_BYTES_PER_PARAM * layer)
+
+
 def training_memory_bytes(shape: dict, params: int, settings: dict, stage: str, devices: int, sharded: bool) -> int:
-    """Memory one training process needs: state (sharded over `devices` under FSDP), activations
-    of one micro-batch, fp32 logits and their gradient, FSDP's gathered layers, overhead."""
+    """Memory one training process needs: weights and optimizer state (sharded over `devices`
+    under FSDP), gradients (`gradient_bytes`), activations of one micro-batch, fp32 logits and
+    their gradient, FSDP's gathered layers, overhead."""
     h, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
     # Fine-tuning trains one pack of at most max_length tokens per micro-batch.
-    tokens = settings["max_length"] * (settings["per_device_batch_size"] if stage == "pretrain" else 1)
-    state = TRAINING_BYTES_PER_PARAM * params / (devices if sharded else 1)
+    tokens = settings["max_length"] * (per_device_batch_size(settings) if stage == "pretrain" else 1)
+    state = STATE_BYTES_PER_PARAM * params / (devices if sharded else 1)
+    state += gradient_bytes(shape, params, devices, sharded)
     layer_set = ACTIVATION_BYTES_PER_HIDDEN * h * tokens
     if settings.get("gradient_checkpointing", True):
         activations = 2 * h * tokens * layers + layer_set
@@ -326,6 +348,7 @@ def training_rows(config: dict, shapes: dict[str, tuple[dict, str]]) -> list[dic
                     "memory_per_gpu_bytes": training_memory_bytes(
                         shape, params, settings, stage, devices, sharded_config and devices > 1
                     ),
+                    "gradient_per_gpu_bytes": gradient_bytes(shape, params, devices, sharded_config and devices > 1),
                     # The Trainer writes a new checkpoint before it deletes the oldest one.
                     "checkpoint_bytes": (limit + 1) * CHECKPOINT_BYTES_PER_PARAM * params,
                     "disk_bytes": DTYPE_BYTES[settings.get("save_dtype", "bfloat16")] * params
@@ -394,11 +417,20 @@ class NoteTokens:
         return np.array(counts, dtype=np.int64)
 
 
-def trainer_steps(items: int, batch: int, accumulation: int, devices: int, epochs: float, max_steps: int) -> int:
+def per_device_batch_size(settings: dict) -> int:
+    """Sequences per micro-batch: the setting (pretraining), TrainRun's default where unset."""
+    from .train.run import TrainRun
+
+    return settings.get("per_device_batch_size", TrainRun.per_device_batch_size)
+
+
+def trainer_steps(items: int, batch: int, global_batch: int, devices: int, epochs: float, max_steps: int) -> int:
     """Optimizer steps as the Trainer counts them: each device's share of batches, per epoch,
-    divided by the accumulation (a last partial accumulation is a step too)."""
+    divided by the accumulation that keeps `global_batch` over `devices` (a last partial
+    accumulation is a step too)."""
     if max_steps > 0:
         return max_steps
+    accumulation = max(1, math.ceil(global_batch / (devices * batch)))
     per_device = math.ceil(math.ceil(items / batch) / devices)
     return math.ceil(epochs * max(math.ceil(per_device / accumulation), 1))
 
@@ -413,6 +445,7 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
     """
     from asclepius_r.gpus import fake_devices
     from asclepius_r.train.finetune import first_fit_decreasing
+    from asclepius_r.train.run import TrainRun
     from asclepius_r.train.throughput import FlopModel
 
     seeds = load_seed_questions(GenerationSettings.from_config(config).seed_questions)
@@ -431,18 +464,12 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
         length = settings["max_length"]
         # Without GPUs (or with the rehearsal's fake ones) the launcher trains in cpu_processes processes.
         devices = config["launch"]["cpu_processes"] if not row["gpus"] or fake_devices() else row["gpus"]
-        accumulation = settings["per_device_batch_size"] * settings["gradient_accumulation_steps"]
+        global_batch = settings.get("global_batch_size", TrainRun.global_batch_size)
         max_steps = settings.get("max_steps", -1)
         if stage == "pretrain":
             items = int((tokens + 2).sum()) // length
-            steps = trainer_steps(
-                items,
-                settings["per_device_batch_size"],
-                settings["gradient_accumulation_steps"],
-                devices,
-                settings["epochs"],
-                max_steps,
-            )
+            batch = per_device_batch_size(settings)
+            steps = trainer_steps(items, batch, global_batch, devices, settings["epochs"], max_steps)
             lengths = np.full(items, length, dtype=np.int64)
         else:
             frame = counter.count(render_released("", longest_question), special=True)
@@ -450,10 +477,8 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
             answer = math.ceil(answer_chars * tokens.sum() / max(1, note_lengths(counter.notes_path).sum()))
             lengths = np.minimum(tokens + frame + answer + 1, length)
             items = len(first_fit_decreasing(lengths.tolist(), length))
-            steps = trainer_steps(items, 1, accumulation, devices, settings["epochs"], max_steps)
-        epochs = (
-            settings["epochs"] if max_steps <= 0 else min(settings["epochs"], steps * accumulation * devices / items)
-        )
+            steps = trainer_steps(items, 1, global_batch, devices, settings["epochs"], max_steps)
+        epochs = settings["epochs"] if max_steps <= 0 else min(settings["epochs"], steps * global_batch / items)
         real = float(lengths.sum()) * epochs
         pairs = float((lengths.astype(np.float64) ** 2).sum()) * epochs
         _, matmul = parameter_counts(shape)
@@ -557,8 +582,10 @@ def make_plan(config: dict, notes_dir: str | Path | None, compute: bool = True, 
         "batch": "Batch API at llm.batch_discount; each batch may take up to 24 h",
         "checkpoints": f"save_total_limit + 1 checkpoints of {CHECKPOINT_BYTES_PER_PARAM} bytes per parameter "
         "(fp32 weights and Adam moments) per training job while it runs; deleted once it has exported",
-        "memory_per_gpu": f"{TRAINING_BYTES_PER_PARAM} bytes per parameter of training state (sharded over the "
-        "job's devices under FSDP), activations with checkpointing, fp32 logits, 3 GiB overhead",
+        "memory_per_gpu": f"{STATE_BYTES_PER_PARAM} bytes per parameter of weights and Adam state (sharded over "
+        f"the job's devices under FSDP); fp32 gradients: under FSDP a {GRADIENT_BYTES_PER_PARAM}-byte shard per "
+        "parameter (reduce-scattered every micro-batch) plus two layers' whole gradients in flight, without FSDP "
+        f"{GRADIENT_BYTES_PER_PARAM} bytes per parameter; activations with checkpointing, fp32 logits, 3 GiB overhead",
         "models": {size: source for size, (_, source) in shapes.items()},
     }
     if compute and notes_dir is not None:

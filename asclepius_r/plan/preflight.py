@@ -221,9 +221,10 @@ def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -
         elif not on_cpu and need > USABLE_MEMORY_FRACTION * memory:
             problems.append(
                 f"GPU memory: {name} needs about {need / GIB:.1f} GiB per GPU on {devices} GPU(s)"
-                f"{' (FSDP)' if sharded and devices > 1 else ''} but the visible GPUs have {memory / GIB:.1f} GiB: "
-                "give it more GPUs (models.<size>.gpus and --resources gpu), lower per_device_batch_size "
-                "(raise gradient_accumulation_steps to keep the batch), or use GPUs with more memory"
+                f"{' (FSDP)' if sharded and devices > 1 else ''}, gradients included, but the visible GPUs have "
+                f"{memory / GIB:.1f} GiB: give it more GPUs (models.<size>.gpus and --resources gpu), lower "
+                "pretrain.per_device_batch_size (the global batch stays global_batch_size), or use GPUs with more "
+                "memory"
             )
     return problems
 

@@ -1,7 +1,9 @@
 """A model's pretraining or fine-tuning settings: the stage's section with the model's overrides.
 
-The Snakemake rules pass these to the training job as params, so a changed setting reruns the
-stage and what follows; `max_length` is capped by the base's context here, in one place.
+The Snakemake rules pass what of these determines the model to the training job as params
+(`config.determining`), so such a changed setting reruns the stage and what follows, and an
+operational one (logging, saving, micro-batch size) none; `max_length` is capped by the base's
+context here, in one place.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from asclepius_r.base_model.describe import base_context
 from asclepius_r.config import ConfigError, schema
 
 # Training keys that only one stage reads; elsewhere they are an error rather than silently unused.
-STAGE_ONLY_KEYS = {"truncation": "finetune", "note_attention": "pretrain"}
+STAGE_ONLY_KEYS = {"truncation": "finetune", "note_attention": "pretrain", "per_device_batch_size": "pretrain"}
 
 
 def training_settings(config: dict, stage: str, name: str, context: int | None = None) -> dict:
