@@ -36,9 +36,10 @@ plan: $(STAMP)
 # The paper run's shape on a CPU (rehearsal/config.yaml over config.yaml): LLaMA-1's and Llama-3's tokenizers rebuilt
 # from llama.cpp's GGUF vocabulary (the llama-cpp-python sdist, fetched once into ~/.cache/asclepius-r),
 # notes of MIMIC-III's lengths, the local LLM server with latency and faults, 8 fake GPUs; then the
-# checks of rehearsal/check.py. Shares results/ with the demo (each reruns what the other changed).
-REHEARSAL_TOKENIZER := results/rehearsal/llama-spm/tokenizer.model
-REHEARSAL_LLAMA3_TOKENIZER := results/rehearsal/llama-bpe/tokenizer.json
+# checks of rehearsal/check.py. It runs in its own working folder, rehearsal/workdir/ (not the demo's results/), and a
+# second `make rehearsal` reruns nothing and passes again.
+REHEARSAL_TOKENIZER := rehearsal/workdir/results/rehearsal/llama-spm/tokenizer.model
+REHEARSAL_LLAMA3_TOKENIZER := rehearsal/workdir/results/rehearsal/llama-bpe/tokenizer.json
 rehearsal: $(STAMP) $(REHEARSAL_TOKENIZER) $(REHEARSAL_LLAMA3_TOKENIZER)
 	$(BIN)/python -m rehearsal.run --cores $(CORES)
 $(REHEARSAL_TOKENIZER): support/gguf_vocab.py | $(STAMP)
@@ -83,4 +84,4 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint
 
 clean:
-	rm -rf results logs release .snakemake
+	rm -rf results logs release .snakemake rehearsal/workdir

@@ -107,10 +107,10 @@ def _strip_operational(value, node: dict):
     if properties is None:
         extra = node.get("additionalProperties")
         if isinstance(extra, dict) and OPERATIONAL not in extra:
-            return {name: _strip_operational(v, extra) for name, v in value.items()}
+            return {name: _strip_operational(value[name], extra) for name in sorted(value)}
         return value
     kept = {}
-    for name, v in value.items():
+    for name, v in sorted(value.items()):
         sub = properties.get(name, {})
         if not sub.get(OPERATIONAL, False):
             kept[name] = v if OPERATIONAL in sub else _strip_operational(v, sub)
@@ -121,7 +121,8 @@ def determining(section: dict, where: str) -> dict:
     """What of a config section determines the workflow's outputs: its operational keys (schema
     `x-operational: true`) left out, here and in nested sections. `where` is the section's key
     (`llm`, `evaluate`) or a definition (`#/$defs/training`); "" is the whole config. This is what
-    rule params hold: Snakemake reruns a job whose params changed."""
+    rule params hold: Snakemake reruns a job whose params changed, as it compares their repr, so
+    keys come sorted (an override given on the command line adds its keys last)."""
     node = {"$ref": where} if where.startswith("#/") else _read_only_schema()
     for part in where.split(".") if where and not where.startswith("#/") else []:
         node = node["properties"][part]

@@ -14,8 +14,10 @@ Each check reads the files the workflow wrote and recomputes what it can indepen
 - the exported checkpoints (release/) load and answer with the released template;
 - the LLM client got through the server's faults and the judge scored every question.
 
-Results go to results/rehearsal/checks.json (and the log); `python -m rehearsal.check` reruns
-them on an existing run.
+The rehearsal runs in its own working folder, rehearsal/workdir/ (its results/, release/ and
+logs/, apart from the demo's); paths here are relative to it. Results go to
+results/rehearsal/checks.json there (and the log); `python -m rehearsal.check` reruns them on an
+existing run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -254,26 +257,36 @@ def check_checkpoints(config: dict, sizes: list[str]) -> str:
 
 def check_llm(outcomes: dict | None) -> str:
     """Every note got its question and answer and every held-out question its verdict, through the
-    server's faults (`outcomes`: what the server answered, None when checking a finished run)."""
-    lines = []
+    server's faults: the instruction stats record the retries of the run that made them, and
+    `outcomes` is what the server answered in this run (None when checking a finished run; empty
+    when this run made no LLM job, its outputs being up to date)."""
+    lines, retried = [], 0
     for split in ("discharge", "heldout"):
         stats = json.loads(Path(f"results/instructions/{split}.stats.json").read_text())
         assert stats["outcomes"] == {"ok": stats["notes"]}, f"instructions ({split}): {stats['outcomes']}"
         retries = sum(stats["llm"]["retries"].values())
+        retried += retries
         lines.append(f"{split}: {stats['notes']} notes ok after {retries} retries")
+    assert retried, "the instruction stage recorded no retry: it met none of the server's faults"
     judge = json.loads(Path("results/evaluation/judge/stats.json").read_text())
     assert judge["outcomes"] == {"ok": judge["items"]}, f"judge: {judge['outcomes']}"
     lines.append(f"judge: {judge['items']} questions scored, attempts {judge['attempts']}")
-    if outcomes is not None:
+    if outcomes:
         faults = {kind: n for kind, n in outcomes.items() if kind not in ("ok", "pending")}
         assert faults, "the server injected no faults"
         lines.append(f"server faults {faults}")
+    elif outcomes is not None:
+        lines.append("no request this run (the LLM stages' outputs were up to date)")
     return "; ".join(lines)
+
+
+REPO = Path(__file__).resolve().parents[1]
+WORKDIR = REPO / "rehearsal" / "workdir"
 
 
 def run_all(config: dict, devices: list[str], outcomes: dict | None = None) -> list[str]:
     """Run every check on the results in the working folder; returns the failures."""
-    full = yaml.safe_load(Path("config.yaml").read_text())
+    full = yaml.safe_load((REPO / "config.yaml").read_text())
     _merge(full, config)
     resolve(full, require_data=False)
     sizes = sorted(full["models"])
@@ -311,5 +324,6 @@ def _merge(base: dict, overlay: dict) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overlay = yaml.safe_load(Path("rehearsal/config.yaml").read_text())
+    overlay = yaml.safe_load((REPO / "rehearsal" / "config.yaml").read_text())
+    os.chdir(WORKDIR)
     sys.exit(1 if run_all(overlay, [str(i) for i in range(8)]) else 0)

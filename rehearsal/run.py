@@ -4,7 +4,10 @@ Starts the local OpenAI-compatible server (support/openai_server.py) with long-t
 injected faults, answering as a generating LLM and as the judge would; runs the whole workflow
 with config.yaml overlaid by rehearsal/config.yaml under `--resources gpu=8`, the GPU claim shown a
 fake list of 8 devices (ASCLEPIUS_FAKE_GPUS); then runs rehearsal/check.py on the results and
-writes the wall time to results/rehearsal/timing.json.
+writes the wall time to results/rehearsal/timing.json. Everything is made in its own working
+folder, rehearsal/workdir/ (results/, release/, logs/), never in the demo's results/. A second
+run reruns nothing: the server's port, new each time, is an operational setting (llm.base_url),
+and the checks pass on what the first run made.
 
     python -m rehearsal.run [--cores N] [SNAKEMAKE ARGS...]
 """
@@ -31,7 +34,7 @@ from . import check
 log = logging.getLogger("rehearsal")
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = Path("results/rehearsal")
+OUT = Path("results/rehearsal")  # in the working folder, check.WORKDIR
 FAKE_GPUS = [str(i) for i in range(8)]
 API_KEY_ENV = "REHEARSAL_API_KEY"  # the config's llm.api_key_env; the local server takes any key
 
@@ -84,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", default="2")
     args, snakemake_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.chdir(REPO)
-    config = yaml.safe_load(Path("rehearsal/config.yaml").read_text())
+    config = yaml.safe_load((REPO / "rehearsal" / "config.yaml").read_text())
+    check.WORKDIR.mkdir(parents=True, exist_ok=True)
+    os.chdir(check.WORKDIR)
     OUT.mkdir(parents=True, exist_ok=True)
     lock_dir = OUT / "gpu-locks"
     lock_dir.mkdir(exist_ok=True)
@@ -99,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             "ASCLEPIUS_GPU_LOCK_DIR": str(lock_dir.resolve()),
             API_KEY_ENV: "rehearsal",
         }
-        command = [sys.executable, "-m", "snakemake", "--configfile", "rehearsal/config.yaml", str(endpoint)]
+        # Config files given on the command line replace the Snakefile's own (config.yaml, which
+        # lies in the checkout, not in this working folder), so config.yaml is named first.
+        command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", "."]
+        command += ["--configfile", str(REPO / "config.yaml"), str(REPO / "rehearsal" / "config.yaml"), str(endpoint)]
         command += ["--cores", args.cores, "--resources", "gpu=8", "--show-failed-logs", *snakemake_args]
         log.info("%s (server %s)", " ".join(command), server.url)
         done = subprocess.run(command, env=env)

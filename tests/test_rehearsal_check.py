@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from rehearsal.check import check_gpu_claims, policy_counts
+from rehearsal.check import check_gpu_claims, check_llm, policy_counts
 
 CONFIG = {"models": {"7B": {"gpus": 2}}}
 MODELS = ["Base-7B"]
@@ -62,3 +62,27 @@ def test_policy_counts():
             "truncated": 2,
             "dropped": 1,
         }
+
+
+def write_llm_stats(folder, retries):
+    for split in ("discharge", "heldout"):
+        path = folder / "results" / "instructions" / f"{split}.stats.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"notes": 3, "outcomes": {"ok": 3}, "llm": {"retries": {"rate_limit": retries}}}))
+    judge = folder / "results" / "evaluation" / "judge" / "stats.json"
+    judge.parent.mkdir(parents=True, exist_ok=True)
+    judge.write_text(json.dumps({"items": 2, "outcomes": {"ok": 2}, "attempts": 2}))
+
+
+def test_a_second_rehearsal_that_sends_no_request_passes_on_the_first_runs_record(tmp_path, monkeypatch):
+    """A second `make rehearsal` reruns nothing, so the server answers nothing: the faults are those
+    the first run met, as its stats recorded them."""
+    monkeypatch.chdir(tmp_path)
+    write_llm_stats(tmp_path, retries=4)
+    assert "no request this run" in check_llm({})
+    assert "server faults" in check_llm({"ok": 10, "rate_limit": 2})
+    with pytest.raises(AssertionError, match="the server injected no faults"):
+        check_llm({"ok": 10})
+    write_llm_stats(tmp_path, retries=0)
+    with pytest.raises(AssertionError, match="recorded no retry"):
+        check_llm({})
