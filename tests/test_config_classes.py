@@ -9,7 +9,7 @@ differ from the unchanged config's, as Snakemake records and compares them (its 
 `input` rerun triggers; jobs added or removed count too).
 - Changing every operational key at once reruns no job (a failure names the keys that do).
 - Changing a key that determines outputs reruns at least one job, and only jobs of its stage or
-  of what follows it in the DAG, or the plan (whose params hold the whole determining config).
+  of what follows it in the DAG, or the plan and the release (which hold the whole determining config).
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ STAGES = {
     "evaluate.": {"answer_heldout", "judge_heldout", "summarise_evaluation"},
     "judge.": {"judge_heldout"},
 }
-# The plan's params hold the whole determining config: it is remade for any such key (a cheap job).
-ALWAYS_ALLOWED = {"plan"}
+# The plan and the release hold the whole determining config (the release records it in its
+# manifest): they are remade for any such key, also of a stage the demo does not run (cheap jobs).
+ALWAYS_ALLOWED = {"plan", "release"}
 
 
 def changed_value(key: str, schema: dict, current, files: Path):
