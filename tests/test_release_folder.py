@@ -35,6 +35,14 @@ def test_release_has_the_physionet_layout(demo_run):
         assert (release / name / "config.json").exists() and list((release / name).glob("*.safetensors"))
         assert not (release / name / ".snakemake_timestamp").exists()
         assert not (release / name / "training_args.bin").exists(), "no pickles in the release"
+        # Decoded as the demo's evaluation decoded (evaluate: 32 new tokens, greedy), not as a base samples.
+        generation = json.loads((release / name / "generation_config.json").read_text())
+        assert (generation["max_new_tokens"], generation.get("num_beams", 1), generation.get("do_sample", False)) == (
+            32,
+            1,
+            False,
+        )
+        assert "temperature" not in generation and "top_p" not in generation
     for name in (
         "README.md",
         "mimiciii_discharge.csv",

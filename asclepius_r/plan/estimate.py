@@ -419,7 +419,7 @@ class NoteTokens:
 
 def per_device_batch_size(settings: dict) -> int:
     """Sequences per micro-batch: the setting (pretraining), TrainRun's default where unset."""
-    from .train.run import TrainRun
+    from asclepius_r.train.run import TrainRun
 
     return settings.get("per_device_batch_size", TrainRun.per_device_batch_size)
 

@@ -435,6 +435,19 @@ def base_model_description(config: dict, name: str, trained: dict) -> str:
     return f"{base['folder']} ({what})"
 
 
+def write_decoding(model_dir: Path, evaluate: dict) -> None:
+    """The model's generation_config.json with the decoding its evaluation used (the `evaluate`
+    section), its token ids kept: `generate()` on the released model decodes as the reported
+    scores were made."""
+    from transformers import GenerationConfig
+
+    from asclepius_r.evaluate.generation import Decoding
+
+    generation = GenerationConfig.from_pretrained(model_dir)
+    generation.update(**Decoding.from_config(evaluate).generate_kwargs())
+    generation.save_pretrained(model_dir)
+
+
 def build_release(
     out_dir, checkpoints: dict[str, str], files: dict[str, str], config: dict, source_root, inputs: dict[str, str]
 ) -> None:
@@ -450,6 +463,7 @@ def build_release(
         for name, folder in sorted(checkpoints.items()):
             size, stage = _size_and_stage(name)
             shutil.copytree(folder, tmp / name, ignore=shutil.ignore_patterns(*_CHECKPOINT_PRIVATE))
+            write_decoding(tmp / name, config["evaluate"])
             trained = json.loads((Path(folder) / "training_run.json").read_text())
             base = base_model_description(config, size, trained) if stage == "pretrain" else release_names(size)[0]
             data = (
