@@ -64,6 +64,20 @@ def test_paper_checkpoints_and_memory_follow_the_published_shapes():
     assert any("llm.azure_endpoint" in m for m in plan["missing"])  # the paper config names no endpoint yet
 
 
+def test_the_plan_counts_gradients_as_fsdp_holds_them_through_the_accumulation():
+    """Reduce-scattered after every micro-batch: a GPU keeps a 4-byte shard per parameter and two
+    layers' whole gradients in flight, not every parameter's fp32 gradient (13B: 48 GiB more)."""
+    plan = make_plan(paper_config(), None, compute=False, gpus=[])
+    row = next(r for r in plan["stages"] if (r["stage"], r.get("size")) == ("pretrain", "13B"))
+    shard = 4 * row["params"] / 8
+    assert shard < row["gradient_per_gpu_bytes"] < shard + 4 * GIB
+    assert (
+        row["memory_per_gpu_bytes"]
+        < 0.9 * 80e9
+        < row["memory_per_gpu_bytes"] - row["gradient_per_gpu_bytes"] + 4 * row["params"]
+    )
+
+
 def test_plan_command_runs_the_notes_stage_and_writes_json(tmp_path):
     noteevents = write_noteevents(
         tmp_path / "NOTEEVENTS.csv", [note(i, "x " * (50 + i), subject=i % 9) for i in range(1, 40)]

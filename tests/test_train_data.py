@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -23,7 +24,13 @@ from asclepius_r.train.finetune import (
     pack_examples,
 )
 from asclepius_r.train.pretrain import encode_notes, pack_notes
-from asclepius_r.train.run import TrainRun, load_model_and_tokenizer
+from asclepius_r.train.run import (
+    MeasuredTrainer,
+    TrainRun,
+    gradient_accumulation,
+    load_model_and_tokenizer,
+    training_arguments,
+)
 from asclepius_r.train.throughput import FlopModel, batch_counts
 
 from .train_support import build_fixture_data, demo_texts, launch_env
@@ -259,3 +266,38 @@ def test_a_base_model_folder_without_tokenizer_model_is_refused(tmp_path):
     )
     with pytest.raises(BaseModelError, match="tokenizer.model"):
         load_model_and_tokenizer(run)
+
+
+def test_the_global_batch_holds_whatever_the_process_count(caplog):
+    run = TrainRun(base_model="", data="", output_dir="", checkpoint_dir="", metrics_file="", per_device_batch_size=2)
+    assert run.global_batch_size == 128
+    assert [gradient_accumulation(run, processes) for processes in (8, 4, 16, 1)] == [8, 16, 4, 64]
+    with caplog.at_level(logging.INFO):
+        assert gradient_accumulation(run, 6) == 11
+    assert "not a multiple of 6 process(es) x 2 per device: the global batch is 132" in caplog.text
+    assert "global batch 132 = 6 process(es) x 2 per device x 11 accumulated micro-batch(es)" in caplog.text
+
+
+@pytest.mark.parametrize("ratio, warmup", [(0.03, 1), (0.5, 5), (1.0, 10)])
+def test_warmup_ratio_is_a_share_of_the_steps_up_to_all_of_them(data, tmp_path, ratio, warmup):
+    """transformers 5 reads a float warmup_steps of 1.0 as one step; the run's ratio means the share."""
+    run = TrainRun(
+        base_model=str(data["model"]),
+        data="",
+        output_dir="",
+        checkpoint_dir=str(tmp_path),
+        metrics_file="",
+        warmup_ratio=ratio,
+        max_steps=10,
+        lr_scheduler="linear",
+    )
+    model, tokenizer = load_model_and_tokenizer(run)
+    trainer = MeasuredTrainer(model=model, args=training_arguments(run), processing_class=tokenizer, run=run)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    assert trainer.args.warmup_steps == warmup
+    rates = []
+    for _ in range(10):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates[:warmup] == sorted(rates[:warmup]) and rates[warmup - 1] < run.learning_rate

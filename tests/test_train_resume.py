@@ -7,11 +7,14 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from asclepius_r.train.checkpoints import last_complete_checkpoint, prepare_checkpoint_dir
+from asclepius_r.train.launch import run_fingerprint
+from asclepius_r.train.run import TrainRun
 
 from .train_support import build_fixture_data, launch_command, launch_env, run_launch, write_run
 
@@ -70,3 +73,14 @@ def test_checkpoints_of_other_settings_are_discarded(tmp_path):
     assert not (folder / "checkpoint-10").exists()
     prepare_checkpoint_dir(folder, {"learning_rate": 2e-3})
     assert last_complete_checkpoint(folder) is None, "changed settings: start afresh"
+
+
+def test_a_job_that_died_of_its_timeout_resumes_under_a_longer_one(tmp_path):
+    """How a run is waited for, watched or saved is not what its checkpoints hold: a rerun with a
+    longer ddp_timeout_s (or other logging or saving) resumes; a changed hyperparameter starts afresh."""
+    data = build_fixture_data(tmp_path)
+    run = TrainRun.from_json(write_run(tmp_path / "run", "pretrain", data, ddp_timeout_s=600))
+    fingerprint = run_fingerprint("pretrain", run)
+    for neutral in ({"ddp_timeout_s": 36000}, {"logging_steps": 50, "save_steps": 7}):
+        assert run_fingerprint("pretrain", replace(run, **neutral)) == fingerprint
+    assert run_fingerprint("pretrain", replace(run, learning_rate=3e-5)) != fingerprint

@@ -65,6 +65,18 @@ def test_unchanged_rerun_outdates_nothing(demo_run):
     assert planned_outputs(demo_run) == set()
 
 
+def test_operational_settings_outdate_nothing(demo_run):
+    """Concurrency, budget, endpoint, threads, batch size: how the run goes, not what it makes
+    (before, the LLM's changed 21 jobs, retraining both models)."""
+    operational = {
+        "llm": {"max_concurrency": 3, "budget_usd": 1000, "base_url": "http://127.0.0.1:9/v1", "timeout_s": 5},
+        "launch": {"threads": 1, "ddp_timeout_s": 600},
+        "evaluate": {"batch_size": 2},
+        "finetune": {"logging_steps": 1, "gradient_checkpointing": True},
+    }
+    assert planned_outputs(demo_run, operational) == set()
+
+
 def test_finetune_setting_outdates_finetuning_and_what_follows(demo_run):
     planned = planned_outputs(demo_run, {"finetune": {"learning_rate": 5e-4}})
     # Release-side targets (report, archive, release folder) follow too; nothing before finetuning may.

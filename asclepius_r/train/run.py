@@ -9,9 +9,9 @@ whichever its tokenizer family. Under FSDP the checkpoint holds per-rank shards 
 no rank gathers the whole model) and every rank writes its part of the export on CPU.
 
 The global batch is the run's `global_batch_size` whatever the number of processes: gradient
-accumulation is what changes (`gradient_accumulation`). The process group is started by the
-TrainingArguments (`training_arguments`), before any collective, so its timeout is the run's
-`ddp_timeout_s`; the export after training waits on files, never on that timeout.
+accumulation is what changes (`gradient_accumulation`). The process group is started in
+`training_arguments`, before any collective, so its timeout is the run's `ddp_timeout_s`; the
+export after training waits on files, never on that timeout.
 """
 
 from __future__ import annotations
