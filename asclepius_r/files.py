@@ -66,3 +66,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := data.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where fetched packages and what is extracted from them live (llama.cpp's vocabularies, the SmolLM2
+    wheel): $ASCLEPIUS_CACHE or ~/.cache/asclepius-r, outside the repository."""
+    return Path(os.environ.get("ASCLEPIUS_CACHE") or Path.home() / ".cache" / "asclepius-r")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import struct
 import subprocess
@@ -32,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from asclepius_r.files import atomic_path
+from asclepius_r.files import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,6 @@ FAMILY_VOCABS = {"llama1": "llama-spm", "llama3": "llama-bpe"}
 # llama.cpp's token types (its llama_token_type): regular tokens, and the special ones a BPE
 # tokenizer adds after them (control and user-defined).
 _NORMAL, _SPECIAL = 1, (3, 4)
-
-
-def cache_dir() -> Path:
-    """Where fetched sources and extracted vocabularies live: $ASCLEPIUS_CACHE or ~/.cache/asclepius-r."""
-    return Path(os.environ.get("ASCLEPIUS_CACHE") or Path.home() / ".cache" / "asclepius-r")
 
 
 class VocabUnavailable(RuntimeError):
