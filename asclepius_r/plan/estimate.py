@@ -731,7 +731,7 @@ def compare(plan: dict, used: dict) -> list[dict]:
 
 def write_plan_report(plan: dict, comparison: list[dict], used: dict, out_html) -> None:
     """The report page: the plan's table, then planned against used with the margin."""
-    from asclepius_r.report.figures import _table, _write_html
+    from asclepius_r.report.figures import html_table, write_html_page
 
     header, rows = table_rows(plan)
     checks = [
@@ -749,19 +749,19 @@ def write_plan_report(plan: dict, comparison: list[dict], used: dict, out_html) 
         [key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)]
         for key, value in plan["assumptions"].items()
     ]
-    _write_html(
+    write_html_page(
         out_html,
         "Plan and use",
         [
-            _table("The plan, per stage (results/plan/plan.json)", header, rows),
-            _table(
+            html_table("The plan, per stage (results/plan/plan.json)", header, rows),
+            html_table(
                 "Planned against used (margin: planned / used - 1)",
                 ["stage", "quantity", "planned", "used", "margin"],
                 checks,
             ),
-            _table("Dollars this run paid (responses already archived cost nothing)", ["stage", "USD"], spent),
-            _table("Assumptions of the plan", ["what", "assumed"], notes),
-            _table("Missing or unapproved when planned", ["item"], [[m] for m in plan["missing"]] or [["nothing"]]),
+            html_table("Dollars this run paid (responses already archived cost nothing)", ["stage", "USD"], spent),
+            html_table("Assumptions of the plan", ["what", "assumed"], notes),
+            html_table("Missing or unapproved when planned", ["item"], [[m] for m in plan["missing"]] or [["nothing"]]),
         ],
     )
 

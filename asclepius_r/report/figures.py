@@ -38,13 +38,15 @@ def _save(figure, out_png) -> None:
     plt.close(figure)
 
 
-def _table(caption: str, header: list[str], rows: list[list]) -> str:
+def html_table(caption: str, header: list[str], rows: list[list]) -> str:
+    """One captioned HTML table of text cells (escaped), for a page of `write_html_page`."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
 
 
-def _write_html(out_html, title: str, tables: list[str]) -> None:
+def write_html_page(out_html, title: str, tables: list[str]) -> None:
+    """A report page of `html_table`s in the report's style (the plan's page uses it too)."""
     with atomic_path(out_html) as tmp:
         tmp.write_text(
             f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -78,12 +80,12 @@ def dataset_statistics(notes_stats, instruction_stats: dict[str, str], out_html)
     ]
     rows += [[f"dropped: {reason}", count] for reason, count in sorted(notes["dropped"].items())]
     rows.append(["near-miss CATEGORY spellings (not kept)", notes["near_miss_category"]])
-    tables = [_table("Notes (results/notes/stats.json)", ["", "count"], rows)]
+    tables = [html_table("Notes (results/notes/stats.json)", ["", "count"], rows)]
     split_stats = {split: json.loads(Path(path).read_text()) for split, path in instruction_stats.items()}
     splits = list(split_stats)
     outcomes = sorted({o for s in split_stats.values() for o in s["outcomes"]})
     tables.append(
-        _table(
+        html_table(
             "Instruction generation outcomes (results/instructions/{split}.stats.json)",
             ["outcome", *splits],
             [[o, *(split_stats[s]["outcomes"].get(o, 0) for s in splits)] for o in outcomes],
@@ -91,13 +93,13 @@ def dataset_statistics(notes_stats, instruction_stats: dict[str, str], out_html)
     )
     tasks = sorted({t for s in split_stats.values() for t in s["per_task"]})
     tables.append(
-        _table(
+        html_table(
             "Accepted questions per task",
             ["task", *splits],
             [[t, *(split_stats[s]["per_task"].get(t, 0) for s in splits)] for t in tasks],
         )
     )
-    _write_html(out_html, "Dataset statistics", tables)
+    write_html_page(out_html, "Dataset statistics", tables)
 
 
 def training_curves(stage: str, metric_files: dict[str, str], out_png) -> None:
@@ -154,16 +156,16 @@ def evaluation_tables(per_model_tsv, per_task_tsv, judge_stats, out_html) -> Non
     ):
         with open(path, newline="", encoding="utf-8") as rows:
             header, *body = list(csv.reader(rows, delimiter="\t"))
-        tables.append(_table(caption, header, body))
+        tables.append(html_table(caption, header, body))
     stats = json.loads(Path(judge_stats).read_text())
     tables.append(
-        _table(
+        html_table(
             f"Judge outcomes, model {stats['judge_model']} (results/evaluation/judge/stats.json)",
             ["outcome", "questions"],
             sorted(stats["outcomes"].items()),
         )
     )
-    _write_html(out_html, "Evaluation", tables)
+    write_html_page(out_html, "Evaluation", tables)
 
 
 def models_table(training_runs: dict[str, tuple[str, str]], out_html) -> None:
@@ -195,4 +197,4 @@ def models_table(training_runs: dict[str, tuple[str, str]], out_html) -> None:
     header = ["model", "base", "tokenizer", "vocabulary", "context", "pretrain max_length", "finetune max_length"]
     header += ["truncation", "examples", "whole", "truncated", "dropped"]
     caption = "Models (training_run.json of results/models/Asclepius-R-NAME and -Pretrained-Only)"
-    _write_html(out_html, "Models", [_table(caption, header, rows)])
+    write_html_page(out_html, "Models", [html_table(caption, header, rows)])
