@@ -7,7 +7,7 @@ LLaMA (157 MB of fp32 gradients). Baseline: the Trainer's default accumulation, 
 until a step's last micro-batch (what training did before); ours: a reduce-scatter after every
 micro-batch (`sync_each_batch` under FSDP, asclepius_r.train.run.training_arguments).
 
-Planned: the plan's memory per GPU (asclepius_r.plan.training_memory_bytes) for LLaMA-7B and 13B at
+Planned: the plan's memory per GPU (asclepius_r.plan.memory.training_memory_bytes) for LLaMA-7B and 13B at
 the paper's batch (config.yaml: 8 GPUs, FSDP, 2048 tokens, 2 blocks per micro-batch), with the
 gradients as the code now holds them and, as the baseline, whole fp32 gradients on every GPU.
 
@@ -28,14 +28,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from asclepius_r import config as workflow_config
-from asclepius_r.plan.estimate import (
-    GIB,
-    GRADIENT_BYTES_PER_PARAM,
-    gradient_bytes,
-    model_shape,
-    parameter_counts,
-    training_memory_bytes,
-)
+from asclepius_r.plan.inputs import model_shape, parameter_counts
+from asclepius_r.plan.memory import GRADIENT_BYTES_PER_PARAM, gradient_bytes, training_memory_bytes
+from asclepius_r.plan.table import GIB
 from asclepius_r.train.launch import prepare_run
 from asclepius_r.train.run import TrainRun
 from asclepius_r.train.settings import training_settings

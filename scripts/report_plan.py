@@ -7,7 +7,8 @@ setup_logging(snakemake.log[0])
 import json
 from pathlib import Path
 
-from asclepius_r.plan.estimate import compare, used_by_run, write_plan_report
+from asclepius_r.plan.table import write_plan_report
+from asclepius_r.plan.usage import compare, used_by_run
 
 inputs, params = snakemake.input, snakemake.params
 plan = json.loads(Path(inputs.plan).read_text())

@@ -99,10 +99,10 @@ def test_the_paper_config_keeps_2048_for_llama1_and_gives_a_llama3_base_8192(tmp
 
 
 def test_the_plan_takes_both_tiny_bases_for_built_ones():
-    from asclepius_r.plan.estimate import _missing_inputs
+    from asclepius_r.plan.inputs import missing_inputs
 
     config = with_models({"7B": {"base": "tiny"}, "llama3": {"base": "tiny-llama3"}, "real": {"base": "/nowhere"}})
-    assert [p for p in _missing_inputs(config) if p.startswith("models.")] == [
+    assert [p for p in missing_inputs(config) if p.startswith("models.")] == [
         "models.real.base: /nowhere does not exist"
     ]
 

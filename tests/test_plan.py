@@ -16,7 +16,9 @@ from asclepius_r import config as workflow_config
 from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
 from asclepius_r.llm import Archive, ChatRequest, ChatResult
 from asclepius_r.plan import preflight
-from asclepius_r.plan.estimate import GIB, compare, make_plan, used_by_run
+from asclepius_r.plan.estimate import make_plan
+from asclepius_r.plan.table import GIB
+from asclepius_r.plan.usage import compare, used_by_run
 from asclepius_r.train.finetune import first_fit_decreasing
 from asclepius_r.train.run import TrainRun
 from tests.conftest import REPO, copy_workflow, run_snakemake
@@ -49,7 +51,7 @@ def test_first_fit_decreasing_puts_each_item_in_the_first_bin_with_room():
 
 
 def test_the_plan_knows_the_trainers_default_checkpoint_limit():
-    from asclepius_r.plan.estimate import SAVE_TOTAL_LIMIT
+    from asclepius_r.plan.disk import SAVE_TOTAL_LIMIT
 
     assert TrainRun.__dataclass_fields__["save_total_limit"].default == SAVE_TOTAL_LIMIT
 

@@ -31,19 +31,11 @@ from asclepius_r.base_model.describe import TINY_BASES
 from asclepius_r.errors import UserError
 from asclepius_r.files import write_json
 from asclepius_r.llm import LLMSettings
-from asclepius_r.plan.estimate import (
-    DTYPE_BYTES,
-    GB,
-    GIB,
-    USABLE_MEMORY_FRACTION,
-    ensure_notes,
-    make_plan,
-    model_shape,
-    parameter_counts,
-    size_text,
-    training_memory_bytes,
-    visible_gpus,
-)
+from asclepius_r.plan.disk import DTYPE_BYTES
+from asclepius_r.plan.estimate import make_plan
+from asclepius_r.plan.inputs import ensure_notes, model_shape, parameter_counts, visible_gpus
+from asclepius_r.plan.memory import USABLE_MEMORY_FRACTION, training_memory_bytes
+from asclepius_r.plan.table import GB, GIB, rows_by_name, size_text
 from asclepius_r.train.settings import training_settings
 
 GPU_RULES = ("pretrain", "finetune", "answer_heldout")
@@ -126,14 +118,14 @@ def free_disk_bytes(folder: Path) -> float:
 def _disk_problem(
     config: dict, plan: dict, jobs: list[Job], workdir: Path, gpu_limit: int | None, summary: list[str]
 ) -> list[str]:
-    rows = plan["stages"]
+    rows = rows_by_name(plan)
     needed, parts = 0, []
     for job in jobs:
         if job.rule in ("pretrain", "finetune"):
-            row = next(r for r in rows if r["stage"] == job.rule and r.get("size") == job.wildcards["size"])
+            row = rows[f"{job.rule} {job.wildcards['size']}"]
             label = f"{job.rule} {job.wildcards['size']} export"
         elif job.rule in ROW_OF_RULE:
-            row = next((r for r in rows if r["stage"] == ROW_OF_RULE[job.rule]), None)
+            row = rows.get(ROW_OF_RULE[job.rule])
             label = ROW_OF_RULE[job.rule]
             if row is None or job.rule == "answer_heldout":  # one row for all answer jobs
                 continue
@@ -142,15 +134,13 @@ def _disk_problem(
         needed += row.get("disk_bytes", 0) + row.get("archive_bytes", 0) / max(1, row.get("jobs", 1))
         parts.append(label)
     if any(job.rule == "answer_heldout" for job in jobs):
-        needed += next(r for r in rows if r["stage"] == "answer_heldout")["disk_bytes"]
+        needed += rows["answer_heldout"]["disk_bytes"]
     # Checkpoints: of as many training jobs at once as the GPUs allow, largest first.
     training = sorted(
         (
-            (r["checkpoint_bytes"], job.gpus)
+            (rows[f"{job.rule} {job.wildcards['size']}"]["checkpoint_bytes"], job.gpus)
             for job in jobs
             if job.rule in ("pretrain", "finetune")
-            for r in rows
-            if r["stage"] == job.rule and r.get("size") == job.wildcards["size"]
         ),
         reverse=True,
     )
@@ -186,7 +176,7 @@ def _gpu_problems(config: dict, plan: dict, jobs: list[Job], gpus: list[dict]) -
         if job.rule not in GPU_RULES:
             continue
         if job.rule == "answer_heldout":
-            row = next(r for r in plan["stages"] if r["stage"] == "answer_heldout")
+            row = rows_by_name(plan)["answer_heldout"]
             name, params, need, devices = (
                 f"answer_heldout {job.wildcards.get('model', '')}",
                 row["params"],
@@ -263,7 +253,7 @@ def _money_problems(config: dict, plan: dict, jobs: list[Job], summary: list[str
         ("judge_heldout", "judge", judge_llm_settings(config)),
     )
     for rule, stage, settings in stages:
-        row = next((r for r in plan["stages"] if r["stage"] == stage), None)
+        row = rows_by_name(plan).get(stage)
         if rule not in rules or row is None or row["usd_online"] is None:
             continue
         answered, spent = _archive_state(settings.archive, settings, row["requests"])
