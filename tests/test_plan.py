@@ -243,3 +243,16 @@ def test_preflight_finds_an_incomplete_base_folder(tmp_path):
     (base / "model-00002-of-00002.safetensors").write_bytes(b"0" * 10)
     problems = preflight.base_folder_problems("7B", base)
     assert problems and "interrupted download" in problems[0]
+
+
+def test_the_plans_mfu_is_the_last_eager_measurement(tmp_path):
+    from asclepius_r.plan.gpu_stages import measured_mfu
+
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text(
+        "    RESULT tokens_per_s=94.9 mfu=nan device=cpu\n"
+        "    RESULT tokens_per_s=24712.5 mfu=0.1866 device=NVIDIA_H200      (1b, 2048 x 2 x 8)\n"
+        "    RESULT tokens_per_s=42878.6 mfu=0.3238 device=NVIDIA_H200      (1b, --compile)\n"
+    )
+    assert measured_mfu(benchmarks) == (0.1866, "NVIDIA_H200")
+    assert measured_mfu(REPO / "BENCHMARKS.md")[0] < 0.3  # the workflow trains eagerly
