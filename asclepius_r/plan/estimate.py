@@ -67,7 +67,6 @@ GRADIENT_BYTES_PER_PARAM = 4  # fp32, as accumulated and reduce-scattered (train
 # reduce-scattered; two layers are in flight when the reduce-scatter overlaps the next backward.
 LAYER_GRADIENT_BYTES_PER_PARAM = 2 + 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SAVE_TOTAL_LIMIT = 2  # TrainRun's default (train/run.py), when the config does not set it
 # Activation memory per token and layer under memory-efficient attention (Korthikanti et al.
 # 2022: 34 h bytes in 16-bit); with activation checkpointing each layer keeps only its 2 h-byte
 # input and one layer at a time holds the full set.
@@ -298,11 +297,11 @@ def training_memory_bytes(shape: dict, params: int, settings: dict, stage: str, 
     their gradient, FSDP's gathered layers, overhead."""
     h, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
     # Fine-tuning trains one pack of at most max_length tokens per micro-batch.
-    tokens = settings["max_length"] * (per_device_batch_size(settings) if stage == "pretrain" else 1)
+    tokens = settings["max_length"] * (settings["per_device_batch_size"] if stage == "pretrain" else 1)
     state = STATE_BYTES_PER_PARAM * params / (devices if sharded else 1)
     state += gradient_bytes(shape, params, devices, sharded)
     layer_set = ACTIVATION_BYTES_PER_HIDDEN * h * tokens
-    if settings.get("gradient_checkpointing", True):
+    if settings["gradient_checkpointing"]:
         activations = 2 * h * tokens * layers + layer_set
     else:
         activations = layer_set * layers
@@ -322,7 +321,7 @@ def inference_memory_bytes(shape: dict, params: int, config: dict, on_gpu: bool)
         else context
     )
     weights = (2 if on_gpu else 4) * params
-    sequences = evaluate["batch_size"] * evaluate.get("num_beams", 1)
+    sequences = evaluate["batch_size"] * evaluate["num_beams"]
     cache = sequences * length * shape["num_hidden_layers"] * 2 * shape["hidden_size"] * 2
     return int(weights + cache + GPU_OVERHEAD_BYTES)
 
@@ -337,7 +336,7 @@ def training_rows(config: dict, shapes: dict[str, tuple[dict, str]]) -> list[dic
             params, _ = parameter_counts(shape)
             gpus = config["models"][size]["gpus"]
             devices = gpus or config["launch"]["cpu_processes"]
-            limit = settings.get("save_total_limit", SAVE_TOTAL_LIMIT)
+            limit = settings["save_total_limit"]
             rows.append(
                 {
                     "stage": stage,
@@ -351,8 +350,7 @@ def training_rows(config: dict, shapes: dict[str, tuple[dict, str]]) -> list[dic
                     "gradient_per_gpu_bytes": gradient_bytes(shape, params, devices, sharded_config and devices > 1),
                     # The Trainer writes a new checkpoint before it deletes the oldest one.
                     "checkpoint_bytes": (limit + 1) * CHECKPOINT_BYTES_PER_PARAM * params,
-                    "disk_bytes": DTYPE_BYTES[settings.get("save_dtype", "bfloat16")] * params
-                    + _side_files(config, size),
+                    "disk_bytes": DTYPE_BYTES[settings["save_dtype"]] * params + _side_files(config, size),
                 }
             )
     return rows
@@ -417,13 +415,6 @@ class NoteTokens:
         return np.array(counts, dtype=np.int64)
 
 
-def per_device_batch_size(settings: dict) -> int:
-    """Sequences per micro-batch: the setting (pretraining), TrainRun's default where unset."""
-    from asclepius_r.train.run import TrainRun
-
-    return settings.get("per_device_batch_size", TrainRun.per_device_batch_size)
-
-
 def trainer_steps(items: int, batch: int, global_batch: int, devices: int, epochs: float, max_steps: int) -> int:
     """Optimizer steps as the Trainer counts them: each device's share of batches, per epoch,
     divided by the accumulation that keeps `global_batch` over `devices` (a last partial
@@ -445,7 +436,6 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
     """
     from asclepius_r.gpus import fake_devices
     from asclepius_r.train.finetune import first_fit_decreasing
-    from asclepius_r.train.run import TrainRun
     from asclepius_r.train.throughput import FlopModel
 
     seeds = load_seed_questions(GenerationSettings.from_config(config).seed_questions)
@@ -464,11 +454,11 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
         length = settings["max_length"]
         # Without GPUs (or with the rehearsal's fake ones) the launcher trains in cpu_processes processes.
         devices = config["launch"]["cpu_processes"] if not row["gpus"] or fake_devices() else row["gpus"]
-        global_batch = settings.get("global_batch_size", TrainRun.global_batch_size)
-        max_steps = settings.get("max_steps", -1)
+        global_batch = settings["global_batch_size"]
+        max_steps = settings["max_steps"]
         if stage == "pretrain":
             items = int((tokens + 2).sum()) // length
-            batch = per_device_batch_size(settings)
+            batch = settings["per_device_batch_size"]
             steps = trainer_steps(items, batch, global_batch, devices, settings["epochs"], max_steps)
             lengths = np.full(items, length, dtype=np.int64)
         else:
@@ -612,7 +602,7 @@ def make_plan(config: dict, notes_dir: str | Path | None, compute: bool = True, 
 def _peak(config: dict, gpus: list[dict]) -> tuple[float, str]:
     from asclepius_r.train.throughput import peak_tflops_of
 
-    configured = {config["pretrain"].get("peak_tflops_per_device"), config["finetune"].get("peak_tflops_per_device")}
+    configured = {config["pretrain"]["peak_tflops_per_device"], config["finetune"]["peak_tflops_per_device"]}
     configured.discard(None)
     if configured:
         return max(configured), "peak_tflops_per_device in the config"
