@@ -147,6 +147,20 @@ def resolve(config: dict, require_data: bool = True) -> dict:
     return config
 
 
+def defaults(section: str | None = None, **values) -> dict:
+    """The schema's defaults with `values` laid over them and checked: one section's (`llm`,
+    `pretrain`, `tiny_model`), or the whole config's, where `values` are sections. This is how code
+    and tests outside a workflow get settings (`LLMSettings.from_config(defaults("llm", ...))`)
+    without writing a default a second time; a workflow reads its resolved config instead."""
+    config = {section: values} if section else dict(values)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema())
+    # The data keys (noteevents, models) have no default; only a workflow's config names them.
+    errors = [e for e in validator.iter_errors(config) if not (e.validator == "required" and not e.absolute_path)]
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_message(error) for error in errors))
+    return config[section] if section else config
+
+
 def data_paths(config: dict) -> dict[str, str]:
     """Each data key of the config (dotted) -> what it must name."""
     paths = {"noteevents": "path to NOTEEVENTS.csv or .csv.gz"}

@@ -50,7 +50,6 @@ def check_adds_bos_once(tokenizer, where: str) -> None:
 # drop: leave the example out (what 2023 effectively did when its answer was cut off);
 # note_middle: keep the note's start and end; note_tail: keep its start (cut the end).
 TRUNCATION_POLICIES = ("drop", "note_middle", "note_tail")
-DEFAULT_TRUNCATION = "drop"  # why: docs/training.md, "Long notes: the truncation policy"
 # Stands where note text was cut, so a model can tell an omission from a note that says nothing.
 REPLACEMENT_CHARACTER = "\ufffd"
 CUT_MARK = "[...]"

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
 
 from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.config import defaults
 from asclepius_r.train.pretrain import BlockDataset
 from asclepius_r.train.run import MeasuredTrainer, TrainRun, load_model_and_tokenizer, training_arguments
 
@@ -54,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build_model(folder: Path, size: str | None) -> None:
     """A random LLaMA of `size` (or the demo's tiny one) with the demo tokenizer, saved in HF format."""
     texts = [p.read_text() for p in sorted((REPO / "demo" / "discharge_summaries").glob("*.txt"))]
-    build_tiny_llama_from_texts(texts, folder, TinyLlamaSpec())
+    build_tiny_llama_from_texts(texts, folder, TinyLlamaSpec(**defaults("tiny_model"), seed=0, family="llama1"))
     if size:
         config = LlamaConfig(bos_token_id=1, eos_token_id=2, **SHAPES[size])
         torch.manual_seed(0)
@@ -92,12 +94,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "model"
         build_model(model_dir, None if args.tiny else args.size)
-        run = TrainRun(
-            base_model=str(model_dir),
-            data="",
-            output_dir=str(Path(scratch) / "out"),
-            checkpoint_dir=str(Path(scratch) / "checkpoints"),
-            metrics_file="",
+        files = dict(base_model=str(model_dir), data="", output_dir=str(Path(scratch) / "out"), metrics_file="")
+        files.update(checkpoint_dir=str(Path(scratch) / "checkpoints"), truncation_file=None, data_cache_dir=None)
+        config = defaults(models={"bench": {"base": "tiny"}})
+        run = replace(
+            TrainRun.from_config(config, "pretrain", "bench", **files),
             max_length=seq,
             per_device_batch_size=args.batch,
             global_batch_size=args.batch * args.accumulation,  # one process

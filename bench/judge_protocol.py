@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from asclepius_r.config import defaults  # noqa: E402
 from asclepius_r.evaluate.judge import JudgeSettings, judge  # noqa: E402
 from asclepius_r.llm import ChatRequest, LLMClient, LLMSettings  # noqa: E402
 from asclepius_r.prompts import render_judge_prompt  # noqa: E402
@@ -35,18 +36,21 @@ def scores_for(body: dict) -> str:
 
 def client_for(server: OpenAIServer, archive: Path) -> LLMClient:
     return LLMClient(
-        LLMSettings(
-            backend="openai",
-            model="bench-judge",
-            base_url=server.url,
-            api_key_env="BENCH_JUDGE_KEY",
-            approved_endpoints=[server.url],
-            archive=str(archive),
-            temperature=0.0,
-            max_tokens=64,
-            max_concurrency=16,
-            requests_per_minute=1e6,
-            tokens_per_minute=1e9,
+        LLMSettings.from_config(
+            defaults(
+                "llm",
+                backend="openai",
+                model="bench-judge",
+                base_url=server.url,
+                api_key_env="BENCH_JUDGE_KEY",
+                approved_endpoints=[server.url],
+                archive=str(archive),
+                temperature=0.0,
+                max_tokens=64,
+                max_concurrency=16,
+                requests_per_minute=1e6,
+                tokens_per_minute=1e9,
+            )
         )
     )
 
@@ -79,7 +83,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         with OpenAIServer(latency_s=args.latency, responder=scores_for) as server:
             start = time.perf_counter()
-            verdicts = judge(items, answers, client_for(server, Path(work) / "ours.jsonl"), JudgeSettings())
+            verdicts = judge(
+                items, answers, client_for(server, Path(work) / "ours.jsonl"), JudgeSettings.from_config(defaults())
+            )
             results["ours (all answers in one prompt)"] = (
                 time.perf_counter() - start,
                 len(server.chat_requests()),

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from asclepius_r.config import defaults  # noqa: E402
 from asclepius_r.llm import Archive, ChatRequest, LLMClient, LLMSettings  # noqa: E402
 from asclepius_r.logs import setup_logging  # noqa: E402
 from support.openai_server import OpenAIServer  # noqa: E402
@@ -45,20 +46,23 @@ def bench_requests(n: int, tag: str) -> list[ChatRequest]:
 
 
 def settings_for(server: OpenAIServer, archive: Path, rpm: float, concurrency: int) -> LLMSettings:
-    return LLMSettings(
-        backend="openai",
-        model="bench-model",
-        base_url=server.url,
-        api_key_env=KEY_ENV,
-        approved_endpoints=[server.url],
-        archive=str(archive),
-        requests_per_minute=rpm,
-        tokens_per_minute=1e9,
-        max_concurrency=concurrency,
-        timeout_s=10,
-        backoff_base_s=0.2,
-        backoff_max_s=2,
-        max_attempts=8,
+    return LLMSettings.from_config(
+        defaults(
+            "llm",
+            backend="openai",
+            model="bench-model",
+            base_url=server.url,
+            api_key_env=KEY_ENV,
+            approved_endpoints=[server.url],
+            archive=str(archive),
+            requests_per_minute=rpm,
+            tokens_per_minute=1e9,
+            max_concurrency=concurrency,
+            timeout_s=10,
+            backoff_base_s=0.2,
+            backoff_max_s=2,
+            max_attempts=8,
+        )
     )
 
 

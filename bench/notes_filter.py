@@ -34,12 +34,21 @@ READ_CHUNK = 16 << 20
 
 def run_stage(noteevents: str, out: str) -> None:
     """The child: the stage of the package first on PYTHONPATH."""
+    from asclepius_r.config import resolve
     from asclepius_r.notes.stage import NotePolicy, SplitPolicy, run_notes_stage
+
+    # The schema's defaults (a config that sets nothing), in the baseline's package as in ours.
+    config = resolve({"noteevents": None, "models": {"none": {"base": None}}}, require_data=False)
 
     out = Path(out)
     heldout = max(1, round(517 * Path(noteevents).stat().st_size / 3.9e9))
     names = ("discharge.parquet", "heldout.parquet", "heldout_row_ids.txt", "stats.json")
-    run_notes_stage(noteevents, *(out / name for name in names), NotePolicy(), SplitPolicy(heldout))
+    run_notes_stage(
+        noteevents,
+        *(out / name for name in names),
+        NotePolicy.from_config(config["notes"]),
+        SplitPolicy(heldout, config["seed"]),
+    )
 
 
 def measure(package: Path, noteevents: Path, work: Path) -> dict:

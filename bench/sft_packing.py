@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.config import defaults
 from asclepius_r.train.finetune import IGNORE_INDEX, Example, collate_packed, pack_examples
 from asclepius_r.train.throughput import batch_counts
 
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     n = 12 if args.quick else args.examples
-    spec = TinyLlamaSpec()
+    spec = TinyLlamaSpec(**defaults("tiny_model"), seed=0, family="llama1")
     texts = [p.read_text() for p in sorted((REPO / "demo" / "discharge_summaries").glob("*.txt"))]
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "tiny"

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 from asclepius_r.base_model.describe import describe_base
 from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts, save_tokenizer_folder
+from asclepius_r.config import defaults
 from support.gguf_vocab import build_llama3_tokenizer, build_llama_tokenizer
 from support.synthetic_notes import load_demo_notes, write_long_noteevents
 
@@ -64,14 +65,22 @@ def main() -> None:
         print(f"| LLaMA-1 `tokenizer.model` from the GGUF, 46 references checked | {spm_s:.1f} s |")
         print(f"| Llama-3 tokenizer folder from the GGUF, 46 references checked | {bpe_s:.1f} s |")
         bases = {
-            "tiny (LLaMA-1 style, 600 tokens trained on the demo notes)": TinyLlamaSpec(family="llama1"),
-            "tiny-llama3 (600 tokens trained on the demo notes)": TinyLlamaSpec(family="llama3"),
+            "tiny (LLaMA-1 style, 600 tokens trained on the demo notes)": TinyLlamaSpec(
+                **defaults("tiny_model"), seed=0, family="llama1"
+            ),
+            "tiny-llama3 (600 tokens trained on the demo notes)": TinyLlamaSpec(
+                **defaults("tiny_model"), seed=0, family="llama3"
+            ),
             "tiny-llama3, real 128,256-token vocabulary, rehearsal layers": TinyLlamaSpec(
-                vocab_size=128256,
-                max_position_embeddings=8192,
-                tokenizer_model=str(scratch / "llama3"),
+                **{
+                    **defaults("tiny_model"),
+                    "vocab_size": 128256,
+                    "max_position_embeddings": 8192,
+                    "tokenizer_model": str(scratch / "llama3"),
+                    **REHEARSAL_LAYERS,
+                },
+                seed=0,
                 family="llama3",
-                **REHEARSAL_LAYERS,
             ),
         }
         for i, (name, spec) in enumerate(bases.items()):

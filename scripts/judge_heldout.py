@@ -19,5 +19,5 @@ with judge_client(config, {i["row_id"]: i["reference"] for i in items}) as clien
         snakemake.output.verdicts,
         snakemake.output.stats,
         client=client,
-        settings=JudgeSettings(seed=config["seed"], max_parse_attempts=config["judge"]["max_parse_attempts"]),
+        settings=JudgeSettings.from_config(config),
     )

@@ -10,11 +10,13 @@ setup_logging(snakemake.log[0])
 
 from asclepius_r.train.launch import launch
 from asclepius_r.train.run import TrainRun
-from asclepius_r.train.settings import training_settings
 
 config, stage = snakemake.config, snakemake.rule
 launch_settings = config["launch"]
-run = TrainRun(
+run = TrainRun.from_config(
+    config,
+    stage,
+    snakemake.wildcards.size,
     base_model=snakemake.input.base,
     data=snakemake.input.data,
     output_dir=snakemake.output.model,
@@ -22,8 +24,6 @@ run = TrainRun(
     metrics_file=snakemake.output.metrics,
     truncation_file=snakemake.output.get("truncation"),
     data_cache_dir=snakemake.params.data_cache,
-    ddp_timeout_s=launch_settings["ddp_timeout_s"],
-    **training_settings(config, stage, snakemake.wildcards.size),
 )
 launch(
     stage,

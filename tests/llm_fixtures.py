@@ -6,6 +6,7 @@ import pytest
 
 from asclepius_r.llm import ChatRequest, LLMSettings
 from support.openai_server import OpenAIServer
+from tests.settings_support import llm_settings
 
 API_KEY = "sk-test-7f3a9c-never-in-outputs"
 KEY_ENV = "ASCLEPIUS_TEST_API_KEY"
@@ -38,7 +39,7 @@ def live_settings(server: OpenAIServer, archive, **overrides) -> LLMSettings:
         batch_poll_s=0.02,
     )
     values.update(overrides)
-    return LLMSettings(**values)
+    return llm_settings(**values)
 
 
 def requests(n: int, prefix: str = "synthetic note") -> list[ChatRequest]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from asclepius_r.notes.noteevents import COLUMNS
-from asclepius_r.notes.stage import NotePolicy, SplitPolicy, coarsen_placeholders, run_notes_stage
+from asclepius_r.notes.stage import NotePolicy, coarsen_placeholders, run_notes_stage
+from tests.settings_support import note_policy, split_policy
 
 NUMERIC = {"ROW_ID", "SUBJECT_ID", "HADM_ID", "CGID"}
 OUTPUTS = ("discharge.parquet", "heldout.parquet", "heldout_row_ids.txt", "stats.json")
@@ -74,8 +75,8 @@ def run(
     stats = run_notes_stage(
         noteevents,
         *(out / name for name in OUTPUTS),
-        policy=policy or NotePolicy(),
-        split=SplitPolicy(heldout_notes, seed),
+        policy=policy or note_policy(),
+        split=split_policy(heldout_notes=heldout_notes, seed=seed),
     )
     return {
         "stats": stats,

@@ -22,6 +22,7 @@ from asclepius_r.base_model.tiny import (
 )
 from asclepius_r.train.checkpoints import export_checkpoint, prepare_export
 from tests.conftest import copy_workflow, run_snakemake
+from tests.settings_support import tiny_spec
 
 from .train_support import demo_texts
 
@@ -29,8 +30,8 @@ FAMILIES = {"llama1": "sentencepiece", "llama3": "bpe"}
 CONTEXT = 1024
 
 
-def tiny_spec(family: str) -> TinyLlamaSpec:
-    return TinyLlamaSpec(
+def small_spec(family: str) -> TinyLlamaSpec:
+    return tiny_spec(
         vocab_size=600,
         hidden_size=16,
         intermediate_size=32,
@@ -47,7 +48,7 @@ def folders(tmp_path_factory):
     built = {}
     for family in FAMILIES:
         built[family] = tmp_path_factory.mktemp(family) / "base"
-        build_tiny_llama_from_texts(demo_texts(), built[family], tiny_spec(family))
+        build_tiny_llama_from_texts(demo_texts(), built[family], small_spec(family))
     return built
 
 
@@ -88,7 +89,7 @@ def test_tiny_model_loads_and_its_tokenizer_adds_bos_once(tiny):
 
 def test_a_tiny_model_is_rebuilt_byte_for_byte(tiny, tmp_path):
     family, folder = tiny
-    build_tiny_llama_from_texts(demo_texts(), tmp_path / "again", tiny_spec(family))
+    build_tiny_llama_from_texts(demo_texts(), tmp_path / "again", small_spec(family))
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "again").iterdir())
     assert all(p.read_bytes() == (tmp_path / "again" / p.name).read_bytes() for p in folder.iterdir())
 
@@ -204,7 +205,7 @@ def test_check_base_model_wants_weights(tiny, tmp_path):
 
 def test_a_llama3_vocabulary_too_small_for_the_bytes_is_refused():
     with pytest.raises(ValueError, match=r"tiny_model\.vocab_size: 200 asks for 184 regular tokens"):
-        tiny_llama_tokenizer(demo_texts()[:2], TinyLlamaSpec(vocab_size=200, family="llama3"))
+        tiny_llama_tokenizer(demo_texts()[:2], tiny_spec(vocab_size=200, family="llama3"))
 
 
 def test_snakemake_builds_the_base_of_a_tiny_llama3_model(tmp_path):

@@ -85,7 +85,7 @@ def test_truncation_is_a_fine_tuning_setting_only():
         training_settings(config, "pretrain", "7B")
     assert training_settings(config, "finetune", "7B")["truncation"] == "note_middle"  # the demo's
     del config["finetune"]["truncation"]
-    assert truncation_policy(config) == "drop", "the default"
+    assert truncation_policy(workflow_config.resolve(config)) == "drop", "the schema's default"
 
 
 def test_a_models_own_truncation_shapes_its_evaluation_prompts():

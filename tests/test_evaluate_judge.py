@@ -7,13 +7,14 @@ import pytest
 
 from asclepius_r import config as workflow_config
 from asclepius_r.evaluate.heldout import summarise
-from asclepius_r.evaluate.judge import JudgeParseError, JudgeSettings, agent_order, judge, judge_client, parse_scores
+from asclepius_r.evaluate.judge import JudgeParseError, agent_order, judge, judge_client, parse_scores
 from asclepius_r.evaluate.rubric_judge import ReferenceRubricJudge, rubric_score
 from asclepius_r.files import read_jsonl, write_jsonl
 from asclepius_r.llm import LLMClient, LLMSettings
 from asclepius_r.llm.guard import UnapprovedEndpointError
 from asclepius_r.prompts import render_judge_prompt
 from support.openai_server import OpenAIServer
+from tests.settings_support import judge_settings, llm_settings
 
 MODELS = ["Base-7B", "Asclepius-R-7B-Pretrained-Only", "Asclepius-R-7B"]
 ITEMS = [
@@ -30,7 +31,7 @@ ANSWERS = {m: {item["row_id"]: f"{m} says pneumonia {item['row_id']}" for item i
 
 
 def settings_for(server: OpenAIServer, tmp_path, approved: bool = True) -> LLMSettings:
-    return LLMSettings(
+    return llm_settings(
         backend="openai",
         model="judge-model",
         base_url=server.url,
@@ -84,7 +85,7 @@ def test_judge_prompt_holds_every_answer_in_agent_order(tmp_path):
         return " ".join("4" for _ in range(agent_count(body)))
 
     with OpenAIServer(responder=responder) as server:
-        verdicts = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), JudgeSettings(seed=42))
+        verdicts = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), judge_settings(seed=42))
     assert len(bodies) == len(ITEMS), "one request per question, with every model inside"
     for verdict in verdicts:
         item = next(i for i in ITEMS if i["row_id"] == verdict["row_id"])
@@ -102,7 +103,7 @@ def test_unreadable_reply_is_retried_with_a_correction(tmp_path):
         return "1 2 3\nReasons follow."
 
     with OpenAIServer(responder=responder) as server:
-        verdicts = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), JudgeSettings(seed=1))
+        verdicts = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), judge_settings(seed=1))
         retries = [r for r in server.chat_requests() if len(r.body["messages"]) == 3]
     assert len(retries) == len(ITEMS)
     retry = retries[0].body["messages"]
@@ -116,7 +117,7 @@ def test_unreadable_reply_is_retried_with_a_correction(tmp_path):
 def test_parse_failures_are_recorded_and_not_scored_zero(tmp_path):
     with OpenAIServer(responder=lambda body: "I cannot score these.") as server:
         verdicts = judge(
-            ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), JudgeSettings(seed=42, max_parse_attempts=3)
+            ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), judge_settings(seed=42, max_parse_attempts=3)
         )
         assert len(server.chat_requests()) == 3 * len(ITEMS)
     assert {v["status"] for v in verdicts} == {"parse_failed"}
@@ -156,7 +157,7 @@ def test_parse_failures_are_recorded_and_not_scored_zero(tmp_path):
 def test_server_errors_become_llm_failed_verdicts(tmp_path):
     with OpenAIServer() as server:
         server.add_fault("server_error", times=None)
-        verdicts = judge(ITEMS[:1], ANSWERS, LLMClient(settings_for(server, tmp_path)), JudgeSettings())
+        verdicts = judge(ITEMS[:1], ANSWERS, LLMClient(settings_for(server, tmp_path)), judge_settings())
     assert verdicts[0]["status"] == "llm_failed" and "scores" not in verdicts[0]
 
 
@@ -165,9 +166,9 @@ def test_archive_means_a_rerun_sends_nothing(tmp_path):
         return " ".join("3" for _ in range(agent_count(body)))
 
     with OpenAIServer(responder=responder) as server:
-        first = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), JudgeSettings())
+        first = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), judge_settings())
         sent = len(server.chat_requests())
-        again = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), JudgeSettings())
+        again = judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path)), judge_settings())
         assert len(server.chat_requests()) == sent == len(ITEMS)
     assert [v["scores"] for v in first] == [v["scores"] for v in again]
     assert all(r["meta"]["phase"] == "judge" for r in read_jsonl(tmp_path / "judge.jsonl"))
@@ -176,7 +177,7 @@ def test_archive_means_a_rerun_sends_nothing(tmp_path):
 def test_guard_refuses_an_unapproved_judge_endpoint_before_sending(tmp_path):
     with OpenAIServer() as server:
         with pytest.raises(UnapprovedEndpointError):
-            judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path, approved=False)), JudgeSettings())
+            judge(ITEMS, ANSWERS, LLMClient(settings_for(server, tmp_path, approved=False)), judge_settings())
         assert server.chat_requests() == []
 
 
@@ -187,11 +188,11 @@ def test_demo_heuristic_judge_is_deterministic_and_offline(tmp_path):
     answers = {"good": {i["row_id"]: i["reference"] for i in ITEMS}, "noise": {i["row_id"]: "zzz" for i in ITEMS}}
     client = judge_client(config, references)
     assert isinstance(client.backend, ReferenceRubricJudge)
-    verdicts = judge(ITEMS, answers, client, JudgeSettings(seed=config["seed"]))
+    verdicts = judge(ITEMS, answers, client, judge_settings(seed=config["seed"]))
     assert all(v["status"] == "ok" and v["scores"] == {"good": 4, "noise": 1} for v in verdicts)
     replies = [r["result"]["text"] for r in read_jsonl(tmp_path / "judge.jsonl")]
     assert all("not a language model" in reply for reply in replies), "the archive says the verdicts are heuristic"
-    assert judge(ITEMS, answers, judge_client(config, references), JudgeSettings(seed=42)) == verdicts
+    assert judge(ITEMS, answers, judge_client(config, references), judge_settings(seed=42)) == verdicts
     assert [rubric_score(a, "a b c d e f g h i j") for a in ("a b c d e f g h i j", "a b c", "a", "")] == [4, 3, 2, 1]
 
 
@@ -206,6 +207,6 @@ def test_judge_endpoint_of_its_own_must_be_approved_too(tmp_path):
             judge_client(config, {})
         config["llm"]["approved_endpoints"].append(judge_server.url)
         client = judge_client(config, {})
-        verdicts = judge(ITEMS[:1], ANSWERS, client, JudgeSettings())
+        verdicts = judge(ITEMS[:1], ANSWERS, client, judge_settings())
         assert judge_server.chat_requests() and not llm_server.chat_requests()
     assert verdicts[0]["status"] == "parse_failed", "the test server's default reply is no score line"

@@ -9,11 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
-from asclepius_r.evaluate.generation import Decoding, generate_answers, load_for_generation, prompt_budget
+from asclepius_r.base_model.tiny import build_tiny_llama_from_texts
+from asclepius_r.evaluate.generation import generate_answers, load_for_generation, prompt_budget
 from asclepius_r.evaluate.heldout import answer_heldout
 from asclepius_r.files import read_jsonl
 from asclepius_r.prompts import CUT_MARK, fit_released_prompt, render_released
+from tests.settings_support import decoding, tiny_spec
 
 from .train_support import demo_texts
 
@@ -25,7 +26,7 @@ ENDING = f"[Instruction Begin]\n{QUESTION}\n[Instruction End] \n"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval") / "tiny"
-    spec = TinyLlamaSpec(vocab_size=800, hidden_size=32, intermediate_size=64, max_position_embeddings=CONTEXT)
+    spec = tiny_spec(vocab_size=800, hidden_size=32, intermediate_size=64, max_position_embeddings=CONTEXT)
     build_tiny_llama_from_texts(demo_texts(), folder, spec)
     return folder
 
@@ -71,27 +72,29 @@ def test_held_out_answers_fit_the_context_and_say_whether_the_note_was_cut(tmp_p
         for i in (1, 2)
     ]
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    decoding = Decoding(max_new_tokens=24)
+    short = decoding(max_new_tokens=24)
     # "drop" drops nothing at evaluation: every model answers every question the judge compares.
     answer_heldout(
         model_dir,
         tmp_path / "notes.parquet",
         tmp_path / "records.jsonl",
         tmp_path / "a.jsonl",
-        decoding,
+        short,
+        batch_size=8,
+        max_prompt_tokens=None,
         truncation="drop",
         cpu_fallback=True,
     )
     rows = read_jsonl(tmp_path / "a.jsonl")
     assert [r["prompt_truncated"] for r in rows] == [True, False]
-    assert all(r["prompt_tokens"] + decoding.max_new_tokens <= CONTEXT for r in rows)
+    assert all(r["prompt_tokens"] + short.max_new_tokens <= CONTEXT for r in rows)
     assert rows[1]["prompt_tokens"] == len(tokenizer(render_released(texts[1], QUESTION))["input_ids"])
 
 
 def test_2023_beam_sampling_is_seeded(model_dir):
     model, tokenizer = load_for_generation(str(model_dir), "cpu")
     prompts = [render_released("Brief note.", QUESTION)] * 2
-    beams = Decoding(max_new_tokens=8, num_beams=5, do_sample=True, temperature=1.0)
+    beams = decoding(max_new_tokens=8, num_beams=5, do_sample=True, temperature=1.0)
     first = generate_answers(model, tokenizer, prompts, beams, batch_size=2, seed=3)
     assert generate_answers(model, tokenizer, prompts, beams, batch_size=2, seed=3) == first
     assert len(first) == 2

@@ -13,7 +13,6 @@ from asclepius_r.base_model.describe import describe_base
 from asclepius_r.base_model.tiny import (
     LLAMA3_BOS,
     LLAMA3_EOS,
-    TinyLlamaSpec,
     build_tiny_llama_from_texts,
     llama3_special_tokens,
     tiny_llama_tokenizer,
@@ -29,6 +28,7 @@ from support.gguf_vocab import (
     reference_tokenizations,
     sentencepiece_model,
 )
+from tests.settings_support import tiny_spec
 
 
 def _vocab(name: str):
@@ -95,13 +95,13 @@ def test_transformers_reads_it_and_differs_only_on_a_leading_space(llama_spm, tm
 
 
 def test_tiny_llama_refuses_a_tokenizer_of_another_size(llama_spm, tmp_path):
-    from asclepius_r.base_model.tiny import TinyLlamaSpec, tiny_llama_tokenizer
+    from asclepius_r.base_model.tiny import tiny_llama_tokenizer
 
     model = tmp_path / "tokenizer.model"
     model.write_bytes(sentencepiece_model(GgufVocab.from_gguf(llama_spm)))
-    assert tiny_llama_tokenizer([], TinyLlamaSpec(vocab_size=32000, tokenizer_model=str(model))) == model.read_bytes()
+    assert tiny_llama_tokenizer([], tiny_spec(vocab_size=32000, tokenizer_model=str(model))) == model.read_bytes()
     with pytest.raises(ValueError, match=r"tiny_model.vocab_size: 600, but tiny_model.tokenizer_model .* 32000"):
-        tiny_llama_tokenizer([], TinyLlamaSpec(vocab_size=600, tokenizer_model=str(model)))
+        tiny_llama_tokenizer([], tiny_spec(vocab_size=600, tokenizer_model=str(model)))
 
 
 def test_not_a_gguf_file_names_it(tmp_path):
@@ -146,7 +146,7 @@ def test_transformers_reads_the_llama3_folder_exactly(llama_bpe, llama3_folder):
 
 
 def test_tiny_llama3_with_the_real_vocabulary(llama3_folder, tmp_path):
-    spec = TinyLlamaSpec(
+    spec = tiny_spec(
         vocab_size=128256,
         hidden_size=8,
         intermediate_size=16,
@@ -163,7 +163,7 @@ def test_tiny_llama3_with_the_real_vocabulary(llama3_folder, tmp_path):
     assert (tmp_path / "base/tokenizer.json").read_text() == (llama3_folder / "tokenizer.json").read_text()
     with pytest.raises(ValueError, match=r"tiny_model.vocab_size: 600, but tiny_model.tokenizer_model .* 128256"):
         tiny_llama_tokenizer(
-            [], TinyLlamaSpec(vocab_size=600, tokenizer_model=str(llama3_folder / "tokenizer.json"), family="llama3")
+            [], tiny_spec(vocab_size=600, tokenizer_model=str(llama3_folder / "tokenizer.json"), family="llama3")
         )
 
 

@@ -18,6 +18,7 @@ from asclepius_r.gpus import CLAIMS_FILE, NoGPUError, claim_for_job, claim_gpus,
 from asclepius_r.train.launch import launch
 from asclepius_r.train.run import TrainRun
 
+from .settings_support import decoding
 from .train_support import REPO, build_fixture_data, demo_texts, launch_env, run_launch, write_run
 
 
@@ -115,8 +116,8 @@ def heldout(tmp_path_factory):
 ANSWER_JOB = """
 import sys
 from asclepius_r.evaluate.heldout import answer_heldout
-from asclepius_r.evaluate.generation import Decoding
-answer_heldout(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], Decoding(max_new_tokens=4), job=sys.argv[5])
+from tests.settings_support import decoding
+answer_heldout(*sys.argv[1:5], decoding(max_new_tokens=4), 8, None, "note_middle", job=sys.argv[5])
 """
 
 
@@ -161,7 +162,16 @@ def test_a_gpu_job_without_a_gpu_stops_at_once_saying_what_to_do(tmp_path, heldo
         launch("finetune", run, gpus=8)
     assert not (tmp_path / "checkpoints").exists(), "nothing was prepared"
     with pytest.raises(NoGPUError, match=r"answer_heldout-tiny: the rule asks for 1 GPU\(s\)"):
-        answer_heldout(heldout["model"], heldout["notes"], heldout["records"], tmp_path / "answers.jsonl")
+        answer_heldout(
+            heldout["model"],
+            heldout["notes"],
+            heldout["records"],
+            tmp_path / "answers.jsonl",
+            decoding(),
+            8,
+            None,
+            "drop",
+        )
     assert not (tmp_path / "answers.jsonl").exists()
     with claim_for_job("answer_heldout-tiny", 1, cpu_fallback=True) as claim:
         assert claim is None, "allowed: the job runs on the CPU"

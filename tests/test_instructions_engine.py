@@ -14,20 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from asclepius_r.files import read_jsonl
-from asclepius_r.instructions import generate as instructions
 from asclepius_r.instructions.generate import (
-    GenerationSettings,
     NearDuplicateIndex,
     _Prefix,
     generate,
     run_instruction_stage,
     write_dataset,
 )
-from asclepius_r.llm import LLMClient, LLMSettings
+from asclepius_r.llm import LLMClient
 from asclepius_r.logs import setup_logging
 from asclepius_r.rouge import rouge_l, tokens
 from support.openai_server import OpenAIServer, default_responder, prompt_text
 from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, server  # noqa: F401 (fixture)
+from tests.settings_support import generation_settings, llm_settings
 
 CONDITIONS = (
     "community-acquired pneumonia",
@@ -73,7 +72,7 @@ def test_latency_and_concurrency_change_nothing_and_pools_come_only_from_notes_f
     monkeypatch.setenv(KEY_ENV, API_KEY)
     notes = synthetic_notes(40)
     write_notes(tmp_path / "notes.parquet", notes)
-    settings = GenerationSettings(seed=42, pool_lag=6)
+    settings = generation_settings(seed=42, pool_lag=6)
     for seed, concurrency in ((1, 1), (2, 16)):  # log-normal latencies, drawn differently
         with OpenAIServer(latency_s=0.005, latency_sigma=1.0, seed=seed) as server:
             client = LLMClient(live_settings(server, tmp_path / f"{seed}.jsonl", max_concurrency=concurrency))
@@ -114,7 +113,7 @@ def test_post_filters_reject_model_talk_and_answers_that_ask_back(server, tmp_pa
 
     server.responder = responder
     records, stats = generate(
-        synthetic_notes(4), LLMClient(live_settings(server, tmp_path / "a.jsonl")), GenerationSettings(pool_lag=4)
+        synthetic_notes(4), LLMClient(live_settings(server, tmp_path / "a.jsonl")), generation_settings(pool_lag=4)
     )
     assert [r["status"] for r in records] == ["ok", "rejected_model_mention", "rejected_answer_is_question", "ok"]
     assert stats["outcomes"] == {"ok": 2, "rejected_answer_is_question": 1, "rejected_model_mention": 1}
@@ -189,17 +188,6 @@ def test_a_pool_prefix_draws_what_its_copy_draws():
             )
 
 
-def test_the_stage_hands_free_memory_back_as_notes_settle(server, tmp_path, monkeypatch):
-    released = []
-    monkeypatch.setattr(instructions, "RELEASE_MEMORY_EVERY", 10)
-    monkeypatch.setattr(instructions, "release_free_memory", lambda: released.append(True) or True)
-    write_notes(tmp_path / "notes.parquet", synthetic_notes(35))
-    client = LLMClient(live_settings(server, tmp_path / "a.jsonl"))
-    notes, records = tmp_path / "notes.parquet", tmp_path / "r.jsonl"
-    run_instruction_stage(notes, records, tmp_path / "s.json", client, GenerationSettings())
-    assert len(released) == 3 and len(read_jsonl(records)) == 35
-
-
 def test_near_duplicate_filter_in_the_engine(server, tmp_path):
     server.responder = lambda body: (
         "Which medications were started during the admission?"
@@ -209,7 +197,7 @@ def test_near_duplicate_filter_in_the_engine(server, tmp_path):
     records, _ = generate(
         synthetic_notes(16),
         LLMClient(live_settings(server, tmp_path / "a.jsonl")),
-        GenerationSettings(pool_lag=16, near_duplicate_rouge=0.7),
+        generation_settings(pool_lag=16, near_duplicate_rouge=0.7),
     )
     statuses = {}
     for record in records:
@@ -234,7 +222,7 @@ def test_stage_stats_count_failures_and_logs_hold_neither_key_nor_note(server, t
             tmp_path / "records.jsonl",
             tmp_path / "stats.json",
             LLMClient(live_settings(server, tmp_path / "a.jsonl")),
-            GenerationSettings(pool_lag=4),
+            generation_settings(pool_lag=4),
         )
     finally:
         setup_logging()
@@ -257,7 +245,7 @@ def test_replay_re_derives_the_dataset_byte_for_byte(server, tmp_path):
     server.add_fault("server_error", times=None, match="Synthetic patient 4 ")  # a failure replay must repeat
     server.add_fault("length", times=2)
     archive = tmp_path / "archive.jsonl"
-    settings = GenerationSettings(pool_lag=8)
+    settings = generation_settings(pool_lag=8)
     run_instruction_stage(
         tmp_path / "notes.parquet",
         tmp_path / "live.jsonl",
@@ -268,7 +256,7 @@ def test_replay_re_derives_the_dataset_byte_for_byte(server, tmp_path):
     write_dataset(tmp_path / "notes.parquet", tmp_path / "live.jsonl", tmp_path / "live.csv")
     sent = len(server.requests)
 
-    replay = LLMClient(LLMSettings(backend="replay", archive=str(archive)))
+    replay = LLMClient(llm_settings(backend="replay", archive=str(archive)))
     stats = run_instruction_stage(
         tmp_path / "notes.parquet", tmp_path / "replay.jsonl", tmp_path / "replay.json", replay, settings
     )
@@ -281,7 +269,7 @@ def test_replay_re_derives_the_dataset_byte_for_byte(server, tmp_path):
 
 def test_batch_mode_gathers_each_round_of_requests_into_one_batch_and_gives_the_same_dataset(server, tmp_path):
     notes = synthetic_notes(12)
-    settings = GenerationSettings(pool_lag=6)
+    settings = generation_settings(pool_lag=6)
     online, _ = generate(notes, LLMClient(live_settings(server, tmp_path / "online.jsonl")), settings)
     batched, _ = generate(notes, LLMClient(live_settings(server, tmp_path / "batch.jsonl", mode="batch")), settings)
     assert batched == online

@@ -9,13 +9,11 @@ import json
 import multiprocessing
 import os
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 
 from asclepius_r.errors import InputError
 from asclepius_r.llm import Archive, ChatRequest, ChatResult
-from asclepius_r.llm.digest_index import DigestIndex
 from support.openai_server import OpenAIServer
 from tests.llm_fixtures import API_KEY, KEY_ENV
 from tests.test_instructions_engine import synthetic_notes, write_notes
@@ -97,20 +95,6 @@ def test_the_index_holds_every_key_through_its_growth_and_the_last_record_wins(t
         assert store.get(request(7)) is None and store.get(request(7), include_failed=True).status == "failed"
         assert store.get(request(3000)) is None
         assert [key for key, _ in store.results()][:3] == [request(i).key for i in range(3)]  # the file's order
-
-
-def test_two_keys_sharing_the_index_slot_never_answer_for_each_other(tmp_path):
-    """The index keys its slots by a digest's first 8 bytes; a key that shares them with an archived
-    one (one chance in 10^10 at a million keys) is a miss, never the other's answer."""
-    archived = request(1)
-    twin = (bytes.fromhex(archived.key)[:8] + bytes(24)).hex()
-    index = DigestIndex()
-    index[bytes.fromhex(archived.key)] = 5
-    assert index.get(bytes.fromhex(twin)) == 5 and len(index) == 1
-    archive = Archive(tmp_path / "archive.jsonl")
-    archive.append(archived, ok(archived))
-    assert archive.get(SimpleNamespace(key=twin)) is None  # get reads only the request's key
-    assert archive.get(archived).text == ok(archived).text
 
 
 def _result(**changes):

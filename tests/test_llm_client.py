@@ -14,12 +14,12 @@ from asclepius_r.llm import (
     Archive,
     BudgetExceededError,
     LLMClient,
-    LLMSettings,
     ReplayMissError,
     UnapprovedEndpointError,
 )
 from asclepius_r.llm.client import InFlightLimit, RateLimiter, parse_duration
 from tests.llm_fixtures import API_KEY, live_settings, requests, server  # noqa: F401 (fixture)
+from tests.settings_support import llm_settings
 
 
 def test_every_fault_is_retried_counted_and_nothing_is_lost_or_delivered_twice(server, tmp_path):
@@ -234,6 +234,6 @@ def test_api_key_only_from_the_environment(server, tmp_path, monkeypatch):
 
 
 def test_replay_miss_names_the_request(tmp_path):
-    client = LLMClient(LLMSettings(backend="replay", archive=str(tmp_path / "empty.jsonl")))
+    client = LLMClient(llm_settings(backend="replay", archive=str(tmp_path / "empty.jsonl")))
     with pytest.raises(ReplayMissError, match="row_id=1000"):
         client.run(requests(1))

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from asclepius_r.evaluate.judge import JudgeSettings, judge_client, run_judge_stage
+from asclepius_r.evaluate.judge import judge_client, run_judge_stage
 from asclepius_r.files import write_jsonl
 from asclepius_r.llm import LLMClient, ProviderError
 from asclepius_r.llm.redact import Redactor
 from support.openai_server import OpenAIServer
 from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, requests, server  # noqa: F401 (fixture)
+from tests.settings_support import judge_settings
 from tests.test_instructions_engine import write_notes
 from tests.test_instructions_kill import REPO, stage_command, write_config
 
@@ -131,7 +132,7 @@ def test_the_judge_writes_neither_key_nor_note_where_a_hostile_server_puts_them(
             }
             with judge_client(config, {}) as client:
                 stats = run_judge_stage(
-                    items, answers, tmp_path / "verdicts.jsonl", tmp_path / "stats.json", client, JudgeSettings()
+                    items, answers, tmp_path / "verdicts.jsonl", tmp_path / "stats.json", client, judge_settings()
                 )
     finally:
         logging.getLogger().removeHandler(log)

@@ -13,13 +13,14 @@ import yaml
 
 from asclepius_r import config as workflow_config
 from asclepius_r.base_model.describe import check_tiny_specs
-from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.base_model.tiny import build_tiny_llama_from_texts
 from asclepius_r.errors import InputError
 from asclepius_r.plan import preflight
 from asclepius_r.prompts import check_adds_bos_once, cut_note, render_released
 from asclepius_r.train.finetune import encode_example
 from asclepius_r.train.settings import training_settings
 from tests.conftest import REPO
+from tests.settings_support import tiny_spec
 
 PAPER = yaml.safe_load((REPO / "config.yaml").read_text())
 DEMO = yaml.safe_load((REPO / "demo/config.yaml").read_text())
@@ -85,7 +86,7 @@ def test_max_length_defaults_to_the_bases_context_under_the_configs_cap():
 
 def test_the_paper_config_keeps_2048_for_llama1_and_gives_a_llama3_base_8192(tmp_path):
     base = tmp_path / "Meta-Llama-3.1-8B"
-    build_tiny_llama_from_texts(NOTES, base, TinyLlamaSpec(vocab_size=400, family="llama3"))
+    build_tiny_llama_from_texts(NOTES, base, tiny_spec(vocab_size=400, family="llama3"))
     described = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**described, "max_position_embeddings": 131072}))
     config = workflow_config.resolve(
@@ -128,7 +129,7 @@ def test_a_wrong_tiny_model_override_is_named(override, message):
 @pytest.fixture(scope="module", params=["llama1", "llama3"])
 def tiny_base(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / f"base-{request.param}"
-    build_tiny_llama_from_texts(NOTES, folder, TinyLlamaSpec(vocab_size=400, family=request.param))
+    build_tiny_llama_from_texts(NOTES, folder, tiny_spec(vocab_size=400, family=request.param))
     return folder
 
 
@@ -153,7 +154,9 @@ def test_a_fine_tuning_example_ends_with_the_bases_own_eos(tiny_base):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     eos = {"base-llama1": "</s>", "base-llama3": "<|end_of_text|>"}[tiny_base.name]
-    example, status = encode_example(tokenizer, NOTES[1], "What antibiotic?", "Ceftriaxone, then cefpodoxime.", 4096)
+    example, status = encode_example(
+        tokenizer, NOTES[1], "What antibiotic?", "Ceftriaxone, then cefpodoxime.", 4096, "drop"
+    )
     assert status == "whole" and example.input_ids[-1] == tokenizer.convert_tokens_to_ids(eos)
     assert tokenizer.decode(example.input_ids[example.prompt_tokens : -1]) == "Ceftriaxone, then cefpodoxime."
 

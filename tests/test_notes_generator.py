@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from asclepius_r.notes import noteevents
-from asclepius_r.notes.stage import NotePolicy
 from support.synthetic_notes import (
     CATEGORY_MIX,
     DISCHARGE_ROW_ID_BASE,
@@ -23,6 +22,7 @@ from support.synthetic_notes import (
     main,
     write_noteevents,
 )
+from tests.settings_support import note_policy
 
 from .notes_support import expected_kept, kept_rows, run
 
@@ -109,7 +109,7 @@ def test_scaled_file_passes_the_stage_as_the_oracle_says(tmp_path, monkeypatch, 
         data = path.read_bytes()
         path = tmp_path / "NOTEEVENTS.csv.gz"
         path.write_bytes(gzip.compress(data[: len(data) // 3]) + gzip.compress(data[len(data) // 3 :]))
-    policy = NotePolicy(keep_addenda=False, exclude_row_ids=frozenset(range(0, 3000, 10)))
+    policy = note_policy(keep_addenda=False, exclude_row_ids=frozenset(range(0, 3000, 10)))
     result = run(tmp_path, path, policy, heldout_notes=5)
     assert kept_rows(result) == sorted(expected_kept(path, policy))
     assert result["stats"]["rows_read"] == 3000

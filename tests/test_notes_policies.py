@@ -12,7 +12,8 @@ import pytest
 
 from asclepius_r.notes import stage as notes
 from asclepius_r.notes.noteevents import NoteEventsError
-from asclepius_r.notes.stage import NOTE_SCHEMA, NotePolicy, coarsen_placeholders
+from asclepius_r.notes.stage import NOTE_SCHEMA, coarsen_placeholders
+from tests.settings_support import note_policy
 
 from .notes_support import expected_kept, kept_rows, note, run, write_noteevents
 
@@ -44,7 +45,7 @@ def test_only_exact_category_is_kept_and_near_misses_are_warned(tmp_path, caplog
 @pytest.mark.parametrize("drop", [True, False])
 def test_iserror_policy(tmp_path, drop):
     rows = [note(1), note(2, iserror="1"), note(3, iserror="")]
-    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows), NotePolicy(drop_iserror=drop))
+    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows), note_policy(drop_iserror=drop))
     assert [r["ROW_ID"] for r in result["train"]] == ([1, 3] if drop else [1, 2, 3])
     assert result["stats"]["dropped"]["iserror"] == (1 if drop else 0)
 
@@ -52,7 +53,7 @@ def test_iserror_policy(tmp_path, drop):
 @pytest.mark.parametrize("keep", [True, False])
 def test_addendum_policy(tmp_path, keep):
     rows = [note(1), note(2, description="Addendum"), note(3)]
-    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows), NotePolicy(keep_addenda=keep))
+    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows), note_policy(keep_addenda=keep))
     assert [r["ROW_ID"] for r in result["train"]] == ([1, 2, 3] if keep else [1, 3])
     assert result["stats"]["dropped"]["addendum"] == (0 if keep else 1)
 
@@ -62,7 +63,7 @@ def test_duplicate_text_policy_keeps_the_first_kept_copy(tmp_path, drop):
     same = 'Discharge Diagnosis:\nCHF, "stable"'
     # Row 1 carries the text but is an ISERROR row, so it does not shadow row 3; row 4 repeats row 3.
     rows = [note(1, same, iserror="1"), note(2), note(3, same), note(4, same), note(5, same + " ")]
-    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows), NotePolicy(drop_duplicate_text=drop))
+    result = run(tmp_path, write_noteevents(tmp_path / "n.csv", rows), note_policy(drop_duplicate_text=drop))
     assert [r["ROW_ID"] for r in result["train"]] == ([2, 3, 5] if drop else [2, 3, 4, 5])
     assert result["stats"]["dropped"]["duplicate_text"] == (1 if drop else 0)
 
@@ -70,7 +71,7 @@ def test_duplicate_text_policy_keeps_the_first_kept_copy(tmp_path, drop):
 def test_exclusion_list(tmp_path):
     rows = [note(i) for i in range(1, 6)]
     result = run(
-        tmp_path, write_noteevents(tmp_path / "n.csv", rows), NotePolicy(exclude_row_ids=frozenset({2, 4, 99}))
+        tmp_path, write_noteevents(tmp_path / "n.csv", rows), note_policy(exclude_row_ids=frozenset({2, 4, 99}))
     )
     assert [r["ROW_ID"] for r in result["train"]] == [1, 3, 5]
     assert result["stats"]["dropped"]["excluded"] == 2
@@ -83,7 +84,7 @@ def test_placeholder_policy(tmp_path, coarse):
         "MRN [** Numeric Identifier 456**]."
     )
     result = run(
-        tmp_path, write_noteevents(tmp_path / "n.csv", [note(1, text)]), NotePolicy(coarse_placeholders=coarse)
+        tmp_path, write_noteevents(tmp_path / "n.csv", [note(1, text)]), note_policy(coarse_placeholders=coarse)
     )
     expected = "Admission Date: 2151-7-16 seen by Dr. [Name] at [LOC], MRN [#]." if coarse else text
     assert result["train"][0]["TEXT"] == expected
@@ -109,7 +110,7 @@ def test_every_row_is_counted_once_and_matches_the_oracle(tmp_path):
         )
         for i in range(1, 301)
     ]
-    policy = NotePolicy(keep_addenda=False, exclude_row_ids=frozenset(range(1, 301, 7)))
+    policy = note_policy(keep_addenda=False, exclude_row_ids=frozenset(range(1, 301, 7)))
     path = write_noteevents(tmp_path / "n.csv", rows)
     result = run(tmp_path, path, policy, heldout_notes=10)
     stats = result["stats"]

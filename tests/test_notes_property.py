@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asclepius_r.notes.stage import NotePolicy
+from tests.settings_support import note_policy
 
 from .notes_support import expected_kept, kept_rows, note, run, write_noteevents
 
@@ -26,7 +26,7 @@ def test_texts_survive_exactly(texts, categories):
         note(i + 1, text, category="Discharge summary" if keep or i == 0 else "Radiology")
         for i, (text, keep) in enumerate(zip(texts, categories))
     ]
-    policy = NotePolicy(drop_duplicate_text=False)
+    policy = note_policy(drop_duplicate_text=False)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         path = write_noteevents(work / "NOTEEVENTS.csv", rows)

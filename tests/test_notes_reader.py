@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 from asclepius_r.notes import noteevents
 from asclepius_r.notes.noteevents import NoteEventsError
-from asclepius_r.notes.stage import NotePolicy
+from tests.settings_support import note_policy
 
 from .notes_support import csv_bytes, expected_kept, kept_rows, note, run, write_noteevents
 
 HEADER = csv_bytes([])
-POLICY = NotePolicy(drop_duplicate_text=False)
+POLICY = note_policy(drop_duplicate_text=False)
 
 
 def _record(row_id: int, raw_text: bytes) -> bytes:
@@ -107,5 +107,5 @@ def test_notes_holding_lines_like_records_across_blocks(tmp_path, monkeypatch, g
     ]
     path = write_noteevents(tmp_path / "n.csv", rows, gzipped=gzipped)
     result = run(tmp_path, path)
-    assert kept_rows(result) == sorted(expected_kept(path, NotePolicy()))
+    assert kept_rows(result) == sorted(expected_kept(path, note_policy()))
     assert result["stats"]["rows_read"] == len(rows)

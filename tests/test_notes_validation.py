@@ -10,7 +10,7 @@ import random
 import pytest
 
 from asclepius_r.notes.noteevents import COLUMNS, NoteEventsError
-from asclepius_r.notes.stage import NotePolicy
+from tests.settings_support import note_policy
 
 from .notes_support import OUTPUTS, csv_bytes, kept_rows, note, run
 
@@ -143,5 +143,5 @@ def test_gzip_is_recognised_by_content(tmp_path, name):
 def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
     path = tmp_path / "n.csv"
     path.write_bytes(b"\xef\xbb\xbf" + GOOD_BYTES.replace(b"0\n", b"0\r\n"))
-    result = run(tmp_path, path, NotePolicy())
+    result = run(tmp_path, path, note_policy())
     assert [r["ROW_ID"] for r in result["train"]] == [1, 2]

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from asclepius_r.notes.stage import NotePolicy
 from support.synthetic_notes import main as synthesize
+from tests.settings_support import note_policy
 
 from .conftest import copy_workflow, run_snakemake
 from .notes_support import expected_kept
@@ -60,7 +60,7 @@ def test_workflow_keeps_exactly_what_the_policies_say(workflow, tmp_path):
     _run_notes_stage(workflow, config, noteevents)
     out = workflow / "results/notes"
     train, heldout = (pq.read_table(out / f"{name}.parquet").to_pylist() for name in ("discharge", "heldout"))
-    policy = NotePolicy(
+    policy = note_policy(
         keep_addenda=False, drop_iserror=False, exclude_row_ids=frozenset(int(i) for i in excluded.read_text().split())
     )
     assert sorted((r["ROW_ID"], r["TEXT"]) for r in train + heldout) == sorted(expected_kept(noteevents, policy))

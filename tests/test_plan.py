@@ -13,16 +13,16 @@ import pytest
 import yaml
 
 from asclepius_r import config as workflow_config
-from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
+from asclepius_r.base_model.tiny import build_tiny_llama_from_texts
 from asclepius_r.llm import Archive, ChatRequest, ChatResult
 from asclepius_r.plan import preflight
 from asclepius_r.plan.estimate import make_plan
 from asclepius_r.plan.table import GIB
 from asclepius_r.plan.usage import compare, used_by_run
 from asclepius_r.train.finetune import first_fit_decreasing
-from asclepius_r.train.run import TrainRun
 from tests.conftest import REPO, copy_workflow, run_snakemake
 from tests.notes_support import note, write_noteevents
+from tests.settings_support import tiny_spec
 
 PAPER = REPO / "config.yaml"
 
@@ -48,12 +48,6 @@ def test_first_fit_decreasing_puts_each_item_in_the_first_bin_with_room():
             bins[target].append(i)
             room[target] -= sizes[i]
         assert first_fit_decreasing(sizes, capacity) == bins
-
-
-def test_the_plan_knows_the_trainers_default_checkpoint_limit():
-    from asclepius_r.plan.disk import SAVE_TOTAL_LIMIT
-
-    assert TrainRun.__dataclass_fields__["save_total_limit"].default == SAVE_TOTAL_LIMIT
 
 
 def test_paper_checkpoints_and_memory_follow_the_published_shapes():
@@ -233,7 +227,7 @@ def test_preflight_checks_gpus_against_the_model_and_batch(size, given, gpus, co
 def test_preflight_finds_an_incomplete_base_folder(tmp_path):
     base = tmp_path / "llama-7b"
     texts = ["Discharge Diagnosis: pneumonia. Discharge Medications: amoxicillin 500 mg PO TID."] * 20
-    build_tiny_llama_from_texts(texts, base, TinyLlamaSpec(vocab_size=300))
+    build_tiny_llama_from_texts(texts, base, tiny_spec(vocab_size=300))
     (base / "model.safetensors").unlink()
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (base / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, default_data_collator
 
-from asclepius_r.config import ConfigError, load
+from asclepius_r.config import ConfigError, defaults, load
 from asclepius_r.train.pretrain import BlockDataset, note_position_ids, pack_notes, pretraining_dataset, tokenize_notes
 from asclepius_r.train.run import TrainRun, load_model_and_tokenizer
 from asclepius_r.train.settings import training_settings
+from tests.settings_support import train_run
 
 from .train_support import REPO, build_fixture_data, demo_texts
 
@@ -25,15 +26,7 @@ def model_dir(tmp_path_factory):
 
 
 def run_for(model_dir, note_attention: str, max_length: int = 128) -> TrainRun:
-    return TrainRun(
-        base_model=str(model_dir),
-        data="",
-        output_dir="",
-        checkpoint_dir="",
-        metrics_file="",
-        max_length=max_length,
-        note_attention=note_attention,
-    )
+    return train_run(base_model=str(model_dir), max_length=max_length, note_attention=note_attention)
 
 
 def framed(tokenizer, text: str) -> list[int]:
@@ -97,9 +90,8 @@ def test_special_token_strings_in_a_note_do_not_frame_notes(model_dir):
 def test_the_choice_is_a_pretraining_setting_with_2023_as_default(tmp_path):
     config = load(REPO / "config.yaml", require_data=False)
     assert config["pretrain"]["note_attention"] == "across_notes"
-    assert TrainRun(base_model="", data="", output_dir="", checkpoint_dir="", metrics_file="").note_attention == (
-        "across_notes"
-    )
+    assert defaults("pretrain")["note_attention"] == "across_notes"
+    assert "note_attention" not in defaults("finetune"), "the schema writes it under pretrain only"
     config["finetune"]["note_attention"] = "within_note"
     with pytest.raises(ConfigError, match="finetune.note_attention: a pretrain setting only"):
         training_settings(config, "finetune", "7B")

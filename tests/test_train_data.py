@@ -26,13 +26,13 @@ from asclepius_r.train.finetune import (
 from asclepius_r.train.pretrain import encode_notes, pack_notes
 from asclepius_r.train.run import (
     MeasuredTrainer,
-    TrainRun,
     gradient_accumulation,
     load_model_and_tokenizer,
     training_arguments,
 )
 from asclepius_r.train.throughput import FlopModel, batch_counts
 
+from .settings_support import train_run
 from .train_support import build_fixture_data, demo_texts, launch_env
 
 
@@ -49,18 +49,11 @@ def tokenizer(data):
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_packed_logits_equal_separate_runs(data, tokenizer, attn_implementation):
     # Loaded as training loads it (no KV cache: with one, the packed examples would mix).
-    run = TrainRun(
-        base_model=str(data["model"]),
-        data="",
-        output_dir="",
-        checkpoint_dir="",
-        metrics_file="",
-        attn_implementation=attn_implementation,
-    )
+    run = train_run(base_model=str(data["model"]), attn_implementation=attn_implementation)
     model = load_model_and_tokenizer(run)[0].eval()
     texts = demo_texts()[:3]
     examples = [
-        encode_example(tokenizer, text[: 100 * (i + 1)], "List the medications.", "None.", 1024)[0]
+        encode_example(tokenizer, text[: 100 * (i + 1)], "List the medications.", "None.", 1024, "drop")[0]
         for i, text in enumerate(texts)
     ]
     assert len({len(e.input_ids) for e in examples}) == 3, "examples of different lengths"
@@ -78,7 +71,7 @@ def test_packed_logits_equal_separate_runs(data, tokenizer, attn_implementation)
 
 def test_loss_only_on_answer_and_eos(tokenizer):
     answer = "Aspirin and metoprolol."
-    example, status = encode_example(tokenizer, "Short note.", "List the medications.", answer, 512)
+    example, status = encode_example(tokenizer, "Short note.", "List the medications.", answer, 512, "drop")
     assert status == "whole"
     prompt = tokenizer(render_released("Short note.", "List the medications."))["input_ids"]
     assert example.input_ids[: len(prompt)] == prompt and example.input_ids[0] == tokenizer.bos_token_id
@@ -158,7 +151,7 @@ def test_first_fit_decreasing_packs_every_example_once():
 
 
 def test_packs_have_no_padding_and_no_pad_bos(data, tokenizer):
-    examples = [encode_example(tokenizer, t[:400], "Summarize.", "Stable.", 1024)[0] for t in demo_texts()[:4]]
+    examples = [encode_example(tokenizer, t[:400], "Summarize.", "Stable.", 1024, "drop")[0] for t in demo_texts()[:4]]
     batch = collate_packed([examples])
     assert "attention_mask" not in batch
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
@@ -176,7 +169,7 @@ def test_pad_token_bos_is_refused(data, tmp_path):
     tokenizer.save_pretrained(broken)
     AutoModelForCausalLM.from_pretrained(data["model"]).save_pretrained(broken)
     copy_tokenizer_model(data["model"], broken)
-    run = TrainRun(base_model=str(broken), data="", output_dir="", checkpoint_dir="", metrics_file="")
+    run = train_run(base_model=str(broken))
     with pytest.raises(ValueError, match="pad token is BOS"):
         load_model_and_tokenizer(run)
 
@@ -261,15 +254,13 @@ def test_batch_counts_real_tokens_and_attention_of_padded_and_packed_batches():
 
 def test_a_base_model_folder_without_tokenizer_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    run = TrainRun(
-        base_model=str(tmp_path), data="unused", output_dir="unused", checkpoint_dir="unused", metrics_file="unused"
-    )
+    run = train_run(base_model=str(tmp_path))
     with pytest.raises(BaseModelError, match="tokenizer.model"):
         load_model_and_tokenizer(run)
 
 
 def test_the_global_batch_holds_whatever_the_process_count(caplog):
-    run = TrainRun(base_model="", data="", output_dir="", checkpoint_dir="", metrics_file="", per_device_batch_size=2)
+    run = train_run(per_device_batch_size=2)
     assert run.global_batch_size == 128
     assert [gradient_accumulation(run, processes) for processes in (8, 4, 16, 1)] == [8, 16, 4, 64]
     with caplog.at_level(logging.INFO):
@@ -281,12 +272,9 @@ def test_the_global_batch_holds_whatever_the_process_count(caplog):
 @pytest.mark.parametrize("ratio, warmup", [(0.03, 1), (0.5, 5), (1.0, 10)])
 def test_warmup_ratio_is_a_share_of_the_steps_up_to_all_of_them(data, tmp_path, ratio, warmup):
     """transformers 5 reads a float warmup_steps of 1.0 as one step; the run's ratio means the share."""
-    run = TrainRun(
+    run = train_run(
         base_model=str(data["model"]),
-        data="",
-        output_dir="",
         checkpoint_dir=str(tmp_path),
-        metrics_file="",
         warmup_ratio=ratio,
         max_steps=10,
         lr_scheduler="linear",

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from asclepius_r.train.launch import prepare_run
 from asclepius_r.train.run import TrainRun, configure_fsdp, training_arguments
+from tests.settings_support import train_run
 
 from .fsdp_cpu_entry import CRASH_EXIT_CODE
 from .train_support import REPO, TINY, build_fixture_data, launch_env, run_launch, write_run
@@ -42,9 +43,7 @@ GRADIENT_MARGIN = 0.05
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_gradient_checkpointing_follows_the_run_with_and_without_fsdp(monkeypatch, checkpointing):
-    run = TrainRun(
-        base_model="", data="", output_dir="", checkpoint_dir="", metrics_file="", gradient_checkpointing=checkpointing
-    )
+    run = train_run(gradient_checkpointing=checkpointing)
     assert training_arguments(run).activation_checkpointing is checkpointing, "on every device, a CPU too"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")

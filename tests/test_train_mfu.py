@@ -14,6 +14,7 @@ import pytest
 from asclepius_r.config import load
 from asclepius_r.train.run import TrainRun, mfu_peak
 from asclepius_r.train.throughput import FlopModel, Window, peak_tflops_of
+from tests.settings_support import train_run
 
 from .train_support import REPO, build_fixture_data, run_launch, write_run
 
@@ -42,9 +43,7 @@ def test_peak_from_device_name(name, peak):
 
 
 def run_with_peak(peak: float | None) -> TrainRun:
-    return TrainRun(
-        base_model="", data="", output_dir="", checkpoint_dir="", metrics_file="", peak_tflops_per_device=peak
-    )
+    return train_run(peak_tflops_per_device=peak)
 
 
 def test_config_override_wins_and_unknown_device_is_logged(caplog):

@@ -14,8 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from asclepius_r.evaluate.generation import Decoding, fit_prompts, generate_answers, load_for_generation, prompt_budget
+from asclepius_r.evaluate.generation import fit_prompts, generate_answers, load_for_generation, prompt_budget
 from asclepius_r.instructions.tasks import TASKS
+from tests.settings_support import decoding
 
 pytestmark = pytest.mark.slow
 
@@ -131,5 +132,5 @@ def test_ask_answers_with_a_demo_checkpoint(demo_run, tmp_path):
     (prompt,) = fit_prompts(
         tokenizer, [(note.read_text(), "What is the diagnosis?")], prompt_budget(model, 8), "note_middle"
     )
-    expected = generate_answers(model, tokenizer, [prompt.text], Decoding(max_new_tokens=8))[0]
+    expected = generate_answers(model, tokenizer, [prompt.text], decoding(max_new_tokens=8), batch_size=1)[0]
     assert result.stdout == expected + "\n", "the CLI answers as the evaluation does (released template, greedy)"

@@ -13,6 +13,7 @@ import yaml
 from asclepius_r import config as workflow_config
 from asclepius_r.files import read_jsonl
 from tests.conftest import REPO, copy_workflow, run_snakemake
+from tests.settings_support import decoding
 
 pytestmark = pytest.mark.slow
 
@@ -97,14 +98,14 @@ def test_release_folders_and_cards_follow_the_model_names(models_run):
 
 
 def test_a_released_llama3_checkpoint_answers_with_the_released_template(models_run):
-    from asclepius_r.evaluate.generation import Decoding, generate_answers, load_for_generation
+    from asclepius_r.evaluate.generation import generate_answers, load_for_generation
     from asclepius_r.prompts import render_released
 
     model, tokenizer = load_for_generation(str(models_run / "release/Asclepius-R-llama3-tiny"), device="cpu")
     prompt = render_released("Discharge Medications: aspirin 81 mg daily.", "What is the aspirin dose?")
     assert tokenizer.decode(tokenizer(prompt)["input_ids"], skip_special_tokens=True) == prompt
     prompts = [prompt, prompt + " "]  # two lengths: the batch is left-padded with the base's EOS
-    assert len(generate_answers(model, tokenizer, prompts, Decoding(max_new_tokens=4))) == 2
+    assert len(generate_answers(model, tokenizer, prompts, decoding(max_new_tokens=4), batch_size=2)) == 2
 
 
 def test_a_base_without_a_usable_tokenizer_is_refused_before_any_job(tmp_path):

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
-from asclepius_r.train.run import TrainRun
+from tests.settings_support import tiny_spec, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_NOTES = sorted((REPO / "demo" / "discharge_summaries").glob("*.txt"))
@@ -27,7 +27,7 @@ def demo_texts() -> list[str]:
     return [p.read_text() for p in DEMO_NOTES]
 
 
-TINY = TinyLlamaSpec(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TINY = tiny_spec(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
 def build_fixture_data(root: Path, spec: TinyLlamaSpec = TINY) -> dict[str, Path]:
@@ -68,7 +68,8 @@ def write_run(root: Path, stage: str, data: dict[str, Path], **settings) -> Path
         truncation="note_middle",  # the fixture's notes are far over these CPU-size max_lengths
         gradient_checkpointing=False,  # on a CPU, recomputation only costs time
     )
-    run = TrainRun(
+    run = train_run(
+        stage,
         base_model=str(data["model"]),
         data=str(data["notes" if stage == "pretrain" else "sft"]),
         output_dir=str(root / "out" / stage),

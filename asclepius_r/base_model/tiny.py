@@ -38,17 +38,20 @@ TINY_LLAMA3_SPECIAL_TOKENS = 16
 
 @dataclass(frozen=True)
 class TinyLlamaSpec:
-    vocab_size: int = 600
-    hidden_size: int = 64
-    intermediate_size: int = 172
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 2048
-    seed: int = 0
+    """A tiny base: the `tiny_model` section (`describe.tiny_spec`, with the model's overrides),
+    the seed of its random weights, and its family."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
     # A real vocabulary instead of one trained on the notes: a SentencePiece tokenizer.model
     # (llama1), or a tokenizer.json or the folder holding it (llama3).
-    tokenizer_model: str | None = None
-    family: str = "llama1"  # a value of TINY_BASES
+    tokenizer_model: str | None
+    seed: int
+    family: str  # a value of TINY_BASES
 
 
 def train_llama1_style_tokenizer(texts: list[str], vocab_size: int) -> bytes:

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from asclepius_r.config import defaults
 from asclepius_r.logs import setup_logging
 from asclepius_r.prompts import render_released
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a checkpoint folder (Hugging Face format)")
     parser.add_argument("--note", required=True, help="a text file holding the note ('-' for stdin)")
     parser.add_argument("--question", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=400)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults("evaluate")["max_new_tokens"])
     parser.add_argument(
         "--truncation",
         choices=["note_middle", "note_tail"],
@@ -44,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         prompt_budget,
     )
 
+    decoding = Decoding.from_config(defaults("evaluate", max_new_tokens=args.max_new_tokens))
     model, tokenizer = load_for_generation(args.model)
     budget = prompt_budget(model, args.max_new_tokens)
     prompt = fit_prompts(tokenizer, [(note, args.question)], budget, args.truncation)[0]
     if prompt.truncated:
         print(f"note cut ({args.truncation}) to fit {budget} prompt tokens", file=sys.stderr)
-    print(generate_answers(model, tokenizer, [prompt.text], Decoding(max_new_tokens=args.max_new_tokens))[0])
+    print(generate_answers(model, tokenizer, [prompt.text], decoding, batch_size=1)[0])
     return 0
 
 

@@ -20,10 +20,10 @@ from asclepius_r.prompts import FittedPrompt, check_adds_bos_once, fit_prompt
 class Decoding:
     """How answers are decoded (config `evaluate`); 2023 used num_beams 5, do_sample, temperature 1."""
 
-    max_new_tokens: int = 400
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
+    max_new_tokens: int
+    num_beams: int
+    do_sample: bool
+    temperature: float
 
     @classmethod
     def from_config(cls, section: dict) -> Decoding:
@@ -86,7 +86,7 @@ def fit_prompts(tokenizer, pairs: list[tuple[str, str]], budget: int, policy: st
 
 @torch.inference_mode()
 def generate_answers(
-    model, tokenizer, prompts: list[str], decoding: Decoding = Decoding(), batch_size: int = 8, seed: int = 0
+    model, tokenizer, prompts: list[str], decoding: Decoding, batch_size: int, seed: int = 0
 ) -> list[str]:
     """Answers to already fitted prompt texts, in order; sampling is seeded per batch."""
     answers = []

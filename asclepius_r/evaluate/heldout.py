@@ -18,7 +18,6 @@ from asclepius_r.config import configured_model
 from asclepius_r.evaluate.judge import SCORES
 from asclepius_r.files import atomic_path, read_jsonl, write_json, write_jsonl
 from asclepius_r.notes.stage import read_notes
-from asclepius_r.prompts import DEFAULT_TRUNCATION
 from asclepius_r.rouge import rouge_l, tokens
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def truncation_policy(config: dict, evaluated: str | None = None) -> str:
     model or none."""
     name = configured_model(config, evaluated) if evaluated else None
     section = {**config["finetune"], **(config["models"][name].get("finetune", {}) if name else {})}
-    return section.get("truncation", DEFAULT_TRUNCATION)
+    return section["truncation"]
 
 
 def token_f1(candidate: str, reference: str) -> float:
@@ -75,10 +74,10 @@ def answer_heldout(
     notes_path,
     records_path,
     answers_out,
-    decoding=None,
-    batch_size: int = 8,
-    max_prompt_tokens: int | None = None,
-    truncation: str = DEFAULT_TRUNCATION,
+    decoding,
+    batch_size: int,
+    max_prompt_tokens: int | None,
+    truncation: str,
     job: str | None = None,
     gpus: int = 1,
     seed: int = 0,
@@ -91,7 +90,6 @@ def answer_heldout(
     the model's context with `decoding.max_new_tokens`.
     """
     from asclepius_r.evaluate.generation import (
-        Decoding,
         fit_prompts,
         generate_answers,
         load_for_generation,
@@ -99,7 +97,6 @@ def answer_heldout(
     )
     from asclepius_r.gpus import claim_for_job
 
-    decoding = decoding or Decoding()
     items = heldout_items(notes_path, records_path)
     with claim_for_job(job or f"answer_heldout-{Path(model_dir).name}", gpus, cpu_fallback=cpu_fallback) as claim:
         model, tokenizer = load_for_generation(str(model_dir), claim.torch_device() if claim else "cpu")

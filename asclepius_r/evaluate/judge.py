@@ -37,8 +37,13 @@ class JudgeParseError(ValueError):
 class JudgeSettings:
     """The `judge` section of the config that is not about the endpoint."""
 
-    seed: int = 42
-    max_parse_attempts: int = 3
+    seed: int
+    max_parse_attempts: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> JudgeSettings:
+        """`judge.max_parse_attempts` and the workflow's `seed`."""
+        return cls(seed=config["seed"], max_parse_attempts=config["judge"]["max_parse_attempts"])
 
 
 def agent_order(models: list[str], row_id: int, seed: int) -> list[str]:

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import bisect
 import csv
-import itertools
 import json
 import logging
 import math
@@ -36,7 +35,6 @@ import pyarrow.parquet as pq
 from asclepius_r import config as workflow_config
 from asclepius_r.errors import InputError
 from asclepius_r.files import atomic_path, write_json
-from asclepius_r.instructions.heap import release_free_memory
 from asclepius_r.instructions.tasks import DEFAULT_SEED_QUESTIONS, draw_task, load_seed_questions
 from asclepius_r.llm import ChatRequest, LLMClient, LLMSettings
 from asclepius_r.logs import setup_logging
@@ -50,19 +48,19 @@ MODEL_MENTION = re.compile(r"\b(language model|ai model|the model|as an ai|an ai
 _LEADING_NOISE = re.compile(r"^\s*(?:[-*•]|\d+[.)]|q(?:uestion)?\s*:|instruction\s*:)\s*", re.IGNORECASE)
 
 DATASET_COLUMNS = ["note", "question", "answer", "task"]
-RELEASE_MEMORY_EVERY = 1000  # notes settled
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """The `instructions` section of the config, plus the workflow seed."""
 
-    seed: int = 42
-    pool_lag: int = 2048
+    seed: int
+    pool_lag: int
+    near_duplicate_rouge: float | None  # self-instruct used 0.7; the 2023 run had none
+    seed_questions: str | Path
+    # The method's own shape, no config key: seed and pool questions shown in one prompt.
     seeds_per_prompt: int = 3
     pool_per_prompt: int = 2
-    near_duplicate_rouge: float | None = None  # self-instruct used 0.7; the 2023 run had none
-    seed_questions: str | Path = DEFAULT_SEED_QUESTIONS
 
     @classmethod
     def from_config(cls, config: dict) -> GenerationSettings:
@@ -304,32 +302,13 @@ class _Prefix(Sequence):
         return self.items[index]
 
 
-class _Texts(Sequence):
-    """Texts end to end in UTF-8, with no object per text: a pool holds every question accepted."""
-
-    def __init__(self):
-        self.data, self.ends = bytearray(), array("Q", [0])
-
-    def append(self, text: str) -> None:
-        self.data += text.encode("utf-8")
-        self.ends.append(len(self.data))
-
-    def __len__(self) -> int:
-        return len(self.ends) - 1
-
-    def __getitem__(self, index: int) -> str:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.data[self.ends[index] : self.ends[index + 1]].decode("utf-8")
-
-
 class _Pools:
     """Accepted questions per task with the position of their note, in note order, so that a
     note is shown only those of notes at least `lag` before it, however far settling has got."""
 
     def __init__(self, lag: int):
         self.lag = lag
-        self.questions: dict[str, _Texts] = defaultdict(_Texts)
+        self.questions: dict[str, list[str]] = defaultdict(list)
         self.positions: dict[str, array] = defaultdict(lambda: array("q"))
 
     def add(self, task: str, position: int, question: str) -> None:
@@ -451,13 +430,10 @@ async def _generate(notes: NoteTexts, client: LLMClient, settings: GenerationSet
 def run_instruction_stage(notes_path, records_out, stats_out, client: LLMClient, settings: GenerationSettings) -> dict:
     """Records are written as the notes settle and the file is renamed into place at the end; after
     a crash the rerun asks the archive again, not this file."""
-    settled = itertools.count(1)
     with atomic_path(records_out) as tmp, open(tmp, "w", encoding="utf-8") as out:
 
         def write(record: dict) -> None:
             out.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-            if next(settled) % RELEASE_MEMORY_EVERY == 0:
-                release_free_memory()  # hours of requests must not grow the heap (heap.py)
 
         stats = generate_into(NoteTexts.read(notes_path, spill_dir=Path(records_out).parent), client, settings, write)
     write_json(stats_out, stats)

@@ -39,10 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
 from asclepius_r.errors import InputError
-from asclepius_r.llm.digest_index import DigestIndex
 
 log = logging.getLogger(__name__)
 
@@ -310,15 +307,15 @@ def _worst_case(path: Path, number: int, request: dict) -> dict[str, int]:
 class Archive:
     """The JSONL archive at `path` (in memory only when None): the last final record per key wins.
 
-    In memory it keeps an index, not the records: for each key's SHA-256 digest, where its last
-    final record starts in the file (times 2, plus 1 if it is a success), under 40 bytes a request
-    whatever the notes and answers hold (digest_index.py), so a 57k-note archive costs ~5 MB; `get`
-    reads the one record it needs back from the file and checks its key.
+    In memory it keeps an index, not the records: a dict from each key's SHA-256 digest to where
+    its last final record starts in the file (times 2, plus 1 if it is a success), about 180 bytes
+    a request whatever the notes and answers hold, so a 57k-note archive (two requests a note)
+    costs about 20 MB; `get` reads the one record it needs back from the file.
     """
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
-        self.index = DigestIndex()
+        self.index: dict[bytes, int] = {}
         self.lines: list[bytes] = []  # the records of an archive without a file
         self.billed_retries = 0
         # (model, batch) -> tokens of every billed response archived, for the budget across runs
@@ -342,7 +339,7 @@ class Archive:
 
     def answered(self) -> int:
         """How many keys have a success."""
-        return int((self.index.values() & 1).sum())
+        return sum(entry & 1 for entry in self.index.values())
 
     def _record(self, entry: int) -> dict:
         where = entry >> 1
@@ -355,7 +352,7 @@ class Archive:
 
     def results(self):
         """Yield (key, result record) for every key, its last final record, in the file's order."""
-        for entry in np.sort(self.index.values()).tolist():
+        for entry in sorted(self.index.values()):
             record = self._record(entry)
             yield record["key"], record["result"]
 
@@ -364,10 +361,7 @@ class Archive:
         entry = self.index.get(bytes.fromhex(request.key))
         if entry is None or not (entry & 1 or include_failed):
             return None
-        record = self._record(entry)
-        if record["key"] != request.key:  # another key with the same first 8 bytes (digest_index.py)
-            return None
-        return ChatResult.from_record(record["result"])
+        return ChatResult.from_record(self._record(entry)["result"])
 
     def close(self) -> None:
         if self._reader is not None:

@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import httpx2
 from tqdm import tqdm
@@ -61,36 +61,36 @@ ERROR_CHARS = 500  # of a server's error text kept in the archive
 
 @dataclass
 class LLMSettings:
-    """The `llm` section of the config (see the schema for each key's meaning)."""
+    """The `llm` section of the config (see the schema for each key's meaning and default)."""
 
-    backend: str = "replay"
-    mode: str = "online"
-    model: str = "gpt-4o-mini"
-    base_url: str | None = None
-    proxy: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    azure_endpoint: str | None = None
-    azure_deployment: str | None = None
-    api_version: str | None = None
-    approved_endpoints: list[str] = field(default_factory=list)
-    archive: str | None = None
-    temperature: float = 1.0
-    max_tokens: int = 512
-    max_concurrency: int = 512  # a cap: the client keeps the rate times the latency in flight
-    requests_per_minute: float = 500
-    tokens_per_minute: float = 200_000
-    max_attempts: int = 6
-    timeout_s: float = 120
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    retry_finish_reasons: list[str] = field(default_factory=lambda: ["length", "content_filter"])
-    prices_per_million: dict = field(default_factory=dict)  # model -> {"input": $, "output": $}
-    budget_usd: float | None = None
-    batch_discount: float = 0.5
-    batch_poll_s: float = 60.0
-    batch_max_requests: int = 50_000
-    batch_max_bytes: int = 190_000_000
-    batch_delete_files: bool = True
+    backend: str
+    mode: str
+    model: str
+    base_url: str | None
+    proxy: str | None
+    api_key_env: str
+    azure_endpoint: str | None
+    azure_deployment: str | None
+    api_version: str | None
+    approved_endpoints: list[str]
+    archive: str | None
+    temperature: float
+    max_tokens: int
+    max_concurrency: int  # a cap: the client keeps the rate times the latency in flight
+    requests_per_minute: float
+    tokens_per_minute: float
+    max_attempts: int
+    timeout_s: float
+    backoff_base_s: float
+    backoff_max_s: float
+    retry_finish_reasons: list[str]
+    prices_per_million: dict  # model -> {"input": $, "output": $}
+    budget_usd: float | None
+    batch_discount: float
+    batch_poll_s: float
+    batch_max_requests: int
+    batch_max_bytes: int
+    batch_delete_files: bool
 
     @classmethod
     def from_config(cls, section: dict) -> LLMSettings:

@@ -19,7 +19,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +56,14 @@ NOTE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class NotePolicy:
-    """What the notes stage keeps. Defaults: the 2023 choices plus the two obvious fixes."""
+    """What the notes stage keeps (the `notes` section; the schema's defaults are the 2023 choices
+    plus the two obvious fixes)."""
 
-    drop_iserror: bool = True
-    keep_addenda: bool = True
-    drop_duplicate_text: bool = True
-    coarse_placeholders: bool = False
-    exclude_row_ids: frozenset[int] = field(default_factory=frozenset)
+    drop_iserror: bool
+    keep_addenda: bool
+    drop_duplicate_text: bool
+    coarse_placeholders: bool
+    exclude_row_ids: frozenset[int]
 
     @classmethod
     def from_config(cls, section: dict) -> NotePolicy:
@@ -101,7 +102,7 @@ class SplitPolicy:
     """How many notes the evaluation holds out (whole patients), and the seed of the choice."""
 
     heldout_notes: int
-    seed: int = 42
+    seed: int
 
     @classmethod
     def from_config(cls, config: dict) -> SplitPolicy:

@@ -14,19 +14,18 @@ from asclepius_r.base_model.describe import base_dir
 
 CHECKPOINT_BYTES_PER_PARAM = 12
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SAVE_TOTAL_LIMIT = 2  # TrainRun's default (train/run.py), when the config does not set it
 
 
 def checkpoint_bytes(params: int, settings: dict) -> int:
     """The checkpoints of one training job while it runs: the Trainer writes a new checkpoint
     before it deletes the oldest one."""
-    limit = settings.get("save_total_limit", SAVE_TOTAL_LIMIT)
+    limit = settings["save_total_limit"]
     return (limit + 1) * CHECKPOINT_BYTES_PER_PARAM * params
 
 
 def export_bytes(config: dict, size: str, params: int, settings: dict) -> int:
     """A training job's export: its weights in `save_dtype`, with the base folder's other files."""
-    return DTYPE_BYTES[settings.get("save_dtype", "bfloat16")] * params + _side_files(config, size)
+    return DTYPE_BYTES[settings["save_dtype"]] * params + _side_files(config, size)
 
 
 def _side_files(config: dict, size: str) -> int:

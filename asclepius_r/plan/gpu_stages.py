@@ -21,7 +21,7 @@ from asclepius_r.base_model.describe import base_dir
 from asclepius_r.plan.disk import checkpoint_bytes, export_bytes
 from asclepius_r.plan.inputs import note_lengths, parameter_counts
 from asclepius_r.plan.llm_stages import GENERATED_CHARS_PER_TOKEN, longest_seed_question
-from asclepius_r.plan.memory import gradient_bytes, inference_memory_bytes, per_device_batch_size, training_memory_bytes
+from asclepius_r.plan.memory import gradient_bytes, inference_memory_bytes, training_memory_bytes
 from asclepius_r.prompts import render_released
 from asclepius_r.train.settings import training_settings
 
@@ -132,7 +132,7 @@ def peak_tflops(config: dict, gpus: list[dict]) -> tuple[float, str]:
     """A device's bf16 dense peak and where it came from: the config, a visible GPU, or an A100."""
     from asclepius_r.train.throughput import peak_tflops_of
 
-    configured = {config["pretrain"].get("peak_tflops_per_device"), config["finetune"].get("peak_tflops_per_device")}
+    configured = {config["pretrain"]["peak_tflops_per_device"], config["finetune"]["peak_tflops_per_device"]}
     configured.discard(None)
     if configured:
         return max(configured), "peak_tflops_per_device in the config"
@@ -164,7 +164,6 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
     """
     from asclepius_r.gpus import fake_devices
     from asclepius_r.train.finetune import first_fit_decreasing
-    from asclepius_r.train.run import TrainRun
     from asclepius_r.train.throughput import FlopModel
 
     longest_question = longest_seed_question(config)
@@ -182,11 +181,11 @@ def add_training_compute(config: dict, rows: list[dict], shapes: dict, notes_dir
         length = settings["max_length"]
         # Without GPUs (or with the rehearsal's fake ones) the launcher trains in cpu_processes processes.
         devices = config["launch"]["cpu_processes"] if not row["gpus"] or fake_devices() else row["gpus"]
-        global_batch = settings.get("global_batch_size", TrainRun.global_batch_size)
-        max_steps = settings.get("max_steps", -1)
+        global_batch = settings["global_batch_size"]
+        max_steps = settings["max_steps"]
         if stage == "pretrain":
             items = int((tokens + 2).sum()) // length
-            batch = per_device_batch_size(settings)
+            batch = settings["per_device_batch_size"]
             steps = trainer_steps(items, batch, global_batch, devices, settings["epochs"], max_steps)
             lengths = np.full(items, length, dtype=np.int64)
         else:

@@ -25,13 +25,6 @@ GPU_OVERHEAD_BYTES = 3 * 2**30  # CUDA context, NCCL buffers, allocator slack
 USABLE_MEMORY_FRACTION = 0.9
 
 
-def per_device_batch_size(settings: dict) -> int:
-    """Sequences per micro-batch: the setting (pretraining), TrainRun's default where unset."""
-    from asclepius_r.train.run import TrainRun
-
-    return settings.get("per_device_batch_size", TrainRun.per_device_batch_size)
-
-
 def gradient_bytes(shape: dict, params: int, devices: int, sharded: bool) -> int:
     """Gradient memory of one training process between and during micro-batches.
 
@@ -53,11 +46,11 @@ def training_memory_bytes(shape: dict, params: int, settings: dict, stage: str, 
     their gradient, FSDP's gathered layers, overhead."""
     h, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
     # Fine-tuning trains one pack of at most max_length tokens per micro-batch.
-    tokens = settings["max_length"] * (per_device_batch_size(settings) if stage == "pretrain" else 1)
+    tokens = settings["max_length"] * (settings["per_device_batch_size"] if stage == "pretrain" else 1)
     state = STATE_BYTES_PER_PARAM * params / (devices if sharded else 1)
     state += gradient_bytes(shape, params, devices, sharded)
     layer_set = ACTIVATION_BYTES_PER_HIDDEN * h * tokens
-    if settings.get("gradient_checkpointing", True):
+    if settings["gradient_checkpointing"]:
         activations = 2 * h * tokens * layers + layer_set
     else:
         activations = layer_set * layers
@@ -77,6 +70,6 @@ def inference_memory_bytes(shape: dict, params: int, config: dict, on_gpu: bool)
         else context
     )
     weights = (2 if on_gpu else 4) * params
-    sequences = evaluate["batch_size"] * evaluate.get("num_beams", 1)
+    sequences = evaluate["batch_size"] * evaluate["num_beams"]
     cache = sequences * length * shape["num_hidden_layers"] * 2 * shape["hidden_size"] * 2
     return int(weights + cache + GPU_OVERHEAD_BYTES)

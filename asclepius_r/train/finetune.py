@@ -40,7 +40,7 @@ from accelerate import PartialState
 from asclepius_r.errors import InputError
 from asclepius_r.files import atomic_path
 from asclepius_r.logs import setup_logging
-from asclepius_r.prompts import DEFAULT_TRUNCATION, fit_prompt, render_released
+from asclepius_r.prompts import fit_prompt, render_released
 from asclepius_r.train.run import TrainRun, load_model_and_tokenizer, train_and_save, training_arguments
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def encode_example(
     question: str,
     answer: str,
     max_length: int,
-    policy: str = DEFAULT_TRUNCATION,
+    policy: str,
     prompt_ids: list[int] | None = None,
     answer_ids: list[int] | None = None,
 ) -> tuple[Example | None, str]:
@@ -127,7 +127,7 @@ def read_rows(csv_path: str, cache_dir: str) -> datasets.Dataset:
 
 
 def encode_dataset(
-    csv_path: str, tokenizer, max_length: int, cache_dir: str, policy: str = DEFAULT_TRUNCATION
+    csv_path: str, tokenizer, max_length: int, cache_dir: str, policy: str
 ) -> tuple[list[Example], dict]:
     """Examples of every row that fits and the truncation counts (the contract of `truncation_file`).
 

@@ -34,13 +34,14 @@ from accelerate import PartialState, init_empty_weights
 from asclepius_r.base_model.describe import check_base_model, describe_base
 from asclepius_r.errors import InputError
 from asclepius_r.files import atomic_path, read_jsonl
-from asclepius_r.prompts import DEFAULT_TRUNCATION, check_adds_bos_once
+from asclepius_r.prompts import check_adds_bos_once
 from asclepius_r.train.checkpoints import (
     KeepTokenizerModel,
     export_checkpoint,
     last_complete_checkpoint,
     prepare_export,
 )
+from asclepius_r.train.settings import training_settings
 from asclepius_r.train.throughput import FlopModel, Window, batch_counts, peak_tflops_of
 
 log = logging.getLogger(__name__)
@@ -48,37 +49,45 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainRun:
-    """One training job, resolved from config.yaml by the rule (see the schema for meanings)."""
+    """One training job: where its files are and the stage's settings, every one from the resolved
+    config (`from_config`; the schema holds the defaults and meanings)."""
 
     base_model: str
     data: str
     output_dir: str
     checkpoint_dir: str
     metrics_file: str
-    seed: int = 42
-    epochs: float = 1.0
-    max_steps: int = -1
-    max_length: int = 2048
-    global_batch_size: int = 128  # sequences per optimizer step over all processes
-    per_device_batch_size: int = 2
-    learning_rate: float = 2e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    bf16: bool = True
-    tf32: bool = True
-    gradient_checkpointing: bool = True
-    attn_implementation: str = "sdpa"
-    save_steps: int = 200
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    save_dtype: str = "bfloat16"
-    note_attention: str = "across_notes"  # pretraining only: across_notes (2023) or within_note
-    peak_tflops_per_device: float | None = None  # None: from the device's name (throughput.peak_tflops_of)
-    truncation: str = DEFAULT_TRUNCATION
-    truncation_file: str | None = None
-    data_cache_dir: str | None = None
-    ddp_timeout_s: int = 18000  # the process group's timeout (2023: --ddp_timeout 18000)
+    truncation_file: str | None
+    data_cache_dir: str | None
+    seed: int
+    epochs: float
+    max_steps: int
+    max_length: int
+    global_batch_size: int  # sequences per optimizer step over all processes
+    per_device_batch_size: int | None  # pretraining's; fine-tuning trains one pack per micro-batch
+    learning_rate: float
+    lr_scheduler: str
+    warmup_ratio: float
+    weight_decay: float
+    bf16: bool
+    tf32: bool
+    gradient_checkpointing: bool
+    attn_implementation: str
+    save_steps: int
+    save_total_limit: int
+    logging_steps: int
+    save_dtype: str
+    note_attention: str | None  # pretraining only
+    peak_tflops_per_device: float | None  # None: from the device's name (throughput.peak_tflops_of)
+    truncation: str | None  # fine-tuning only
+    ddp_timeout_s: int  # the process group's timeout, from the launch section
+
+    @classmethod
+    def from_config(cls, config: dict, stage: str, name: str, **files) -> TrainRun:
+        """Model `name`'s `stage` run of the resolved `config`; `files` are the run's paths (base_model,
+        data, output_dir, checkpoint_dir, metrics_file, truncation_file, data_cache_dir)."""
+        settings = training_settings(config, stage, name)
+        return cls(**files, **settings, ddp_timeout_s=config["launch"]["ddp_timeout_s"])
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainRun:

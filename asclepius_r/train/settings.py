@@ -16,7 +16,8 @@ STAGE_ONLY_KEYS = {"truncation": "finetune", "note_attention": "pretrain", "per_
 
 
 def training_settings(config: dict, stage: str, name: str, context: int | None = None) -> dict:
-    """The stage's settings with model `name`'s overrides applied; unknown keys name their place.
+    """The stage's settings (the resolved section, so every key is there) with model `name`'s
+    overrides applied; unknown keys name their place.
 
     `max_length` is a cap: the model trains at the smaller of it and its base's context (given, or
     `base_context`), so LLaMA-1 keeps 2048 and Llama-3 gets its 8,192 under one config.
@@ -36,4 +37,6 @@ def training_settings(config: dict, stage: str, name: str, context: int | None =
             f"config key models.{name}.{stage}.max_length: the base folder is not there to read its context "
             f"from; set {stage}.max_length"
         )
-    return {"seed": config["seed"], **merged, "max_length": min(lengths)}
+    # The other stage's keys are no setting of this one: None, so that every TrainRun field is given.
+    elsewhere = {key: None for key, owner in STAGE_ONLY_KEYS.items() if owner != stage}
+    return {"seed": config["seed"], **elsewhere, **merged, "max_length": min(lengths)}
