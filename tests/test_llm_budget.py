@@ -152,6 +152,17 @@ def test_negative_or_absurd_usage_is_a_malformed_reply_charged_at_the_worst_case
     assert client.stats["failures"]["malformed"] == 1 and client.stats["sent_ok"] == 0
 
 
+def test_a_chat_templates_default_system_prompt_on_a_short_prompt_is_honest_usage(server, tmp_path):
+    # What transformers serve reports for "Hi" to SmolLM2-135M-Instruct: its template adds a
+    # default system prompt, 30 tokens around 2 bytes (tests/test_local_server.py asks it for real).
+    server.add_fault("reply", times=None, body=_usage(prompt_tokens=31, completion_tokens=4))
+    short = ChatRequest(model="gpt-4o-mini", messages=(("user", "Hi"),), max_tokens=4)
+    client = LLMClient(live_settings(server, tmp_path / "a.jsonl", prices_per_million=PRICES))
+    [result] = client.run([short])
+    assert result.ok and result.usage == {"prompt_tokens": 31, "completion_tokens": 4}
+    assert client.stats["retries"]["malformed"] == 0 and client.counts["billed_at_worst_case"] == 0
+
+
 @pytest.mark.parametrize("fault", ["stall", "trickle"])
 def test_an_attempt_the_client_stops_waiting_for_is_charged_at_its_worst_case(server, tmp_path, fault):
     server.add_fault(fault, times=None, stall_s=0.6)

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 # Chat formatting tokens per message and for the reply's start; OpenAI's chat models use 3-4 and 3.
 MESSAGE_OVERHEAD_TOKENS = 8
+# What a local server's chat template adds once per request: open models' templates put in a default
+# system prompt when a request has none (SmolLM2's makes an empty message 30 tokens; Llama 3.1's dated
+# preamble is about as long). A long prompt's bytes cover it; a short one's do not, and the server's
+# honest usage would be refused as a lie.
+TEMPLATE_PREAMBLE_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,12 @@ class ChatRequest:
 
     def worst_case_usage(self) -> dict[str, int]:
         """Tokens no reply to this request can be billed beyond: one prompt token per UTF-8 byte (a
-        byte-level BPE token holds at least one byte) plus the chat formatting, and `max_tokens`.
-        Spending is reserved at this before sending, and charged at it when a reply reports none."""
+        byte-level BPE token holds at least one byte) plus the chat formatting and a template's
+        default system prompt, and `max_tokens`. Spending is reserved at this before sending, and
+        charged at it when a reply reports none."""
         size = sum(len(content.encode("utf-8")) for _, content in self.messages)
         return {
-            "prompt_tokens": size + MESSAGE_OVERHEAD_TOKENS * (len(self.messages) + 1),
+            "prompt_tokens": size + MESSAGE_OVERHEAD_TOKENS * (len(self.messages) + 1) + TEMPLATE_PREAMBLE_TOKENS,
             "completion_tokens": self.max_tokens,
         }
 
