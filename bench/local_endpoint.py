@@ -2,16 +2,18 @@
 
 The stage's own engine (`generate`: question, then answer, for each note) sends the demo's
 shortest notes to `transformers serve` with SmolLM2-135M-Instruct on the CPU
-(support/local_llm_server.py), once with one request in flight and once with `--concurrency`;
-the baseline is the same stage against support/openai_server.py, which answers at once, so it
-shows what the client and the stage cost beside the model. Replies are greedy and at most
-`--max-tokens` long, used as they are when cut (no retries), so every run sends the same requests.
+(support/local_llm_server.py): with one torch thread, once with one request in flight and once
+with `--concurrency`, then with two threads and one in flight (on a shared machine a second
+thread spins against the other work); the baseline is the same stage against
+support/openai_server.py, which answers at once: what the client and the stage cost beside the
+model. Replies are greedy and at most `--max-tokens` long, used as they are when cut (no
+retries), so every run sends the same requests.
 The server's CPU time is read from /proc: on a shared machine it is the steadier figure.
 
     nice python bench/local_endpoint.py                  # 3 notes (6 requests) a run
     nice python bench/local_endpoint.py --notes 6 --max-tokens 64
 
-Last line: RESULT rpm_serve_1=<f> rpm_serve_concurrent=<f> rpm_baseline=<f> server_cpu_s_per_request=<f> ...
+Last line: RESULT rpm_serve=<f> rpm_serve_concurrent=<f> rpm_serve_2_threads=<f> rpm_baseline=<f> ...
 """
 
 from __future__ import annotations
@@ -91,15 +93,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        with TransformersServer(smollm2_folder(), log_path=work / "serve.log") as server:
-            for concurrency in (1, args.concurrency):
-                cpu_before = cpu_seconds(server.process.pid)
-                row = run_stage(
-                    server.url, server.model, work / f"serve-{concurrency}.jsonl", notes, concurrency, args.max_tokens
-                )
-                row["server_cpu_s"] = cpu_seconds(server.process.pid) - cpu_before
-                rows[f"transformers serve, {concurrency} in flight"] = row
-            model = server.model
+        for threads, runs in ((1, (1, args.concurrency)), (2, (1,))):
+            with TransformersServer(
+                smollm2_folder(), threads=threads, log_path=work / f"serve-{threads}.log"
+            ) as server:
+                for concurrency in runs:
+                    cpu_before = cpu_seconds(server.process.pid)
+                    archive = work / f"serve-{threads}-{concurrency}.jsonl"
+                    row = run_stage(server.url, server.model, archive, notes, concurrency, args.max_tokens)
+                    row["server_cpu_s"] = cpu_seconds(server.process.pid) - cpu_before
+                    rows[f"transformers serve, {threads} thread(s), {concurrency} in flight"] = row
+                model = server.model
         with OpenAIServer() as fake:
             rows["baseline: support/openai_server.py"] = run_stage(
                 fake.url, model, work / "fake.jsonl", notes, args.concurrency, args.max_tokens
@@ -117,11 +121,12 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {row['requests']} | {row['wall_s']:.1f} | {row['rpm']:.1f} | "
             f"{row['prompt_tokens']} / {row['completion_tokens']} | {cpu} |"
         )
-    one, many, baseline = rows.values()
+    one, many, two_threads, baseline = rows.values()
     print(
-        f"RESULT rpm_serve_1={one['rpm']:.2f} rpm_serve_concurrent={many['rpm']:.2f} "
-        f"rpm_baseline={baseline['rpm']:.0f} server_cpu_s_per_request={one['server_cpu_s'] / one['requests']:.2f} "
-        f"failed={one['failed'] + many['failed'] + baseline['failed']}"
+        f"RESULT rpm_serve={one['rpm']:.1f} rpm_serve_concurrent={many['rpm']:.1f} "
+        f"rpm_serve_2_threads={two_threads['rpm']:.1f} rpm_baseline={baseline['rpm']:.0f} "
+        f"server_cpu_s_per_request={one['server_cpu_s'] / one['requests']:.2f} "
+        f"failed={sum(row['failed'] for row in rows.values())}"
     )
 
 
