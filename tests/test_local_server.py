@@ -42,7 +42,7 @@ PRICE = {"input": 1.0, "output": 2.0}  # dollars a million tokens, so that cost 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     # One torch thread: on a shared CPU a second one spins against the other work, 6x slower
-    # (BENCHMARKS.md, "A real local server").
+    # (BENCHMARKS.md, "Instructions and the LLM client").
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     with TransformersServer(smollm2_folder(), threads=1, log_path=log_path) as server:
         yield server
