@@ -129,6 +129,7 @@ def test_the_instruction_stage_against_transformers_serve(served, tmp_path):
         environment = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(REPO)}
         done = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert KEY not in done.stdout + done.stderr
         return json.loads((tmp_path / f"{out}.stats.json").read_text())
 
     before = served.chat_statuses()
