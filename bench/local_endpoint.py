@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from asclepius_r.config import defaults  # noqa: E402
 from asclepius_r.instructions.generate import GenerationSettings, generate  # noqa: E402
 from asclepius_r.llm import LLMClient, LLMSettings  # noqa: E402
 from asclepius_r.logs import setup_logging  # noqa: E402
@@ -50,24 +51,27 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_stage(url: str, model: str, archive: Path, notes: list[dict], concurrency: int, max_tokens: int) -> dict:
-    settings = LLMSettings(
-        backend="openai",
-        model=model,
-        base_url=url,
-        approved_endpoints=[url],
-        api_key_env=KEY_ENV,
-        archive=str(archive),
-        temperature=0.0,
-        max_tokens=max_tokens,
-        retry_finish_reasons=["content_filter"],
-        max_concurrency=concurrency,
-        requests_per_minute=6000,
-        tokens_per_minute=1e9,
-        timeout_s=1800,
+    settings = LLMSettings.from_config(
+        defaults(
+            "llm",
+            backend="openai",
+            model=model,
+            base_url=url,
+            approved_endpoints=[url],
+            api_key_env=KEY_ENV,
+            archive=str(archive),
+            temperature=0.0,
+            max_tokens=max_tokens,
+            retry_finish_reasons=["content_filter"],
+            max_concurrency=concurrency,
+            requests_per_minute=6000,
+            tokens_per_minute=1e9,
+            timeout_s=1800,
+        )
     )
     started = time.monotonic()
     with LLMClient(settings) as client:
-        _, stats = generate(notes, client, GenerationSettings(pool_lag=16))
+        _, stats = generate(notes, client, GenerationSettings.from_config(defaults(instructions={"pool_lag": 16})))
     elapsed = time.monotonic() - started
     llm = stats["llm"]
     return {

@@ -25,9 +25,10 @@ import yaml
 from asclepius_r import config as workflow_config
 from asclepius_r.evaluate.judge import JudgeSettings, judge_client, run_judge_stage
 from asclepius_r.files import read_jsonl, write_jsonl
-from asclepius_r.llm import Archive, ChatRequest, LLMClient, LLMSettings, UnapprovedEndpointError
+from asclepius_r.llm import Archive, ChatRequest, LLMClient, UnapprovedEndpointError
 from support.local_llm_server import TransformersServer, smollm2_folder
 from tests.conftest import REPO
+from tests.settings_support import llm_settings
 
 pytestmark = pytest.mark.local_server
 
@@ -187,7 +188,13 @@ def test_the_judge_against_transformers_serve(served, tmp_path, key, caplog):
         yaml.safe_dump(
             {
                 "llm": local_llm(served, tmp_path / "archive.jsonl"),
-                "judge": {"backend": "llm", "model": served.model, "archive": str(judge_archive), "max_tokens": 16},
+                "judge": {
+                    "backend": "llm",
+                    "model": served.model,
+                    "archive": str(judge_archive),
+                    "max_tokens": 16,
+                    "max_parse_attempts": 2,
+                },
             }
         )
     )
@@ -200,7 +207,7 @@ def test_the_judge_against_transformers_serve(served, tmp_path, key, caplog):
             tmp_path / "verdicts.jsonl",
             tmp_path / "judge.stats.json",
             client,
-            JudgeSettings(max_parse_attempts=2),
+            JudgeSettings.from_config(config),
         )
     attempts = stats["client"]["attempts"]
     assert served.chat_statuses() - before == {200: attempts}
@@ -231,8 +238,8 @@ def test_a_short_prompt_and_a_reply_cut_short(served, tmp_path, key):
     """SmolLM2's chat template adds a default system prompt: 2 bytes are 31 tokens, which is
     honest usage, not a lie; a reply cut at max_tokens is retried, then failed as finish_length,
     each attempt charged at the usage the server reported."""
-    settings = LLMSettings.from_config(
-        local_llm(served, tmp_path / "a.jsonl", max_tokens=1, max_attempts=2, backoff_base_s=0.01)
+    settings = llm_settings(
+        **local_llm(served, tmp_path / "a.jsonl", max_tokens=1, max_attempts=2, backoff_base_s=0.01)
         | {"retry_finish_reasons": ["length", "content_filter"]}
     )
     hi = ChatRequest(model=served.model, messages=(("user", "Hi"),), max_tokens=1, temperature=0.0)
@@ -254,7 +261,7 @@ def test_a_model_the_server_does_not_serve_and_an_unapproved_spelling(served, tm
     """A pinned server answers another model name with HTTP 400: failed at once, not retried, and
     the error says what failed, never what the server said. `localhost` is not the approved
     `127.0.0.1`: refused before anything is sent."""
-    settings = LLMSettings.from_config(local_llm(served, tmp_path / "a.jsonl"))
+    settings = llm_settings(**local_llm(served, tmp_path / "a.jsonl"))
     other = ChatRequest(model="gpt-4o-mini", messages=(("user", "Hi"),), max_tokens=1)
     before = served.chat_statuses()
     with LLMClient(settings) as client:
@@ -265,5 +272,5 @@ def test_a_model_the_server_does_not_serve_and_an_unapproved_spelling(served, tm
 
     elsewhere = served.url.replace("127.0.0.1", "localhost")
     with pytest.raises(UnapprovedEndpointError, match="approved_endpoints"):
-        LLMClient(LLMSettings.from_config(local_llm(served, tmp_path / "b.jsonl", base_url=elsewhere)))
+        LLMClient(llm_settings(**local_llm(served, tmp_path / "b.jsonl", base_url=elsewhere)))
     assert served.chat_statuses() - before == {400: 1}
