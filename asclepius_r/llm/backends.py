@@ -23,8 +23,8 @@ import httpx2
 from asclepius_r.config import ConfigError
 from asclepius_r.errors import UserError
 from asclepius_r.llm.archive import ChatRequest, ChatResult
-from asclepius_r.llm.guard import ReplyRefused, base_url, guarded_http_client, refusal
-from asclepius_r.llm.redact import describe_error, is_name
+from asclepius_r.llm.guard import base_url, guarded_http_client, refusal
+from asclepius_r.llm.redact import ReplyRefused, describe_error, is_name
 
 # A finish reason is a short lower-case name ("stop", "length", "content_filter", ...).
 FINISH_REASON = re.compile(r"[a-z_]{1,32}")

@@ -36,8 +36,8 @@ from asclepius_r.config import ConfigError
 from asclepius_r.errors import UserError
 from asclepius_r.llm.archive import Archive, ChatRequest, ChatResult, hold_archive, let_go_of_archive
 from asclepius_r.llm.backends import FatalError, ProviderError, ReplayMissError, RetryableError, make_backend
-from asclepius_r.llm.guard import ReplyRefused, check_endpoint
-from asclepius_r.llm.redact import Redactor, describe_error
+from asclepius_r.llm.guard import check_endpoint
+from asclepius_r.llm.redact import Redactor, ReplyRefused, describe_error
 
 log = logging.getLogger(__name__)
 

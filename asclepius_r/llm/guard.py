@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx2
 
 from asclepius_r.errors import UserError
-from asclepius_r.llm.redact import redact_urls
+from asclepius_r.llm.redact import ReplyRefused, redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ DECODABLE = {"identity": None, **dict.fromkeys(("gzip", "x-gzip", "deflate"), zl
 
 class UnapprovedEndpointError(UserError, PermissionError):
     """The endpoint is not listed in `llm.approved_endpoints`."""
-
-
-class ReplyRefused(Exception):
-    """A reply body past `REPLY_MAX_BYTES`, or in an encoding this client does not decode."""
 
 
 def endpoint_identity(settings) -> str:

@@ -111,13 +111,16 @@ class Redactor:
         return any(secret in text for secret in self.secrets)
 
 
+class ReplyRefused(Exception):
+    """A reply the guard refused: a body past `guard.REPLY_MAX_BYTES`, or in an encoding this
+    client does not decode. Its message is the client's own, so it is said as it is."""
+
+
 def describe_error(err: BaseException) -> str:
     """What may be said of an error from the wire: the request's method and path, the HTTP status,
     the server's error type and code when they are short names, or the kind of connection
     failure. Never the error's message or body, which may echo the request."""
     import openai
-
-    from asclepius_r.llm.guard import ReplyRefused
 
     if isinstance(err, ReplyRefused):  # its message is the client's own
         return str(err)
