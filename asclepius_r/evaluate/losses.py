@@ -2,8 +2,8 @@
 measured on what neither trained on, so that a run shows whether each stage taught anything.
 
 - Note perplexity: each held-out note framed by the base's BOS and EOS as pretraining frames a
-  note, scored in consecutive windows of at most `max_length` tokens (each window its own
-  context); exp of the mean next-token loss over every predicted token.
+  note, its first `max_length` tokens scored as one context; exp of the mean next-token loss over
+  every predicted token.
 - Answer loss: each held-out question's reference answer, teacher-forced after the released
   template with its note and question, exactly as fine-tuning builds an example
   (`train.finetune.encode_example`: the prompt led by the base's BOS, the answer and EOS the only
@@ -41,21 +41,15 @@ def _summed_loss(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
     return loss.item(), int((targets[0, 1:] != -100).sum())
 
 
-def note_windows(note_ids: list[int], bos: int, eos: int, max_length: int) -> list[list[int]]:
-    """A note framed by BOS and EOS, in consecutive windows of at most `max_length` tokens."""
-    framed = [bos, *note_ids, eos]
-    return [framed[start : start + max_length] for start in range(0, len(framed), max_length)]
-
-
 @torch.inference_mode()
 def note_loss(model, tokenizer, texts: list[str], max_length: int) -> tuple[float, int]:
     """(mean loss per predicted token, predicted tokens) over the notes `texts`."""
     total, count = 0.0, 0
     encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for ids in encoded:
-        for window in note_windows(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length):
-            loss, tokens = _summed_loss(model, window, window)
-            total, count = total + loss, count + tokens
+        framed = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id][:max_length]
+        loss, tokens = _summed_loss(model, framed, framed)
+        total, count = total + loss, count + tokens
     return total / max(count, 1), count
 
 
