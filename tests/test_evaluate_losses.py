@@ -23,7 +23,8 @@ NOTES = demo_texts()[:3]
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "base"
     build_tiny_llama_from_texts(NOTES, folder, TinyLlamaSpec(vocab_size=400, hidden_size=16, intermediate_size=32))
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def test_the_answer_loss_is_fine_tunings_loss_over_the_answer_and_eos_only(tiny):
