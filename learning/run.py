@@ -83,6 +83,59 @@ def failures(result: dict) -> list[str]:
     return problems
 
 
+def resolved_config(workdir: Path = WORKDIR) -> dict:
+    """learning/config.yaml with the run's overlay (the archive's path, the seed), as Snakemake read it."""
+    from asclepius_r import config as workflow_config
+
+    config = yaml.safe_load((REPO / "learning/config.yaml").read_text())
+    overlay = yaml.safe_load((workdir / "results/learning/overlay.yaml").read_text())
+    return workflow_config.resolve(workflow_config.merge(config, overlay))
+
+
+def retrain(workdir: Path, stage: str, out: Path, base_model: str | None = None, **overrides) -> Path:
+    """Train `stage` again in this process as the check's rule did (its data, settings and seed),
+    with `overrides` over its settings and from `base_model` (default: the rule's own input), into
+    `out`; for variants of the recipe and the broken-recipe test. Paths in `workdir` are absolute."""
+    from asclepius_r.train import finetune, pretrain
+    from asclepius_r.train.launch import prepare_run
+    from asclepius_r.train.run import TrainRun
+    from asclepius_r.train.settings import training_settings
+
+    results = workdir.resolve() / "results"
+    inputs = {
+        "pretrain": (results / "base_models" / NAME, results / "notes/discharge.parquet"),
+        "finetune": (results / "models" / PRETRAINED, results / "mimiciii_discharge.csv"),
+    }[stage]
+    run = TrainRun(
+        base_model=str(base_model or inputs[0]),
+        data=str(inputs[1]),
+        output_dir=str(out / "model"),
+        checkpoint_dir=str(out / "checkpoints"),
+        metrics_file=str(out / "metrics.jsonl"),
+        **{**training_settings(resolved_config(workdir), stage, NAME), **overrides},
+    )
+    run_file = prepare_run(stage, run)
+    (finetune if stage == "finetune" else pretrain).main(str(run_file))
+    return out / "model"
+
+
+def heldout_figures(workdir: Path, model_dir: Path, out: Path) -> dict:
+    """A model's held-out note perplexity and answer loss, measured as rule heldout_losses does."""
+    from asclepius_r.evaluate.heldout import truncation_policy
+    from asclepius_r.evaluate.losses import heldout_losses
+
+    config, results = resolved_config(workdir), workdir.resolve() / "results"
+    return heldout_losses(
+        model_dir,
+        results / "notes/heldout.parquet",
+        results / "instructions/heldout.jsonl",
+        out,
+        max_length=config["evaluate"]["loss_max_length"],
+        truncation=truncation_policy(config, FINETUNED),
+        gpus=0,
+    )
+
+
 def result_line(result: dict) -> str:
     return "RESULT " + " ".join(f"{key}={value:.4f}" for key, value in result.items())
 
