@@ -166,7 +166,9 @@ def data_paths(config: dict) -> dict[str, str]:
     paths = {"noteevents": "path to NOTEEVENTS.csv or .csv.gz"}
     paths.update(
         {
-            f"models.{name}.base": f"the {name} base model's folder in HF format, 'tiny' or 'tiny-llama3'"
+            f"models.{name}.base": (
+                f"the {name} base model's folder in HF format, a LLaMA .gguf file, 'smollm2', 'tiny' or 'tiny-llama3'"
+            )
             for name in config["models"]
         }
     )

@@ -34,17 +34,33 @@ def render_released(note: str, question: str) -> str:
     return RELEASED_TEMPLATE.format(note=note, question=question)
 
 
-def check_adds_bos_once(tokenizer, where: str) -> None:
-    """Prompts are plain text, never a chat template: the base's tokenizer must put its own BOS
-    once before a text and nothing after it, as LLaMA-1/2's and Llama-3's base tokenizers do."""
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS before a text by itself (LLaMA-1/2, Llama-3) or not (SmolLM2)."""
+    return tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def check_bos(tokenizer, where: str) -> None:
+    """Prompts are plain text, never a chat template, and start with the base's BOS once
+    (`encode_prompts`): the tokenizer must have a BOS token, and add neither an EOS nor a BOS after
+    a text's start."""
     ids = tokenizer("x")["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or ids[:1] != [bos] or bos in ids[1:] or (eos is not None and eos in ids):
+    if bos is None or bos in ids[1:] or (eos is not None and eos in ids):
         raise InputError(
-            f"{where}: its tokenizer must add its BOS token ({tokenizer.bos_token!r}) once at the start of a "
-            f"text and no EOS; it encodes 'x' as {ids} (check add_bos_token/add_eos_token in tokenizer_config.json "
-            "or the post-processor in tokenizer.json)"
+            f"{where}: its tokenizer must have a BOS token ({tokenizer.bos_token!r}) and add, at most, that BOS "
+            f"once at the start of a text and no EOS; it encodes 'x' as {ids} (check add_bos_token/add_eos_token "
+            "in tokenizer_config.json or the post-processor in tokenizer.json)"
         )
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The token ids of prompt texts, each led by the base's BOS once: the tokenizer's own where it
+    adds one, prepended here where it does not. The one place a model input is tokenised, for
+    fine-tuning, evaluation and the held-out losses alike."""
+    encoded = tokenizer(texts)["input_ids"]
+    if adds_bos(tokenizer):
+        return encoded
+    return [[tokenizer.bos_token_id, *ids] for ids in encoded]
 
 
 # drop: leave the example out (what 2023 effectively did when its answer was cut off);
@@ -102,7 +118,7 @@ def fit_prompt(
     if policy not in TRUNCATION_POLICIES:
         raise ValueError(f"unknown truncation policy {policy!r} (expected one of {TRUNCATION_POLICIES})")
     text = render_released(note, question)
-    ids = tokenizer(text)["input_ids"] if prompt_ids is None else prompt_ids
+    ids = encode_prompts(tokenizer, [text])[0] if prompt_ids is None else prompt_ids
     if len(ids) <= max_tokens:
         return FittedPrompt(text, ids, False)
     if policy == "drop":
@@ -115,7 +131,7 @@ def fit_prompt(
     while keep > 0:
         keep = max(0, keep - (len(ids) - max_tokens) - slack)
         text = render_released(cut_note(tokenizer, note_ids, keep, policy), question)
-        ids = tokenizer(text)["input_ids"]
+        ids = encode_prompts(tokenizer, [text])[0]
         if len(ids) <= max_tokens:
             return FittedPrompt(text, ids, True)
     return None

@@ -11,7 +11,8 @@ sys.path.insert(0, workflow.basedir)
 from snakemake.logging import logger
 
 from asclepius_r import config as workflow_config
-from asclepius_r.base_model.describe import TINY_BASES, base_dir, check_tiny_specs, tiny_spec
+from asclepius_r.base_model.describe import TINY_BASES, base_dir, check_tiny_specs, is_gguf_base, tiny_spec
+from asclepius_r.base_model.gguf import gguf_file, gguf_missing
 from asclepius_r.evaluate.heldout import truncation_policy
 from asclepius_r.plan import preflight
 from asclepius_r.train.settings import training_settings
@@ -57,6 +58,20 @@ def long_notes_tokenizer(wildcards):
             "tiny_model.tokenizer_model (as rehearsal/config.yaml does)"
         )
     return tokenizer
+
+
+def models_whose_base(made_by):
+    """A {size} pattern of the models whose base `made_by(base)` says a rule makes (none: matches nothing)."""
+    names = [name for name in SIZES if made_by(config["models"][name]["base"])]
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def gguf_base_file(wildcards):
+    """The GGUF file a model's base is converted from; stops the DAG, saying what to do, while it is not there."""
+    base = config["models"][wildcards.size]["base"]
+    if not gguf_file(base).is_file():
+        raise WorkflowError(f"config key models.{wildcards.size}.base: {gguf_missing(base)}")
+    return str(gguf_file(base))
 
 
 def base_model_dir(wildcards):

@@ -24,6 +24,29 @@ rule answer_heldout:
         "../scripts/answer_heldout.py"
 
 
+# What pretraining and fine-tuning optimise, on what neither trained on: held-out note perplexity
+# and the teacher-forced loss of the reference answers (asclepius_r/evaluate/losses.py).
+rule heldout_losses:
+    input:
+        model=evaluated_model_dir,
+        notes="results/notes/heldout.parquet",
+        records="results/instructions/heldout.jsonl",
+    output:
+        "results/evaluation/losses/{model}.json",
+    log:
+        "logs/evaluate/losses_{model}.log",
+    conda:
+        "../envs/train.yaml"
+    threads: config["launch"]["threads"]
+    resources:
+        gpu=1,
+    params:
+        max_length=config["evaluate"]["loss_max_length"],
+        truncation=finetune_truncation,
+    script:
+        "../scripts/heldout_losses.py"
+
+
 rule judge_heldout:
     input:
         answers=expand("results/evaluation/answers/{model}.jsonl", model=workflow_config.evaluated_models(config)),
@@ -54,6 +77,7 @@ rule judge_heldout:
 rule summarise_evaluation:
     input:
         answers=expand("results/evaluation/answers/{model}.jsonl", model=workflow_config.evaluated_models(config)),
+        losses=expand("results/evaluation/losses/{model}.json", model=workflow_config.evaluated_models(config)),
         verdicts="results/evaluation/judge/verdicts.jsonl",
     output:
         summary="results/evaluation/summary.json",

@@ -103,6 +103,27 @@ rule report_evaluation:
         "../scripts/report_evaluation.py"
 
 
+# Only where evaluate.report_answers asks for it: the answers are derived from the notes.
+rule report_answers:
+    input:
+        records="results/instructions/heldout.jsonl",
+        answers=expand("results/evaluation/answers/{model}.jsonl", model=workflow_config.evaluated_models(config)),
+    output:
+        report(
+            "results/report/answers.html",
+            caption="../report/answers.rst",
+            category="3. Evaluation",
+        ),
+    log:
+        "logs/report/answers.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        models=workflow_config.evaluated_models(config),
+    script:
+        "../scripts/report_answers.py"
+
+
 REPORT_ITEMS = [
     "results/report/plan.html",
     "results/report/note_lengths.png",
@@ -112,4 +133,5 @@ REPORT_ITEMS = [
     "results/report/judge_scores.png",
     "results/report/rouge_l.png",
     "results/report/evaluation.html",
+    *(["results/report/answers.html"] if config["evaluate"]["report_answers"] else []),
 ]

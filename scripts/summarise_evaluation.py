@@ -12,4 +12,5 @@ summarise(
     snakemake.output.summary,
     snakemake.output.per_model,
     snakemake.output.per_task,
+    dict(zip(snakemake.params.models, snakemake.input.losses)),
 )

@@ -17,9 +17,14 @@ _NOT_WORKFLOW_TOP = {".git", ".venv", "results", "logs", "release", ".snakemake"
 _NOT_WORKFLOW_ANYWHERE = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".hypothesis", "*.tar.gz")
 
 
+# Working folders of make rehearsal and make learning-check (their results/, models included).
+_WORKDIRS = {REPO / "rehearsal", REPO / "learning"}
+
+
 def _not_workflow(directory: str, names: list[str]) -> set[str]:
     top = _NOT_WORKFLOW_TOP.intersection(names) if Path(directory) == REPO else set()
-    return top | _NOT_WORKFLOW_ANYWHERE(directory, names)
+    workdir = {"workdir"}.intersection(names) if Path(directory) in _WORKDIRS else set()
+    return top | workdir | _NOT_WORKFLOW_ANYWHERE(directory, names)
 
 
 def copy_workflow(dest: Path) -> Path:

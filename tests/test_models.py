@@ -16,7 +16,7 @@ from asclepius_r.base_model.describe import check_tiny_specs
 from asclepius_r.base_model.tiny import build_tiny_llama_from_texts
 from asclepius_r.errors import InputError
 from asclepius_r.plan import preflight
-from asclepius_r.prompts import check_adds_bos_once, cut_note, render_released
+from asclepius_r.prompts import check_bos, cut_note, encode_prompts, render_released
 from asclepius_r.train.finetune import encode_example
 from asclepius_r.train.settings import training_settings
 from tests.conftest import REPO
@@ -139,7 +139,7 @@ def test_the_released_template_reaches_the_model_byte_for_byte_and_chat_free(tin
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    check_adds_bos_once(tokenizer, str(tiny_base))
+    check_bos(tokenizer, str(tiny_base))
     text = render_released(NOTES[0], "What was the ejection fraction?")
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in ids[1:]
@@ -176,14 +176,30 @@ def test_a_cut_note_splits_no_character(tiny_base, policy):
         assert "\ufffd" not in shown, (keep, shown)
 
 
-def test_a_tokenizer_that_adds_no_bos_is_refused(tiny_base):
+def test_a_tokenizer_that_adds_no_bos_gets_it_prepended_once(tiny_base):
+    """SmolLM2's tokenizer adds no BOS: every prompt is led by the base's BOS all the same, the
+    same ids as a tokenizer that adds it itself."""
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    texts = [render_released(NOTES[0], "What was the ejection fraction?"), "x"]
+    expected = encode_prompts(tokenizer, texts)
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", special_tokens=[])
-    with pytest.raises(InputError, match="must add its BOS token"):
-        check_adds_bos_once(tokenizer, "a base")
+    check_bos(tokenizer, "a base")
+    assert tokenizer(texts)["input_ids"] != expected
+    assert encode_prompts(tokenizer, texts) == expected
+
+
+def test_a_tokenizer_that_adds_an_eos_is_refused(tiny_base):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    eos = (tokenizer.eos_token, tokenizer.eos_token_id)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=f"$A {eos[0]}", special_tokens=[eos])
+    with pytest.raises(InputError, match="and no EOS"):
+        check_bos(tokenizer, "a base")
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ EXPECTED_TABLES = {
     "results/report/dataset.html",
     "results/report/models.html",
     "results/report/evaluation.html",
+    "results/report/answers.html",  # the demo sets evaluate.report_answers
 }
 
 PROBE = """<script>

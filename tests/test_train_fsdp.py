@@ -273,3 +273,49 @@ def test_a_slow_export_outlasts_a_short_process_group_timeout_and_every_rank_wri
         assert torch.equal(merged[name], tensor), f"{name}: exported weights differ from the all-gathered shards"
     assert json.loads((output / "training_run.json").read_text())["world_size"] == 2
     assert not Path(run.checkpoint_dir).exists() and not list(output.parent.glob(".*.export"))
+
+
+def make_smollm2_like(model: Path) -> None:
+    """The fixture's tiny base, made like SmolLM2 where a real base differs from LLaMA-1: tied input
+    and output embeddings, and a tokenizer that adds no BOS by itself."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    base.save_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", special_tokens=[])
+    tokenizer.save_pretrained(model)
+    (model / "tokenizer.model").unlink()  # the BPE tokenizer.json is now the base's own
+
+
+@pytest.mark.slow
+def test_fsdp_cpu_keeps_tied_embeddings_tied_and_trains_a_bos_less_base_as_one_process(tmp_path):
+    """A SmolLM2-like base (tied embeddings, no BOS from its tokenizer) under FSDP2 on two ranks: it
+    trains as one process does (one shared weight, sharded once), and the export reloads tied,
+    with the trained embedding and no separate output matrix."""
+    data = build_fixture_data(tmp_path)
+    make_smollm2_like(data["model"])
+    settings = dict(max_steps=3, max_length=1024, learning_rate=3e-3)
+    run_file = write_run(tmp_path / "fsdp", "finetune", data, global_batch_size=2, **settings)
+    single_file = write_run(tmp_path / "one", "finetune", data, global_batch_size=2, **settings)
+    run = TrainRun.from_json(run_file)
+    prepare_run("finetune", run)
+    result = launch_fsdp(cpu_fsdp_config(tmp_path), run_file, tmp_path / "probe")
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "lm_head.weight" not in probes(tmp_path / "probe")[0]["parameters"], "one shared weight, sharded once"
+    run_launch("finetune", single_file)
+    sharded_curve, single_curve = losses(Path(run.metrics_file)), losses(tmp_path / "one/metrics/finetune.jsonl")
+    assert sharded_curve == pytest.approx(single_curve, rel=TOLERANCE)
+
+    base = AutoModelForCausalLM.from_pretrained(data["model"], dtype=torch.float32)
+    exported = {}
+    for name, folder in (("fsdp", Path(run.output_dir)), ("one", tmp_path / "one/out/finetune")):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert model.config.tie_word_embeddings
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), name
+        assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight), f"{name}: trained"
+        exported[name] = model.model.embed_tokens.weight
+    assert torch.allclose(exported["fsdp"], exported["one"], rtol=1e-3, atol=1e-5)

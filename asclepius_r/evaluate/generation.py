@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from asclepius_r.prompts import FittedPrompt, check_adds_bos_once, fit_prompt
+from asclepius_r.prompts import FittedPrompt, check_bos, encode_prompts, fit_prompt
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def load_for_generation(model_dir: str, device: str | None = None):
     """The model on `device` (default: the first CUDA device if any, else CPU) and its tokenizer."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    check_adds_bos_once(tokenizer, model_dir)
+    check_bos(tokenizer, model_dir)
     if tokenizer.pad_token is None:
         # Batching needs a pad id (masked, left of the prompt); BOS would be wrong. LLaMA-1 has
         # <unk>; Llama-3 has none, and its EOS, where generation stops anyway, serves.
@@ -91,7 +91,8 @@ def generate_answers(
     """Answers to already fitted prompt texts, in order; sampling is seeded per batch."""
     answers = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+        ids = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
         torch.manual_seed(seed + start)
         output = model.generate(
             **batch,

@@ -9,6 +9,7 @@ training data. Each model answers with the released template (`answer_heldout`);
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,6 +33,8 @@ TABLE_COLUMNS = [
     "answer_words",
     "empty_answers",
 ]
+# Per model only (rule heldout_losses): what the model's training optimised, on held-out text.
+LOSS_COLUMNS = ["note_perplexity", "answer_loss"]
 
 
 def heldout_items(notes_path, records_path) -> list[dict]:
@@ -150,8 +153,16 @@ def _metrics(rows: list[dict]) -> dict:
     }
 
 
-def summarise(answer_files: dict[str, str], verdicts_path, summary_out, per_model_out, per_task_out) -> dict:
-    """Scores per model (with `per_task` inside) as JSON, and the same as two TSV tables."""
+def summarise(
+    answer_files: dict[str, str],
+    verdicts_path,
+    summary_out,
+    per_model_out,
+    per_task_out,
+    loss_files: dict[str, str] | None = None,
+) -> dict:
+    """Scores per model (with `per_task` inside, and the held-out losses of `loss_files`) as JSON,
+    and the same as two TSV tables."""
     verdicts = {v["row_id"]: v for v in read_jsonl(verdicts_path)}
     summary: dict = {}
     for model, path in sorted(answer_files.items()):
@@ -164,21 +175,27 @@ def summarise(answer_files: dict[str, str], verdicts_path, summary_out, per_mode
         per_task = defaultdict(list)
         for row in rows:
             per_task[row["task"]].append(row)
-        summary[model] = {**_metrics(rows), "per_task": {t: _metrics(r) for t, r in sorted(per_task.items())}}
+        losses = json.loads(Path(loss_files[model]).read_text()) if loss_files else {}
+        summary[model] = {
+            **_metrics(rows),
+            **{column: losses.get(column) for column in LOSS_COLUMNS},
+            "per_task": {t: _metrics(r) for t, r in sorted(per_task.items())},
+        }
     write_json(summary_out, summary)
-    _write_table(per_model_out, ["model"], [([m], s) for m, s in summary.items()])
+    _write_table(per_model_out, ["model"], [([m], s) for m, s in summary.items()], TABLE_COLUMNS + LOSS_COLUMNS)
     _write_table(
         per_task_out,
         ["model", "task"],
         [([m, t], s) for m, entry in summary.items() for t, s in entry["per_task"].items()],
+        TABLE_COLUMNS,
     )
     log.info("evaluation: %s", {m: (s["judge_score"], s["rouge_l"]) for m, s in summary.items()})
     return summary
 
 
-def _write_table(path, keys: list[str], rows: list[tuple[list[str], dict]]) -> None:
+def _write_table(path, keys: list[str], rows: list[tuple[list[str], dict]], columns: list[str]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out, delimiter="\t", lineterminator="\n")
-        writer.writerow(keys + TABLE_COLUMNS)
+        writer.writerow(keys + columns)
         for key, metrics in rows:
-            writer.writerow(key + ["" if metrics[c] is None else round(metrics[c], 4) for c in TABLE_COLUMNS])
+            writer.writerow(key + ["" if metrics[c] is None else round(metrics[c], 4) for c in columns])

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from asclepius_r import config as workflow_config
-from asclepius_r.base_model.describe import TINY_BASES, tiny_spec
+from asclepius_r.base_model.describe import TINY_BASES, is_built_base, is_gguf_base, tiny_spec
+from asclepius_r.base_model.gguf import gguf_file, gguf_missing, gguf_shape
 from asclepius_r.notes.stage import NotePolicy, SplitPolicy
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ def model_shape(config: dict, size: str) -> tuple[dict, str]:
     base = config["models"][size]["base"]
     if base in TINY_BASES:
         return {**tiny_spec(config, size), "tie_word_embeddings": False}, "tiny_model"
+    if is_gguf_base(base):
+        if not gguf_file(base).is_file():
+            raise workflow_config.ConfigError(f"config key models.{size}.base: {gguf_missing(base)}")
+        return gguf_shape(gguf_file(base)), str(gguf_file(base))
     if base and (Path(base) / "config.json").exists():
         return json.loads((Path(base) / "config.json").read_text()), f"{base}/config.json"
     if size in LLAMA1_SHAPES:
@@ -130,6 +135,9 @@ def missing_inputs(config: dict) -> list[str]:
         value = workflow_config.config_value(config, key)
         if not value:
             problems.append(f"{key} is not set")
-        elif value not in TINY_BASES and not Path(value).exists():
+        elif is_gguf_base(value) and key != "noteevents":
+            if not gguf_file(value).is_file():
+                problems.append(f"{key}: {gguf_missing(value)}")
+        elif not is_built_base(value) and not Path(value).exists():
             problems.append(f"{key}: {value} does not exist")
     return problems

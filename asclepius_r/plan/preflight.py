@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asclepius_r import config as workflow_config
-from asclepius_r.base_model.describe import TINY_BASES
+from asclepius_r.base_model.describe import is_built_base
 from asclepius_r.errors import UserError
 from asclepius_r.files import write_json
 from asclepius_r.llm import LLMSettings
@@ -296,7 +296,7 @@ def check(config: dict, jobs: list[Job], workdir: str | Path = ".", local: bool 
         }
     ):
         base = config["models"].get(size, {}).get("base")
-        if base and base not in TINY_BASES:
+        if base and not is_built_base(base):
             problems += base_folder_problems(size, Path(base))
     summary: list[str] = []
     problems += _disk_problem(config, plan, jobs, workdir, gpu_limit, summary)

@@ -305,11 +305,15 @@ are part of it); replace `{{note}}` and `{{question}}`:
 {RELEASED_TEMPLATE}```
 
 ```python
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 model = AutoModelForCausalLM.from_pretrained("{name}")
 prompt = TEMPLATE.format(note=note, question=question)   # TEMPLATE: the text above
-output = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=400)
+ids = tokenizer(prompt)["input_ids"]
+if ids[:1] != [tokenizer.bos_token_id]:   # a tokenizer that adds no BOS (SmolLM2): the model was trained with it first
+    ids = [tokenizer.bos_token_id] + ids
+output = model.generate(torch.tensor([ids]), max_new_tokens=400)
 ```
 """
     return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))

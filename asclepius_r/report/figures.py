@@ -2,7 +2,9 @@
 
 Each function turns files in results/ into one report item, so every number in the report
 comes from a named file made by a named rule. Only counts and aggregates are drawn: no note
-text, question or answer reaches the report.
+text, question or answer reaches the report, except on the answers page (`answers_side_by_side`),
+made only where `evaluate.report_answers` asks for it (the demo's and the learning check's
+synthetic notes, never MIMIC's by default).
 """
 
 from __future__ import annotations
@@ -166,6 +168,19 @@ def evaluation_tables(per_model_tsv, per_task_tsv, judge_stats, out_html) -> Non
         )
     )
     write_html_page(out_html, "Evaluation", tables)
+
+
+def answers_side_by_side(records_path, answer_files: dict[str, str], out_html) -> None:
+    """Each held-out question with its reference answer and every model's answer beside it."""
+    references = {r["row_id"]: r for r in read_jsonl(records_path) if r["status"] == "ok"}
+    answers = {model: {a["row_id"]: a["answer"] for a in read_jsonl(path)} for model, path in answer_files.items()}
+    rows = [
+        [row_id, record["task"], record["question"], record["answer"], *(answers[m].get(row_id, "") for m in answers)]
+        for row_id, record in sorted(references.items())
+    ]
+    header = ["ROW_ID", "task", "question", "reference answer", *answers]
+    caption = "Held-out answers side by side (results/evaluation/answers/*.jsonl, results/instructions/heldout.jsonl)"
+    write_html_page(out_html, "Answers", [html_table(caption, header, rows)])
 
 
 def models_table(training_runs: dict[str, tuple[str, str]], out_html) -> None:

@@ -40,7 +40,7 @@ from accelerate import PartialState
 from asclepius_r.errors import InputError
 from asclepius_r.files import atomic_path
 from asclepius_r.logs import setup_logging
-from asclepius_r.prompts import fit_prompt, render_released
+from asclepius_r.prompts import encode_prompts, fit_prompt, render_released
 from asclepius_r.train.run import TrainRun, load_model_and_tokenizer, train_and_save, training_arguments
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def encode_example(
 
 def encode_batch(batch: dict[str, list], tokenizer, max_length: int, policy: str) -> dict[str, list]:
     """A `datasets.map` batch of rows -> input_ids, prompt_tokens (unlabelled prefix) and status."""
-    prompts = tokenizer([render_released(n, q) for n, q in zip(batch["note"], batch["question"])])["input_ids"]
+    prompts = encode_prompts(tokenizer, [render_released(n, q) for n, q in zip(batch["note"], batch["question"])])
     answers = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
     out = {"input_ids": [], "prompt_tokens": [], "status": []}
     for note, question, prompt_ids, answer_ids in zip(batch["note"], batch["question"], prompts, answers):

@@ -34,7 +34,7 @@ from accelerate import PartialState, init_empty_weights
 from asclepius_r.base_model.describe import check_base_model, describe_base
 from asclepius_r.errors import InputError
 from asclepius_r.files import atomic_path, read_jsonl
-from asclepius_r.prompts import check_adds_bos_once
+from asclepius_r.prompts import check_bos
 from asclepius_r.train.checkpoints import (
     KeepTokenizerModel,
     export_checkpoint,
@@ -220,7 +220,7 @@ def load_model_and_tokenizer(run: TrainRun):
     tokenizer = AutoTokenizer.from_pretrained(run.base_model, padding_side="right")
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.bos_token_id:
         raise InputError(f"{run.base_model}: the pad token is BOS (the 2023 defect); fix its tokenizer_config.json")
-    check_adds_bos_once(tokenizer, run.base_model)
+    check_bos(tokenizer, run.base_model)
     # fp32 master weights; the bf16 math comes from autocast, or under FSDP from its mixed-precision policy.
     if loads_weights_on_rank_0_only():
         model = unfilled_model(run)

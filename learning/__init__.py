@@ -1,0 +1,1 @@
+"""The learning check (`make learning-check`): a real model through the recipe (learning/run.py)."""
