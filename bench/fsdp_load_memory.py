@@ -1,7 +1,7 @@
 """Benchmark: host memory each FSDP rank takes to load the model, with and without rank-0-only loading.
 
 Two gloo CPU processes run one pretraining step under the repository's FSDP config (bf16 policy)
-through tests/fsdp_cpu_entry.py, which records each rank's RSS growth across
+through support/fsdp_cpu_entry.py, which records each rank's RSS growth across
 load_model_and_tokenizer. The model is a 39M-parameter LLaMA (157 MB in fp32) saved in bf16, as
 LLaMA's checkpoints are 16-bit. Baseline: fsdp_cpu_ram_efficient_loading off, where every rank
 reads the weights (what every rank did before, also with it on, under transformers 5.23).
@@ -22,8 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from asclepius_r.train.launch import prepare_run
 from asclepius_r.train.run import TrainRun
-from tests.test_train_fsdp import cpu_fsdp_config, launch_fsdp, probes
-from tests.train_support import TINY, build_fixture_data, write_run
+from support.train_fixtures import TINY, build_fixture_data, cpu_fsdp_config, launch_fsdp, probes, write_run
 
 
 def main() -> None:

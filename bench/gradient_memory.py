@@ -1,7 +1,7 @@
 """Benchmark: gradient memory per GPU while accumulating under FSDP2, measured and as the plan counts it.
 
 Measured: two gloo CPU processes train 2 pretraining steps of 2 accumulated micro-batches under the
-repository's FSDP config (bf16 policy) through tests/fsdp_cpu_entry.py, which records the gradient
+repository's FSDP config (bf16 policy) through support/fsdp_cpu_entry.py, which records the gradient
 bytes each rank holds between micro-batches (unsharded and sharded). The model is a 39M-parameter
 LLaMA (157 MB of fp32 gradients). Baseline: the Trainer's default accumulation, no gradient sync
 until a step's last micro-batch (what training did before); ours: a reduce-scatter after every
@@ -34,8 +34,7 @@ from asclepius_r.plan.table import GIB
 from asclepius_r.train.launch import prepare_run
 from asclepius_r.train.run import TrainRun
 from asclepius_r.train.settings import training_settings
-from tests.test_train_fsdp import cpu_fsdp_config, launch_fsdp, probes
-from tests.train_support import TINY, build_fixture_data, write_run
+from support.train_fixtures import TINY, build_fixture_data, cpu_fsdp_config, launch_fsdp, probes, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 

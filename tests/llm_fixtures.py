@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from asclepius_r.llm import ChatRequest, LLMSettings
+from support.default_settings import llm_settings
 from support.openai_server import OpenAIServer
-from tests.settings_support import llm_settings
 
 API_KEY = "sk-test-7f3a9c-never-in-outputs"
 KEY_ENV = "ASCLEPIUS_TEST_API_KEY"

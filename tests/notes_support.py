@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from asclepius_r.notes.noteevents import COLUMNS
 from asclepius_r.notes.stage import NotePolicy, coarsen_placeholders, run_notes_stage
-from tests.settings_support import note_policy, split_policy
+from support.default_settings import note_policy, split_policy
 
 NUMERIC = {"ROW_ID", "SUBJECT_ID", "HADM_ID", "CGID"}
 OUTPUTS = ("discharge.parquet", "heldout.parquet", "heldout_row_ids.txt", "stats.json")

@@ -21,10 +21,9 @@ from asclepius_r.base_model.tiny import (
     tiny_llama_tokenizer,
 )
 from asclepius_r.train.checkpoints import export_checkpoint, prepare_export
+from support.default_settings import tiny_spec
+from support.train_fixtures import demo_texts
 from tests.conftest import copy_workflow, run_snakemake
-from tests.settings_support import tiny_spec
-
-from .train_support import demo_texts
 
 FAMILIES = {"llama1": "sentencepiece", "llama3": "bpe"}
 CONTEXT = 1024

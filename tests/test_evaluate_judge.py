@@ -13,8 +13,8 @@ from asclepius_r.files import read_jsonl, write_jsonl
 from asclepius_r.llm import LLMClient, LLMSettings
 from asclepius_r.llm.guard import UnapprovedEndpointError
 from asclepius_r.prompts import render_judge_prompt
+from support.default_settings import judge_settings, llm_settings
 from support.openai_server import OpenAIServer
-from tests.settings_support import judge_settings, llm_settings
 
 MODELS = ["Base-7B", "Asclepius-R-7B-Pretrained-Only", "Asclepius-R-7B"]
 ITEMS = [

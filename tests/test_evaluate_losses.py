@@ -13,9 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from asclepius_r.base_model.tiny import build_tiny_llama_from_texts
 from asclepius_r.evaluate.losses import answer_loss, note_loss
 from asclepius_r.train.finetune import encode_example
-
-from .settings_support import tiny_spec
-from .train_support import demo_texts
+from support.default_settings import tiny_spec
+from support.train_fixtures import demo_texts
 
 NOTES = demo_texts()[:3]
 

@@ -14,9 +14,8 @@ from asclepius_r.evaluate.generation import generate_answers, load_for_generatio
 from asclepius_r.evaluate.heldout import answer_heldout
 from asclepius_r.files import read_jsonl
 from asclepius_r.prompts import CUT_MARK, fit_released_prompt, render_released
-from tests.settings_support import decoding, tiny_spec
-
-from .train_support import demo_texts
+from support.default_settings import decoding, tiny_spec
+from support.train_fixtures import demo_texts
 
 CONTEXT = 320
 QUESTION = "Which medications was the patient discharged on, and at what doses?"

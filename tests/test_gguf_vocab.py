@@ -17,6 +17,7 @@ from asclepius_r.base_model.tiny import (
     llama3_special_tokens,
     tiny_llama_tokenizer,
 )
+from support.default_settings import tiny_spec
 from support.gguf_vocab import (
     GgufVocab,
     VocabUnavailable,
@@ -28,7 +29,6 @@ from support.gguf_vocab import (
     reference_tokenizations,
     sentencepiece_model,
 )
-from tests.settings_support import tiny_spec
 
 
 def _vocab(name: str):

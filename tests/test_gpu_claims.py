@@ -17,9 +17,8 @@ from asclepius_r.evaluate.heldout import answer_heldout
 from asclepius_r.gpus import CLAIMS_FILE, NoGPUError, claim_for_job, claim_gpus, visible_devices
 from asclepius_r.train.launch import launch
 from asclepius_r.train.run import TrainRun
-
-from .settings_support import decoding
-from .train_support import REPO, build_fixture_data, demo_texts, launch_env, run_launch, write_run
+from support.default_settings import decoding
+from support.train_fixtures import REPO, build_fixture_data, demo_texts, launch_env, run_launch, write_run
 
 
 def hold(count, devices, lock_dir, claims, first_two, results):
@@ -116,7 +115,7 @@ def heldout(tmp_path_factory):
 ANSWER_JOB = """
 import sys
 from asclepius_r.evaluate.heldout import answer_heldout
-from tests.settings_support import decoding
+from support.default_settings import decoding
 answer_heldout(*sys.argv[1:5], decoding(max_new_tokens=4), 8, None, "note_middle", job=sys.argv[5])
 """
 

@@ -24,9 +24,9 @@ from asclepius_r.instructions.generate import (
 from asclepius_r.llm import LLMClient
 from asclepius_r.logs import setup_logging
 from asclepius_r.rouge import rouge_l, tokens
+from support.default_settings import generation_settings, llm_settings
 from support.openai_server import OpenAIServer, default_responder, prompt_text
 from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, server  # noqa: F401 (fixture)
-from tests.settings_support import generation_settings, llm_settings
 
 CONDITIONS = (
     "community-acquired pneumonia",

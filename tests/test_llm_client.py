@@ -18,8 +18,8 @@ from asclepius_r.llm import (
     UnapprovedEndpointError,
 )
 from asclepius_r.llm.client import InFlightLimit, RateLimiter, parse_duration
+from support.default_settings import llm_settings
 from tests.llm_fixtures import API_KEY, live_settings, requests, server  # noqa: F401 (fixture)
-from tests.settings_support import llm_settings
 
 
 def test_every_fault_is_retried_counted_and_nothing_is_lost_or_delivered_twice(server, tmp_path):

@@ -21,9 +21,9 @@ from asclepius_r.evaluate.judge import judge_client, run_judge_stage
 from asclepius_r.files import write_jsonl
 from asclepius_r.llm import LLMClient, ProviderError
 from asclepius_r.llm.redact import Redactor
+from support.default_settings import judge_settings
 from support.openai_server import OpenAIServer
 from tests.llm_fixtures import API_KEY, KEY_ENV, live_settings, requests, server  # noqa: F401 (fixture)
-from tests.settings_support import judge_settings
 from tests.test_instructions_engine import write_notes
 from tests.test_instructions_kill import REPO, stage_command, write_config
 

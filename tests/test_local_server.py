@@ -26,9 +26,9 @@ from asclepius_r import config as workflow_config
 from asclepius_r.evaluate.judge import JudgeSettings, judge_client, run_judge_stage
 from asclepius_r.files import read_jsonl, write_jsonl
 from asclepius_r.llm import Archive, ChatRequest, LLMClient, UnapprovedEndpointError
+from support.default_settings import llm_settings
 from support.local_llm_server import TransformersServer, smollm2_folder
 from tests.conftest import REPO
-from tests.settings_support import llm_settings
 
 pytestmark = pytest.mark.local_server
 

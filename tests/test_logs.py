@@ -8,8 +8,8 @@ import sys
 
 import pandas as pd
 
+from support.train_fixtures import build_fixture_data, launch_command, launch_env, write_run
 from tests.conftest import REPO
-from tests.train_support import build_fixture_data, launch_command, launch_env, write_run
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -19,8 +19,8 @@ from asclepius_r.plan import preflight
 from asclepius_r.prompts import check_bos, cut_note, encode_prompts, render_released
 from asclepius_r.train.finetune import encode_example
 from asclepius_r.train.settings import training_settings
+from support.default_settings import tiny_spec
 from tests.conftest import REPO
-from tests.settings_support import tiny_spec
 
 PAPER = yaml.safe_load((REPO / "config.yaml").read_text())
 DEMO = yaml.safe_load((REPO / "demo/config.yaml").read_text())

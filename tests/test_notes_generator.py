@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from asclepius_r.notes import noteevents
+from support.default_settings import note_policy
 from support.synthetic_notes import (
     CATEGORY_MIX,
     DISCHARGE_ROW_ID_BASE,
@@ -22,7 +23,6 @@ from support.synthetic_notes import (
     main,
     write_noteevents,
 )
-from tests.settings_support import note_policy
 
 from .notes_support import expected_kept, kept_rows, run
 

@@ -13,7 +13,7 @@ import pytest
 from asclepius_r.notes import stage as notes
 from asclepius_r.notes.noteevents import NoteEventsError
 from asclepius_r.notes.stage import NOTE_SCHEMA, coarsen_placeholders
-from tests.settings_support import note_policy
+from support.default_settings import note_policy
 
 from .notes_support import expected_kept, kept_rows, note, run, write_noteevents
 

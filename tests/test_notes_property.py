@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.settings_support import note_policy
+from support.default_settings import note_policy
 
 from .notes_support import expected_kept, kept_rows, note, run, write_noteevents
 

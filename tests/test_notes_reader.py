@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from asclepius_r.notes import noteevents
 from asclepius_r.notes.noteevents import NoteEventsError
-from tests.settings_support import note_policy
+from support.default_settings import note_policy
 
 from .notes_support import csv_bytes, expected_kept, kept_rows, note, run, write_noteevents
 

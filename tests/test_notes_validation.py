@@ -10,7 +10,7 @@ import random
 import pytest
 
 from asclepius_r.notes.noteevents import COLUMNS, NoteEventsError
-from tests.settings_support import note_policy
+from support.default_settings import note_policy
 
 from .notes_support import OUTPUTS, csv_bytes, kept_rows, note, run
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from support.default_settings import note_policy
 from support.synthetic_notes import main as synthesize
-from tests.settings_support import note_policy
 
 from .conftest import copy_workflow, run_snakemake
 from .notes_support import expected_kept

@@ -20,9 +20,9 @@ from asclepius_r.plan.estimate import make_plan
 from asclepius_r.plan.table import GIB
 from asclepius_r.plan.usage import compare, used_by_run
 from asclepius_r.train.finetune import first_fit_decreasing
+from support.default_settings import tiny_spec
 from tests.conftest import REPO, copy_workflow, run_snakemake
 from tests.notes_support import note, write_noteevents
-from tests.settings_support import tiny_spec
 
 PAPER = REPO / "config.yaml"
 

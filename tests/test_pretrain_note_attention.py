@@ -15,9 +15,8 @@ from asclepius_r.config import ConfigError, defaults, load
 from asclepius_r.train.pretrain import BlockDataset, note_position_ids, pack_notes, pretraining_dataset, tokenize_notes
 from asclepius_r.train.run import TrainRun, load_model_and_tokenizer
 from asclepius_r.train.settings import training_settings
-from tests.settings_support import train_run
-
-from .train_support import REPO, build_fixture_data, demo_texts
+from support.default_settings import train_run
+from support.train_fixtures import REPO, build_fixture_data, demo_texts
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ import pytest
 
 from asclepius_r.train.checkpoints import last_complete_checkpoint
 from support.slurm_cluster import ACCOUNT, NODES, PARTITION, SlurmCluster, free_port, unavailable_reason, wait_until
+from support.train_fixtures import build_fixture_data, launch_env, write_run
 from tests.conftest import SNAKEMAKE, copy_workflow
-from tests.train_support import build_fixture_data, launch_env, write_run
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]

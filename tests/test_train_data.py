@@ -31,9 +31,8 @@ from asclepius_r.train.run import (
     training_arguments,
 )
 from asclepius_r.train.throughput import FlopModel, batch_counts
-
-from .settings_support import train_run
-from .train_support import build_fixture_data, demo_texts, launch_env
+from support.default_settings import train_run
+from support.train_fixtures import build_fixture_data, demo_texts, launch_env
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .train_support import build_fixture_data, run_launch, write_run
+from support.train_fixtures import build_fixture_data, run_launch, write_run
 
 TOLERANCE = 1e-4
 

@@ -4,7 +4,7 @@ resume, an export written by every rank, and a process group that keeps the conf
 The job is started as on GPUs, `accelerate launch --config_file` with the repository's
 accelerate/fsdp_full_shard.yaml, changed only where a CPU needs it: use_cpu, 2 processes, a
 free port, and fp32 instead of bf16 autocast (so that the losses can be compared exactly).
-accelerate 1.15 drops FSDP for CPU process groups (see tests/fsdp_cpu_entry.py, which lifts
+accelerate 1.15 drops FSDP for CPU process groups (see support/fsdp_cpu_entry.py, which lifts
 that one check); the sharding, the DCP checkpoints, the resume and the merge are the real ones.
 
 Tolerance: the logged losses agree with one process at the same global batch to 1e-4
@@ -14,25 +14,28 @@ Tolerance: the logged losses agree with one process at the same global batch to 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from accelerate.utils import FullyShardedDataParallelPlugin
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
 from asclepius_r.train.launch import prepare_run
 from asclepius_r.train.run import TrainRun, configure_fsdp, training_arguments
-from tests.settings_support import train_run
-
-from .fsdp_cpu_entry import CRASH_EXIT_CODE
-from .train_support import REPO, TINY, build_fixture_data, launch_env, run_launch, write_run
+from support.default_settings import train_run
+from support.fsdp_cpu_entry import CRASH_EXIT_CODE
+from support.train_fixtures import (
+    TINY,
+    build_fixture_data,
+    cpu_fsdp_config,
+    launch_fsdp,
+    probes,
+    run_launch,
+    write_run,
+)
 
 TOLERANCE = 1e-4
 STEPS, CRASH_STEP = 4, 2
@@ -57,53 +60,6 @@ def test_gradient_checkpointing_follows_the_run_with_and_without_fsdp(monkeypatc
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         configure_fsdp(FullyShardedDataParallelPlugin(), "bf16", run)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def cpu_fsdp_config(folder: Path, mixed_precision: str = "no", **fsdp_settings) -> Path:
-    config = yaml.safe_load((REPO / "accelerate" / "fsdp_full_shard.yaml").read_text())
-    assert (
-        config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-    )
-    assert config["mixed_precision"] == "bf16" and config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]
-    config.update(use_cpu=True, num_processes=2, mixed_precision=mixed_precision, main_process_port=free_port())
-    config["fsdp_config"].update(fsdp_settings)
-    path = folder / f"fsdp_cpu_{mixed_precision}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def launch_fsdp(
-    config: Path,
-    run_file: Path,
-    probe: Path,
-    crash_after_step: int | None = None,
-    stage: str = "finetune",
-    slow_export_s: float | None = None,
-):
-    probe.mkdir(parents=True)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config),
-        str(REPO / "tests" / "fsdp_cpu_entry.py"),
-        f"asclepius_r.train.{stage}",
-        str(run_file),
-        str(probe),
-    ]
-    command += [str(crash_after_step or 0)] + ([str(slow_export_s)] if slow_export_s else [])
-    return subprocess.run(command, env=launch_env(), capture_output=True, text=True)
-
-
-def probes(folder: Path) -> list[dict]:
-    return [json.loads((folder / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 
 
 def assert_trained_sharded(records: list[dict]) -> None:

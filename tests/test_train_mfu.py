@@ -14,9 +14,8 @@ import pytest
 from asclepius_r.config import load
 from asclepius_r.train.run import TrainRun, mfu_peak
 from asclepius_r.train.throughput import FlopModel, Window, peak_tflops_of
-from tests.settings_support import train_run
-
-from .train_support import REPO, build_fixture_data, run_launch, write_run
+from support.default_settings import train_run
+from support.train_fixtures import REPO, build_fixture_data, run_launch, write_run
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,7 @@ import pytest
 from asclepius_r.train.checkpoints import last_complete_checkpoint, prepare_checkpoint_dir
 from asclepius_r.train.launch import run_fingerprint
 from asclepius_r.train.run import TrainRun
-
-from .train_support import build_fixture_data, launch_command, launch_env, run_launch, write_run
+from support.train_fixtures import build_fixture_data, launch_command, launch_env, run_launch, write_run
 
 STEPS = 300
 

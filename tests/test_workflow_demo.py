@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from asclepius_r.evaluate.generation import fit_prompts, generate_answers, load_for_generation, prompt_budget
 from asclepius_r.instructions.tasks import TASKS
-from tests.settings_support import decoding
+from support.default_settings import decoding
 
 pytestmark = pytest.mark.slow
 

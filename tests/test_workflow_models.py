@@ -12,8 +12,8 @@ import yaml
 
 from asclepius_r import config as workflow_config
 from asclepius_r.files import read_jsonl
+from support.default_settings import decoding
 from tests.conftest import REPO, copy_workflow, run_snakemake
-from tests.settings_support import decoding
 
 pytestmark = pytest.mark.slow
 

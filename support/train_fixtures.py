@@ -1,4 +1,6 @@
-"""Shared set-up of the training tests: a tiny LLaMA, notes and a fine-tuning CSV, all synthetic.
+"""Shared set-up of the training tests and benches: a tiny LLaMA, notes and a fine-tuning CSV, all
+synthetic; training runs launched as the workflow launches them, and FSDP on two CPU processes
+(gloo, through support/fsdp_cpu_entry.py) with each rank's probe read back.
 
 The texts are the project's hand-written demo discharge summaries (no patient data).
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -15,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from asclepius_r.base_model.tiny import TinyLlamaSpec, build_tiny_llama_from_texts
-from tests.settings_support import tiny_spec, train_run
+from support.default_settings import tiny_spec, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_NOTES = sorted((REPO / "demo" / "discharge_summaries").glob("*.txt"))
@@ -96,3 +100,50 @@ def run_launch(stage: str, run_file: Path, *extra: str) -> subprocess.CompletedP
     result = subprocess.run(launch_command(stage, run_file, *extra), env=launch_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-6000:]
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_fsdp_config(folder: Path, mixed_precision: str = "no", **fsdp_settings) -> Path:
+    config = yaml.safe_load((REPO / "accelerate" / "fsdp_full_shard.yaml").read_text())
+    assert (
+        config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    )
+    assert config["mixed_precision"] == "bf16" and config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]
+    config.update(use_cpu=True, num_processes=2, mixed_precision=mixed_precision, main_process_port=free_port())
+    config["fsdp_config"].update(fsdp_settings)
+    path = folder / f"fsdp_cpu_{mixed_precision}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch_fsdp(
+    config: Path,
+    run_file: Path,
+    probe: Path,
+    crash_after_step: int | None = None,
+    stage: str = "finetune",
+    slow_export_s: float | None = None,
+):
+    probe.mkdir(parents=True)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        str(REPO / "support" / "fsdp_cpu_entry.py"),
+        f"asclepius_r.train.{stage}",
+        str(run_file),
+        str(probe),
+    ]
+    command += [str(crash_after_step or 0)] + ([str(slow_export_s)] if slow_export_s else [])
+    return subprocess.run(command, env=launch_env(), capture_output=True, text=True)
+
+
+def probes(folder: Path) -> list[dict]:
+    return [json.loads((folder / f"rank-{rank}.json").read_text()) for rank in (0, 1)]

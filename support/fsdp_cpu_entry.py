@@ -9,7 +9,7 @@ gloo. This entry lifts exactly that gate: it starts the gloo group as accelerate
 the Trainer builds takes the FSDP plugin from the FSDP_* variables of `accelerate launch`.
 Everything else (sharding, sharded checkpoints, resume, the merge) is the real code path.
 
-    accelerate launch --config_file CPU_FSDP.yaml tests/fsdp_cpu_entry.py MODULE RUN.json PROBE_DIR [CRASH_AFTER_STEP]
+    accelerate launch --config_file CPU_FSDP.yaml support/fsdp_cpu_entry.py MODULE RUN.json PROBE_DIR [CRASH_AFTER_STEP]
         [SLOW_EXPORT_S]
 
 Each rank writes PROBE_DIR/rank-<r>.json: how much its resident memory grew while it loaded the
