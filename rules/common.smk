@@ -61,7 +61,7 @@ def long_notes_tokenizer(wildcards):
 
 
 def models_whose_base(made_by):
-    """A {size} pattern of the models whose base `made_by(base)` says a rule makes (none: matches nothing)."""
+    """A {size} pattern of the models whose base `made_by(base)` says the workflow makes (none: matches nothing)."""
     names = [name for name in SIZES if made_by(config["models"][name]["base"])]
     return "|".join(re.escape(name) for name in names) or "(?!)"
 
