@@ -91,7 +91,7 @@ STAGES = {
     "synthetic_notes.": {"synthesize_long_noteevents"},
     "pretrain.": {"pretrain"},
     "finetune.": {"finetune", "answer_heldout"},
-    "evaluate.": {"answer_heldout", "judge_heldout", "summarise_evaluation"},
+    "evaluate.": {"answer_heldout", "heldout_losses", "judge_heldout", "summarise_evaluation"},
     "judge.": {"judge_heldout"},
 }
 # The plan and the release hold the whole determining config (the release records it in its

@@ -30,7 +30,8 @@ def tiny(tmp_path_factory):
 def test_the_answer_loss_is_fine_tunings_loss_over_the_answer_and_eos_only(tiny):
     model, tokenizer = tiny
     item = {"row_id": 1, "note": NOTES[0], "question": "What was the diagnosis?", "reference": "Pneumonia."}
-    mean, tokens = answer_loss(model, tokenizer, [item], 4096, "drop")
+    mean, tokens, left_out = answer_loss(model, tokenizer, [item], 4096, "drop")
+    assert left_out == 0
     assert tokens == len(tokenizer("Pneumonia.", add_special_tokens=False)["input_ids"]) + 1
     example, _ = encode_example(tokenizer, item["note"], item["question"], item["reference"], 4096, "note_middle")
     with torch.inference_mode():
@@ -48,3 +49,12 @@ def test_a_note_is_scored_framed_by_bos_and_eos_over_its_first_max_length_tokens
         expected = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert mean == pytest.approx(expected, rel=1e-5) and math.isfinite(math.exp(mean))
     assert note_loss(model, tokenizer, [NOTES[1]], 64)[1] == 63
+
+
+def test_an_answer_too_long_to_fit_is_left_out_and_counted(tiny):
+    model, tokenizer = tiny
+    fits = {"row_id": 1, "note": NOTES[0], "question": "What was the diagnosis?", "reference": "Pneumonia."}
+    too_long = {**fits, "row_id": 2, "reference": "Pneumonia. " * 600}
+    mean, tokens, left_out = answer_loss(model, tokenizer, [fits, too_long], 1024, "note_middle")
+    assert left_out == 1 and mean == answer_loss(model, tokenizer, [fits], 1024, "note_middle")[0]
+    assert answer_loss(model, tokenizer, [too_long], 1024, "note_middle") == (None, 0, 1)

@@ -53,19 +53,24 @@ def note_loss(model, tokenizer, texts: list[str], max_length: int) -> tuple[floa
 
 
 @torch.inference_mode()
-def answer_loss(model, tokenizer, items: list[dict], max_length: int, policy: str) -> tuple[float, int]:
-    """(mean loss per answer token, answer tokens, EOS included) over held-out `items`."""
+def answer_loss(model, tokenizer, items: list[dict], max_length: int, policy: str) -> tuple[float | None, int, int]:
+    """(mean loss per answer token, answer tokens with EOS, items left out) over held-out `items`.
+
+    An item whose template, question and answer alone exceed `max_length` cannot be scored as
+    fine-tuning would have trained it: it is left out and counted (the mean is None if none is left).
+    """
     from asclepius_r.train.finetune import encode_example
 
     cut = "note_middle" if policy == "drop" else policy
-    total, count = 0.0, 0
+    total, count, left_out = 0.0, 0, 0
     for item in items:
         example, _ = encode_example(tokenizer, item["note"], item["question"], item["reference"], max_length, cut)
         if example is None:
-            raise ValueError(f"held-out ROW_ID {item['row_id']}: the template, question and answer exceed {max_length}")
+            left_out += 1
+            continue
         loss, tokens = _summed_loss(model, list(example.input_ids), example.labels.tolist())
         total, count = total + loss, count + tokens
-    return total / max(count, 1), count
+    return (total / count if count else None), count, left_out
 
 
 def heldout_losses(
@@ -91,14 +96,24 @@ def heldout_losses(
         model, tokenizer = load_for_generation(str(model_dir), claim.torch_device() if claim else "cpu")
         length = min(max_length, model.config.max_position_embeddings)
         notes_mean, note_tokens = note_loss(model, tokenizer, notes, length)
-        answers_mean, answer_tokens = answer_loss(model, tokenizer, items, length, truncation)
+        answers_mean, answer_tokens, too_long = answer_loss(model, tokenizer, items, length, truncation)
+    if too_long:
+        log.warning(
+            "%s: %d of %d held-out answers left out of the answer loss: their template, question and answer "
+            "alone exceed %d tokens (evaluate.loss_max_length or the base's context)",
+            model_dir,
+            too_long,
+            len(items),
+            length,
+        )
     result = {
         "note_perplexity": math.exp(notes_mean),
         "note_loss": notes_mean,
         "notes": len(notes),
         "note_tokens": note_tokens,
         "answer_loss": answers_mean,
-        "answers": len(items),
+        "answers": len(items) - too_long,
+        "answers_too_long": too_long,
         "answer_tokens": answer_tokens,
         "max_length": length,
         "truncation": truncation,
