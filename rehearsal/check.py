@@ -213,7 +213,7 @@ def check_gpu_claims(config: dict, sizes: list[str], models: list[str], devices:
     # Jobs are named <rule or stage>-<model>, as the models' folders are.
     expected = {f"pretrain-Asclepius-R-{size}-Pretrained-Only": config["models"][size]["gpus"] for size in sizes}
     expected |= {f"finetune-Asclepius-R-{size}": config["models"][size]["gpus"] for size in sizes}
-    expected |= {f"answer_heldout-{model}": 1 for model in models}
+    expected |= {f"{rule}-{model}": 1 for rule in ("answer_heldout", "heldout_losses") for model in models}
     by_job = {claim["job"]: claim for claim in claims}
     assert set(by_job) == set(expected), f"{path}: jobs {sorted(by_job)}, expected {sorted(expected)}"
     for job, count in expected.items():

@@ -27,13 +27,14 @@ def claims(answer_devices, answer_start):
         {"job": "pretrain-Asclepius-R-7B-Pretrained-Only", "devices": ["0", "1"], "start": 0, "end": 10},
         {"job": "finetune-Asclepius-R-7B", "devices": ["0", "1"], "start": 10, "end": 20},
         {"job": "answer_heldout-Base-7B", "devices": answer_devices, "start": answer_start, "end": answer_start + 5},
+        {"job": "heldout_losses-Base-7B", "devices": ["3"], "start": 40, "end": 45},
     ]
 
 
 def test_gpu_claims_pass_when_concurrent_jobs_use_other_devices(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_claims(tmp_path, claims(["2"], 12))
-    assert "3 GPU jobs, up to 2 at once" in check_gpu_claims(CONFIG, ["7B"], MODELS, [str(i) for i in range(4)])
+    assert "4 GPU jobs, up to 2 at once" in check_gpu_claims(CONFIG, ["7B"], MODELS, [str(i) for i in range(4)])
 
 
 @pytest.mark.parametrize(
