@@ -86,10 +86,10 @@ def test_special_token_strings_in_a_note_do_not_frame_notes(model_dir):
     assert (stream == tokenizer.bos_token_id).sum() == (stream == tokenizer.eos_token_id).sum() == len(texts)
 
 
-def test_the_choice_is_a_pretraining_setting_with_2023_as_default(tmp_path):
+def test_the_choice_is_a_pretraining_setting_with_the_learning_checks_choice_as_default(tmp_path):
     config = load(REPO / "config.yaml", require_data=False)
-    assert config["pretrain"]["note_attention"] == "across_notes"
-    assert defaults("pretrain")["note_attention"] == "across_notes"
+    assert config["pretrain"]["note_attention"] == "within_note"
+    assert defaults("pretrain")["note_attention"] == "within_note"
     assert "note_attention" not in defaults("finetune"), "the schema writes it under pretrain only"
     config["finetune"]["note_attention"] = "within_note"
     with pytest.raises(ConfigError, match="finetune.note_attention: a pretrain setting only"):
