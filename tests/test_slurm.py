@@ -34,7 +34,7 @@ REASON = unavailable_reason()
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 # The rules that declare `gpu` in resources (rules/pretrain.smk, finetune.smk, evaluate.smk).
-GPU_RULES = {"pretrain", "finetune", "answer_heldout"}
+GPU_RULES = {"pretrain", "finetune", "answer_heldout", "heldout_losses"}
 # Pretraining long enough to be cancelled between checkpoints.
 LONGER_PRETRAINING = "pretrain:\n  max_steps: 150\n  save_steps: 20\n  max_length: 64\n  logging_steps: 5\n"
 UNFINISHED = {"PENDING", "RUNNING", "COMPLETING", "REQUEUED"}
