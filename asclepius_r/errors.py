@@ -15,3 +15,7 @@ class UserError(Exception):
 
 class InputError(UserError, ValueError):
     """An input file or folder the user gave cannot be used; the message names it (and the line)."""
+
+
+class BaseModelError(InputError):
+    """A base model folder or file the workflow cannot use; the message names it and what is missing."""

@@ -11,8 +11,8 @@ sys.path.insert(0, workflow.basedir)
 from snakemake.logging import logger
 
 from asclepius_r import config as workflow_config
-from asclepius_r.base_model.describe import TINY_BASES, base_dir, check_tiny_specs, is_gguf_base, tiny_spec
-from asclepius_r.base_model.gguf import gguf_file, gguf_missing
+from asclepius_r.base_model.describe import TINY_BASES, base_dir, check_tiny_specs, tiny_spec
+from asclepius_r.base_model.gguf_reader import gguf_file, gguf_missing, is_gguf_base
 from asclepius_r.evaluate.heldout import truncation_policy
 from asclepius_r.plan import preflight
 from asclepius_r.train.settings import training_settings

