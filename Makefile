@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test test-slurm rehearsal learning-check venv lock report release plan lint clean chromium slurm
+.PHONY: demo test test-slurm rehearsal learning-check learning-check-gpu venv lock report release plan lint clean chromium slurm
 
 venv: $(STAMP)
 
@@ -55,6 +55,11 @@ learning-check: $(STAMP)
 	$(BIN)/python -m learning.run --cores $(CORES)
 	$(BIN)/python -m pytest -q -m learning tests/test_learning_check.py
 
+# The same check at a GPU's budget (learning/gpu.yaml: whole epochs at 2048 tokens, bf16, one GPU), in
+# learning/workdir-gpu/; never run by CI. It stops at once on a machine without a GPU.
+learning-check-gpu: $(STAMP)
+	$(BIN)/python -m learning.run --gpu --cores $(CORES)
+
 # The paper run (config.yaml): its release folder, then its HTML report.
 release: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) release
@@ -92,4 +97,4 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint
 
 clean:
-	rm -rf results logs release .snakemake rehearsal/workdir learning/workdir
+	rm -rf results logs release .snakemake rehearsal/workdir learning/workdir learning/workdir-gpu

@@ -10,7 +10,10 @@ the base's by the margins below, measured to be well outside run-to-run noise (B
 
     RESULT heldout_ppl_base=.. heldout_ppl_pretrained=.. answer_loss_base=.. answer_loss_asclepius=.. ...
 
-    python -m learning.run [--cores N] [--seed N] [--workdir DIR] [SNAKEMAKE ARGS...]
+    python -m learning.run [--gpu] [--cores N] [--seed N] [--workdir DIR] [SNAKEMAKE ARGS...]
+
+`--gpu` lays learning/gpu.yaml over the config (whole epochs at the paper's lengths, bf16, on one
+GPU, in learning/workdir-gpu/ by default): the same check at a budget only a GPU gives.
 
 `--seed` is the training stages' own seed (pretrain.seed, finetune.seed: the order of their
 data); the notes, dataset and held-out split stay the demo's, so two seeds measure the noise of
@@ -31,14 +34,17 @@ from pathlib import Path
 
 import yaml
 
+from asclepius_r import config as workflow_config
 from asclepius_r.base_model.smollm2 import fetch_gguf
 
 log = logging.getLogger("learning")
 
 REPO = Path(__file__).resolve().parents[1]
 WORKDIR = REPO / "learning" / "workdir"
+GPU_WORKDIR = REPO / "learning" / "workdir-gpu"
 NAME = "smol"
 BASE, PRETRAINED, FINETUNED = f"Base-{NAME}", f"Asclepius-R-{NAME}-Pretrained-Only", f"Asclepius-R-{NAME}"
+OVERLAY = Path("results/learning/overlay.yaml")
 TARGETS = ["results/evaluation/summary.json", "results/report/evaluation.html", "results/report/answers.html"]
 # The smallest drops that pass, relative to the base: each well below what the recipe gives and
 # far outside the spread of two training seeds (BENCHMARKS.md, "Learning check").
@@ -85,11 +91,10 @@ def failures(result: dict) -> list[str]:
 
 
 def resolved_config(workdir: Path = WORKDIR) -> dict:
-    """learning/config.yaml with the run's overlay (the archive's path, the seed), as Snakemake read it."""
-    from asclepius_r import config as workflow_config
-
+    """learning/config.yaml with the run's overlay (the archive's path, the seed, the GPU budget), as
+    Snakemake read it."""
     config = yaml.safe_load((REPO / "learning/config.yaml").read_text())
-    overlay = yaml.safe_load((workdir / "results/learning/overlay.yaml").read_text())
+    overlay = yaml.safe_load((workdir / OVERLAY).read_text())
     return workflow_config.resolve(workflow_config.merge(config, overlay))
 
 
@@ -124,8 +129,9 @@ def retrain(workdir: Path, stage: str, out: Path, base_model: str | None = None,
     return out / "model"
 
 
-def heldout_figures(workdir: Path, model_dir: Path, out: Path) -> dict:
-    """A model's held-out note perplexity and answer loss, measured as rule heldout_losses does."""
+def heldout_figures(workdir: Path, model_dir: Path, out: Path, max_length: int | None = None) -> dict:
+    """A model's held-out note perplexity and answer loss, measured as rule heldout_losses does
+    (at `max_length` instead of the check's evaluate.loss_max_length where given)."""
     from asclepius_r.evaluate.heldout import truncation_policy
     from asclepius_r.evaluate.losses import heldout_losses
 
@@ -135,7 +141,7 @@ def heldout_figures(workdir: Path, model_dir: Path, out: Path) -> dict:
         results / "notes/heldout.parquet",
         results / "instructions/heldout.jsonl",
         out,
-        max_length=config["evaluate"]["loss_max_length"],
+        max_length=max_length or config["evaluate"]["loss_max_length"],
         truncation=truncation_policy(config, FINETUNED),
         gpus=0,
     )
@@ -145,26 +151,42 @@ def result_line(result: dict) -> str:
     return "RESULT " + " ".join(f"{key}={value:.4f}" for key, value in result.items())
 
 
+def write_overlay(workdir: Path, gpu: bool = False, seed: int | None = None) -> Path:
+    """The run's layer over learning/config.yaml, in `workdir`: the demo archive's path, the GPU
+    budget (learning/gpu.yaml) with `gpu`, and the training stages' `seed` where given."""
+    # The demo's archive lies in the checkout, not in the working folder.
+    layer = {"llm": {"archive": str(REPO / "demo" / "llm_archive.jsonl")}}
+    if gpu:
+        layer = workflow_config.merge(yaml.safe_load((REPO / "learning" / "gpu.yaml").read_text()), layer)
+    if seed is not None:
+        layer = workflow_config.merge(layer, {"pretrain": {"seed": seed}, "finetune": {"seed": seed}})
+    overlay = workdir / OVERLAY
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    overlay.write_text(yaml.safe_dump(layer))
+    return overlay
+
+
+def snakemake_command(cores: str, snakemake_args: list[str]) -> list[str]:
+    """The workflow's Snakemake on learning/config.yaml and the overlay, run in the working folder."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", "."]
+    command += ["--configfile", str(REPO / "learning" / "config.yaml"), str(OVERLAY)]
+    return command + ["--cores", cores, "--resources", "gpu=1", "--show-failed-logs", *snakemake_args, "--", *TARGETS]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cores", default="2")
     parser.add_argument("--seed", type=int, default=None, help="the training stages' seed (default: the config's)")
-    parser.add_argument("--workdir", type=Path, default=WORKDIR)
+    parser.add_argument("--gpu", action="store_true", help="the GPU budget (learning/gpu.yaml)")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: learning/workdir(-gpu)")
     args, snakemake_args = parser.parse_known_args(argv)
+    args.workdir = args.workdir or (GPU_WORKDIR if args.gpu else WORKDIR)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     fetch_gguf()  # once, into the cache; the rule then converts it
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)
-    overlay = Path("results/learning/overlay.yaml")
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    # The demo's archive lies in the checkout, not in this working folder.
-    layer = {"llm": {"archive": str(REPO / "demo" / "llm_archive.jsonl")}}
-    if args.seed is not None:
-        layer |= {"pretrain": {"seed": args.seed}, "finetune": {"seed": args.seed}}
-    overlay.write_text(yaml.safe_dump(layer))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", "."]
-    command += ["--configfile", str(REPO / "learning" / "config.yaml"), str(overlay)]
-    command += ["--cores", args.cores, "--resources", "gpu=1", "--show-failed-logs", *snakemake_args, "--", *TARGETS]
+    write_overlay(Path("."), gpu=args.gpu, seed=args.seed)
+    command = snakemake_command(args.cores, snakemake_args)
     started = time.monotonic()
     log.info("%s", " ".join(command))
     done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)})

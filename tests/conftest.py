@@ -23,7 +23,7 @@ _WORKDIRS = {REPO / "rehearsal", REPO / "learning"}
 
 def _not_workflow(directory: str, names: list[str]) -> set[str]:
     top = _NOT_WORKFLOW_TOP.intersection(names) if Path(directory) == REPO else set()
-    workdir = {"workdir"}.intersection(names) if Path(directory) in _WORKDIRS else set()
+    workdir = {"workdir", "workdir-gpu"}.intersection(names) if Path(directory) in _WORKDIRS else set()
     return top | workdir | _NOT_WORKFLOW_ANYWHERE(directory, names)
 
 
