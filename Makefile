@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test test-slurm rehearsal learning-check learning-check-gpu venv lock report release plan lint clean chromium slurm
+.PHONY: demo test test-slurm rehearsal learning-check learning-check-gpu llama-server venv lock report release plan lint clean chromium slurm
 
 venv: $(STAMP)
 
@@ -54,6 +54,11 @@ $(REHEARSAL_LLAMA3_TOKENIZER): support/gguf_vocab.py | $(STAMP)
 learning-check: $(STAMP)
 	$(BIN)/python -m learning.run --cores $(CORES)
 	$(BIN)/python -m pytest -q -m learning tests/test_learning_check.py
+
+# llama.cpp's OpenAI-compatible server, built once into the cache from the pinned llama-cpp-python sdist
+# (cmake and a C++ compiler; minutes): tests/test_local_server.py and bench/local_endpoint.py then use it too.
+llama-server: $(STAMP)
+	$(BIN)/python -m support.llama_cpp_server --build
 
 # The same check at a GPU's budget (learning/gpu.yaml: whole epochs at 2048 tokens, bf16, one GPU), in
 # learning/workdir-gpu/; never run by CI. It stops at once on a machine without a GPU.

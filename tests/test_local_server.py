@@ -3,9 +3,11 @@
 PhysioNet allows notes to go to a locally deployed model; users serve one with vLLM, `transformers
 serve` or llama.cpp's server. Here it is `transformers serve` (transformers' own FastAPI and
 uvicorn code, support/local_llm_server.py) with SmolLM2-135M-Instruct on the CPU, on 127.0.0.1,
-nothing from a hub: the client, the PHI guard, the archive and the reply parsers meet a real
-server's replies, not only those of support/openai_server.py, which plays the faults. Everything
-is judged by behaviour: what the server's access log says it answered, what the archive, the
+nothing from a hub, and llama.cpp's `llama-server` with the same model's GGUF file where it was
+built (`make llama-server`, support/llama_cpp_server.py; skipped otherwise): the client, the PHI
+guard, the archive and the reply parsers meet real servers' replies, not only those of
+support/openai_server.py, which plays the faults. Everything is judged by behaviour: what the
+server's log says it answered, what the archive, the
 records and the logs hold, and what was counted and charged.
 """
 
@@ -23,11 +25,13 @@ import pytest
 import yaml
 
 from asclepius_r import config as workflow_config
+from asclepius_r.base_model.smollm2 import fetch_gguf
 from asclepius_r.evaluate.judge import JudgeSettings, judge_client, run_judge_stage
 from asclepius_r.files import read_jsonl, write_jsonl
 from asclepius_r.llm import Archive, ChatRequest, LLMClient, UnapprovedEndpointError
 from support.default_settings import llm_settings
-from support.local_llm_server import TransformersServer, smollm2_folder
+from support.llama_cpp_server import LlamaCppServer, built_binary
+from support.local_llm_server import LocalServer, TransformersServer, smollm2_folder
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.local_server
@@ -40,12 +44,18 @@ MAX_TOKENS = 16  # generation is what costs time on a CPU: short replies, cut at
 PRICE = {"input": 1.0, "output": 2.0}  # dollars a million tokens, so that cost checks the counts
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    # One torch thread: on a shared CPU a second one spins against the other work, 6x slower
-    # (BENCHMARKS.md, "Instructions and the LLM client").
+@pytest.fixture(scope="module", params=[TransformersServer.NAME, LlamaCppServer.NAME])
+def served(request, tmp_path_factory):
+    """Each real server in turn, serving SmolLM2 with one thread: on a shared CPU a second one
+    spins against the other work, 6x slower (BENCHMARKS.md, "Instructions and the LLM client")."""
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with TransformersServer(smollm2_folder(), threads=1, log_path=log_path) as server:
+    if request.param == TransformersServer.NAME:
+        server = TransformersServer(smollm2_folder(), threads=1, log_path=log_path)
+    elif binary := built_binary():
+        server = LlamaCppServer(binary, fetch_gguf(), api_key=KEY, threads=1, log_path=log_path)
+    else:
+        pytest.skip("llama-server is not built: `make llama-server` builds it (cmake, a C++ compiler)")
+    with server:
         yield server
 
 
@@ -61,11 +71,11 @@ def demo_notes() -> list[dict]:
     ]
 
 
-def local_llm(server: TransformersServer, archive, **overrides) -> dict:
+def local_llm(server: LocalServer, archive, **overrides) -> dict:
     """The llm section a user writes for a local server (docs/llm-endpoints.md)."""
     return {
         "backend": "openai",
-        "model": server.model,  # a pinned transformers serve answers only the name it was started with
+        "model": server.model,  # the name the server knows its model by
         "base_url": server.url,
         "approved_endpoints": [server.url],
         "api_key_env": KEY_ENV,
@@ -75,8 +85,8 @@ def local_llm(server: TransformersServer, archive, **overrides) -> dict:
         # A reply cut at max_tokens is used as it is (the question is its first line): SmolLM2 at
         # greedy decoding would give the same cut reply to every retry.
         "retry_finish_reasons": ["content_filter"],
-        # One generation at a time (transformers serve without continuous batching): a queue of
-        # two, and time for it.
+        # One generation at a time (transformers serve without continuous batching, llama-server
+        # with one thread): a queue of two, and time for it.
         "max_concurrency": 2,
         "timeout_s": 900,
         "prices_per_million": {server.model: PRICE},
@@ -111,7 +121,7 @@ def check_billing(records: list[dict], llm_stats: dict) -> None:
             assert 0 < tokens["prompt_tokens"] < request_bytes and 0 < tokens["completion_tokens"] <= MAX_TOKENS
 
 
-def test_the_instruction_stage_against_transformers_serve(served, tmp_path):
+def test_the_instruction_stage_against_a_real_server(served, tmp_path):
     notes = demo_notes()
     notes_path = tmp_path / "notes.parquet"
     pq.write_table(pa.table({"ROW_ID": [n["row_id"] for n in notes], "TEXT": [n["text"] for n in notes]}), notes_path)
@@ -168,7 +178,7 @@ def test_the_instruction_stage_against_transformers_serve(served, tmp_path):
     assert served.chat_statuses() - before == answered
 
 
-def test_the_judge_against_transformers_serve(served, tmp_path, key, caplog):
+def test_the_judge_against_a_real_server(served, tmp_path, key, caplog):
     notes = demo_notes()[:1]  # one question, two models' answers: the judge's prompt is the longest
     items = [
         {"row_id": n["row_id"], "note": n["text"], "question": "What changed after discharge?", "task": "Summarization"}
@@ -258,9 +268,11 @@ def test_a_short_prompt_and_a_reply_cut_short(served, tmp_path, key):
 
 
 def test_a_model_the_server_does_not_serve_and_an_unapproved_spelling(served, tmp_path, key):
-    """A pinned server answers another model name with HTTP 400: failed at once, not retried, and
-    the error says what failed, never what the server said. `localhost` is not the approved
-    `127.0.0.1`: refused before anything is sent."""
+    """A pinned transformers serve answers another model name with HTTP 400: failed at once, not
+    retried, and the error says what failed, never what the server said. `localhost` is not the
+    approved `127.0.0.1`: refused before anything is sent."""
+    if not isinstance(served, TransformersServer):
+        pytest.skip("llama-server answers any model name with the one it serves")
     settings = llm_settings(**local_llm(served, tmp_path / "a.jsonl"))
     other = ChatRequest(model="gpt-4o-mini", messages=(("user", "Hi"),), max_tokens=1)
     before = served.chat_statuses()
@@ -274,3 +286,24 @@ def test_a_model_the_server_does_not_serve_and_an_unapproved_spelling(served, tm
     with pytest.raises(UnapprovedEndpointError, match="approved_endpoints"):
         LLMClient(llm_settings(**local_llm(served, tmp_path / "b.jsonl", base_url=elsewhere)))
     assert served.chat_statuses() - before == {400: 1}
+
+
+def test_a_wrong_key_is_refused_by_llama_server_and_never_retried_or_shown(served, tmp_path, monkeypatch):
+    """llama-server checks the API key: a wrong one is HTTP 401, failed at once and not retried,
+    and neither key is in the error, the archive or the stats."""
+    if not isinstance(served, LlamaCppServer):
+        pytest.skip("transformers serve asks for no key")
+    wrong = "sk-local-wrong-key-0000"
+    monkeypatch.setenv(KEY_ENV, wrong)
+    settings = llm_settings(**local_llm(served, tmp_path / "a.jsonl"))
+    hi = ChatRequest(model=served.model, messages=(("user", "Hi"),), max_tokens=1)
+    before = served.chat_statuses()
+    with LLMClient(settings) as client:
+        [result] = client.run([hi])
+        stats = client.stats
+    assert served.chat_statuses() - before == {401: 1} and stats["attempts"] == 1
+    # the error keeps the server's error type and code, never its message
+    assert result.status == "failed" and result.error.startswith("http_401: HTTP 401 (POST /v1/chat/completions")
+    assert "authentication_error" in result.error and "Invalid API Key" not in result.error
+    assert not files_holding(tmp_path, wrong) and not files_holding(tmp_path, KEY)
+    assert wrong not in json.dumps(stats)
