@@ -83,9 +83,11 @@ def test_truncation_is_a_fine_tuning_setting_only():
     config = workflow_config.resolve(merged(merged(PAPER, DEMO), {"pretrain": {"truncation": "drop"}}))
     with pytest.raises(workflow_config.ConfigError, match=r"pretrain\.truncation: a finetune setting only"):
         training_settings(config, "pretrain", "7B")
-    assert training_settings(config, "finetune", "7B")["truncation"] == "note_middle"  # the demo's
+    assert training_settings(config, "finetune", "7B")["truncation"] == "note_middle"
+    config["finetune"]["truncation"] = "drop"
+    assert truncation_policy(workflow_config.resolve(config)) == "drop"
     del config["finetune"]["truncation"]
-    assert truncation_policy(workflow_config.resolve(config)) == "drop", "the schema's default"
+    assert truncation_policy(workflow_config.resolve(config)) == "note_middle", "the schema's default"
 
 
 def test_a_models_own_truncation_shapes_its_evaluation_prompts():
