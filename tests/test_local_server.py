@@ -7,8 +7,8 @@ nothing from a hub, and llama.cpp's `llama-server` with the same model's GGUF fi
 built (`make llama-server`, support/llama_cpp_server.py; skipped otherwise): the client, the PHI
 guard, the archive and the reply parsers meet real servers' replies, not only those of
 support/openai_server.py, which plays the faults. Everything is judged by behaviour: what the
-server's log says it answered, what the archive, the
-records and the logs hold, and what was counted and charged.
+server's log says it answered, what the archive, the records and the logs hold, and what was
+counted and charged.
 """
 
 from __future__ import annotations
