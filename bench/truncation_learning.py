@@ -11,8 +11,8 @@ on the same whole examples. The baseline is `drop` (the default) in the same run
 noise is each policy's spread over the training seeds.
 
     python bench/truncation_learning.py [--workdir learning/workdir] [--seeds 1 2] [--policies drop note_middle ...]
-Ends with one RESULT line (Pretrained-Only's answer loss, where fine-tuning starts, then each
-policy's per seed, then their means).
+Ends with one RESULT line (the base's and Pretrained-Only's answer loss, where fine-tuning
+starts, then each policy's per seed, then their means).
 """
 
 from __future__ import annotations
@@ -55,11 +55,13 @@ def length_leaving_out(lengths: list[int], share: float) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=learning.WORKDIR)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2], help="none: only where fine-tuning starts")
     parser.add_argument("--policies", nargs="+", choices=TRUNCATION_POLICIES, default=list(TRUNCATION_POLICIES))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results = args.workdir.resolve() / "results"
+    if not (results / "models" / learning.PRETRAINED).exists():
+        raise SystemExit(f"{results}: no learning check's models here; run `make learning-check` first")
     tokenizer = AutoTokenizer.from_pretrained(results / "models" / learning.PRETRAINED)
     train = pd.read_csv(results / "mimiciii_discharge.csv", keep_default_na=False)
     train_lengths = whole_lengths(tokenizer, list(zip(train.note, train.question, train.answer)))
@@ -76,9 +78,13 @@ def main() -> None:
     )
     losses: dict[str, dict[int, float]] = {policy: {} for policy in args.policies}
     with tempfile.TemporaryDirectory(dir=results) as scratch:
-        start = learning.heldout_figures(
-            args.workdir, results / "models" / learning.PRETRAINED, Path(scratch) / "start.json", max_length=eval_length
-        )
+        start = {
+            name: learning.heldout_figures(args.workdir, folder, Path(scratch) / f"{name}.json", max_length=eval_length)
+            for name, folder in (
+                ("base", results / "base_models" / learning.NAME),
+                ("pretrained_only", results / "models" / learning.PRETRAINED),
+            )
+        }
         for seed in args.seeds:
             for policy in args.policies:
                 out = Path(scratch) / f"{policy}-{seed}"
@@ -108,10 +114,10 @@ def main() -> None:
                 )
                 losses[policy][seed] = figures["answer_loss"]
     result = {"max_length": max_length, "unfit": unfit, "examples": len(train_lengths), "eval_length": eval_length}
-    result["answer_loss_pretrained_only"] = start["answer_loss"]
+    result |= {f"answer_loss_{name}": figures["answer_loss"] for name, figures in start.items()}
     for policy, by_seed in losses.items():
         result |= {f"answer_loss_{policy}_seed{seed}": loss for seed, loss in by_seed.items()}
-    result |= {f"answer_loss_{policy}_mean": mean(by_seed.values()) for policy, by_seed in losses.items()}
+    result |= {f"answer_loss_{policy}_mean": mean(by_seed.values()) for policy, by_seed in losses.items() if by_seed}
     print(
         "RESULT "
         + " ".join(

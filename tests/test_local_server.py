@@ -30,7 +30,7 @@ from asclepius_r.evaluate.judge import JudgeSettings, judge_client, run_judge_st
 from asclepius_r.files import read_jsonl, write_jsonl
 from asclepius_r.llm import Archive, ChatRequest, LLMClient, UnapprovedEndpointError
 from support.default_settings import llm_settings
-from support.llama_cpp_server import LlamaCppServer, built_binary
+from support.llama_cpp_server import BuildFailed, LlamaCppServer, build_binary, built_binary
 from support.local_llm_server import LocalServer, TransformersServer, smollm2_folder
 from tests.conftest import REPO
 
@@ -307,3 +307,12 @@ def test_a_wrong_key_is_refused_by_llama_server_and_never_retried_or_shown(serve
     assert "authentication_error" in result.error and "Invalid API Key" not in result.error
     assert not files_holding(tmp_path, wrong) and not files_holding(tmp_path, KEY)
     assert wrong not in json.dumps(stats)
+
+
+def test_building_llama_server_without_cmake_says_so_and_leaves_nothing(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ASCLEPIUS_CACHE", str(cache))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(BuildFailed, match=r"needs cmake and c\+\+ on PATH"):
+        build_binary()
+    assert built_binary() is None and not cache.exists()
